@@ -1,0 +1,3 @@
+from wstunnel.commands import main
+
+raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""The tunnel client, ``wstunnel cli`` ("wstuncli"): keep a tunnel open and serve what comes in.
+
+One session per connection: dial, handshake (token in ``Origin``), then three tasks in the
+session's nursery: the receiver, which starts one handler task per request; the keepalive, which
+pings every ``timeout/3`` seconds and ends the session when a pong is ``timeout`` late; and the
+handlers themselves. When a session ends, for whatever reason, the client waits a capped,
+jittered, exponentially growing delay and dials again, forever.
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+import trio_websocket
+
+from wstunnel import __version__, framing
+from wstunnel.client import dial
+from wstunnel.client import proxy as proxies
+from wstunnel.client.backend import Backend
+from wstunnel.config import ClientSettings
+from wstunnel.errors import DialError, HttpPayloadError, TunnelMessageError
+from wstunnel.logs import EventLogger
+from wstunnel.tokens import Token
+
+VERSION_HEADER = b"X-Wstunnel-Version"
+WS_RECEIVE_SIZE = 64 * 1024
+
+
+class PingTimeout(Exception):
+    pass
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with "equal jitter": half the delay fixed, half random."""
+
+    initial: float = 1.0
+    cap: float = 30.0
+    attempts: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.initial * (2 ** min(self.attempts, 30)))
+        self.attempts += 1
+        return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+def write_statusfile(path: Path, now: float | None = None) -> None:
+    """The original's format: ``Unix: <epoch>`` and ``Time: <RFC 3339 UTC>``; replaced atomically."""
+    now = time.time() if now is None else now
+    text = f"Unix: {int(now)}\nTime: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(now))}\n"
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+class TunnelClient:
+    def __init__(self, settings: ClientSettings, log: EventLogger) -> None:
+        self.settings = settings
+        self.log = log
+        self.token = Token(settings.token.get_secret_value())
+        self.address = dial.TunnelAddress.from_url(settings.tunnel)
+        self.backoff = Backoff(cap=settings.reconnect_max_delay)
+        self.context: ssl.SSLContext | None = (
+            dial.ssl_context(certfile=settings.certfile, insecure=settings.insecure)
+            if self.address.secure else None
+        )
+        self.proxy = proxies.choose_proxy(settings.proxy, self.address.host)
+        self.limiter = trio.CapacityLimiter(settings.max_concurrent_requests)
+        self.sessions = 0
+        self._ws: trio_websocket.WebSocketConnection | None = None
+
+    async def run(self) -> None:
+        backend_verify: ssl.SSLContext | bool = True
+        if self.settings.insecure:
+            backend_verify = False
+        elif self.settings.certfile is not None:
+            backend_verify = dial.ssl_context(certfile=self.settings.certfile, insecure=False)
+        backend = Backend(
+            server=self.settings.server, regexp=self.settings.regexp,
+            max_body_size=self.settings.max_body_size,
+            max_connections=self.settings.max_concurrent_requests, verify=backend_verify,
+        )
+        try:
+            while True:
+                reason = await self._session(backend)
+                delay = self.backoff.next_delay()
+                self.log.info("WS RECONNECT", token=self.token, reason=reason,
+                              delay_secs=round(delay, 1))
+                await trio.sleep(delay)
+        finally:
+            with trio.CancelScope(shield=True):
+                await backend.aclose()
+
+    async def _session(self, backend: Backend) -> str:
+        """One connection, from dial to close; returns why it ended."""
+        try:
+            await self._connect_and_serve(backend)
+        except BaseException as exc:
+            reason = _describe_session_end(_sole_exception(exc), self.settings.timeout)
+            if reason is None:
+                raise
+            return reason
+        return "connection closed"
+
+    async def _connect_and_serve(self, backend: Backend) -> None:
+        url = self.address.url + self.address.resource
+        self.log.info("WS DIAL", token=self.token, url=url,
+                      proxy=str(self.proxy) if self.proxy else None)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(self.settings.timeout):
+                stream, tcp = await dial.open_stream(
+                    self.address, proxy=self.proxy,
+                    source_ports=self.settings.source_ports, context=self.context,
+                )
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery, stream, self.address.host_header, self.address.resource,
+                    extra_headers=[
+                        (b"Origin", self.token.reveal().encode("utf-8", "surrogateescape")),
+                        (VERSION_HEADER, __version__.encode()),
+                        (b"User-Agent", f"wstunnel/{__version__}".encode()),
+                    ],
+                    max_message_size=self.settings.max_body_size + framing.MAX_HEAD_SIZE,
+                    receive_buffer_size=WS_RECEIVE_SIZE,
+                )
+            local = tcp.socket.getsockname()
+            self.sessions += 1
+            self.backoff.reset()
+            self.log.info("WS CONNECTED", token=self.token, url=url,
+                          local=f"{local[0]}:{local[1]}")
+            self._ws = ws
+            try:
+                await self._serve(ws, backend)
+            finally:
+                self._ws = None
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def close(self) -> None:
+        """Say goodbye to the server with a Close frame (1001, going away), if connected."""
+        if self._ws is not None:
+            with trio.move_on_after(2):
+                await self._ws.aclose(1001, "client shutting down")
+
+    async def _serve(self, ws: trio_websocket.WebSocketConnection, backend: Backend) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keepalive, ws)
+            while True:
+                message = await ws.get_message()
+                request_id, payload = framing.split_message(message)
+                ticket = object()  # ids may repeat after a wrap; tickets never do
+                await self.limiter.acquire_on_behalf_of(ticket)
+                nursery.start_soon(self._handle, ws, backend, request_id, payload, ticket)
+
+    async def _keepalive(self, ws: trio_websocket.WebSocketConnection) -> None:
+        interval = self.settings.timeout / 3
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(self.settings.timeout) as waiting:
+                await ws.ping()
+            if waiting.cancelled_caught:
+                raise PingTimeout
+            if self.settings.statusfile is not None:
+                try:
+                    write_statusfile(self.settings.statusfile)
+                except OSError as exc:
+                    self.log.warning("STATUSFILE", err=str(exc))
+
+    async def _handle(self, ws: trio_websocket.WebSocketConnection, backend: Backend,
+                      request_id: int, payload: bytes, ticket: object) -> None:
+        try:
+            try:
+                request = framing.parse_request(payload)
+            except HttpPayloadError as exc:
+                self.log.warning("WS ERR", token=self.token, id=request_id, err=str(exc))
+                request = framing.Request(b"GET", b"/")
+                response = framing.Response(400, b"Bad Request", [], b"Malformed request\n")
+            else:
+                self.log.info("WS RCV", token=self.token, id=request_id,
+                              verb=request.method, url=request.target[:200])
+                response = await backend.replay(request)
+            message = framing.encode_response(request_id, response, request_method=request.method)
+            self.log.info("WS SND", token=self.token, id=request_id, status=response.status,
+                          len=len(message))
+            try:
+                await ws.send_message(message)
+            except trio_websocket.ConnectionClosed:
+                self.log.warning("WS ERR", token=self.token, id=request_id,
+                                 err="tunnel closed before the response was sent")
+        finally:
+            self.limiter.release_on_behalf_of(ticket)
+
+
+def _sole_exception(exc: BaseException) -> BaseException:
+    """The one real error inside nested single-member exception groups, or ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _describe_session_end(exc: BaseException, timeout: float) -> str | None:
+    """Why a session ended, for the log; None for what must propagate (cancellation, bugs)."""
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out connecting"
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        return f"handshake refused: HTTP {exc.status_code}"
+    if isinstance(exc, trio_websocket.ConnectionClosed):
+        return f"connection closed: {exc.reason}"
+    if isinstance(exc, PingTimeout):
+        return f"no pong within {timeout:g}s"
+    if isinstance(exc, TunnelMessageError):
+        return f"protocol error from server: {exc}"
+    if isinstance(exc, OSError | ssl.SSLError | trio.BrokenResourceError | DialError
+                  | trio_websocket.HandshakeError):
+        return f"{type(exc).__name__}: {exc}"
+    return None

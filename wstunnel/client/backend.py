@@ -1,0 +1,121 @@
+"""Replay tunnelled requests against the local HTTP server and capture its responses as they are.
+
+The backend is ``server`` or, when the request carries ``X-Host`` and the whole value matches
+``regexp``, that host. Responses pass through untouched: no redirect is followed and no body is
+decompressed (httpx's raw stream). Hop-by-hop headers, ``X-Host`` and ``X-Token`` never reach
+the backend.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import re
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+
+from wstunnel import framing
+from wstunnel.headers import get as get_header
+from wstunnel.headers import without_hop_by_hop
+
+# The server gives up after its httptimeout (20 minutes by default); we need not wait longer.
+BACKEND_TIMEOUT = httpx.Timeout(1200.0, connect=30.0)
+
+
+@dataclass(slots=True)
+class Refusal(Exception):
+    """A request we answer ourselves instead of replaying it."""
+
+    status: int
+    text: str
+
+    def response(self) -> framing.Response:
+        from http import HTTPStatus
+
+        body = (self.text + "\n").encode()
+        return framing.Response(self.status, HTTPStatus(self.status).phrase.encode(),
+                                [(b"Content-Type", b"text/plain; charset=utf-8")], body)
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """httpx keeps cookies per client; a tunnel must not carry one user's cookies to another."""
+
+    def __init__(self) -> None:
+        super().__init__(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+
+
+class Backend:
+    def __init__(self, *, server: str | None, regexp: str | None, max_body_size: int,
+                 max_connections: int, verify: ssl.SSLContext | bool = True) -> None:
+        self.server = server
+        self.pattern = re.compile(regexp) if regexp else None
+        self.max_body_size = max_body_size
+        self.client = httpx.AsyncClient(
+            follow_redirects=False,
+            trust_env=False,  # proxy variables are for the tunnel, never for the backend
+            timeout=BACKEND_TIMEOUT,
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+            cookies=_NoCookies(),
+            verify=verify,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def base_url(self, request: framing.Request) -> str:
+        x_host = get_header(request.headers, b"x-host")
+        if x_host:
+            value = x_host.decode("latin-1").strip()
+            if self.pattern is not None and self.pattern.fullmatch(value):
+                return value.rstrip("/")
+            raise Refusal(403, "X-Host not allowed by the tunnel client")
+        if self.server is None:
+            raise Refusal(400, "Request needs an X-Host header: the tunnel client has no -server")
+        return self.server
+
+    async def replay(self, request: framing.Request) -> framing.Response:
+        try:
+            base = self.base_url(request)
+            return await self._send(base, request)
+        except Refusal as refusal:
+            return refusal.response()
+
+    async def _send(self, base: str, request: framing.Request) -> framing.Response:
+        target = request.target if request.target.startswith(b"/") else b"/" + request.target
+        url = base + target.decode("latin-1")
+        headers = without_hop_by_hop(request.headers, b"x-host", b"x-token", b"host",
+                                     b"content-length")
+        host = urlsplit(base).netloc
+        outgoing = httpx.Request(
+            request.method.decode("latin-1"), url,
+            headers=[(b"Host", host.encode("idna") if not host.isascii() else host.encode()),
+                     *headers],
+            content=request.body,
+        )
+        try:
+            response = await self.client.send(outgoing, stream=True)
+        except httpx.TimeoutException:
+            raise Refusal(504, "Backend timeout") from None
+        except (httpx.TransportError, httpx.InvalidURL, OSError) as exc:
+            raise Refusal(502, f"Backend unreachable: {type(exc).__name__}") from None
+        try:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_raw():
+                size += len(chunk)
+                if size > self.max_body_size:
+                    raise Refusal(502, "Backend response larger than max_body_size")
+                chunks.append(chunk)
+        except httpx.TransportError as exc:
+            raise Refusal(502, f"Backend response broken: {type(exc).__name__}") from None
+        finally:
+            await response.aclose()
+        return framing.Response(
+            status=response.status_code,
+            reason=response.reason_phrase.encode("latin-1", "replace"),
+            headers=without_hop_by_hop(response.headers.raw),
+            body=b"".join(chunks),
+        )

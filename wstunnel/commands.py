@@ -1,0 +1,131 @@
+"""The ``wstunnel`` program: ``srv``, ``cli`` and ``version``.
+
+Thin on purpose: parse flags, load settings (exit 78, EX_CONFIG, naming the flag or file and key
+on any bad value, before a port is bound), set up logging, then hand over to the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from wstunnel import __version__, daemon, logs
+from wstunnel.config import ClientSettings, ServerSettings, add_flags, load_settings, parse_flags
+from wstunnel.errors import ConfigError, DialError
+
+EX_CONFIG = 78
+TOKEN_VARIABLE = "WSTUNCLI_TOKEN"
+
+
+def _parser(prog: str, model: type[ServerSettings] | type[ClientSettings]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False)
+    add_flags(parser, model)
+    return parser
+
+
+def _hide_token_from_ps(argv: Sequence[str]) -> None:
+    """Re-exec without ``-token`` on the command line, so ps shows no secret (SPEC §1).
+
+    The value moves to the environment, which only root and the process's own user can read;
+    precedence is unchanged because nothing else sets that variable after us.
+    """
+    if os.environ.get("WSTUNNEL_NO_REEXEC"):
+        return
+    rest: list[str] = []
+    token: str | None = None
+    items = list(argv)
+    while items:
+        item = items.pop(0)
+        name, eq, value = item.partition("=")
+        if name in ("-token", "--token"):
+            token = value if eq else (items.pop(0) if items else None)
+            continue
+        rest.append(item)
+    if token is None:
+        return
+    environ = dict(os.environ, **{TOKEN_VARIABLE: token})
+    os.execve(sys.executable, [sys.executable, "-m", "wstunnel", "cli", *rest], environ)
+
+
+def run_server(argv: Sequence[str]) -> int:
+    from wstunnel.server import TunnelServer
+
+    flags = parse_flags(_parser("wstunnel srv", ServerSettings), argv)
+    settings = load_settings(ServerSettings, flags)
+    logs.configure(name="wstunsrv", level=settings.log_level, logfile=settings.logfile,
+                   syslog_tag=settings.syslog)
+    log = logs.EventLogger("WStunsrv")
+
+    async def main() -> None:
+        server = TunnelServer(settings, log)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.watch_signals)
+            nursery.start_soon(daemon.reopen_logs_on_sighup)
+            await server.run()
+            nursery.cancel_scope.cancel()
+
+    with daemon.pidfile(settings.pidfile):
+        trio.run(main)
+    return 0
+
+
+def run_client(argv: Sequence[str]) -> int:
+    from wstunnel.client import TunnelClient
+
+    parser = _parser("wstunnel cli", ClientSettings)
+    flags = parse_flags(parser, argv)  # parse first: a usage error must not re-exec
+    _hide_token_from_ps(argv)
+    settings = load_settings(ClientSettings, flags)
+    logs.configure(name="wstuncli", level=settings.log_level, logfile=settings.logfile,
+                   syslog_tag=settings.syslog)
+    log = logs.EventLogger("WStuncli")
+    client = TunnelClient(settings, log)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.reopen_logs_on_sighup)
+            nursery.start_soon(client.run)
+            with trio.open_signal_receiver(*daemon.STOP_SIGNALS) as signals:
+                async for signum in signals:
+                    log.info("Signal", signal=daemon.signal_name(signum))
+                    break
+            await client.close()
+            nursery.cancel_scope.cancel()
+        log.info("Stopped")
+
+    with daemon.pidfile(settings.pidfile):
+        trio.run(main)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: wstunnel {srv|cli|version} [flags]  (wstunnel srv -help for the flags)"
+    if not args or args[0] in ("-h", "-help", "--help", "help"):
+        print(usage)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    try:
+        if command == "version":
+            print(__version__)
+            return 0
+        if command == "srv":
+            return run_server(rest)
+        if command == "cli":
+            return run_client(rest)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"wstunnel {command}: {line}", file=sys.stderr)
+        return EX_CONFIG
+    except DialError as exc:
+        print(f"wstunnel {command}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except OSError as exc:
+        print(f"wstunnel {command}: {exc}", file=sys.stderr)
+        return 1
+    print(f"wstunnel: unknown command {command!r}\n{usage}", file=sys.stderr)
+    return 2

@@ -1,0 +1,290 @@
+"""Configuration of both daemons: flags, environment variables and a TOML file.
+
+Every setting has one name, in snake_case: the TOML key. Its flag is the same name with dashes,
+accepted Go style (``-port 8080``, ``-port=8080``) as the original WStunnel took them, and GNU style
+(``--port 8080``); its environment variable is the name in upper case behind ``WSTUNSRV_`` or
+``WSTUNCLI_``. Precedence: flag > environment > file > built-in default (SPEC §1).
+
+Errors name where the bad value came from: the flag, the variable, or the file and its key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+
+from wstunnel.errors import ConfigError
+from wstunnel.tokens import MIN_LENGTH
+
+MiB = 1024 * 1024
+LogLevel = Literal["debug", "info", "warning", "error"]
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    # The original clamps these silently instead of refusing them; users' scripts rely on it.
+    return float(min(max(value, low), high))
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class _Common(BaseSettings):
+    """Settings both daemons have."""
+
+    model_config = SettingsConfigDict(extra="forbid", validate_default=True)
+
+    config: Path | None = Field(None, description="TOML configuration file to read")
+    pidfile: Path | None = Field(None, description="write the process id to this file")
+    logfile: Path | None = Field(None, description="append log lines to this file (reopened on SIGHUP)")
+    syslog: str | None = Field(None, description="log to syslog with this tag")
+    log_level: LogLevel = Field("info", description="lowest level logged")
+    max_body_size: int = Field(100 * MiB, ge=1024, description="largest body carried, in bytes")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, **_others):  # type: ignore[override]
+        # Sources are merged by load_settings(), which must know where each value came from.
+        return (init_settings,)
+
+
+class ServerSettings(_Common):
+    model_config = SettingsConfigDict(env_prefix="WSTUNSRV_")
+
+    port: int = Field(80, ge=0, le=65535, description="port to listen on (0: any free port)")
+    host: str = Field("0.0.0.0", description="address to listen on")
+    wstimeout: float = Field(30.0, description="close a tunnel silent this long, seconds (3..600)")
+    httptimeout: float = Field(1200.0, gt=0, description="longest wait for a response, seconds")
+    max_requests_per_tunnel: int = Field(20, ge=1, description="requests queued per token")
+    max_clients_per_token: int = Field(0, ge=0, description="tunnel connections per token (0: any)")
+    max_header_size: int = Field(64 * 1024, ge=1024, description="largest request head, bytes")
+    max_header_count: int = Field(256, ge=8, description="most headers in a request")
+    header_timeout: float = Field(30.0, gt=0, description="time to send a request head, seconds")
+    token_idle_timeout: float = Field(
+        3600.0, gt=0, description="forget a token this long after its last client and request"
+    )
+    trusted_proxies: CommaList = Field(
+        default_factory=list, description="addresses or networks whose X-Forwarded-For we believe"
+    )
+    shutdown_grace: float = Field(5.0, ge=0, description="time in-flight requests get on stop")
+
+    @field_validator("wstimeout")
+    @classmethod
+    def _clamp_wstimeout(cls, value: float) -> float:
+        return _clamp(value, 3, 600)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return value
+
+
+class ClientSettings(_Common):
+    model_config = SettingsConfigDict(env_prefix="WSTUNCLI_")
+
+    token: SecretStr = Field(description=f"rendez-vous token, at least {MIN_LENGTH} characters")
+    tunnel: str = Field(description="tunnel server URL, ws:// or wss://")
+    server: str | None = Field(None, description="default backend URL, http:// or https://")
+    regexp: str | None = Field(None, description="X-Host values allowed (whole-value match)")
+    insecure: bool = Field(False, description="do not verify the tunnel server's certificate")
+    certfile: Path | None = Field(None, description="extra CA certificates (PEM) to trust")
+    timeout: float = Field(30.0, description="ping timeout, seconds (3..600); pings every third")
+    statusfile: Path | None = Field(None, description="rewritten with the time of every pong")
+    proxy: str | None = Field(None, description="HTTP CONNECT proxy, http://user:pass@host:port")
+    client_ports: str | None = Field(None, description="local source ports, e.g. 8000..8100,8500")
+    reconnect_max_delay: float = Field(30.0, ge=1, description="cap of the reconnect backoff, s")
+    max_concurrent_requests: int = Field(100, ge=1, description="backend requests at once")
+
+    @field_validator("token")
+    @classmethod
+    def _token_length(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < MIN_LENGTH:
+            raise ValueError(f"must be at least {MIN_LENGTH} characters")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _clamp_timeout(cls, value: float) -> float:
+        return _clamp(value, 3, 600)
+
+    @field_validator("tunnel")
+    @classmethod
+    def _tunnel_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError("must be a ws:// or wss:// URL with a host")
+        return value.rstrip("/")
+
+    @field_validator("server")
+    @classmethod
+    def _server_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value.rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value if "://" in value else f"http://{value}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError("must be an http://[user:pass@]host:port URL")
+        return value
+
+    @field_validator("regexp")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+    @field_validator("client_ports")
+    @classmethod
+    def _ports(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_port_ranges(value)
+        return value
+
+    @model_validator(mode="after")
+    def _needs_a_backend(self) -> ClientSettings:
+        if self.server is None and self.regexp is None:
+            raise ValueError("one of 'server' or 'regexp' is required")
+        return self
+
+    @property
+    def source_ports(self) -> list[int]:
+        return parse_port_ranges(self.client_ports) if self.client_ports else []
+
+
+def parse_port_ranges(spec: str) -> list[int]:
+    """``"8000..8100,8500"`` -> the ports it names, in order."""
+    ports: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        low, sep, high = part.partition("..")
+        try:
+            first, last = int(low), int(high if sep else low)
+        except ValueError:
+            raise ValueError(f"{part!r} is not a port or a range like 8000..8100") from None
+        if not 1 <= first <= last <= 65535:
+            raise ValueError(f"{part!r} is not a range of ports within 1..65535")
+        ports.extend(range(first, last + 1))
+    return ports
+
+
+Settings = TypeVar("Settings", ServerSettings, ClientSettings)
+
+
+def flag_name(field: str) -> str:
+    return field.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser, model: type[BaseSettings]) -> None:
+    """One flag per setting, both ``-name`` and ``--name``; values stay strings for pydantic."""
+    for name, info in model.model_fields.items():
+        flag = flag_name(name)
+        help_text = info.description or ""
+        if info.annotation is bool:
+            # Go's flag package: -insecure alone means true, -insecure=false is allowed.
+            parser.add_argument(
+                f"-{flag}", f"--{flag}", dest=name, nargs="?", const="true",
+                default=None, metavar="BOOL", help=help_text,
+            )
+        else:
+            parser.add_argument(
+                f"-{flag}", f"--{flag}", dest=name, default=None,
+                metavar=flag.upper().replace("-", "_"), help=help_text,
+            )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def load_settings(model: type[Settings], flags: Mapping[str, Any]) -> Settings:
+    """Merge default < file < environment < flags into ``model``, or raise ConfigError."""
+    origin: dict[str, str] = {}
+    merged: dict[str, Any] = {}
+    env_prefix = model.model_config.get("env_prefix", "")
+
+    config_path = flags.get("config")
+    env_values = EnvSettingsSource(model)()  # type: ignore[arg-type]
+    if config_path is None:
+        config_path = env_values.get("config")
+    if config_path is not None:
+        path = Path(config_path)
+        for key, value in _read_toml(path).items():
+            merged[key] = value
+            origin[key] = f"{path}: key '{key}'"
+    for key, value in env_values.items():
+        merged[key] = value
+        origin[key] = f"environment variable {env_prefix}{key.upper()}"
+    for key, value in flags.items():
+        if value is not None:
+            merged[key] = value
+            origin[key] = f"flag -{flag_name(key)}"
+    try:
+        return model(**merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin, env_prefix)) from None
+
+
+def _describe(exc: ValidationError, origin: Mapping[str, str], env_prefix: str) -> str:
+    lines = []
+    for error in exc.errors():
+        key = str(error["loc"][0]) if error["loc"] else ""
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "missing":
+            where = f"setting '{key}'"
+            message = (
+                f"is required (flag -{flag_name(key)}, variable {env_prefix}{key.upper()} "
+                "or config file key)"
+            )
+        elif error["type"] == "extra_forbidden":
+            where = origin.get(key, f"setting '{key}'")
+            message = "unknown setting"
+        elif not key:
+            where = "settings"
+        else:
+            where = origin.get(key, f"setting '{key}'")
+        lines.append(f"{where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
+    namespace = parser.parse_args(list(argv))
+    return {key: value for key, value in vars(namespace).items() if value is not None}

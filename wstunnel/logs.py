@@ -1,0 +1,159 @@
+"""Log lines in the original WStunnel's ``key=value`` form, to stderr, a file or syslog.
+
+Every event is one line: ``LEVEL EVENT  key=value ...`` with the original's event names
+("HTTP RCV", "WS SND", ...), so the original's log scrapers keep working. Values that are
+:class:`~wstunnel.tokens.Token` objects render as their 8-character prefix plus ``...``; nothing
+else in this module knows about secrets, so passing a Token is the one rule for callers.
+
+The structured fields ride along on each ``logging.LogRecord`` (``record.wstunnel_fields``) so a
+handler such as journald's can send them as fields of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+EVENT_WIDTH = 14
+_LEVEL_NAMES = {
+    logging.DEBUG: "DBUG",
+    logging.INFO: "INFO",
+    logging.WARNING: "WARN",
+    logging.ERROR: "EROR",
+    logging.CRITICAL: "CRIT",
+}
+SYSLOG_SOCKET = "/dev/log"
+
+
+def _render_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    text = str(value)
+    if text == "" or any(ch in text for ch in ' ="\\') or not text.isprintable():
+        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+        escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+        return f'"{escaped}"' if text else ""
+    return text
+
+
+def format_fields(fields: Mapping[str, Any]) -> str:
+    # A trailing underscore lets callers use keywords as keys: try_=1 logs "try=1".
+    return " ".join(f"{key.rstrip('_')}={_render_value(value)}" for key, value in fields.items())
+
+
+def format_event(event: str, fields: Mapping[str, Any]) -> str:
+    """The text of one event, without level or time: ``HTTP RCV      pkg=... id=1``."""
+    rendered = format_fields(fields)
+    return f"{event:<{EVENT_WIDTH}}{rendered}".rstrip() if rendered else event
+
+
+class EventLogger:
+    """Logs events for one component (``pkg=WStunsrv`` or ``pkg=WStuncli``)."""
+
+    def __init__(self, pkg: str, logger: logging.Logger | None = None) -> None:
+        self.pkg = pkg
+        self._logger = logger or logging.getLogger("wstunnel")
+
+    def log(self, level: int, event: str, /, **fields: Any) -> None:
+        if not self._logger.isEnabledFor(level):
+            return
+        all_fields = {"pkg": self.pkg, **fields}
+        self._logger.log(
+            level,
+            format_event(event, all_fields),
+            extra={"wstunnel_event": event, "wstunnel_fields": all_fields},
+        )
+
+    def debug(self, event: str, /, **fields: Any) -> None:
+        self.log(logging.DEBUG, event, **fields)
+
+    def info(self, event: str, /, **fields: Any) -> None:
+        self.log(logging.INFO, event, **fields)
+
+    def warning(self, event: str, /, **fields: Any) -> None:
+        self.log(logging.WARNING, event, **fields)
+
+    def error(self, event: str, /, **fields: Any) -> None:
+        self.log(logging.ERROR, event, **fields)
+
+
+class LineFormatter(logging.Formatter):
+    """``LEVEL text``, optionally behind a UTC timestamp (files and terminals want one)."""
+
+    def __init__(self, *, timestamps: bool) -> None:
+        super().__init__()
+        self.timestamps = timestamps
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_LEVEL_NAMES.get(record.levelno, record.levelname)} {record.getMessage()}"
+        if record.exc_info and record.levelno >= logging.ERROR:
+            line += " exc=" + _render_value(self.formatException(record.exc_info))
+        if self.timestamps:
+            stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.gmtime(record.created))
+            line = f"{stamp} {line}"
+        return line
+
+
+class ReopenableFileHandler(logging.FileHandler):
+    """A log file that ``reopen()`` closes and opens again, for logrotate's SIGHUP."""
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            if self.stream:
+                self.stream.close()
+            self.stream = self._open()
+        finally:
+            self.release()
+
+
+def configure(
+    *,
+    name: str,
+    level: str = "info",
+    logfile: Path | None = None,
+    syslog_tag: str | None = None,
+) -> logging.Logger:
+    """Set up the ``wstunnel`` logger for one daemon and return it.
+
+    ``name`` is the program's name (``wstunsrv``/``wstuncli``). Exactly one destination is
+    used: syslog if a tag is given, else the log file, else stderr.
+    """
+    logger = logging.getLogger("wstunnel")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    handler: logging.Handler
+    if syslog_tag:
+        handler = logging.handlers.SysLogHandler(
+            address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        )
+        handler.ident = f"{syslog_tag}: "
+        handler.setFormatter(LineFormatter(timestamps=False))
+    elif logfile is not None:
+        handler = ReopenableFileHandler(logfile, encoding="utf-8", delay=False)
+        handler.setFormatter(LineFormatter(timestamps=True))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(LineFormatter(timestamps=True))
+    logger.addHandler(handler)
+    return logger
+
+
+def reopen_files(logger: logging.Logger | None = None) -> None:
+    for handler in (logger or logging.getLogger("wstunnel")).handlers:
+        if isinstance(handler, ReopenableFileHandler):
+            handler.reopen()

@@ -1,0 +1,305 @@
+"""The tunnel server: routes HTTP requests, accepts tunnels, and runs until told to stop.
+
+Layers, outermost first: the listener accepts sockets; :class:`~wstunnel.server.front.
+HttpConnection` speaks HTTP/1.1 on each; :class:`TunnelServer` routes each request to a built-in
+endpoint or to a token's :class:`~wstunnel.server.tunnels.Rendezvous`, and turns ``/_tunnel``
+upgrades into :class:`~wstunnel.server.tunnels.TunnelConnection` objects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import trio
+import trio_websocket
+
+from wstunnel import __version__, daemon, framing
+from wstunnel.config import ServerSettings
+from wstunnel.headers import get as get_header
+from wstunnel.headers import without_hop_by_hop
+from wstunnel.logs import EventLogger
+from wstunnel.server import status
+from wstunnel.server.front import FrontLimits, HttpConnection, IncomingRequest, simple_response
+from wstunnel.server.tunnels import Failure, QueueFull, Registry, TunnelConnection
+from wstunnel.streams import ActivityStream
+from wstunnel.tokens import MIN_LENGTH, Token
+
+VERSION_HEADER = b"X-Wstunnel-Version"
+WS_RECEIVE_SIZE = 64 * 1024
+TOKEN_PREFIX = b"/_token/"
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class TunnelServer:
+    def __init__(self, settings: ServerSettings, log: EventLogger) -> None:
+        self.settings = settings
+        self.log = log
+        self.registry = Registry(
+            max_requests=settings.max_requests_per_tunnel,
+            token_idle_timeout=settings.token_idle_timeout,
+        )
+        self.limits = FrontLimits(
+            max_header_size=settings.max_header_size,
+            max_header_count=settings.max_header_count,
+            max_body_size=settings.max_body_size,
+            header_timeout=settings.header_timeout,
+        )
+        self.trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
+        self.started_at = trio.current_time()
+        self.draining = False
+        self.stop_requested = trio.Event()
+        self._active_requests = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, serve, and on :meth:`stop` drain gracefully; ``started`` gets the port."""
+        listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
+        port = listeners[0].socket.getsockname()[1]
+        self.log.info("Listening", port=port, host=self.settings.host)
+        async with trio.open_nursery() as root:
+            root.start_soon(self.registry.reap_forever, self.log)
+            async with trio.open_nursery() as connections:
+                accepting = trio.CancelScope()
+                connections.start_soon(self._accept, listeners, connections, accepting)
+                task_status.started(port)
+                await self.stop_requested.wait()
+                accepting.cancel()
+                await self._drain()
+                connections.cancel_scope.cancel()
+            root.cancel_scope.cancel()
+        self.log.info("Stopped")
+
+    def stop(self) -> None:
+        self.stop_requested.set()
+
+    async def _accept(self, listeners: list[trio.SocketListener], nursery: trio.Nursery,
+                      scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                await trio.serve_listeners(self._handle_socket, listeners, handler_nursery=nursery)
+            finally:
+                for listener in listeners:
+                    await listener.aclose()
+
+    async def _drain(self) -> None:
+        self.draining = True
+        self.log.info("Draining", in_flight=self._active_requests,
+                      grace_secs=self.settings.shutdown_grace)
+        with trio.move_on_after(self.settings.shutdown_grace):
+            await self._idle.wait()
+        async with trio.open_nursery() as closers:
+            for connection in list(self.registry.connections()):
+                closers.start_soon(connection.close, 1001, "server shutting down")
+
+    async def watch_signals(self) -> None:
+        with trio.open_signal_receiver(*daemon.STOP_SIGNALS) as signals:
+            async for signum in signals:
+                self.log.info("Signal", signal=daemon.signal_name(signum))
+                self.stop()
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    async def _handle_socket(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = str(stream.socket.getpeername()[0])
+        except OSError:
+            await stream.aclose()
+            return
+        connection = HttpConnection(
+            stream, peer, self.limits,
+            respond=self._respond, is_tunnel=self._is_tunnel, take_tunnel=self._take_tunnel,
+            draining=lambda: self.draining,
+        )
+        await connection.serve()
+
+    def client_address(self, request: IncomingRequest) -> str:
+        """The HTTP client's address: X-Forwarded-For's last hop, from trusted proxies only."""
+        peer = request.peer
+        forwarded = request.header(b"x-forwarded-for")
+        if forwarded and self._trusted(peer):
+            hops = [h.strip() for h in forwarded.decode("latin-1").split(",") if h.strip()]
+            while hops:
+                hop = hops.pop()
+                if not self._trusted(hop):
+                    return hop
+        return peer
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted)
+
+    def _is_tunnel(self, request: IncomingRequest) -> bool:
+        return request.path == b"/_tunnel" and request.is_websocket_upgrade()
+
+    async def _respond(self, request: IncomingRequest) -> framing.Response:
+        self._active_requests += 1
+        self._idle = trio.Event() if self._active_requests == 1 else self._idle
+        try:
+            return await self._route(request)
+        finally:
+            self._active_requests -= 1
+            if self._active_requests == 0:
+                self._idle.set()
+
+    async def _route(self, request: IncomingRequest) -> framing.Response:
+        path = request.path
+        if path == b"/_health_check":
+            return simple_response(200, status.HEALTH_TEXT)
+        if path == b"/_stats":
+            detailed = _is_loopback(self.client_address(request))
+            return simple_response(200, status.render_stats(self.registry, detailed=detailed))
+        if path == b"/_status":
+            body = status.render_status(self.registry, started_at=self.started_at)
+            response = simple_response(200, body)
+            response.headers = [(b"Content-Type", b"application/json")]
+            return response
+        if path == b"/_tunnel":
+            return simple_response(400, "The tunnel endpoint takes WebSocket upgrades only")
+        if self.draining:
+            return simple_response(503, "Server shutting down", headers=[(b"Retry-After", b"5")])
+        if request.target.startswith(TOKEN_PREFIX):
+            raw_token, target = _split_token_path(request.target)
+            if not raw_token:
+                return simple_response(400, "Malformed /_token/ path")
+        else:
+            header = request.header(b"x-token")
+            if header is None or not header.strip():
+                return simple_response(400, "Missing X-Token header")
+            raw_token, target = header.strip(), request.target
+        token = Token(raw_token.decode("utf-8", "surrogateescape"))
+        return await self._tunnel_request(request, token, target)
+
+    async def _tunnel_request(
+        self, request: IncomingRequest, token: Token, target: bytes
+    ) -> framing.Response:
+        rendezvous = self.registry.get(token)
+        if rendezvous is None:
+            self.log.info("HTTP RET", token=token, status=404, url=_loggable(target),
+                          err="tunnel not found")
+            return simple_response(404, "Tunnel not found")
+        addr = self.client_address(request)
+        headers = without_hop_by_hop(request.headers, b"x-token")
+        forwarded = get_header(headers, b"x-forwarded-for")
+        headers = [(k, v) for k, v in headers if k.lower() != b"x-forwarded-for"]
+        peer = request.peer.encode()
+        headers.append((b"X-Forwarded-For", forwarded + b", " + peer if forwarded else peer))
+        try:
+            pending = rendezvous.new_request(
+                framing.Request(request.method, target, headers, request.body)
+            )
+        except QueueFull:
+            return self._queue_full(token)
+        self.log.info(
+            "HTTP RCV", token=token, id=pending.id, verb=request.method, url=_loggable(target),
+            addr=addr, **{"x-host": request.header(b"x-host") or b""}, try_="",
+        )
+        try:
+            deadline = trio.current_time() + self.settings.httptimeout
+            outcome = await rendezvous.exchange(pending, deadline=deadline)
+        except QueueFull:
+            return self._queue_full(token, request_id=pending.id)
+        if isinstance(outcome, Failure):
+            self.log.info("HTTP RET", token=token, id=pending.id, status=outcome.status,
+                          err=outcome.text)
+            return simple_response(outcome.status, outcome.text)
+        self.log.info("HTTP RET", token=token, id=pending.id, status=outcome.status)
+        return outcome
+
+    def _queue_full(self, token: Token, request_id: int | None = None) -> framing.Response:
+        self.log.warning("HTTP RET", token=token, id=request_id, status=503, err="queue full")
+        return simple_response(503, "Too many requests queued for this tunnel",
+                               headers=[(b"Retry-After", b"1")])
+
+    # -- tunnels ---------------------------------------------------------------------------
+
+    async def _take_tunnel(self, request: IncomingRequest, stream: ActivityStream) -> None:
+        origin = request.header(b"origin")
+        if request.method != b"GET":
+            await _raw_reply(stream, 400, "The tunnel endpoint takes GET upgrades only")
+            return
+        if not origin or len(origin) < MIN_LENGTH:
+            self.log.warning("WS REFUSE", addr=request.peer, err="missing or short token")
+            text = f"Token (Origin header) missing or shorter than {MIN_LENGTH} characters"
+            await _raw_reply(stream, 400, text)
+            return
+        key, ws_version = request.header(b"sec-websocket-key"), request.header(b"sec-websocket-version")
+        if key is None or ws_version != b"13":
+            await _raw_reply(stream, 400, "Not a WebSocket version 13 handshake")
+            return
+        token = Token(origin.decode("utf-8", "surrogateescape"))
+        if self.draining:
+            await _raw_reply(stream, 503, "Server shutting down")
+            return
+        limit = self.settings.max_clients_per_token
+        existing = self.registry.get(token)
+        if limit and existing is not None and len(existing.connections) >= limit:
+            self.log.warning("WS REFUSE", token=token, addr=request.peer, err="too many clients")
+            await _raw_reply(stream, 429, "Too many clients for this token")
+            return
+        version = (request.header(VERSION_HEADER.lower()) or b"").decode("latin-1") or "unknown"
+        max_message = self.settings.max_body_size + framing.MAX_HEAD_SIZE + framing.ID_DIGITS
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(self.settings.header_timeout):
+                handshake = await trio_websocket.wrap_server_stream(
+                    nursery, stream, max_message_size=max_message,
+                    receive_buffer_size=WS_RECEIVE_SIZE,
+                )
+                ws = await handshake.accept(extra_headers=[(VERSION_HEADER, __version__.encode())])
+            rendezvous = self.registry.register(token)
+            connection = TunnelConnection(
+                rendezvous, ws, stream, addr=request.peer, client_version=version,
+                transport="websocket", wstimeout=self.settings.wstimeout, log=self.log,
+            )
+            self.log.info("WS NEW", token=token, addr=request.peer, version=version,
+                          clients=len(rendezvous.connections) + 1)
+            try:
+                await connection.serve()
+            finally:
+                reason = connection.closing_reason or (ws.closed.reason if ws.closed else None)
+                self.log.info("WS CLOSE", token=token, addr=request.peer, reason=reason)
+                await connection.close()
+                nursery.cancel_scope.cancel()
+
+
+async def _raw_reply(stream: ActivityStream, status_code: int, text: str) -> None:
+    """Answer a handshake we refuse, before any WebSocket layer exists; the caller closes."""
+    response = simple_response(status_code, text, headers=[(b"Connection", b"close")])
+    response.headers.append((b"Content-Length", b"%d" % len(response.body)))
+    head = [b"HTTP/1.1 %d %s\r\n" % (status_code, response.reason)]
+    head += [b"%s: %s\r\n" % header for header in response.headers]
+    with trio.move_on_after(5):
+        await stream.send_all(b"".join([*head, b"\r\n", response.body]))
+
+
+def _split_token_path(target: bytes) -> tuple[bytes, bytes]:
+    """``/_token/<token>/<rest>?q`` -> (token, ``/<rest>?q``); the token may be percent-encoded."""
+    remainder = target[len(TOKEN_PREFIX):]
+    cut = len(remainder)
+    for separator in (b"/", b"?"):
+        found = remainder.find(separator)
+        if found >= 0:
+            cut = min(cut, found)
+    rest = remainder[cut:]
+    return unquote_to_bytes(remainder[:cut]), rest if rest.startswith(b"/") else b"/" + rest
+
+
+def _loggable(target: bytes) -> bytes:
+    """A request target fit for a log line: never a whole /_token/ secret, never huge."""
+    if target.startswith(TOKEN_PREFIX):
+        token, _, rest = target[len(TOKEN_PREFIX):].partition(b"/")
+        target = TOKEN_PREFIX + token[:8] + b".../" + rest
+    return target[:200]

@@ -1,0 +1,257 @@
+"""The server's HTTP/1.1 front: one h11 connection per accepted socket.
+
+It reads requests with limits on everything a peer controls (head size, header count, body size,
+time to send the head), answers malformed ones with a 4xx instead of dropping the connection, and
+hands each good request to the application. A WebSocket upgrade on ``/_tunnel`` leaves HTTP: the
+application receives the raw stream, with the handshake bytes replayed, and owns it from then on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import h11
+import trio
+
+from wstunnel import framing
+from wstunnel.headers import Headers
+from wstunnel.streams import ActivityStream
+
+RECEIVE_SIZE = 64 * 1024
+# How long an idle keep-alive connection may wait for its next request.
+KEEPALIVE_TIMEOUT = 75.0
+
+
+@dataclass(slots=True)
+class IncomingRequest:
+    method: bytes
+    target: bytes
+    headers: Headers
+    peer: str
+    body: bytes = b""
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    @property
+    def path(self) -> bytes:
+        return self.target.split(b"?", 1)[0]
+
+    def is_websocket_upgrade(self) -> bool:
+        upgrade = (self.header(b"upgrade") or b"").lower()
+        return b"websocket" in upgrade
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class FrontLimits:
+    max_header_size: int
+    max_header_count: int
+    max_body_size: int
+    header_timeout: float
+
+
+Responder = Callable[[IncomingRequest], Awaitable[framing.Response]]
+TunnelTaker = Callable[[IncomingRequest, ActivityStream], Awaitable[None]]
+IsTunnel = Callable[[IncomingRequest], bool]
+
+
+def _serialize_head(request: IncomingRequest) -> bytes:
+    lines = [b"%s %s HTTP/1.1\r\n" % (request.method, request.target)]
+    lines += [b"%s: %s\r\n" % (name, value) for name, value in request.headers]
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def simple_response(status: int, text: str, *, headers: Headers | None = None) -> framing.Response:
+    body = text.encode() if text.endswith("\n") or not text else (text + "\n").encode()
+    return framing.Response(
+        status=status,
+        reason=_reason(status),
+        headers=[(b"Content-Type", b"text/plain; charset=utf-8"), *(headers or [])],
+        body=body,
+    )
+
+
+def _reason(status: int) -> bytes:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+class HttpConnection:
+    """Serves the requests of one TCP connection until it closes or turns into a tunnel."""
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        peer: str,
+        limits: FrontLimits,
+        *,
+        respond: Responder,
+        is_tunnel: IsTunnel,
+        take_tunnel: TunnelTaker,
+        draining: Callable[[], bool],
+    ) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.limits = limits
+        self.respond = respond
+        self.is_tunnel = is_tunnel
+        self.take_tunnel = take_tunnel
+        self.draining = draining
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_size)
+
+    async def serve(self) -> None:
+        try:
+            await self._serve()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away; nothing to answer
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    async def _serve(self) -> None:
+        first = True
+        while True:
+            timeout = self.limits.header_timeout if first else KEEPALIVE_TIMEOUT
+            first = False
+            try:
+                with trio.fail_after(timeout):
+                    request = await self._read_head()
+            except trio.TooSlowError:
+                if self.conn.their_state is h11.SEND_BODY or self._has_partial_head():
+                    await self._send_error(408, "Request head not received in time")
+                return
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
+                text = "Request headers too large" if status == 431 else "Malformed request"
+                await self._send_error(status, text)
+                return
+            if request is None:
+                return
+            if len(request.headers) > self.limits.max_header_count:
+                await self._send_error(431, "Too many request headers")
+                return
+            try:
+                request.body = await self._read_body()
+            except BodyTooLarge:
+                await self._send_error(413, "Request body too large")
+                return
+            except trio.TooSlowError:
+                await self._send_error(408, "Request body not received in time")
+                return
+            except h11.RemoteProtocolError:
+                await self._send_error(400, "Malformed request body")
+                return
+            if self.is_tunnel(request) and self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
+                # Bytes after the handshake (a first frame) belong to the WebSocket layer.
+                trailing, _closed = self.conn.trailing_data
+                replay = _serialize_head(request) + bytes(trailing)
+                await self.take_tunnel(request, ActivityStream(self.stream, replay))
+                return
+            response = await self.respond(request)
+            await self._send_response(response, head_only=request.method == b"HEAD")
+            if self.conn.our_state is h11.MUST_CLOSE or self.draining():
+                return
+            try:
+                self.conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    def _has_partial_head(self) -> bool:
+        return bool(self.conn.trailing_data[0])
+
+    async def _receive(self) -> None:
+        data = await self.stream.receive_some(RECEIVE_SIZE)
+        self.conn.receive_data(data)
+
+    async def _read_head(self) -> IncomingRequest | None:
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                await self._receive()
+                continue
+            if isinstance(event, h11.Request):
+                return IncomingRequest(
+                    method=bytes(event.method),
+                    target=bytes(event.target),
+                    headers=[(bytes(k), bytes(v)) for k, v in event.headers.raw_items()],
+                    peer=self.peer,
+                )
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return None
+            raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}", 400)
+
+    async def _read_body(self) -> bytes:
+        if self.conn.they_are_waiting_for_100_continue:
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                with trio.fail_after(self.limits.header_timeout):
+                    await self._receive()
+                continue
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > self.limits.max_body_size:
+                    raise BodyTooLarge
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:
+                raise h11.RemoteProtocolError("request body ended early", 400)
+
+    async def _send(self, event: h11.Event) -> None:
+        data = self.conn.send(event)
+        if data:
+            await self.stream.send_all(data)
+
+    async def _send_response(self, response: framing.Response, *, head_only: bool = False) -> None:
+        headers = [
+            (k, v) for k, v in response.headers
+            if k.lower() not in (b"connection", b"keep-alive", b"transfer-encoding")
+        ]
+        bodyless = head_only or response.status in (204, 304) or response.status < 200
+        if not bodyless:
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+            headers.append((b"Content-Length", b"%d" % len(response.body)))
+        if self.draining():
+            headers.append((b"Connection", b"close"))
+        try:
+            await self._send(h11.Response(
+                status_code=response.status, headers=headers, reason=response.reason
+            ))
+            if response.body and not bodyless:
+                await self._send(h11.Data(data=response.body))
+            await self._send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            # h11 refused to write what the tunnel sent: the response is lost; so is the socket.
+            raise trio.BrokenResourceError from None
+
+    async def _send_error(self, status: int, text: str) -> None:
+        """Answer a request we will not serve, then close: we cannot trust the framing further."""
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        response = simple_response(status, text, headers=[(b"Connection", b"close")])
+        try:
+            with trio.move_on_after(5):
+                await self._send(h11.Response(status_code=status, headers=[
+                    *response.headers, (b"Content-Length", b"%d" % len(response.body))
+                ], reason=response.reason))
+                await self._send(h11.Data(data=response.body))
+                await self._send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            pass

@@ -1,0 +1,86 @@
+"""What the server says about itself: ``/_health_check``, ``/_stats`` and ``/_status``.
+
+``/_stats`` keeps the original's plain ``key=value`` text, keys and order, so existing monitoring
+scripts keep parsing it; details go only to loopback peers (or trusted proxies' loopback clients).
+``/_status`` is the JSON view with everything we know per tunnel.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import trio
+
+from wstunnel import __version__
+from wstunnel.server.tunnels import Registry, seconds
+
+HEALTH_TEXT = "WSTUNSRV RUNNING\n"
+
+
+def render_stats(registry: Registry, *, detailed: bool) -> str:
+    lines = [f"tunnels={len(registry)}"]
+    if not detailed:
+        return "\n".join(lines) + "\n"
+    req_pending = 0
+    dead_tunnels = 0
+    for index, rendezvous in enumerate(registry):
+        prefix = f"tunnel{index:02d}"
+        pending = rendezvous.pending_count
+        req_pending += pending
+        lines.append("")
+        lines.append(f"{prefix}_token={rendezvous.token}")
+        lines.append(f"{prefix}_req_pending={pending}")
+        addrs = ",".join(c.addr for c in rendezvous.connections)
+        lines.append(f"{prefix}_tun_addr={addrs}")
+        if rendezvous.connections:
+            idle = min(c.idle_secs() for c in rendezvous.connections)
+            lines.append(f"{prefix}_idle_secs={seconds(idle):.1f}")
+        else:
+            dead_tunnels += 1
+        # Keys the original did not have go after its own.
+        lines.append(f"{prefix}_clients={len(rendezvous.connections)}")
+    lines.append("")
+    lines.append(f"req_pending={req_pending}")
+    lines.append(f"dead_tunnels={dead_tunnels}")
+    return "\n".join(lines) + "\n"
+
+
+def render_status(registry: Registry, *, started_at: float) -> str:
+    now = trio.current_time()
+    wall_now = time.time()
+    tunnels = []
+    for rendezvous in registry:
+        clients = [
+            {
+                "address": conn.addr,
+                "client_version": conn.client_version,
+                "transport": conn.transport,
+                "connected_secs": round(now - conn.connected_at, 1),
+                "idle_secs": round(conn.idle_secs(), 1),
+                "in_flight": len(conn.in_flight),
+            }
+            for conn in rendezvous.connections
+        ]
+        tunnels.append(
+            {
+                "token": str(rendezvous.token),
+                "clients": clients,
+                "pending": rendezvous.pending_count,
+                "queued": len(rendezvous.queue),
+                "completed": rendezvous.counters.completed,
+                "errored": rendezvous.counters.errored,
+                "last_activity": _iso(wall_now - (now - rendezvous.last_activity)),
+                "idle_secs": round(now - rendezvous.last_activity, 1),
+            }
+        )
+    document = {
+        "version": __version__,
+        "uptime_secs": round(now - started_at, 1),
+        "tunnels": tunnels,
+    }
+    return json.dumps(document, indent=2) + "\n"
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

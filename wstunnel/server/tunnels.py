@@ -1,0 +1,364 @@
+"""The server's rendez-vous: tokens, their request queues, and the tunnel connections serving them.
+
+A :class:`Rendezvous` exists per token. HTTP requests for the token wait in its queue; every tunnel
+connection registered with the token (:class:`TunnelConnection`) pulls from that queue, so requests
+spread over the token's clients and wait there while none is connected. A request whose tunnel
+dies after it was sent is retried on the next connection if its method is idempotent, and answered
+502 at once otherwise (the original left it hanging for ``httptimeout``).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import trio
+import trio_websocket
+
+from wstunnel import framing
+from wstunnel.errors import HttpPayloadError, TunnelMessageError
+from wstunnel.logs import EventLogger
+from wstunnel.streams import ActivityStream
+from wstunnel.tokens import Token
+
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+MAX_TRIES = 3
+
+
+class QueueFull(Exception):
+    """The token already has ``max_requests_per_tunnel`` requests waiting."""
+
+
+@dataclass(eq=False)
+class Failure:
+    status: int
+    text: str
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    """One HTTP request on its way through a tunnel, and, once known, its outcome."""
+
+    id: int
+    request: framing.Request
+    tries: int = 0
+    abandoned: bool = False
+    holder: TunnelConnection | None = None
+    outcome: framing.Response | Failure | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def method(self) -> bytes:
+        return self.request.method
+
+    @property
+    def idempotent(self) -> bool:
+        return self.method in IDEMPOTENT_METHODS
+
+    def finish(self, outcome: framing.Response | Failure) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            self.done.set()
+
+
+class RequestQueue:
+    """FIFO of requests waiting for a tunnel connection; abandoned ones can be taken out."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: collections.deque[PendingRequest] = collections.deque()
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put_nowait(self, item: PendingRequest) -> None:
+        if len(self._items) >= self.capacity:
+            raise QueueFull
+        self._items.append(item)
+        self._lot.unpark()
+
+    def put_front(self, item: PendingRequest) -> None:
+        """Requeue a request that already had its place: it goes first, whatever the capacity."""
+        self._items.appendleft(item)
+        self._lot.unpark()
+
+    def discard(self, item: PendingRequest) -> bool:
+        try:
+            self._items.remove(item)
+        except ValueError:
+            return False
+        return True
+
+    async def get(self) -> PendingRequest:
+        while not self._items:
+            await self._lot.park()
+        return self._items.popleft()
+
+
+@dataclass(eq=False)
+class RequestCounters:
+    completed: int = 0
+    errored: int = 0
+
+
+class Rendezvous:
+    """Everything the server knows about one token."""
+
+    def __init__(self, token: Token, *, max_requests: int) -> None:
+        self.token = token
+        self.queue = RequestQueue(max_requests)
+        self.connections: list[TunnelConnection] = []
+        self.counters = RequestCounters()
+        self.last_activity = trio.current_time()
+        self.created_wall = trio.current_time()
+        self._ids = itertools.cycle(range(1, framing.MAX_ID + 1))
+        self._live: dict[int, PendingRequest] = {}
+
+    def new_request(self, request: framing.Request) -> PendingRequest:
+        """Give ``request`` the next free id (1, 2, ... 0xffff, 1, ...)."""
+        if len(self._live) >= framing.MAX_ID:
+            raise QueueFull
+        for request_id in self._ids:
+            if request_id not in self._live:
+                pending = PendingRequest(id=request_id, request=request)
+                self._live[request_id] = pending
+                return pending
+        raise AssertionError("unreachable: itertools.cycle never ends")
+
+    def release(self, pending: PendingRequest) -> None:
+        """Free the id once neither the HTTP side nor a tunnel connection holds the request."""
+        finished = pending.outcome is not None or pending.abandoned
+        if pending.holder is None and finished and self._live.get(pending.id) is pending:
+            del self._live[pending.id]
+
+    @property
+    def pending_count(self) -> int:
+        return sum(1 for p in self._live.values() if not p.abandoned and p.outcome is None)
+
+    def touch(self) -> None:
+        self.last_activity = trio.current_time()
+
+    def idle_for(self) -> float:
+        return trio.current_time() - self.last_activity
+
+    async def exchange(self, pending: PendingRequest, *, deadline: float) -> framing.Response | Failure:
+        """Queue ``pending`` and wait for its outcome until ``deadline`` (trio clock)."""
+        self.touch()
+        try:
+            self.queue.put_nowait(pending)
+        except QueueFull:
+            pending.abandoned = True
+            self.release(pending)
+            raise
+        try:
+            with trio.move_on_at(deadline):
+                await pending.done.wait()
+        finally:
+            if pending.outcome is None:
+                # Timed out or the HTTP client went away: leave the queue, free the id.
+                pending.abandoned = True
+                self.queue.discard(pending)
+            self.release(pending)
+            self.touch()
+        if pending.outcome is None:
+            self.counters.errored += 1
+            return Failure(504, "Tunnel timeout")
+        if isinstance(pending.outcome, Failure):
+            self.counters.errored += 1
+        else:
+            self.counters.completed += 1
+        return pending.outcome
+
+
+class Registry:
+    """All tokens the server currently knows."""
+
+    def __init__(self, *, max_requests: int, token_idle_timeout: float) -> None:
+        self._by_token: dict[Token, Rendezvous] = {}
+        self.max_requests = max_requests
+        self.token_idle_timeout = token_idle_timeout
+
+    def __iter__(self) -> Iterator[Rendezvous]:
+        return iter(list(self._by_token.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_token)
+
+    def get(self, token: Token) -> Rendezvous | None:
+        return self._by_token.get(token)
+
+    def register(self, token: Token) -> Rendezvous:
+        rendezvous = self._by_token.get(token)
+        if rendezvous is None:
+            rendezvous = Rendezvous(token, max_requests=self.max_requests)
+            self._by_token[token] = rendezvous
+        rendezvous.touch()
+        return rendezvous
+
+    def forget_idle(self) -> list[Rendezvous]:
+        """Drop tokens with no connection and no request for ``token_idle_timeout``."""
+        gone = [
+            r for r in self._by_token.values()
+            if not r.connections and r.pending_count == 0 and r.idle_for() >= self.token_idle_timeout
+        ]
+        for rendezvous in gone:
+            del self._by_token[rendezvous.token]
+        return gone
+
+    async def reap_forever(self, log: EventLogger) -> None:
+        period = min(60.0, max(0.5, self.token_idle_timeout / 4))
+        while True:
+            await trio.sleep(period)
+            for rendezvous in self.forget_idle():
+                log.info("WS FORGET", token=rendezvous.token)
+
+    def connections(self) -> Iterator[TunnelConnection]:
+        for rendezvous in self:
+            yield from rendezvous.connections
+
+
+class TunnelConnection:
+    """One client's WebSocket, pulling requests from its token's queue and returning responses."""
+
+    def __init__(
+        self,
+        rendezvous: Rendezvous,
+        ws: trio_websocket.WebSocketConnection,
+        stream: ActivityStream,
+        *,
+        addr: str,
+        client_version: str,
+        transport: str,
+        wstimeout: float,
+        log: EventLogger,
+    ) -> None:
+        self.rendezvous = rendezvous
+        self.ws = ws
+        self.stream = stream
+        self.addr = addr
+        self.client_version = client_version
+        self.transport = transport
+        self.wstimeout = wstimeout
+        self.log = log
+        self.connected_at = trio.current_time()
+        self.in_flight: dict[int, PendingRequest] = {}
+        self.closing_reason: str | None = None
+
+    @property
+    def token(self) -> Token:
+        return self.rendezvous.token
+
+    def idle_secs(self) -> float:
+        return trio.current_time() - self.stream.last_receive
+
+    async def serve(self) -> None:
+        """Run until the WebSocket closes, the peer breaks the protocol or falls silent."""
+        self.rendezvous.connections.append(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_requests)
+                nursery.start_soon(self._watch_silence, nursery.cancel_scope)
+                await self._receive_responses()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.rendezvous.connections.remove(self)
+            self._fail_in_flight()
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closing_reason = self.closing_reason or reason
+        with trio.move_on_after(2) as scope:
+            scope.shield = True
+            await self.ws.aclose(code, reason)
+
+    async def _send_requests(self) -> None:
+        queue = self.rendezvous.queue
+        while True:
+            pending = await queue.get()
+            if pending.abandoned:
+                continue
+            pending.holder = self
+            pending.tries += 1
+            self.in_flight[pending.id] = pending
+            message = framing.encode_request(pending.id, pending.request)
+            try:
+                await self.ws.send_message(message)
+            except trio_websocket.ConnectionClosed:
+                # Never delivered, so safe to retry whatever the method: put it back first.
+                del self.in_flight[pending.id]
+                pending.holder = None
+                pending.tries -= 1
+                queue.put_front(pending)
+                return
+            self.log.info(
+                "WS SND", token=self.token, id=pending.id,
+                info=f"{pending.method.decode('latin-1')} {_short_target(pending.request.target)}",
+            )
+
+    async def _receive_responses(self) -> None:
+        while True:
+            try:
+                message = await self.ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                return
+            self.rendezvous.touch()
+            try:
+                request_id, payload = framing.split_message(message)
+            except TunnelMessageError as exc:
+                self.log.warning("WS ERR", token=self.token, err=str(exc))
+                await self.close(1003 if isinstance(message, str) else 1002, "protocol error")
+                return
+            pending = self.in_flight.pop(request_id, None)
+            if pending is None:
+                self.log.warning("WS ERR", token=self.token, id=request_id, err="unknown request id")
+                await self.close(1002, "unknown request id")
+                return
+            pending.holder = None
+            self.log.info("WS RCV", token=self.token, id=request_id, ws=self.addr, len=len(message))
+            try:
+                response: framing.Response | Failure = framing.parse_response(
+                    payload, request_method=pending.method
+                )
+            except HttpPayloadError as exc:
+                self.log.warning("WS ERR", token=self.token, id=request_id, err=str(exc))
+                response = Failure(502, "Bad response from tunnel client")
+            pending.finish(response)
+            self.rendezvous.release(pending)
+
+    async def _watch_silence(self, scope: trio.CancelScope) -> None:
+        """Close the tunnel once the client has sent nothing (not even a ping) for wstimeout."""
+        while True:
+            deadline = self.stream.last_receive + self.wstimeout
+            if trio.current_time() >= deadline:
+                self.log.warning("WS TIMEOUT", token=self.token, addr=self.addr,
+                                 idle_secs=round(self.idle_secs(), 1))
+                await self.close(1001, "tunnel silent too long")
+                scope.cancel()
+                return
+            await trio.sleep_until(deadline)
+
+    def _fail_in_flight(self) -> None:
+        """Requests sent on this connection lost their answer: retry or fail them, at once."""
+        for pending in self.in_flight.values():
+            pending.holder = None
+            if pending.abandoned:
+                self.rendezvous.release(pending)
+            elif pending.idempotent and pending.tries < MAX_TRIES:
+                self.log.info("WS RETRY", token=self.token, id=pending.id, try_=pending.tries)
+                self.rendezvous.queue.put_front(pending)
+            else:
+                pending.finish(Failure(502, "Tunnel connection lost"))
+                self.rendezvous.release(pending)
+        self.in_flight.clear()
+
+
+def _short_target(target: bytes, limit: int = 120) -> str:
+    text = target.decode("latin-1")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def seconds(value: float) -> float:
+    return math.floor(value * 10) / 10
