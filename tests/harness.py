@@ -1,0 +1,223 @@
+"""Real processes on 127.0.0.1 for the end-to-end tests: backends, servers, clients, proxies.
+
+Every process a test starts is registered with its :class:`Harness`, which stops them all when
+the test ends, pass or fail, and then checks that no log of the run holds a whole token.
+Waiting is always on a condition with a deadline, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], T], *, timeout: float = 15.0, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (httpx.HTTPError, OSError, ValueError, KeyError) as exc:
+            last_error = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} ({last_error!r})")
+        time.sleep(0.05)
+
+
+class Process:
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.popen = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, cwd=ROOT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            self.popen.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait, SIGKILL if it will not go; returns the exit status."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait()
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        return self.popen.wait(timeout)
+
+
+@dataclass
+class Backend:
+    process: Process
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class Server:
+    process: Process
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def status(self) -> dict:
+        return httpx.get(f"{self.url}/_status", timeout=5).json()
+
+    def clients(self, token: str) -> int:
+        for tunnel in self.status()["tunnels"]:
+            if tunnel["token"] == token[:8] + "...":
+                return len(tunnel["clients"])
+        return 0
+
+    def wait_clients(self, token: str, count: int, timeout: float = 20.0) -> None:
+        wait_until(lambda: self.clients(token) == count, timeout=timeout,
+                   what=f"{count} client(s) on the token")
+
+    def get(self, path: str, token: str | None = None, **kwargs) -> httpx.Response:
+        headers = kwargs.pop("headers", {})
+        if token is not None:
+            headers["X-Token"] = token
+        kwargs.setdefault("timeout", 30)
+        return httpx.request(kwargs.pop("method", "GET"), f"{self.url}{path}", headers=headers, **kwargs)
+
+
+@dataclass
+class Client:
+    process: Process
+    token: str
+
+
+class Harness:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.processes: list[Process] = []
+        self.tokens: set[str] = set()
+        self._backend: Backend | None = None
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
+        log_path = self.directory / f"{name}-{len(self.processes)}.log"
+        process = Process(name, argv, log_path, env=environ() if env is None else env)
+        self.processes.append(process)
+        return process
+
+    def new_token(self, prefix: str = "") -> str:
+        token = prefix + secrets.token_urlsafe(24)
+        self.tokens.add(token)
+        return token
+
+    def backend(self) -> Backend:
+        if self._backend is None:
+            port = free_port()
+            process = self.start("backend", [PYTHON, str(ROOT / "tests" / "backend_app.py"), str(port)])
+            backend = Backend(process, port)
+            wait_until(lambda: httpx.get(f"{backend.url}/", timeout=2).status_code == 200,
+                       what="the test backend")
+            self._backend = backend
+        return self._backend
+
+    def server(self, *flags: str, env: dict[str, str] | None = None, port: int | None = None,
+               wait: bool = True) -> Server:
+        port = free_port() if port is None else port
+        argv = [PYTHON, "-m", "wstunnel", "srv", "-host", "127.0.0.1", "-port", str(port), *flags]
+        server = Server(self.start("srv", argv, env=env), port)
+        if wait:
+            wait_until(lambda: server.get("/_health_check", timeout=2).status_code == 200,
+                       what="wstunnel srv to listen")
+        return server
+
+    def client(self, server: Server | str, token: str, *flags: str, backend: str | None = None,
+               env: dict[str, str] | None = None, wait: bool = True) -> Client:
+        self.tokens.add(token)
+        tunnel = server.ws_url if isinstance(server, Server) else server
+        if backend is None and "-regexp" not in flags:
+            backend = self.backend().url
+        argv = [PYTHON, "-m", "wstunnel", "cli", "-tunnel", tunnel, "-token", token, *flags]
+        if backend is not None:
+            argv += ["-server", backend]
+        before = server.clients(token) if isinstance(server, Server) and wait else 0
+        client = Client(self.start("cli", argv, env=env), token)
+        if wait and isinstance(server, Server):
+            server.wait_clients(token, before + 1)
+        return client
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            with contextlib.suppress(Exception):
+                process.stop()
+
+    def leaked_tokens(self) -> list[str]:
+        """Every (log file, token) pair where a whole token appears in a log of this test."""
+        leaks = []
+        for process in self.processes:
+            text = process.output() if process.log_path.exists() else ""
+            leaks += [f"{process.log_path.name}: {t[:8]}..." for t in self.tokens if t in text]
+        return leaks
+
+
+def status_json(text: str) -> dict:
+    return json.loads(text)
+
+
+def environ(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update(extra)
+    return env
