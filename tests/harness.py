@@ -186,11 +186,13 @@ class Harness:
 
     def client(self, server: Server | str, token: str, *flags: str, backend: str | None = None,
                env: dict[str, str] | None = None, wait: bool = True) -> Client:
-        self.tokens.add(token)
         tunnel = server.ws_url if isinstance(server, Server) else server
         if backend is None and "-regexp" not in flags:
             backend = self.backend().url
-        argv = [PYTHON, "-m", "wstunnel", "cli", "-tunnel", tunnel, "-token", token, *flags]
+        argv = [PYTHON, "-m", "wstunnel", "cli", "-tunnel", tunnel, *flags]
+        if token:  # empty: the token comes from the environment or a config file
+            self.tokens.add(token)
+            argv += ["-token", token]
         if backend is not None:
             argv += ["-server", backend]
         before = server.clients(token) if isinstance(server, Server) and wait else 0

@@ -20,9 +20,13 @@ from wstunnel.errors import ConfigError, DialError
 EX_CONFIG = 78
 TOKEN_VARIABLE = "WSTUNCLI_TOKEN"
 
+CLIENT_STOP_GRACE = 3.0
+
 
 def _parser(prog: str, model: type[ServerSettings] | type[ClientSettings]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False)
+    # Go programs answer -help; argparse alone would read it as -h with a stray "elp".
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, add_help=False)
+    parser.add_argument("-h", "-help", "--help", action="help", help="show the flags and exit")
     add_flags(parser, model)
     return parser
 
@@ -94,6 +98,9 @@ def run_client(argv: Sequence[str]) -> int:
                     log.info("Signal", signal=daemon.signal_name(signum))
                     break
             await client.close()
+            # Let the session unwind on its own (it sees its Close frame answered) before cancelling.
+            with trio.move_on_after(CLIENT_STOP_GRACE):
+                await client.stopped.wait()
             nursery.cancel_scope.cancel()
         log.info("Stopped")
 

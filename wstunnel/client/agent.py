@@ -76,6 +76,9 @@ class TunnelClient:
         self.proxy = proxies.choose_proxy(settings.proxy, self.address.host)
         self.limiter = trio.CapacityLimiter(settings.max_concurrent_requests)
         self.sessions = 0
+        self.stopping = False
+        self._goodbye_said = trio.Event()
+        self.stopped = trio.Event()
         self._ws: trio_websocket.WebSocketConnection | None = None
 
     async def run(self) -> None:
@@ -92,20 +95,26 @@ class TunnelClient:
         try:
             while True:
                 reason = await self._session(backend)
+                if self.stopping:
+                    return
                 delay = self.backoff.next_delay()
-                self.log.info("WS RECONNECT", token=self.token, reason=reason,
+                self.log.info("WS   RECONNECT", token=self.token, reason=reason,
                               delay_secs=round(delay, 1))
                 await trio.sleep(delay)
         finally:
             with trio.CancelScope(shield=True):
                 await backend.aclose()
+            self.stopped.set()
 
     async def _session(self, backend: Backend) -> str:
         """One connection, from dial to close; returns why it ended."""
         try:
             await self._connect_and_serve(backend)
         except BaseException as exc:
-            reason = _describe_session_end(_sole_exception(exc), self.settings.timeout)
+            sole = _sole_exception(exc)
+            if self.stopping and isinstance(sole, trio_websocket.ConnectionClosed):
+                return "client stopping"  # our own Close frame, sent by close()
+            reason = _describe_session_end(sole, self.settings.timeout)
             if reason is None:
                 raise
             return reason
@@ -113,7 +122,7 @@ class TunnelClient:
 
     async def _connect_and_serve(self, backend: Backend) -> None:
         url = self.address.url + self.address.resource
-        self.log.info("WS DIAL", token=self.token, url=url,
+        self.log.info("WS   DIAL", token=self.token, url=url,
                       proxy=str(self.proxy) if self.proxy else None)
         async with trio.open_nursery() as nursery:
             with trio.fail_after(self.settings.timeout):
@@ -134,22 +143,29 @@ class TunnelClient:
             local = tcp.socket.getsockname()
             self.sessions += 1
             self.backoff.reset()
-            self.log.info("WS CONNECTED", token=self.token, url=url,
+            self.log.info("WS   CONNECTED", token=self.token, url=url,
                           local=f"{local[0]}:{local[1]}")
             self._ws = ws
             try:
                 await self._serve(ws, backend)
             finally:
-                self._ws = None
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    if self.stopping:
+                        # close() is mid-handshake; the reader task must live to read the reply.
+                        await self._goodbye_said.wait()
                     await ws.aclose()
+                self._ws = None
                 nursery.cancel_scope.cancel()
 
     async def close(self) -> None:
         """Say goodbye to the server with a Close frame (1001, going away), if connected."""
-        if self._ws is not None:
-            with trio.move_on_after(2):
-                await self._ws.aclose(1001, "client shutting down")
+        self.stopping = True
+        try:
+            if self._ws is not None:
+                with trio.move_on_after(2):
+                    await self._ws.aclose(1001, "client shutting down")
+        finally:
+            self._goodbye_said.set()
 
     async def _serve(self, ws: trio_websocket.WebSocketConnection, backend: Backend) -> None:
         async with trio.open_nursery() as nursery:
@@ -181,20 +197,20 @@ class TunnelClient:
             try:
                 request = framing.parse_request(payload)
             except HttpPayloadError as exc:
-                self.log.warning("WS ERR", token=self.token, id=request_id, err=str(exc))
+                self.log.warning("WS   ERR", token=self.token, id=request_id, err=str(exc))
                 request = framing.Request(b"GET", b"/")
                 response = framing.Response(400, b"Bad Request", [], b"Malformed request\n")
             else:
-                self.log.info("WS RCV", token=self.token, id=request_id,
+                self.log.info("WS   RCV", token=self.token, id=request_id,
                               verb=request.method, url=request.target[:200])
                 response = await backend.replay(request)
             message = framing.encode_response(request_id, response, request_method=request.method)
-            self.log.info("WS SND", token=self.token, id=request_id, status=response.status,
+            self.log.info("WS   SND", token=self.token, id=request_id, status=response.status,
                           len=len(message))
             try:
                 await ws.send_message(message)
             except trio_websocket.ConnectionClosed:
-                self.log.warning("WS ERR", token=self.token, id=request_id,
+                self.log.warning("WS   ERR", token=self.token, id=request_id,
                                  err="tunnel closed before the response was sent")
         finally:
             self.limiter.release_on_behalf_of(ticket)

@@ -232,7 +232,7 @@ class TunnelServer:
             await _raw_reply(stream, 400, "The tunnel endpoint takes GET upgrades only")
             return
         if not origin or len(origin) < MIN_LENGTH:
-            self.log.warning("WS REFUSE", addr=request.peer, err="missing or short token")
+            self.log.warning("WS   REFUSE", addr=request.peer, err="missing or short token")
             text = f"Token (Origin header) missing or shorter than {MIN_LENGTH} characters"
             await _raw_reply(stream, 400, text)
             return
@@ -247,7 +247,7 @@ class TunnelServer:
         limit = self.settings.max_clients_per_token
         existing = self.registry.get(token)
         if limit and existing is not None and len(existing.connections) >= limit:
-            self.log.warning("WS REFUSE", token=token, addr=request.peer, err="too many clients")
+            self.log.warning("WS   REFUSE", token=token, addr=request.peer, err="too many clients")
             await _raw_reply(stream, 429, "Too many clients for this token")
             return
         version = (request.header(VERSION_HEADER.lower()) or b"").decode("latin-1") or "unknown"
@@ -264,13 +264,13 @@ class TunnelServer:
                 rendezvous, ws, stream, addr=request.peer, client_version=version,
                 transport="websocket", wstimeout=self.settings.wstimeout, log=self.log,
             )
-            self.log.info("WS NEW", token=token, addr=request.peer, version=version,
+            self.log.info("WS   NEW", token=token, addr=request.peer, version=version,
                           clients=len(rendezvous.connections) + 1)
             try:
                 await connection.serve()
             finally:
                 reason = connection.closing_reason or (ws.closed.reason if ws.closed else None)
-                self.log.info("WS CLOSE", token=token, addr=request.peer, reason=reason)
+                self.log.info("WS   CLOSE", token=token, addr=request.peer, reason=reason)
                 await connection.close()
                 nursery.cancel_scope.cancel()
 

@@ -45,6 +45,16 @@ class IncomingRequest:
         upgrade = (self.header(b"upgrade") or b"").lower()
         return b"websocket" in upgrade
 
+    def head_size(self) -> int:
+        """Bytes of the request line and headers, as they came on the wire (near enough)."""
+        line = len(self.method) + len(self.target) + len(b"  HTTP/1.1\r\n")
+        return line + sum(len(k) + len(v) + 4 for k, v in self.headers)
+
+    def declared_length(self) -> int:
+        """The Content-Length the client announced (h11 has checked it is a number), else 0."""
+        value = self.header(b"content-length")
+        return int(value) if value is not None else 0
+
 
 class BodyTooLarge(Exception):
     pass
@@ -142,6 +152,14 @@ class HttpConnection:
                 return
             if len(request.headers) > self.limits.max_header_count:
                 await self._send_error(431, "Too many request headers")
+                return
+            # h11 bounds only a head that is still arriving; one that came whole needs our check.
+            if request.head_size() > self.limits.max_header_size:
+                await self._send_error(431, "Request headers too large")
+                return
+            if request.declared_length() > self.limits.max_body_size:
+                # Say so before the client sends a body we would only throw away.
+                await self._send_error(413, "Request body too large")
                 return
             try:
                 request.body = await self._read_body()

@@ -16,11 +16,15 @@ from wstunnel import __version__
 from wstunnel.server.tunnels import Registry, seconds
 
 HEALTH_TEXT = "WSTUNSRV RUNNING\n"
+# What the original tells callers that are not on loopback; scripts may look for it.
+MORE_STATS_TEXT = "More stats available when called from localhost..."
+DEAD_AFTER_SECS = 60.0
 
 
 def render_stats(registry: Registry, *, detailed: bool) -> str:
     lines = [f"tunnels={len(registry)}"]
     if not detailed:
+        lines.append(MORE_STATS_TEXT)
         return "\n".join(lines) + "\n"
     req_pending = 0
     dead_tunnels = 0
@@ -34,9 +38,12 @@ def render_stats(registry: Registry, *, detailed: bool) -> str:
         addrs = ",".join(c.addr for c in rendezvous.connections)
         lines.append(f"{prefix}_tun_addr={addrs}")
         if rendezvous.connections:
-            idle = min(c.idle_secs() for c in rendezvous.connections)
-            lines.append(f"{prefix}_idle_secs={seconds(idle):.1f}")
+            idle = seconds(min(c.idle_secs() for c in rendezvous.connections))
+            lines.append(f"{prefix}_idle_secs={idle:.1f}")
+            dead_tunnels += idle > DEAD_AFTER_SECS
         else:
+            # The original prints NaN for a tunnel with no activity to measure.
+            lines.append(f"{prefix}_idle_secs=NaN")
             dead_tunnels += 1
         # Keys the original did not have go after its own.
         lines.append(f"{prefix}_clients={len(rendezvous.connections)}")
@@ -59,6 +66,7 @@ def render_status(registry: Registry, *, started_at: float) -> str:
                 "connected_secs": round(now - conn.connected_at, 1),
                 "idle_secs": round(conn.idle_secs(), 1),
                 "in_flight": len(conn.in_flight),
+                "answered": conn.answered,
             }
             for conn in rendezvous.connections
         ]

@@ -214,7 +214,7 @@ class Registry:
         while True:
             await trio.sleep(period)
             for rendezvous in self.forget_idle():
-                log.info("WS FORGET", token=rendezvous.token)
+                log.info("WS   FORGET", token=rendezvous.token)
 
     def connections(self) -> Iterator[TunnelConnection]:
         for rendezvous in self:
@@ -246,6 +246,7 @@ class TunnelConnection:
         self.log = log
         self.connected_at = trio.current_time()
         self.in_flight: dict[int, PendingRequest] = {}
+        self.answered = 0
         self.closing_reason: str | None = None
 
     @property
@@ -294,7 +295,7 @@ class TunnelConnection:
                 queue.put_front(pending)
                 return
             self.log.info(
-                "WS SND", token=self.token, id=pending.id,
+                "WS   SND", token=self.token, id=pending.id,
                 info=f"{pending.method.decode('latin-1')} {_short_target(pending.request.target)}",
             )
 
@@ -308,23 +309,24 @@ class TunnelConnection:
             try:
                 request_id, payload = framing.split_message(message)
             except TunnelMessageError as exc:
-                self.log.warning("WS ERR", token=self.token, err=str(exc))
+                self.log.warning("WS   ERR", token=self.token, err=str(exc))
                 await self.close(1003 if isinstance(message, str) else 1002, "protocol error")
                 return
             pending = self.in_flight.pop(request_id, None)
             if pending is None:
-                self.log.warning("WS ERR", token=self.token, id=request_id, err="unknown request id")
+                self.log.warning("WS   ERR", token=self.token, id=request_id, err="unknown request id")
                 await self.close(1002, "unknown request id")
                 return
             pending.holder = None
-            self.log.info("WS RCV", token=self.token, id=request_id, ws=self.addr, len=len(message))
+            self.log.info("WS   RCV", token=self.token, id=request_id, ws=self.addr, len=len(message))
             try:
                 response: framing.Response | Failure = framing.parse_response(
                     payload, request_method=pending.method
                 )
             except HttpPayloadError as exc:
-                self.log.warning("WS ERR", token=self.token, id=request_id, err=str(exc))
+                self.log.warning("WS   ERR", token=self.token, id=request_id, err=str(exc))
                 response = Failure(502, "Bad response from tunnel client")
+            self.answered += 1
             pending.finish(response)
             self.rendezvous.release(pending)
 
@@ -333,7 +335,7 @@ class TunnelConnection:
         while True:
             deadline = self.stream.last_receive + self.wstimeout
             if trio.current_time() >= deadline:
-                self.log.warning("WS TIMEOUT", token=self.token, addr=self.addr,
+                self.log.warning("WS   TIMEOUT", token=self.token, addr=self.addr,
                                  idle_secs=round(self.idle_secs(), 1))
                 await self.close(1001, "tunnel silent too long")
                 scope.cancel()
@@ -347,7 +349,7 @@ class TunnelConnection:
             if pending.abandoned:
                 self.rendezvous.release(pending)
             elif pending.idempotent and pending.tries < MAX_TRIES:
-                self.log.info("WS RETRY", token=self.token, id=pending.id, try_=pending.tries)
+                self.log.info("WS   RETRY", token=self.token, id=pending.id, try_=pending.tries)
                 self.rendezvous.queue.put_front(pending)
             else:
                 pending.finish(Failure(502, "Tunnel connection lost"))
