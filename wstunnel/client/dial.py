@@ -60,25 +60,29 @@ async def _connect_from_ports(host: str, port: int, source_ports: list[int]) -> 
     infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
     if not infos:
         raise DialError(f"cannot resolve {host}")
-    family, type_, proto, _canon, address = infos[0]
-    last_error: OSError | None = None
-    for source_port in source_ports:
-        sock = trio.socket.socket(family, type_, proto)
-        try:
-            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-            sock.bind(("::" if family == trio.socket.AF_INET6 else "0.0.0.0", source_port))
-            await sock.connect(address)
-        except OSError as exc:
-            sock.close()
-            if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
-                last_error = exc
-                continue
-            raise
-        except BaseException:
-            sock.close()
-            raise
-        return trio.SocketStream(sock)
-    raise DialError(f"no free source port among {len(source_ports)} configured: {last_error}")
+    busy: OSError | None = None
+    unreachable: OSError | None = None
+    for family, type_, proto, _canon, address in infos:  # e.g. ::1 then 127.0.0.1 for localhost
+        for source_port in source_ports:
+            sock = trio.socket.socket(family, type_, proto)
+            try:
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+                await sock.bind(("::" if family == trio.socket.AF_INET6 else "0.0.0.0", source_port))
+                await sock.connect(address)
+            except OSError as exc:
+                sock.close()
+                if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                    busy = exc
+                    continue
+                unreachable = exc
+                break  # this address does not answer: try the next one
+            except BaseException:
+                sock.close()
+                raise
+            return trio.SocketStream(sock)
+    if unreachable is not None:
+        raise unreachable
+    raise DialError(f"no free source port among {len(source_ports)} configured: {busy}")
 
 
 async def open_stream(
@@ -103,7 +107,12 @@ async def open_stream(
             assert context is not None
             tls = trio.SSLStream(stream, context, server_hostname=address.host,
                                  https_compatible=True)
-            await tls.do_handshake()
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                # trio hides the reason (e.g. CERTIFICATE_VERIFY_FAILED) in __cause__.
+                cause = exc.__cause__ or "connection lost"
+                raise DialError(f"TLS handshake with {address.host_header} failed: {cause}") from exc
             stream = tls
     except BaseException:
         await trio.aclose_forcefully(tcp)
