@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,9 @@ CommaList = Annotated[list[str], NoDecode]
 
 def _clamp(value: float, low: float, high: float) -> float:
     # The original clamps these silently instead of refusing them; users' scripts rely on it.
+    if math.isnan(value):
+        # min()/max() pass NaN through, and trio refuses a NaN timeout only once running.
+        raise ValueError("must be a number of seconds, not NaN")
     return float(min(max(value, low), high))
 
 
@@ -285,6 +289,30 @@ def _describe(exc: ValidationError, origin: Mapping[str, str], env_prefix: str) 
     return "\n".join(lines)
 
 
+def _join_flag_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``-flag value`` pairs as ``-flag=value`` for every flag that takes a value.
+
+    Go's flag package hands such a flag the next argument whatever it looks like, so the
+    original takes ``-token -s3cr3t...``; argparse would read ``-s3cr3t...`` as a flag of its own
+    and refuse the command line. Boolean flags (nargs "?") never take a separate value in Go.
+    """
+    takes_value = {
+        option
+        for action in parser._actions  # argparse has no public list of its flags
+        if action.option_strings and action.nargs is None
+        for option in action.option_strings
+    }
+    joined: list[str] = []
+    items = iter(argv)
+    for item in items:
+        if item == "--":
+            joined += [item, *items]
+            break
+        value = next(items, None) if item in takes_value else None
+        joined.append(item if value is None else f"{item}={value}")
+    return joined
+
+
 def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
-    namespace = parser.parse_args(list(argv))
+    namespace = parser.parse_args(_join_flag_values(parser, argv))
     return {key: value for key, value in vars(namespace).items() if value is not None}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import h11
 
 from wstunnel.errors import HttpPayloadError, TunnelMessageError
-from wstunnel.headers import Headers, without
+from wstunnel.headers import Headers, get, without
 
 ID_DIGITS = 4
 MAX_ID = 0xFFFF
@@ -71,6 +71,10 @@ def _head(start_line: bytes, headers: Headers) -> list[bytes]:
 def encode_request(request_id: int, request: Request) -> bytes:
     """One tunnel message carrying ``request`` with a ``Content-Length`` body."""
     headers = without(request.headers, (b"content-length", b"transfer-encoding"))
+    if get(headers, b"host") is None:
+        # HTTP/1.0 clients may omit Host, but we always write HTTP/1.1, which requires one (h11,
+        # our own reader, refuses a request without it). Go's Request.Write sends an empty one too.
+        headers.insert(0, (b"Host", b""))
     if request.body or request.method not in (b"GET", b"HEAD", b"OPTIONS", b"DELETE"):
         headers.append((b"Content-Length", b"%d" % len(request.body)))
     parts = [encode_id(request_id)]
@@ -113,6 +117,34 @@ def _collect_body(conn: h11.Connection) -> tuple[bytes, bool]:
             return b"".join(chunks), False
 
 
+def _receive_head(
+    conn: h11.Connection, payload: bytes, *, eof: bool
+) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+    """Feed ``payload`` to ``conn``; return the first event after any informational responses.
+
+    h11 enforces ``max_incomplete_event_size`` only on a head whose end it has not seen yet, so
+    handed a whole message at once it would take a head of any size. Feeding the first
+    MAX_HEAD_SIZE bytes on their own makes a longer head (informational heads before it
+    included) show up as incomplete, which we refuse.
+    """
+    view = memoryview(payload)  # slices without copying a body of up to max_body_size
+    head, rest = view[:MAX_HEAD_SIZE], view[MAX_HEAD_SIZE:]
+    if head:
+        conn.receive_data(head)  # type: ignore[arg-type]
+    if eof and not rest:
+        conn.receive_data(b"")
+    event = conn.next_event()
+    while isinstance(event, h11.InformationalResponse):
+        event = conn.next_event()
+    if event is h11.NEED_DATA and rest:
+        raise HttpPayloadError(f"HTTP head larger than {MAX_HEAD_SIZE} bytes")
+    if rest:
+        conn.receive_data(rest)  # type: ignore[arg-type]
+        if eof:
+            conn.receive_data(b"")  # the message ends here: a close-delimited body ends too
+    return event
+
+
 def _check_no_trailing(conn: h11.Connection) -> None:
     leftover, _closed = conn.trailing_data
     if leftover.strip():
@@ -123,8 +155,7 @@ def parse_request(payload: bytes) -> Request:
     """Parse the HTTP/1.1 request of a server-to-client message."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
     try:
-        conn.receive_data(payload)
-        event = conn.next_event()
+        event = _receive_head(conn, payload, eof=False)
         if not isinstance(event, h11.Request):
             raise HttpPayloadError("incomplete HTTP request head")
         body, complete = _collect_body(conn)
@@ -152,11 +183,7 @@ def parse_response(payload: bytes, *, request_method: bytes = b"GET") -> Respons
     conn.send(h11.Request(method=request_method, target="/", headers=[("Host", "tunnel")]))
     conn.send(h11.EndOfMessage())
     try:
-        conn.receive_data(payload)
-        conn.receive_data(b"")  # the message ends here: a close-delimited body ends too
-        event = conn.next_event()
-        while isinstance(event, h11.InformationalResponse):
-            event = conn.next_event()
+        event = _receive_head(conn, payload, eof=True)
         if not isinstance(event, h11.Response):
             raise HttpPayloadError("incomplete HTTP response head")
         body, complete = _collect_body(conn)
@@ -164,6 +191,8 @@ def parse_response(payload: bytes, *, request_method: bytes = b"GET") -> Respons
         raise HttpPayloadError(f"malformed HTTP response: {exc}") from None
     if not complete:
         raise HttpPayloadError("HTTP response body is shorter than its framing says")
+    # As for requests: bytes beyond the framed body mean the peer is broken, not a longer body.
+    _check_no_trailing(conn)
     return Response(
         status=event.status_code,
         reason=bytes(event.reason),

@@ -1,7 +1,7 @@
 """Log lines in the original WStunnel's ``key=value`` form, to stderr, a file or syslog.
 
 Every event is one line: ``LEVEL EVENT  key=value ...`` with the original's event names
-("HTTP RCV", "WS SND", ...), so the original's log scrapers keep working. Values that are
+("HTTP RCV", "WS   SND", ...), so the original's log scrapers keep working. Values that are
 :class:`~wstunnel.tokens.Token` objects render as their 8-character prefix plus ``...``; nothing
 else in this module knows about secrets, so passing a Token is the one rule for callers.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -43,6 +44,12 @@ def _render_value(value: Any) -> str:
     if text == "" or any(ch in text for ch in ' ="\\') or not text.isprintable():
         escaped = text.replace("\\", "\\\\").replace('"', '\\"')
         escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+        # Any other unprintable character (a terminal escape, NUL, a lone surrogate left by a
+        # surrogateescape-decoded header) as \xNN/\uNNNN: it could forge output, and a surrogate
+        # cannot even be encoded, so the handler would drop the whole line.
+        escaped = "".join(
+            ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in escaped
+        )
         return f'"{escaped}"' if text else ""
     return text
 
@@ -55,7 +62,8 @@ def format_fields(fields: Mapping[str, Any]) -> str:
 def format_event(event: str, fields: Mapping[str, Any]) -> str:
     """The text of one event, without level or time: ``HTTP RCV      pkg=... id=1``."""
     rendered = format_fields(fields)
-    return f"{event:<{EVENT_WIDTH}}{rendered}".rstrip() if rendered else event
+    # Pad to EVENT_WIDTH but always keep one space: "WS   RECONNECT" is itself 14 characters.
+    return f"{event:<{EVENT_WIDTH - 1}} {rendered}".rstrip() if rendered else event
 
 
 class EventLogger:
@@ -141,7 +149,9 @@ def configure(
         handler = logging.handlers.SysLogHandler(
             address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON
         )
-        handler.ident = f"{syslog_tag}: "
+        # "tag[pid]: " as syslog(3) and the original's Go log/syslog write it, so lines read
+        # "wstunsrv[7808]: INFO ..." as in the original's documentation.
+        handler.ident = f"{syslog_tag}[{os.getpid()}]: "
         handler.setFormatter(LineFormatter(timestamps=False))
     elif logfile is not None:
         handler = ReopenableFileHandler(logfile, encoding="utf-8", delay=False)

@@ -44,7 +44,12 @@ class Token:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Token):
             return NotImplemented
-        return hmac.compare_digest(self._value.encode(), other._value.encode())
+        # surrogateescape: the server decodes header bytes that are not UTF-8 that way, and a
+        # plain encode() of such a token raises instead of comparing.
+        return hmac.compare_digest(
+            self._value.encode("utf-8", "surrogateescape"),
+            other._value.encode("utf-8", "surrogateescape"),
+        )
 
     def __hash__(self) -> int:
         return hash(self._value)
