@@ -9,18 +9,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import trio
 
 from wstunnel import __version__, daemon, logs
 from wstunnel.config import ClientSettings, ServerSettings, add_flags, load_settings, parse_flags
 from wstunnel.errors import ConfigError, DialError
+from wstunnel.service import ServiceNotifier
 
 EX_CONFIG = 78
 TOKEN_VARIABLE = "WSTUNCLI_TOKEN"
 
 CLIENT_STOP_GRACE = 3.0
+SettingsT = TypeVar("SettingsT", ServerSettings, ClientSettings)
 
 
 def _parser(prog: str, model: type[ServerSettings] | type[ClientSettings]) -> argparse.ArgumentParser:
@@ -60,16 +63,23 @@ def run_server(argv: Sequence[str]) -> int:
 
     flags = parse_flags(_parser("wstunnel srv", ServerSettings), argv)
     settings = load_settings(ServerSettings, flags)
-    logs.configure(name="wstunsrv", level=settings.log_level, logfile=settings.logfile,
-                   syslog_tag=settings.syslog)
+    _configure_logs("wstunsrv", settings)
     log = logs.EventLogger("WStunsrv")
+    notifier = ServiceNotifier()
 
     async def main() -> None:
         server = TunnelServer(settings, log)
+
+        def reload() -> None:
+            _reload(log, notifier, ServerSettings, flags, server.apply, "wstunsrv")
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.watch_signals)
-            nursery.start_soon(daemon.reopen_logs_on_sighup)
-            await server.run()
+            nursery.start_soon(_stop_on_signal, log, notifier, server.stop)
+            nursery.start_soon(daemon.reload_on_sighup, reload)
+            nursery.start_soon(notifier.watchdog_forever)
+            async with trio.open_nursery() as serving:
+                port = await serving.start(server.run)
+                notifier.ready(f"listening on {settings.host}:{port}")
             nursery.cancel_scope.cancel()
 
     with daemon.pidfile(settings.pidfile):
@@ -84,19 +94,24 @@ def run_client(argv: Sequence[str]) -> int:
     flags = parse_flags(parser, argv)  # parse first: a usage error must not re-exec
     _hide_token_from_ps(argv)
     settings = load_settings(ClientSettings, flags)
-    logs.configure(name="wstuncli", level=settings.log_level, logfile=settings.logfile,
-                   syslog_tag=settings.syslog)
+    _configure_logs("wstuncli", settings)
     log = logs.EventLogger("WStuncli")
-    client = TunnelClient(settings, log)
+    notifier = ServiceNotifier()
+    client = TunnelClient(settings, log, notifier)
+
+    def reload() -> None:
+        _reload(log, notifier, ClientSettings, flags, client.apply, "wstuncli")
 
     async def main() -> None:
+        stop = trio.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(daemon.reopen_logs_on_sighup)
+            nursery.start_soon(_stop_on_signal, log, notifier, stop.set)
+            nursery.start_soon(daemon.reload_on_sighup, reload)
+            nursery.start_soon(notifier.watchdog_forever)
             nursery.start_soon(client.run)
-            with trio.open_signal_receiver(*daemon.STOP_SIGNALS) as signals:
-                async for signum in signals:
-                    log.info("Signal", signal=daemon.signal_name(signum))
-                    break
+            # The configuration is valid and the connect loop runs: that is "ready" for a client.
+            notifier.ready(f"connecting to {client.address.url}")
+            await stop.wait()
             await client.close()
             # Let the session unwind on its own (it sees its Close frame answered) before cancelling.
             with trio.move_on_after(CLIENT_STOP_GRACE):
@@ -107,6 +122,40 @@ def run_client(argv: Sequence[str]) -> int:
     with daemon.pidfile(settings.pidfile):
         trio.run(main)
     return 0
+
+
+def _configure_logs(name: str, settings: ServerSettings | ClientSettings) -> None:
+    logs.configure(name=name, level=settings.log_level, logfile=settings.logfile,
+                   syslog_tag=settings.syslog)
+
+
+async def _stop_on_signal(log: logs.EventLogger, notifier: ServiceNotifier,
+                          stop: Callable[[], None]) -> None:
+    with trio.open_signal_receiver(*daemon.STOP_SIGNALS) as signals:
+        async for signum in signals:
+            log.info("Signal", signal=daemon.signal_name(signum))
+            notifier.stopping()
+            stop()
+            return
+
+
+def _reload(log: logs.EventLogger, notifier: ServiceNotifier, model: type[SettingsT],
+            flags: dict[str, Any], apply: Callable[[SettingsT], tuple[list[str], list[str]]],
+            name: str) -> None:
+    """Re-read file and environment (flags still win); apply what can change; say what did."""
+    notifier.reloading()
+    try:
+        settings = load_settings(model, flags)
+    except ConfigError as exc:
+        log.warning("Reload", err=str(exc).splitlines()[0], result="kept running settings")
+        notifier.reloaded()
+        return
+    applied, restart_needed = apply(settings)
+    if {"log_level", "logfile", "syslog"} & set(applied):
+        _configure_logs(name, settings)
+    log.info("Reload", changed=",".join(applied) or "nothing",
+             restart_needed=",".join(restart_needed) or None)
+    notifier.reloaded()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

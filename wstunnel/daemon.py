@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import trio
+from pydantic import BaseModel
 
 from wstunnel import logs
 
@@ -33,7 +34,15 @@ def pidfile(path: Path | None) -> Iterator[None]:
             path.unlink()
 
 
-async def reopen_logs_on_sighup() -> None:
+async def reload_on_sighup(reload: Callable[[], None]) -> None:
+    """SIGHUP (logrotate, ``systemctl reload``): reopen log files, then re-read the settings."""
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _ in signals:
             logs.reopen_files()
+            reload()
+
+
+def changed_settings(old: BaseModel, new: BaseModel) -> list[str]:
+    """Names of the settings whose values differ, in declaration order."""
+    before, after = old.model_dump(), new.model_dump()
+    return [name for name in after if after[name] != before.get(name)]

@@ -18,17 +18,20 @@ from pathlib import Path
 import trio
 import trio_websocket
 
-from wstunnel import __version__, framing
+from wstunnel import __version__, daemon, framing
 from wstunnel.client import dial
 from wstunnel.client import proxy as proxies
 from wstunnel.client.backend import Backend
 from wstunnel.config import ClientSettings
 from wstunnel.errors import DialError, HttpPayloadError, TunnelMessageError
 from wstunnel.logs import EventLogger
+from wstunnel.service import ServiceNotifier
 from wstunnel.tokens import Token
 
 VERSION_HEADER = b"X-Wstunnel-Version"
 WS_RECEIVE_SIZE = 64 * 1024
+# A reload cannot re-dial by itself or move the pid file; these wait for a restart.
+RESTART_ONLY_SETTINGS = ("token", "tunnel", "proxy", "client_ports", "certfile", "insecure", "pidfile")
 
 
 class PingTimeout(Exception):
@@ -63,9 +66,11 @@ def write_statusfile(path: Path, now: float | None = None) -> None:
 
 
 class TunnelClient:
-    def __init__(self, settings: ClientSettings, log: EventLogger) -> None:
+    def __init__(self, settings: ClientSettings, log: EventLogger,
+                 notifier: ServiceNotifier | None = None) -> None:
         self.settings = settings
         self.log = log
+        self.notifier = notifier or ServiceNotifier(environ={})
         self.token = Token(settings.token.get_secret_value())
         self.address = dial.TunnelAddress.from_url(settings.tunnel)
         self.backoff = Backoff(cap=settings.reconnect_max_delay)
@@ -79,6 +84,7 @@ class TunnelClient:
         self.stopping = False
         self._goodbye_said = trio.Event()
         self.stopped = trio.Event()
+        self.backend: Backend | None = None
         self._ws: trio_websocket.WebSocketConnection | None = None
 
     async def run(self) -> None:
@@ -87,7 +93,7 @@ class TunnelClient:
             backend_verify = False
         elif self.settings.certfile is not None:
             backend_verify = dial.ssl_context(certfile=self.settings.certfile, insecure=False)
-        backend = Backend(
+        backend = self.backend = Backend(
             server=self.settings.server, regexp=self.settings.regexp,
             max_body_size=self.settings.max_body_size,
             max_connections=self.settings.max_concurrent_requests, verify=backend_verify,
@@ -100,6 +106,7 @@ class TunnelClient:
                 delay = self.backoff.next_delay()
                 self.log.info("WS   RECONNECT", token=self.token, reason=reason,
                               delay_secs=round(delay, 1))
+                self.notifier.status(f"reconnecting in {delay:.0f} s: {reason}")
                 await trio.sleep(delay)
         finally:
             with trio.CancelScope(shield=True):
@@ -145,6 +152,8 @@ class TunnelClient:
             self.backoff.reset()
             self.log.info("WS   CONNECTED", token=self.token, url=url,
                           local=f"{local[0]}:{local[1]}")
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self.notifier.status(f"connected to {url} since {since}")
             self._ws = ws
             try:
                 await self._serve(ws, backend)
@@ -156,6 +165,19 @@ class TunnelClient:
                     await ws.aclose()
                 self._ws = None
                 nursery.cancel_scope.cancel()
+
+    def apply(self, settings: ClientSettings) -> tuple[list[str], list[str]]:
+        """Take new settings without a restart; returns (applied, needing a restart)."""
+        changed = daemon.changed_settings(self.settings, settings)
+        fixed = [name for name in changed if name in RESTART_ONLY_SETTINGS]
+        kept = {name: getattr(self.settings, name) for name in RESTART_ONLY_SETTINGS}
+        self.settings = settings.model_copy(update=kept)
+        self.backoff.cap = self.settings.reconnect_max_delay
+        self.limiter.total_tokens = self.settings.max_concurrent_requests
+        if self.backend is not None:
+            self.backend.reconfigure(server=self.settings.server, regexp=self.settings.regexp,
+                                     max_body_size=self.settings.max_body_size)
+        return [name for name in changed if name not in fixed], fixed
 
     async def close(self) -> None:
         """Say goodbye to the server with a Close frame (1001, going away), if connected."""

@@ -62,6 +62,11 @@ class Backend:
             verify=verify,
         )
 
+    def reconfigure(self, *, server: str | None, regexp: str | None, max_body_size: int) -> None:
+        self.server = server
+        self.pattern = re.compile(regexp) if regexp else None
+        self.max_body_size = max_body_size
+
     async def aclose(self) -> None:
         await self.client.aclose()
 

@@ -29,6 +29,8 @@ from wstunnel.tokens import MIN_LENGTH, Token
 VERSION_HEADER = b"X-Wstunnel-Version"
 WS_RECEIVE_SIZE = 64 * 1024
 TOKEN_PREFIX = b"/_token/"
+# A reload cannot move the listening socket or the pid file; these wait for a restart.
+RESTART_ONLY_SETTINGS = ("host", "port", "pidfile")
 
 
 def _is_loopback(address: str) -> bool:
@@ -46,12 +48,7 @@ class TunnelServer:
             max_requests=settings.max_requests_per_tunnel,
             token_idle_timeout=settings.token_idle_timeout,
         )
-        self.limits = FrontLimits(
-            max_header_size=settings.max_header_size,
-            max_header_count=settings.max_header_count,
-            max_body_size=settings.max_body_size,
-            header_timeout=settings.header_timeout,
-        )
+        self.limits = _front_limits(settings)
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
         self.started_at = trio.current_time()
         self.draining = False
@@ -83,6 +80,19 @@ class TunnelServer:
     def stop(self) -> None:
         self.stop_requested.set()
 
+    def apply(self, settings: ServerSettings) -> tuple[list[str], list[str]]:
+        """Take new settings without a restart; returns (applied, needing a restart)."""
+        changed = daemon.changed_settings(self.settings, settings)
+        fixed = [name for name in changed if name in RESTART_ONLY_SETTINGS]
+        # What cannot change live keeps its running value, so what we report stays true.
+        kept = {name: getattr(self.settings, name) for name in RESTART_ONLY_SETTINGS}
+        self.settings = settings.model_copy(update=kept)
+        self.registry.resize(self.settings.max_requests_per_tunnel)
+        self.registry.token_idle_timeout = self.settings.token_idle_timeout
+        self.limits = _front_limits(self.settings)
+        self.trusted = [ipaddress.ip_network(n, strict=False) for n in self.settings.trusted_proxies]
+        return [name for name in changed if name not in fixed], fixed
+
     async def _accept(self, listeners: list[trio.SocketListener], nursery: trio.Nursery,
                       scope: trio.CancelScope) -> None:
         with scope:
@@ -101,12 +111,6 @@ class TunnelServer:
         async with trio.open_nursery() as closers:
             for connection in list(self.registry.connections()):
                 closers.start_soon(connection.close, 1001, "server shutting down")
-
-    async def watch_signals(self) -> None:
-        with trio.open_signal_receiver(*daemon.STOP_SIGNALS) as signals:
-            async for signum in signals:
-                self.log.info("Signal", signal=daemon.signal_name(signum))
-                self.stop()
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -273,6 +277,15 @@ class TunnelServer:
                 self.log.info("WS   CLOSE", token=token, addr=request.peer, reason=reason)
                 await connection.close()
                 nursery.cancel_scope.cancel()
+
+
+def _front_limits(settings: ServerSettings) -> FrontLimits:
+    return FrontLimits(
+        max_header_size=settings.max_header_size,
+        max_header_count=settings.max_header_count,
+        max_body_size=settings.max_body_size,
+        header_timeout=settings.header_timeout,
+    )
 
 
 async def _raw_reply(stream: ActivityStream, status_code: int, text: str) -> None:

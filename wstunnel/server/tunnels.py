@@ -182,6 +182,12 @@ class Registry:
         self.max_requests = max_requests
         self.token_idle_timeout = token_idle_timeout
 
+    def resize(self, max_requests: int) -> None:
+        """A new queue depth for every token, known and future; queued requests stay queued."""
+        self.max_requests = max_requests
+        for rendezvous in self._by_token.values():
+            rendezvous.queue.capacity = max_requests
+
     def __iter__(self) -> Iterator[Rendezvous]:
         return iter(list(self._by_token.values()))
 
