@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -176,9 +177,17 @@ class Harness:
 
     def server(self, *flags: str, env: dict[str, str] | None = None, port: int | None = None,
                wait: bool = True) -> Server:
-        port = free_port() if port is None else port
+        # Port 0 lets the kernel pick, with no window for another process to take the port
+        # between our choice and the bind; the server logs the port it got.
+        ask_kernel = port is None and wait and "-logfile" not in flags
+        port = 0 if ask_kernel else (free_port() if port is None else port)
         argv = [PYTHON, "-m", "wstunnel", "srv", "-host", "127.0.0.1", "-port", str(port), *flags]
-        server = Server(self.start("srv", argv, env=env), port)
+        process = self.start("srv", argv, env=env)
+        if ask_kernel:
+            found = wait_until(lambda: re.search(r"Listening +pkg=WStunsrv port=(\d+)", process.output()),
+                               what="wstunnel srv to log its port")
+            port = int(found.group(1))
+        server = Server(process, port)
         if wait:
             wait_until(lambda: server.get("/_health_check", timeout=2).status_code == 200,
                        what="wstunnel srv to listen")

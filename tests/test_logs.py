@@ -389,3 +389,39 @@ def test_syslog_socket_is_looked_up_at_configure_time(
     assert syslog_socket.recv(65536) == (
         b"<30>custom-tag[%d]: INFO WS   CONNECTED pkg=WStuncli url=ws://h\x00" % os.getpid()
     )
+
+
+def test_journal_fields_carry_the_token_prefix_id_status_and_event(
+    captured: tuple[EventLogger, ListHandler],
+) -> None:
+    logger, handler = captured
+    token = Token("abcdefgh-the-rest-is-secret")
+    logger.info("HTTP RET", token=token, id=19, status=401, url="/a b", err=None, try_="")
+    fields = logs.journal_fields(handler.records[-1])
+    assert fields == {
+        "WSTUNNEL_EVENT": "HTTP RET",
+        "WSTUNNEL_PKG": "WStunsrv",
+        "WSTUNNEL_TOKEN": "abcdefgh",
+        "WSTUNNEL_REQUEST_ID": "19",
+        "WSTUNNEL_STATUS": "401",
+        "WSTUNNEL_URL": "/a b",
+    }
+    assert all(token.reveal() not in value for value in fields.values())
+
+
+def test_event_names_are_normalised_for_the_journal(captured: tuple[EventLogger, ListHandler]) -> None:
+    logger, handler = captured
+    logger.info("WS   SND", id=1)
+    assert logs.journal_fields(handler.records[-1])["WSTUNNEL_EVENT"] == "WS SND"
+
+
+def test_under_journald_compares_stderr_with_journal_stream(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "stream"
+    with target.open("w") as stream:
+        monkeypatch.setattr(sys, "stderr", stream)
+        info = os.fstat(stream.fileno())
+        assert logs.under_journald({"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"})
+        assert not logs.under_journald({"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino + 1}"})
+        assert not logs.under_journald({"JOURNAL_STREAM": "garbage"})
+        assert not logs.under_journald({})

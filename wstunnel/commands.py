@@ -91,9 +91,11 @@ def run_client(argv: Sequence[str]) -> int:
     from wstunnel.client import TunnelClient
 
     parser = _parser("wstunnel cli", ClientSettings)
-    flags = parse_flags(parser, argv)  # parse first: a usage error must not re-exec
-    _hide_token_from_ps(argv)
+    flags = parse_flags(parser, argv)
+    # Validate before the re-exec, so an error names the -token flag the user typed and not
+    # the environment variable the re-exec moves it to.
     settings = load_settings(ClientSettings, flags)
+    _hide_token_from_ps(argv)
     _configure_logs("wstuncli", settings)
     log = logs.EventLogger("WStuncli")
     notifier = ServiceNotifier()
@@ -126,7 +128,7 @@ def run_client(argv: Sequence[str]) -> int:
 
 def _configure_logs(name: str, settings: ServerSettings | ClientSettings) -> None:
     logs.configure(name=name, level=settings.log_level, logfile=settings.logfile,
-                   syslog_tag=settings.syslog)
+                   syslog_tag=settings.syslog, target=settings.log_target)
 
 
 async def _stop_on_signal(log: logs.EventLogger, notifier: ServiceNotifier,
@@ -151,7 +153,7 @@ def _reload(log: logs.EventLogger, notifier: ServiceNotifier, model: type[Settin
         notifier.reloaded()
         return
     applied, restart_needed = apply(settings)
-    if {"log_level", "logfile", "syslog"} & set(applied):
+    if {"log_level", "logfile", "syslog", "log_target"} & set(applied):
         _configure_logs(name, settings)
     log.info("Reload", changed=",".join(applied) or "nothing",
              restart_needed=",".join(restart_needed) or None)

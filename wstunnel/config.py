@@ -28,6 +28,7 @@ from wstunnel.tokens import MIN_LENGTH
 
 MiB = 1024 * 1024
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogTarget = Literal["auto", "journal", "stderr"]
 CommaList = Annotated[list[str], NoDecode]
 
 
@@ -55,6 +56,9 @@ class _Common(BaseSettings):
     logfile: Path | None = Field(None, description="append log lines to this file (reopened on SIGHUP)")
     syslog: str | None = Field(None, description="log to syslog with this tag")
     log_level: LogLevel = Field("info", description="lowest level logged")
+    log_target: LogTarget = Field(
+        "auto", description="where lines go without -logfile/-syslog (auto: journal under systemd)"
+    )
     max_body_size: int = Field(100 * MiB, ge=1024, description="largest body carried, in bytes")
 
     @classmethod

@@ -126,17 +126,84 @@ class ReopenableFileHandler(logging.FileHandler):
             self.release()
 
 
+_SYSLOG_PRIORITIES = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+# Fields worth their own well-known journal name, for `journalctl WSTUNNEL_TOKEN=abcdefgh`.
+_JOURNAL_FIELD_NAMES = {"token": "WSTUNNEL_TOKEN", "id": "WSTUNNEL_REQUEST_ID",
+                        "status": "WSTUNNEL_STATUS"}
+
+
+def journal_fields(record: logging.LogRecord) -> dict[str, str]:
+    """The structured journal fields of one record (besides MESSAGE and PRIORITY)."""
+    fields: dict[str, str] = {}
+    event = getattr(record, "wstunnel_event", None)
+    if event:
+        fields["WSTUNNEL_EVENT"] = " ".join(event.split())
+    for key, value in getattr(record, "wstunnel_fields", {}).items():
+        if value is None or value == "":
+            continue
+        name = key.rstrip("_")
+        journal_name = _JOURNAL_FIELD_NAMES.get(name) or "WSTUNNEL_" + "".join(
+            ch if ch.isalnum() else "_" for ch in name.upper()
+        )
+        # A token field carries its bare 8-character prefix: the value one filters on.
+        prefix = getattr(value, "prefix", None)
+        fields[journal_name] = prefix if isinstance(prefix, str) else _render_value(value).strip('"')
+    return fields
+
+
+class JournalHandler(logging.Handler):
+    """Each line to journald, same text as MESSAGE, plus the structured fields."""
+
+    def __init__(self, identifier: str) -> None:
+        super().__init__()
+        from systemd import journal  # only importable (and only needed) where journald is
+
+        self._send = journal.send
+        self.identifier = identifier
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            self._send(
+                message,
+                PRIORITY=str(_SYSLOG_PRIORITIES.get(record.levelno, 6)),
+                SYSLOG_IDENTIFIER=self.identifier,
+                **journal_fields(record),
+            )
+        except Exception:
+            self.handleError(record)
+
+
+def under_journald(environ: Mapping[str, str] | None = None) -> bool:
+    """True when stderr is the journal's stream (systemd sets JOURNAL_STREAM=dev:inode)."""
+    stream = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        info = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (info.st_dev, info.st_ino) == (device, inode)
+
+
 def configure(
     *,
     name: str,
     level: str = "info",
     logfile: Path | None = None,
     syslog_tag: str | None = None,
+    target: str = "auto",
 ) -> logging.Logger:
     """Set up the ``wstunnel`` logger for one daemon and return it.
 
     ``name`` is the program's name (``wstunsrv``/``wstuncli``). Exactly one destination is
-    used: syslog if a tag is given, else the log file, else stderr.
+    used: syslog if a tag is given, else the log file, else the journal (under systemd, or
+    when ``target`` is ``journal``), else stderr.
     """
     logger = logging.getLogger("wstunnel")
     for handler in list(logger.handlers):
@@ -156,6 +223,9 @@ def configure(
     elif logfile is not None:
         handler = ReopenableFileHandler(logfile, encoding="utf-8", delay=False)
         handler.setFormatter(LineFormatter(timestamps=True))
+    elif target == "journal" or (target == "auto" and under_journald()):
+        handler = JournalHandler(name)
+        handler.setFormatter(LineFormatter(timestamps=False))  # the journal keeps the time
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(LineFormatter(timestamps=True))
