@@ -32,6 +32,7 @@ def test_token_from_environment_and_config_file(harness: Harness) -> None:
     config = harness.directory / "cli.toml"
     config.write_text(f'token = "{file_token}"\ntunnel = "{server.ws_url}"\n'
                       f'server = "{harness.backend().url}"\n')
+    config.chmod(0o600)
     harness.start("cli", [*_python_cli(), "-config", str(config)])
     server.wait_clients(file_token, 1)
     assert server.get("/env", env_token).status_code == 200

@@ -57,6 +57,7 @@ def config_error(model: type[Settings], argv: Sequence[str]) -> str:
 def write_toml(tmp_path: Path, text: str, name: str = "wstunnel.toml") -> Path:
     path = tmp_path / name
     path.write_text(text)
+    path.chmod(0o640)  # a file with a token in it must not be world-readable
     return path
 
 
@@ -617,3 +618,13 @@ def test_settings_error_has_a_stable_shape() -> None:
     message = config_error(ClientSettings, ["-tunnel", "x", "-timeout", "y"])
     wheres = [line.split(": ", 1)[0] for line in message.splitlines()]
     assert wheres == ["setting 'token'", "flag -tunnel", "flag -timeout"]
+
+
+def test_token_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, f'token = "{"s" * 20}"\ntunnel = "ws://h"\nserver = "http://b"\n')
+    path.chmod(0o644)
+    message = config_error(ClientSettings, ["-config", str(path)])
+    assert message.startswith(f"{path}: key 'token': the file is readable by other users (mode 0644)")
+    assert "s" * 20 not in message
+    path.chmod(0o640)
+    assert load_settings(ClientSettings, {"config": str(path)}).token.get_secret_value() == "s" * 20

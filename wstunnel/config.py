@@ -14,6 +14,7 @@ import argparse
 import ipaddress
 import math
 import re
+import stat
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -243,6 +244,19 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
+def _check_secret_file(path: Path) -> None:
+    """A file holding a token must not be readable by everyone (ssh refuses such keys too)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise ConfigError(
+            f"{path}: key 'token': the file is readable by other users "
+            f"(mode {stat.S_IMODE(mode):04o}); chmod 640 it"
+        )
+
+
 def load_settings(model: type[Settings], flags: Mapping[str, Any]) -> Settings:
     """Merge default < file < environment < flags into ``model``, or raise ConfigError."""
     origin: dict[str, str] = {}
@@ -255,7 +269,10 @@ def load_settings(model: type[Settings], flags: Mapping[str, Any]) -> Settings:
         config_path = env_values.get("config")
     if config_path is not None:
         path = Path(config_path)
-        for key, value in _read_toml(path).items():
+        document = _read_toml(path)
+        if "token" in document and "token" in model.model_fields:
+            _check_secret_file(path)
+        for key, value in document.items():
             merged[key] = value
             origin[key] = f"{path}: key '{key}'"
     for key, value in env_values.items():
