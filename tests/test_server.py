@@ -240,6 +240,7 @@ def test_stats_hide_details_from_remote_peers_behind_trusted_proxy(harness: Harn
     harness.client(server, token)
     remote = server.get("/_stats", headers={"X-Forwarded-For": "10.1.2.3"}).text
     assert remote.splitlines() == ["tunnels=1", "More stats available when called from localhost..."]
+    assert server.get("/_status", headers={"X-Forwarded-For": "10.1.2.3"}).status_code == 403
     spoof = httpx.get(f"{server.url}/_stats", headers={"X-Forwarded-For": "127.0.0.1"}, timeout=5)
     assert "tunnel00_token" in spoof.text
     echoed = server.get("/echo", token, headers={"X-Forwarded-For": "10.1.2.3"}).json()

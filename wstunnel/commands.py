@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from wstunnel import __version__, daemon, logs
+from wstunnel import __version__, daemon, logs, ops
 from wstunnel.config import ClientSettings, ServerSettings, add_flags, load_settings, parse_flags
 from wstunnel.errors import ConfigError, DialError
 from wstunnel.service import ServiceNotifier
@@ -162,7 +162,8 @@ def _reload(log: logs.EventLogger, notifier: ServiceNotifier, model: type[Settin
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: wstunnel {srv|cli|version} [flags]  (wstunnel srv -help for the flags)"
+    usage = ("usage: wstunnel {srv|cli|version|status|token|config} [flags]"
+             "  (wstunnel srv -help for the flags)")
     if not args or args[0] in ("-h", "-help", "--help", "help"):
         print(usage)
         return 0 if args else 2
@@ -175,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_server(rest)
         if command == "cli":
             return run_client(rest)
+        if command in ops.COMMANDS:
+            return ops.run(command, rest)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             print(f"wstunnel {command}: {line}", file=sys.stderr)

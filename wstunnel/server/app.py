@@ -20,7 +20,7 @@ from wstunnel.config import ServerSettings
 from wstunnel.headers import get as get_header
 from wstunnel.headers import without_hop_by_hop
 from wstunnel.logs import EventLogger
-from wstunnel.server import status
+from wstunnel.server import metrics, status
 from wstunnel.server.front import FrontLimits, HttpConnection, IncomingRequest, simple_response
 from wstunnel.server.tunnels import Failure, QueueFull, Registry, TunnelConnection
 from wstunnel.streams import ActivityStream
@@ -51,6 +51,7 @@ class TunnelServer:
         self.limits = _front_limits(settings)
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
         self.started_at = trio.current_time()
+        self.metrics = metrics.Metrics(__version__)
         self.draining = False
         self.stop_requested = trio.Event()
         self._active_requests = 0
@@ -139,6 +140,12 @@ class TunnelServer:
                     return hop
         return peer
 
+    def _from_inside(self, request: IncomingRequest) -> bool:
+        """Loopback or a trusted proxy itself; client_address() believes X-Forwarded-For only
+        from a trusted proxy, so a proxy relaying an outsider is refused like the outsider."""
+        caller = self.client_address(request)
+        return _is_loopback(caller) or self._trusted(caller)
+
     def _trusted(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
@@ -167,9 +174,21 @@ class TunnelServer:
             detailed = _is_loopback(self.client_address(request))
             return simple_response(200, status.render_stats(self.registry, detailed=detailed))
         if path == b"/_status":
+            # Token prefixes and client addresses are for operators, as /_stats details are.
+            if not self._from_inside(request):
+                return simple_response(403, "Status is for localhost and trusted proxies only")
             body = status.render_status(self.registry, started_at=self.started_at)
             response = simple_response(200, body)
             response.headers = [(b"Content-Type", b"application/json")]
+            return response
+        if path == b"/_metrics":
+            # The counts tell outsiders how busy the server is.
+            if not self._from_inside(request):
+                return simple_response(403, "Metrics are for localhost and trusted proxies only")
+            body = self.metrics.render(metrics.Gauges.of(self.registry),
+                                       uptime=trio.current_time() - self.started_at)
+            response = simple_response(200, body)
+            response.headers = [(b"Content-Type", metrics.CONTENT_TYPE)]
             return response
         if path == b"/_tunnel":
             return simple_response(400, "The tunnel endpoint takes WebSocket upgrades only")
@@ -188,6 +207,17 @@ class TunnelServer:
         return await self._tunnel_request(request, token, target)
 
     async def _tunnel_request(
+        self, request: IncomingRequest, token: Token, target: bytes
+    ) -> framing.Response:
+        started = trio.current_time()
+        response = await self._exchange(request, token, target)
+        # One count per request for a token, however it was answered (404, 503, 504 included);
+        # a request whose HTTP client went away has no answer and is not counted.
+        self.metrics.observe(status=response.status, seconds=trio.current_time() - started,
+                             request_bytes=len(request.body), response_bytes=len(response.body))
+        return response
+
+    async def _exchange(
         self, request: IncomingRequest, token: Token, target: bytes
     ) -> framing.Response:
         rendezvous = self.registry.get(token)

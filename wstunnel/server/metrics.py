@@ -1,0 +1,154 @@
+"""``/_metrics``: the server's counters in the Prometheus text exposition format, version 0.0.4.
+
+Written by hand: the format is a few lines of text, not worth a dependency. Nothing here carries a
+token, not even its prefix: tokens are secrets, and one label value per token would also let any
+client that invents tokens grow the scrape without bound.
+
+Counters and the latency histogram are kept as requests finish (:meth:`Metrics.observe`); gauges
+are read from the registry at scrape time, so they cannot drift from what ``/_status`` shows.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from wstunnel.server.tunnels import Registry
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+# Tunnelled requests range from a few milliseconds to minutes (httptimeout defaults to 20 min),
+# hence the long tail; anything slower lands in +Inf, which _count still counts.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """What the registry holds right now."""
+
+    tunnels: int
+    clients: int
+    queue_depth: int
+    pending: int
+
+    @classmethod
+    def of(cls, registry: Registry) -> Gauges:
+        rendezvous = list(registry)
+        return cls(
+            tunnels=len(rendezvous),
+            clients=sum(len(r.connections) for r in rendezvous),
+            queue_depth=sum(len(r.queue) for r in rendezvous),
+            pending=sum(r.pending_count for r in rendezvous),
+        )
+
+
+class Histogram:
+    """A cumulative Prometheus histogram over fixed upper bounds (``le``), plus +Inf."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        if list(bounds) != sorted(set(bounds)) or any(not math.isfinite(b) for b in bounds):
+            raise ValueError("bucket bounds must be finite, distinct and ascending")
+        self.bounds = tuple(bounds)
+        # One slot per bound and a last one for +Inf; made cumulative only when rendered.
+        self._counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bound's bucket (le = "<=").
+        self._counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        total = 0
+        result = []
+        for bound, count in zip((*self.bounds, math.inf), self._counts, strict=True):
+            total += count
+            result.append((bound, total))
+        return result
+
+
+class Metrics:
+    """Counters of tunnelled requests; :meth:`render` turns them and the gauges into text."""
+
+    def __init__(self, version: str, *, buckets: Sequence[float] = DURATION_BUCKETS) -> None:
+        self.version = version
+        self.requests_by_status: Counter[int] = Counter()
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.duration = Histogram(buckets)
+
+    def observe(self, *, status: int, seconds: float, request_bytes: int, response_bytes: int) -> None:
+        """Count one request answered for a token, whatever the answer (404 and 5xx included)."""
+        self.requests_by_status[status] += 1
+        self.request_bytes += request_bytes
+        self.response_bytes += response_bytes
+        self.duration.observe(max(seconds, 0.0))
+
+    def render(self, gauges: Gauges, *, uptime: float) -> str:
+        out: list[str] = []
+        _family(out, "wstunnel_build_info", "gauge", "Version of the running server; always 1.",
+                [({"version": self.version}, 1)])
+        _family(out, "wstunnel_uptime_seconds", "gauge", "Seconds since the server started.",
+                [({}, uptime)])
+        _family(out, "wstunnel_tunnels", "gauge", "Tokens the server knows, with or without a client.",
+                [({}, gauges.tunnels)])
+        _family(out, "wstunnel_clients", "gauge", "Tunnel connections from clients.",
+                [({}, gauges.clients)])
+        _family(out, "wstunnel_queue_depth", "gauge",
+                "Requests waiting for a tunnel connection to take them.", [({}, gauges.queue_depth)])
+        _family(out, "wstunnel_requests_pending", "gauge",
+                "Requests not answered yet, queued or sent through a tunnel.", [({}, gauges.pending)])
+        _family(out, "wstunnel_requests_total", "counter",
+                "Requests for a token, by the HTTP status the server answered.",
+                [({"status": str(code)}, n) for code, n in sorted(self.requests_by_status.items())])
+        _family(out, "wstunnel_request_bytes_total", "counter",
+                "Body bytes of requests for a token.", [({}, self.request_bytes)])
+        _family(out, "wstunnel_response_bytes_total", "counter",
+                "Body bytes of the answers to requests for a token.", [({}, self.response_bytes)])
+        name = "wstunnel_request_duration_seconds"
+        out.append(f"# HELP {name} Time from receiving a request for a token to having its answer.")
+        out.append(f"# TYPE {name} histogram")
+        for bound, count in self.duration.cumulative():
+            out.append(_sample(f"{name}_bucket", {"le": _number(bound)}, count))
+        out.append(_sample(f"{name}_sum", {}, self.duration.sum))
+        out.append(_sample(f"{name}_count", {}, self.duration.count))
+        return "\n".join(out) + "\n"
+
+
+def _family(out: list[str], name: str, kind: str, help_text: str,
+            samples: Iterable[tuple[dict[str, str], float]]) -> None:
+    out.append(f"# HELP {name} {_escape_help(help_text)}")
+    out.append(f"# TYPE {name} {kind}")
+    out.extend(_sample(name, labels, value) for labels, value in samples)
+
+
+def _sample(name: str, labels: dict[str, str], value: float) -> str:
+    if not labels:
+        return f"{name} {_number(value)}"
+    pairs = ",".join(f'{key}="{_escape_label(text)}"' for key, text in labels.items())
+    return f"{name}{{{pairs}}} {_number(value)}"
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def _escape_label(text: str) -> str:
+    # The format's only escapes in label values: backslash, double quote and line feed.
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
