@@ -1,0 +1,175 @@
+"""Runs Debian's nginx with the configuration files we ship in ``nginx/``, for the end-to-end tests.
+
+The site file is the shipped one with the lines its comments mark ``CHANGE`` (ports, host name,
+certificate, upstream addresses) and its log paths replaced by plain string substitution, so what
+is tested is what users install. Every substitution must find its text: when the shipped file
+changes, the test says which line it no longer finds instead of silently testing something else.
+
+The surrounding ``nginx.conf`` stands in for Debian's: the site goes into the ``http`` block,
+which also carries Debian's weak http-level TLS defaults that the site must override.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trustme
+
+from tests.harness import ROOT, Harness, Process, free_port, wait_until
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+SHIPPED = ROOT / "nginx"
+SITE = SHIPPED / "wstunnel.conf"
+CLUSTER_SITE = SHIPPED / "wstunnel-cluster.conf"
+# The placeholders of the shipped files, as they stand there.
+SHIPPED_UPSTREAM = "server 127.0.0.1:8080;"
+SHIPPED_CLUSTER_PORTS = (8081, 8082, 8083)
+
+MAIN_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    # As Debian's /etc/nginx/nginx.conf has them: the site must override these.
+    ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
+    ssl_prefer_server_ciphers on;
+    gzip on;
+    access_log {dir}/access-other.log;
+    client_body_temp_path {dir}/temp/body;
+    proxy_temp_path {dir}/temp/proxy;
+    fastcgi_temp_path {dir}/temp/fastcgi;
+    uwsgi_temp_path {dir}/temp/uwsgi;
+    scgi_temp_path {dir}/temp/scgi;
+    include {site};
+}}
+"""
+
+
+@dataclass
+class Certificates:
+    ca_pem: Path
+    cert_pem: Path
+    key_pem: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_pem))
+
+
+def issue_certificates(directory: Path) -> Certificates:
+    """A throwaway CA, and a certificate it signed for ``localhost`` and 127.0.0.1."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    paths = Certificates(directory / "ca.pem", directory / "localhost.pem", directory / "localhost.key")
+    ca.cert_pem.write_to_path(str(paths.ca_pem))
+    leaf.private_key_pem.write_to_path(str(paths.key_pem))
+    with paths.cert_pem.open("wb") as chain:  # leaf first, then intermediates: a "fullchain.pem"
+        for blob in leaf.cert_chain_pems:
+            chain.write(blob.bytes())
+    return paths
+
+
+def substitute(text: str, replacements: Sequence[tuple[str, str]]) -> str:
+    """``text`` with each ``old`` replaced by ``new``; every ``old`` must occur."""
+    for old, new in replacements:
+        assert old in text, f"the shipped nginx file no longer contains {old!r}"
+        text = text.replace(old, new)
+    return text
+
+
+@dataclass
+class Nginx:
+    process: Process
+    directory: Path
+    http_port: int
+    tls_port: int
+    certs: Certificates
+    site_text: str
+
+    @property
+    def https_url(self) -> str:
+        return f"https://localhost:{self.tls_port}"
+
+    @property
+    def wss_url(self) -> str:
+        return f"wss://localhost:{self.tls_port}"
+
+    @property
+    def access_log(self) -> Path:
+        return self.directory / "access.log"
+
+    @property
+    def error_log(self) -> Path:
+        return self.directory / "error.log"
+
+    def logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in (self.access_log, self.error_log)
+                       if p.exists())
+
+
+def render_site(shipped: Path, directory: Path, *, http_port: int, tls_port: int,
+                certs: Certificates, upstreams: Sequence[tuple[str, str]]) -> str:
+    """The shipped site file with our ports, certificate, log paths and upstream servers."""
+    return substitute(shipped.read_text(), [
+        ("listen 80;", f"listen 127.0.0.1:{http_port};"),
+        ("listen 443 ssl;", f"listen 127.0.0.1:{tls_port} ssl;"),
+        # One IPv4 address is enough here; the IPv6 lines are the same apart from the address.
+        ("listen [::]:80;", "# (IPv6 listener removed by the test)"),
+        ("listen [::]:443 ssl;", "# (IPv6 listener removed by the test)"),
+        ("server_name tunnel.example.com;", "server_name localhost;"),
+        ("/etc/letsencrypt/live/tunnel.example.com/fullchain.pem", str(certs.cert_pem)),
+        ("/etc/letsencrypt/live/tunnel.example.com/privkey.pem", str(certs.key_pem)),
+        ("/var/log/nginx/wstunnel.access.log", str(directory / "access.log")),
+        ("/var/log/nginx/wstunnel.error.log", str(directory / "error.log")),
+        *upstreams,
+    ])
+
+
+def write_config(directory: Path, site_text: str) -> Path:
+    """nginx.conf (including the rendered site) in ``directory``; returns its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "temp").mkdir(exist_ok=True)
+    site = directory / "site.conf"
+    site.write_text(site_text)
+    conf = directory / "nginx.conf"
+    conf.write_text(MAIN_CONF.format(dir=directory, site=site))
+    return conf
+
+
+def nginx_argv(directory: Path, conf: Path, *extra: str) -> list[str]:
+    # -e: the error log nginx uses before it has read the configuration (not /var/log/nginx).
+    return [NGINX, "-p", str(directory), "-c", str(conf), "-e", str(directory / "error.log"), *extra]
+
+
+def check_config(directory: Path, site_text: str) -> subprocess.CompletedProcess[str]:
+    """``nginx -t`` on the site; the caller looks at returncode and output."""
+    conf = write_config(directory, site_text)
+    return subprocess.run(nginx_argv(directory, conf, "-t"), capture_output=True, text=True,
+                          timeout=30, check=False)
+
+
+def _accepting(process: Process, port: int) -> bool:
+    assert process.alive(), f"nginx exited early:\n{process.output()}"
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+
+
+def start_nginx(harness: Harness, directory: Path, shipped: Path, certs: Certificates,
+                upstreams: Sequence[tuple[str, str]]) -> Nginx:
+    """nginx running the shipped ``shipped`` file, stopped with the harness's other processes."""
+    http_port, tls_port = free_port(), free_port()
+    site_text = render_site(shipped, directory, http_port=http_port, tls_port=tls_port,
+                            certs=certs, upstreams=upstreams)
+    conf = write_config(directory, site_text)
+    process = harness.start("nginx", nginx_argv(directory, conf))
+    for port in (http_port, tls_port):
+        wait_until(lambda port=port: _accepting(process, port), timeout=10, what="nginx to listen")
+    return Nginx(process, directory, http_port, tls_port, certs, site_text)

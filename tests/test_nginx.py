@@ -1,0 +1,507 @@
+"""The nginx frontends we ship (``nginx/``), run for real with Debian's nginx.
+
+* The directives whose effect a test cannot wait for (timeouts of 20 minutes and more, buffering,
+  TLS settings) are read from the shipped files and checked against the server's own defaults.
+* ``wstunnel.conf``: ``wstunnel cli`` registers over ``wss://`` through nginx (``-certfile`` with
+  a throwaway trustme CA); curl reaches the backend with ``X-Token`` and with ``/_token/`` paths;
+  the server sees the real ``X-Forwarded-For`` chain; port 80 redirects; TLS 1.1 and weak ciphers
+  are refused; large bodies pass both ways.
+* ``wstunnel-cluster.conf``: three server instances, twenty tokens each with its own client; every
+  request for a token is answered by that token's own tunnel; one instance restarted, its clients
+  come back to it within the backoff cap.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import Client, Harness, Server, wait_until
+from tests.nginx_frontend import (
+    CLUSTER_SITE,
+    NGINX,
+    SHIPPED_CLUSTER_PORTS,
+    SHIPPED_UPSTREAM,
+    SITE,
+    Certificates,
+    Nginx,
+    check_config,
+    issue_certificates,
+    render_site,
+    start_nginx,
+)
+from wstunnel.config import ClientSettings, ServerSettings
+
+pytestmark = pytest.mark.skipif(not Path(NGINX).exists() or shutil.which("curl") is None,
+                                reason="nginx or curl not installed (scripts/setup installs them)")
+
+CURL = shutil.which("curl") or "/usr/bin/curl"
+MiB = 1024 * 1024
+# The largest ping timeout of the client and tunnel timeout of the server (both clamped to 600 s).
+LONGEST_TUNNEL_SILENCE = 600.0
+RECONNECT_CAP = 2.0  # -reconnect-max-delay of the cluster's clients
+TRUST_NGINX = ("-trusted-proxies", "127.0.0.1")
+
+
+# ------------------------------------------------------------------------ the shipped files, read
+
+
+@dataclass
+class Block:
+    """One nginx directive; ``children`` is its ``{ }`` block, if it has one."""
+
+    name: str
+    args: list[str]
+    children: list[Block] | None = None
+
+    def all(self, name: str) -> list[Block]:
+        return [child for child in self.children or [] if child.name == name]
+
+    def one(self, name: str) -> Block:
+        found = self.all(name)
+        assert len(found) == 1, f"expected one {name!r} in {self.name} {self.args}, found {len(found)}"
+        return found[0]
+
+    def value(self, name: str) -> list[str]:
+        return self.one(name).args
+
+    def headers(self) -> dict[str, str]:
+        return {b.args[0].lower(): b.args[1] for b in self.all("proxy_set_header")}
+
+
+_TOKEN = re.compile(r"""#[^\n]*|"((?:[^"\\]|\\.)*)"|'((?:[^'\\]|\\.)*)'|([{};])|([^\s{};"'#]+)""")
+
+
+def parse_nginx(text: str) -> Block:
+    """Just enough of nginx's syntax for our own files: directives, blocks, quotes, comments."""
+    root = Block("<file>", [], [])
+    stack, words = [root], []
+    for match in _TOKEN.finditer(text):
+        dq, sq, punct, bare = match.groups()
+        if match.group(0).startswith("#") and dq is None and sq is None:
+            continue
+        if punct == ";":
+            stack[-1].children.append(Block(words[0], words[1:]))  # type: ignore[union-attr]
+            words = []
+        elif punct == "{":
+            block = Block(words[0], words[1:], [])
+            stack[-1].children.append(block)  # type: ignore[union-attr]
+            stack.append(block)
+            words = []
+        elif punct == "}":
+            assert not words, f"unterminated directive {words}"
+            stack.pop()
+        else:
+            words.append(next(g for g in (dq, sq, bare) if g is not None))
+    assert len(stack) == 1 and not words, "unbalanced braces in the shipped file"
+    return root
+
+
+def _seconds(value: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m|h|d)?", value).groups()  # type: ignore[union-attr]
+    return int(number) * units[unit or "s"]
+
+
+def _bytes(value: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([kKmMgG]?)", value).groups()  # type: ignore[union-attr]
+    return int(number) * {"": 1, "k": 1024, "m": MiB, "g": 1024 * MiB}[unit.lower()]
+
+
+def _servers(config: Block) -> tuple[Block, Block]:
+    """(the TLS server block, the plain HTTP one)."""
+    servers = config.all("server")
+    tls = [s for s in servers if any("ssl" in listen.args for listen in s.all("listen"))]
+    plain = [s for s in servers if s not in tls]
+    assert len(tls) == 1 and len(plain) == 1, [s.all("listen") for s in servers]
+    return tls[0], plain[0]
+
+
+def _location(server: Block, *args: str) -> Block:
+    return next(loc for loc in server.all("location") if loc.args == list(args))
+
+
+def _tls_settings(server: Block) -> list[tuple[str, list[str]]]:
+    return [(d.name, d.args) for d in server.children or []
+            if d.name.startswith("ssl_") and not d.name.startswith("ssl_certificate")]
+
+
+@pytest.mark.parametrize("shipped", [SITE, CLUSTER_SITE], ids=lambda p: p.name)
+def test_shipped_directives(shipped: Path) -> None:
+    config = parse_nginx(shipped.read_text())
+    tls, plain = _servers(config)
+    # TLS 1.2 and 1.3 only; AEAD suites with forward secrecy only; no OCSP, no tickets; HSTS.
+    assert tls.value("ssl_protocols") == ["TLSv1.2", "TLSv1.3"]
+    ciphers = tls.value("ssl_ciphers")[0].split(":")
+    assert ciphers and all(c.startswith("ECDHE-") and ("GCM" in c or "CHACHA20" in c) for c in ciphers)
+    assert tls.value("ssl_stapling") == ["off"]
+    assert tls.value("ssl_session_tickets") == ["off"]
+    hsts = tls.value("add_header")
+    assert hsts[0] == "Strict-Transport-Security" and hsts[-1] == "always"
+    assert int(re.search(r"max-age=(\d+)", hsts[1]).group(1)) >= 180 * 86400  # type: ignore[union-attr]
+    # The body limit is the server's.
+    server_defaults = ServerSettings.model_fields
+    assert _bytes(tls.value("client_max_body_size")[0]) == server_defaults["max_body_size"].default
+    assert tls.value("gzip") == ["off"]  # Debian's nginx.conf has it on
+    # Plain HTTP only redirects.
+    assert _location(plain, "/").value("return") == ["301", "https://$host$request_uri"]
+
+    maps = {m.args[1]: m for m in config.all("map")}
+    for location in tls.all("location"):
+        where = f"{shipped.name} location {' '.join(location.args)}"
+        assert location.value("proxy_buffering") == ["off"], where
+        assert location.value("proxy_request_buffering") == ["off"], where
+        assert location.value("proxy_http_version") == ["1.1"], where
+        headers = location.headers()
+        assert headers["x-forwarded-for"] == "$proxy_add_x_forwarded_for", where
+        assert headers["x-forwarded-proto"] == "$scheme", where
+        assert headers["host"] == "$host", where
+
+    tunnel = _location(tls, "=", "/_tunnel")
+    headers = tunnel.headers()
+    assert headers["upgrade"] == "$http_upgrade"
+    upgrade_map = maps[headers["connection"]]
+    assert upgrade_map.args[0] == "$http_upgrade" and upgrade_map.value("default") == ["upgrade"]
+    # The tunnel must outlive the longest silence the client and the server allow it.
+    for directive in ("proxy_read_timeout", "proxy_send_timeout"):
+        assert _seconds(tunnel.value(directive)[0]) >= 6 * LONGEST_TUNNEL_SILENCE
+    assert ClientSettings.model_fields["timeout"].default <= LONGEST_TUNNEL_SILENCE
+
+    # Requests: nginx waits longer than the server does, so the server's 504 reaches the client.
+    everything = _location(tls, "/")
+    assert _seconds(everything.value("proxy_read_timeout")[0]) > server_defaults["httptimeout"].default
+
+    upstream_name = tunnel.value("proxy_pass")[0].removeprefix("http://")
+    assert everything.value("proxy_pass") == tunnel.value("proxy_pass")
+    upstream = next(u for u in config.all("upstream") if u.args == [upstream_name])
+    # Idle upstream connections go before the server's keep-alive limit closes them.
+    assert _seconds(upstream.value("keepalive_timeout")[0]) < 75
+    if shipped == CLUSTER_SITE:
+        assert upstream.value("hash") == ["$wstunnel_token", "consistent"]
+        assert [s.args[1:] for s in upstream.all("server")] == [["max_fails=0"]] * 3
+        for location in tls.all("location"):
+            assert location.value("proxy_next_upstream") == ["off"]
+
+
+def test_both_files_share_the_tls_settings() -> None:
+    site, _ = _servers(parse_nginx(SITE.read_text()))
+    cluster, _ = _servers(parse_nginx(CLUSTER_SITE.read_text()))
+    assert _tls_settings(site) == _tls_settings(cluster)
+    assert _tls_settings(site)
+
+
+@pytest.mark.parametrize("shipped", [SITE, CLUSTER_SITE], ids=lambda p: p.name)
+def test_nginx_accepts_the_shipped_file(tmp_path: Path, shipped: Path) -> None:
+    certs = issue_certificates(tmp_path)
+    upstreams = ([(SHIPPED_UPSTREAM, SHIPPED_UPSTREAM)] if shipped == SITE else
+                 [(f"server 127.0.0.1:{p} ", f"server 127.0.0.1:{p} ") for p in SHIPPED_CLUSTER_PORTS])
+    text = render_site(shipped, tmp_path / "nginx", http_port=18080, tls_port=18443, certs=certs,
+                       upstreams=upstreams)
+    result = check_config(tmp_path / "nginx", text)
+    assert result.returncode == 0, result.stderr
+    assert "warn" not in result.stderr, result.stderr
+
+
+# --------------------------------------------------------------------------- one server behind nginx
+
+
+@dataclass
+class Curl:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+@dataclass
+class Frontend:
+    nginx: Nginx
+    server: Server
+    client: Client
+    curls: int = 0
+
+    @property
+    def token(self) -> str:
+        return self.client.token
+
+    def curl(self, path: str, *args: str, token: bool = False) -> Curl:
+        """curl ``https://localhost:<port><path>`` trusting the test CA only."""
+        self.curls += 1
+        out = self.nginx.directory / f"curl-{self.curls}"
+        argv = [CURL, "-sS", "--cacert", str(self.nginx.certs.ca_pem), "-o", f"{out}.body",
+                "-D", f"{out}.head", "-w", "%{http_code}", *args]
+        if token:
+            argv += ["-H", f"X-Token: {self.token}"]
+        result = subprocess.run([*argv, self.nginx.https_url + path], capture_output=True,
+                                text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+        head = Path(f"{out}.head").read_bytes().decode("latin-1").splitlines()
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])
+                   if k}
+        return Curl(int(result.stdout), headers, Path(f"{out}.body").read_bytes())
+
+
+def _percent_encoded(token: str) -> str:
+    return "".join(f"%{byte:02X}" for byte in token.encode())
+
+
+def _no_token_in(text: str, harness: Harness) -> None:
+    leaked = [t[:8] + "..." for t in harness.tokens if t in text]
+    assert not leaked, f"whole tokens in nginx's logs: {leaked}"
+
+
+@pytest.fixture
+def frontend(harness: Harness, tmp_path: Path) -> Iterator[Frontend]:
+    """A server behind nginx (the shipped wstunnel.conf), and a client registered through it."""
+    certs = issue_certificates(tmp_path)
+    server = harness.server(*TRUST_NGINX)
+    nginx = start_nginx(harness, tmp_path / "nginx", SITE, certs,
+                        [(SHIPPED_UPSTREAM, f"server 127.0.0.1:{server.port};")])
+    token = harness.new_token("nginxfe-")
+    client = harness.client(nginx.wss_url, token, "-certfile", str(certs.ca_pem), wait=False)
+    server.wait_clients(token, 1)
+    yield Frontend(nginx, server, client)
+    _no_token_in(nginx.logs(), harness)
+
+
+def test_cli_registers_through_nginx_and_curl_gets_answers(frontend: Frontend) -> None:
+    # The tunnel came through nginx: the server saw it from nginx's address.
+    tunnel = next(t for t in frontend.server.status()["tunnels"] if t["token"] == frontend.token[:8] + "...")
+    assert [c["address"] for c in tunnel["clients"]] == ["127.0.0.1"]
+    assert f"wss://localhost:{frontend.nginx.tls_port}" in frontend.client.process.output()
+
+    by_header = frontend.curl("/echo/by-header?x=1", token=True)
+    assert by_header.status == 200, by_header.body
+    assert by_header.json()["path"] == "/echo/by-header?x=1"
+    assert by_header.headers["strict-transport-security"] == "max-age=63072000"
+
+    by_path = frontend.curl(f"/_token/{frontend.token}/echo/by-path?y=2")
+    assert by_path.status == 200, by_path.body
+    assert by_path.json()["path"] == "/echo/by-path?y=2"
+
+    encoded = frontend.curl(f"/_token/{_percent_encoded(frontend.token)}/echo/encoded")
+    assert encoded.status == 200, encoded.body
+    assert encoded.json()["path"] == "/echo/encoded"
+
+    assert frontend.curl("/echo/no-token").status == 400
+    health = frontend.curl("/_health_check")
+    assert (health.status, health.body) == (200, b"WSTUNSRV RUNNING\n")
+
+
+def test_forwarded_for_chain(frontend: Frontend) -> None:
+    # The HTTP client is 127.0.0.3 and claims to be 203.0.113.7: nginx appends the address it
+    # saw, and the server, trusting nginx (127.0.0.1) only, takes that one as the client's.
+    answer = frontend.curl("/echo/forwarded", "--interface", "127.0.0.3",
+                           "-H", "X-Forwarded-For: 203.0.113.7", token=True)
+    assert answer.status == 200, answer.body
+    headers = {k.lower(): v for k, v in answer.json()["headers"]}
+    assert headers["x-forwarded-for"] == "203.0.113.7, 127.0.0.3, 127.0.0.1"
+    assert headers["x-forwarded-proto"] == "https"
+    assert "x-token" not in headers
+    line = wait_until(lambda: re.search(r"HTTP RCV .*url=/echo/forwarded\b.*",
+                                        frontend.server.process.output()),
+                      what="the server's HTTP RCV line").group(0)
+    assert re.search(r'\baddr="?127\.0\.0\.3\b', line), line
+
+
+def test_plain_http_redirects_to_https(frontend: Frontend) -> None:
+    answer = httpx.get(f"http://127.0.0.1:{frontend.nginx.http_port}/some/page?q=1",
+                       headers={"Host": "localhost"}, timeout=10)
+    assert answer.status_code == 301
+    assert answer.headers["location"] == "https://localhost/some/page?q=1"
+
+
+def _handshake(nginx: Nginx, context: ssl.SSLContext) -> tuple[str, str]:
+    """(protocol, cipher) nginx agreed to, or the ssl.SSLError it caused."""
+    with socket.create_connection(("127.0.0.1", nginx.tls_port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        return tls.version() or "", tls.cipher()[0]  # type: ignore[index]
+
+
+def _context(certs: Certificates, version: ssl.TLSVersion, ciphers: str | None = None) -> ssl.SSLContext:
+    context = certs.client_context()
+    if version < ssl.TLSVersion.TLSv1_2:
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # let OpenSSL offer TLS 1.1 at all
+    if ciphers:
+        context.set_ciphers(ciphers)
+    context.minimum_version = context.maximum_version = version
+    return context
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+def test_tls_versions_and_ciphers(frontend: Frontend) -> None:
+    nginx, certs = frontend.nginx, frontend.nginx.certs
+    shipped = parse_nginx(SITE.read_text())
+    allowed_ciphers = _servers(shipped)[0].value("ssl_ciphers")[0].split(":")
+    assert _handshake(nginx, _context(certs, ssl.TLSVersion.TLSv1_3))[0] == "TLSv1.3"
+    protocol, cipher = _handshake(nginx, _context(certs, ssl.TLSVersion.TLSv1_2))
+    assert protocol == "TLSv1.2" and cipher in allowed_ciphers
+    # Refused by nginx (an alert from the server), not by our own OpenSSL before sending a byte,
+    # although the http level of the configuration allows TLS 1.1, as Debian's does.
+    with pytest.raises(ssl.SSLError) as refused:
+        _handshake(nginx, _context(certs, ssl.TLSVersion.TLSv1_1))
+    assert refused.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION", refused.value
+    with pytest.raises(ssl.SSLError) as weak:  # CBC without forward secrecy
+        _handshake(nginx, _context(certs, ssl.TLSVersion.TLSv1_2, ciphers="AES128-SHA"))
+    assert weak.value.reason == "SSLV3_ALERT_HANDSHAKE_FAILURE", weak.value
+
+
+def test_large_bodies_pass(frontend: Frontend) -> None:
+    upload = frontend.nginx.directory / "upload.bin"
+    sent = bytes(range(256)) * (4 * 1024)  # 1 MiB
+    upload.write_bytes(sent)
+    posted = frontend.curl("/echo/upload", "--data-binary", f"@{upload}",
+                           "-H", "Content-Type: application/octet-stream", token=True)
+    assert posted.status == 200, posted.body[:200]
+    assert posted.json()["body"].encode("latin-1") == sent
+
+    size = 10 * MiB
+    downloaded = frontend.curl(f"/_token/{frontend.token}/bytes?size={size}")
+    assert downloaded.status == 200, downloaded.body[:200]
+    assert len(downloaded.body) == size
+    assert downloaded.body == bytes(i % 251 for i in range(size))
+
+
+# ------------------------------------------------------------------------------------ the cluster
+
+
+def _owners_by_log(servers: list[Server], token: str) -> list[int]:
+    """The servers that logged a request for ``token`` (by its 8-character prefix)."""
+    marker = f"token={token[:8]}..."
+    owners = [i for i, server in enumerate(servers) if marker in server.process.output()]
+    assert len(owners) <= 1, f"{marker} on servers {owners}"
+    return owners
+
+
+def _choose_tokens(harness: Harness, http: httpx.Client, servers: list[Server],
+                   count: int) -> dict[str, int]:
+    """``count`` tokens, each with the instance nginx hashes it to, every instance with some.
+
+    Where a token lands depends on the instances' ports, which change from run to run; asking
+    nginx (a request for an unknown token, logged by the instance that got it) and picking
+    tokens to fill every instance makes the spread certain instead of merely likely.
+    """
+    per_instance = -(-count // len(servers))
+    chosen: dict[str, int] = {}
+    for n in range(count * 10):
+        if len(chosen) == count:
+            break
+        token = harness.new_token(f"nginx{n:03d}")  # the prefix, 8 characters, names it in logs
+        assert http.get("/probe", headers={"X-Token": token}).status_code == 404
+        # (a list, as instance 0 would not do for wait_until)
+        [owner] = wait_until(lambda token=token: _owners_by_log(servers, token), timeout=10,
+                             what="the instance that got the probe to log it")
+        if sum(1 for o in chosen.values() if o == owner) < per_instance:
+            chosen[token] = owner
+    assert len(chosen) == count, "could not spread the tokens over every instance"
+    return chosen
+
+
+def _placement(servers: list[Server]) -> dict[str, list[tuple[int, int]]]:
+    """token prefix -> [(instance, clients)] for every instance that knows the token."""
+    placement: dict[str, list[tuple[int, int]]] = {}
+    for index, server in enumerate(servers):
+        for tunnel in server.status()["tunnels"]:
+            placement.setdefault(tunnel["token"], []).append((index, len(tunnel["clients"])))
+    return placement
+
+
+def _completed(servers: list[Server]) -> dict[str, list[tuple[int, int]]]:
+    """token prefix -> [(instance, completed requests)]."""
+    done: dict[str, list[tuple[int, int]]] = {}
+    for index, server in enumerate(servers):
+        for tunnel in server.status()["tunnels"]:
+            done.setdefault(tunnel["token"], []).append((index, tunnel["completed"]))
+    return done
+
+
+def _ask_every_way(http: httpx.Client, token: str, marker: str) -> None:
+    """A request for ``token`` by X-Token, by /_token/ path, and by a percent-encoded path."""
+    for how, path, headers in (
+        ("header", f"/echo/{marker}/header", {"X-Token": token}),
+        ("path", f"/_token/{token}/echo/{marker}/path", {}),
+        ("encoded", f"/_token/{_percent_encoded(token)}/echo/{marker}/encoded", {}),
+    ):
+        answer = http.get(path, headers=headers)
+        assert answer.status_code == 200, f"{marker} by {how}: {answer.status_code} {answer.text}"
+        assert answer.json()["path"] == f"/echo/{marker}/{how}"
+
+
+def _markers_seen(client: Client) -> set[str]:
+    return set(re.findall(r"\bWS +RCV .*url=/echo/(t\d\d)/", client.process.output()))
+
+
+def test_cluster_spreads_tokens_and_survives_a_restart(harness: Harness, tmp_path: Path) -> None:
+    started = time.monotonic()
+    certs = issue_certificates(tmp_path)
+    harness.backend()
+    servers = [harness.server(*TRUST_NGINX) for _ in SHIPPED_CLUSTER_PORTS]
+    nginx = start_nginx(harness, tmp_path / "nginx", CLUSTER_SITE, certs, [
+        (f"server 127.0.0.1:{shipped} ", f"server 127.0.0.1:{server.port} ")
+        for shipped, server in zip(SHIPPED_CLUSTER_PORTS, servers, strict=True)
+    ])
+    with httpx.Client(base_url=nginx.https_url, verify=certs.client_context(), timeout=30) as http:
+        owners = _choose_tokens(harness, http, servers, count=20)
+        tokens = list(owners)
+        markers = {token: f"t{i:02d}" for i, token in enumerate(tokens)}
+        clients = {
+            token: harness.client(nginx.wss_url, token, "-certfile", str(certs.ca_pem),
+                                  "-reconnect-max-delay", f"{RECONNECT_CAP:g}", wait=False)
+            for token in tokens
+        }
+        # Each tunnel (hashed by its Origin header) on the instance its requests are hashed to.
+        expected = {token[:8] + "...": [(owners[token], 1)] for token in tokens}
+        wait_until(lambda: _placement(servers) == expected, timeout=60,
+                   what="every client registered on its token's instance")
+        registered = time.monotonic()
+
+        for token in tokens:
+            _ask_every_way(http, token, markers[token])
+        # The path wins over X-Token, for nginx as for the server.
+        a, b = next((a, b) for a in tokens for b in tokens if owners[a] != owners[b])
+        answer = http.get(f"/_token/{a}/echo/{markers[a]}/priority", headers={"X-Token": b})
+        assert answer.status_code == 200, answer.text
+        # Every request reached its own tunnel, and only that one.
+        for token, client in clients.items():
+            assert _markers_seen(client) == {markers[token]}, client.process.output()
+        asked = {token[:8] + "...": [(owners[token], 4 if token == a else 3)] for token in tokens}
+        assert _completed(servers) == asked
+
+        # Restart one instance on the same port; its clients must come back to it.
+        victim = owners[tokens[0]]
+        moved = [token for token in tokens if owners[token] == victim]
+        servers[victim].process.stop()
+        # Meanwhile nginx answers for its tokens itself, without trying another instance.
+        assert http.get("/echo/down", headers={"X-Token": moved[0]}).status_code == 502
+        servers[victim] = harness.server(*TRUST_NGINX, port=servers[victim].port)
+        restarted = time.monotonic()
+        wait_until(lambda: _placement(servers) == expected, timeout=5 * RECONNECT_CAP,
+                   what=f"the {len(moved)} clients of the restarted instance back on it")
+        back_after = time.monotonic() - restarted
+        for token in tokens:
+            _ask_every_way(http, token, markers[token])
+        for token, client in clients.items():
+            assert _markers_seen(client) == {markers[token]}, client.process.output()
+
+    # Stop the clients together (the harness would stop them one by one).
+    for client in clients.values():
+        client.process.signal(signal.SIGTERM)
+    for client in clients.values():
+        client.process.stop()
+    _no_token_in(nginx.logs(), harness)
+    print(f"\ncluster: 20 clients registered in {registered - started:.1f}s (from the start), "
+          f"{len(moved)} back {back_after:.1f}s after the restart")
