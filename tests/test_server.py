@@ -397,3 +397,20 @@ def _tunnel(server: Server, token: str) -> dict:
         if tunnel["token"] == token[:8] + "...":
             return tunnel
     raise KeyError(token[:8])
+
+
+def test_tunnel_address_behind_a_trusted_proxy_is_the_forwarded_one(harness: Harness) -> None:
+    server = harness.server("-trusted-proxies", "127.0.0.1")
+    token = harness.new_token()
+    handshake = (
+        "GET /_tunnel HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"Origin: {token}\r\nX-Forwarded-For: 10.9.8.7\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(handshake)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
+        server.wait_clients(token, 1)
+        (client,) = _tunnel(server, token)["clients"]
+        assert client["address"] == "10.9.8.7"
+        assert "tunnel00_tun_addr=10.9.8.7" in server.get("/_stats").text

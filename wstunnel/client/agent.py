@@ -84,6 +84,7 @@ class TunnelClient:
         self.stopping = False
         self._goodbye_said = trio.Event()
         self.stopped = trio.Event()
+        self._backoff_scope = trio.CancelScope()
         self.backend: Backend | None = None
         self._ws: trio_websocket.WebSocketConnection | None = None
 
@@ -107,7 +108,11 @@ class TunnelClient:
                 self.log.info("WS   RECONNECT", token=self.token, reason=reason,
                               delay_secs=round(delay, 1))
                 self.notifier.status(f"reconnecting in {delay:.0f} s: {reason}")
-                await trio.sleep(delay)
+                self._backoff_scope = trio.CancelScope()  # a scope is entered only once
+                with self._backoff_scope:
+                    await trio.sleep(delay)
+                if self.stopping:
+                    return
         finally:
             with trio.CancelScope(shield=True):
                 await backend.aclose()
@@ -182,6 +187,7 @@ class TunnelClient:
     async def close(self) -> None:
         """Say goodbye to the server with a Close frame (1001, going away), if connected."""
         self.stopping = True
+        self._backoff_scope.cancel()  # no point waiting out a reconnect delay
         try:
             if self._ws is not None:
                 with trio.move_on_after(2):

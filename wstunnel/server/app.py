@@ -262,11 +262,12 @@ class TunnelServer:
 
     async def _take_tunnel(self, request: IncomingRequest, stream: ActivityStream) -> None:
         origin = request.header(b"origin")
+        addr = self.client_address(request)  # behind nginx: the client's, not nginx's
         if request.method != b"GET":
             await _raw_reply(stream, 400, "The tunnel endpoint takes GET upgrades only")
             return
         if not origin or len(origin) < MIN_LENGTH:
-            self.log.warning("WS   REFUSE", addr=request.peer, err="missing or short token")
+            self.log.warning("WS   REFUSE", addr=addr, err="missing or short token")
             text = f"Token (Origin header) missing or shorter than {MIN_LENGTH} characters"
             await _raw_reply(stream, 400, text)
             return
@@ -281,7 +282,7 @@ class TunnelServer:
         limit = self.settings.max_clients_per_token
         existing = self.registry.get(token)
         if limit and existing is not None and len(existing.connections) >= limit:
-            self.log.warning("WS   REFUSE", token=token, addr=request.peer, err="too many clients")
+            self.log.warning("WS   REFUSE", token=token, addr=addr, err="too many clients")
             await _raw_reply(stream, 429, "Too many clients for this token")
             return
         version = (request.header(VERSION_HEADER.lower()) or b"").decode("latin-1") or "unknown"
@@ -295,16 +296,16 @@ class TunnelServer:
                 ws = await handshake.accept(extra_headers=[(VERSION_HEADER, __version__.encode())])
             rendezvous = self.registry.register(token)
             connection = TunnelConnection(
-                rendezvous, ws, stream, addr=request.peer, client_version=version,
+                rendezvous, ws, stream, addr=addr, client_version=version,
                 transport="websocket", wstimeout=self.settings.wstimeout, log=self.log,
             )
-            self.log.info("WS   NEW", token=token, addr=request.peer, version=version,
+            self.log.info("WS   NEW", token=token, addr=addr, version=version,
                           clients=len(rendezvous.connections) + 1)
             try:
                 await connection.serve()
             finally:
                 reason = connection.closing_reason or (ws.closed.reason if ws.closed else None)
-                self.log.info("WS   CLOSE", token=token, addr=request.peer, reason=reason)
+                self.log.info("WS   CLOSE", token=token, addr=addr, reason=reason)
                 await connection.close()
                 nursery.cancel_scope.cancel()
 
