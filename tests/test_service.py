@@ -161,3 +161,24 @@ def test_client_reload_changes_the_allowed_x_hosts(harness: Harness) -> None:
     client.process.signal(signal.SIGHUP)
     wait_until(lambda: "changed=regexp" in client.process.output(), what="the client's reload")
     assert server.get("/echo", token, headers={"X-Host": backend.url}).status_code == 200
+
+
+def test_allowed_tokens_refuse_others_and_reload_revokes(harness: Harness) -> None:
+    kept, dropped, stranger = harness.new_token(), harness.new_token(), harness.new_token()
+    config = harness.directory / "srv.toml"
+    config.write_text(f'allowed_tokens = ["{kept}", "{dropped}"]\n')
+    config.chmod(0o600)
+    server = harness.server("-config", str(config))
+    harness.client(server, kept)
+    revoked = harness.client(server, dropped)
+    refused = harness.client(server, stranger, wait=False)
+    wait_until(lambda: "403" in refused.process.output(), what="the stranger to be refused")
+    assert server.clients(stranger) == 0
+    assert server.get("/x", dropped).status_code == 200
+    config.write_text(f'allowed_tokens = ["{kept}"]\n')
+    server.process.signal(signal.SIGHUP)
+    wait_until(lambda: "WS   REVOKE" in server.process.output(), what="the revocation")
+    assert server.get("/x", dropped).status_code == 404
+    assert server.get("/x", kept).status_code == 200
+    wait_until(lambda: "403" in revoked.process.output(), what="the revoked client to be refused")
+    assert all(token not in server.process.output() for token in (kept, dropped, stranger))

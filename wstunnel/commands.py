@@ -70,8 +70,9 @@ def run_server(argv: Sequence[str]) -> int:
     async def main() -> None:
         server = TunnelServer(settings, log)
 
-        def reload() -> None:
+        async def reload() -> None:
             _reload(log, notifier, ServerSettings, flags, server.apply, "wstunsrv")
+            await server.revoke_disallowed()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, log, notifier, server.stop)
@@ -101,7 +102,7 @@ def run_client(argv: Sequence[str]) -> int:
     notifier = ServiceNotifier()
     client = TunnelClient(settings, log, notifier)
 
-    def reload() -> None:
+    async def reload() -> None:
         _reload(log, notifier, ClientSettings, flags, client.apply, "wstuncli")
 
     async def main() -> None:

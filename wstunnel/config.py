@@ -30,6 +30,8 @@ from wstunnel.tokens import MIN_LENGTH
 MiB = 1024 * 1024
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogTarget = Literal["auto", "journal", "stderr"]
+# Keys whose values are secrets: a file holding one must not be readable by other users.
+SECRET_SETTINGS = ("token", "allowed_tokens")
 CommaList = Annotated[list[str], NoDecode]
 
 
@@ -87,16 +89,27 @@ class ServerSettings(_Common):
         default_factory=list, description="addresses or networks whose X-Forwarded-For we believe"
     )
     shutdown_grace: float = Field(5.0, ge=0, description="time in-flight requests get on stop")
+    allowed_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="if set, only these tokens may open tunnels"
+    )
 
     @field_validator("wstimeout")
     @classmethod
     def _clamp_wstimeout(cls, value: float) -> float:
         return _clamp(value, 3, 600)
 
-    @field_validator("trusted_proxies", mode="before")
+    @field_validator("trusted_proxies", "allowed_tokens", mode="before")
     @classmethod
-    def _split_proxies(cls, value: Any) -> Any:
+    def _split_lists(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("allowed_tokens")
+    @classmethod
+    def _check_allowed_tokens(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for index, token in enumerate(value):
+            if len(token.get_secret_value()) < MIN_LENGTH:
+                raise ValueError(f"entry {index + 1} is shorter than {MIN_LENGTH} characters")
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -244,7 +257,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
-def _check_secret_file(path: Path) -> None:
+def _check_secret_file(path: Path, key: str) -> None:
     """A file holding a token must not be readable by everyone (ssh refuses such keys too)."""
     try:
         mode = path.stat().st_mode
@@ -252,7 +265,7 @@ def _check_secret_file(path: Path) -> None:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     if mode & (stat.S_IROTH | stat.S_IWOTH):
         raise ConfigError(
-            f"{path}: key 'token': the file is readable by other users "
+            f"{path}: key '{key}': the file is readable by other users "
             f"(mode {stat.S_IMODE(mode):04o}); chmod 640 it"
         )
 
@@ -270,8 +283,9 @@ def load_settings(model: type[Settings], flags: Mapping[str, Any]) -> Settings:
     if config_path is not None:
         path = Path(config_path)
         document = _read_toml(path)
-        if "token" in document and "token" in model.model_fields:
-            _check_secret_file(path)
+        secrets_here = [k for k in SECRET_SETTINGS if k in document and k in model.model_fields]
+        if secrets_here:
+            _check_secret_file(path, secrets_here[0])
         for key, value in document.items():
             merged[key] = value
             origin[key] = f"{path}: key '{key}'"

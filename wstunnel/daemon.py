@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import trio
@@ -34,12 +34,12 @@ def pidfile(path: Path | None) -> Iterator[None]:
             path.unlink()
 
 
-async def reload_on_sighup(reload: Callable[[], None]) -> None:
+async def reload_on_sighup(reload: Callable[[], Awaitable[None]]) -> None:
     """SIGHUP (logrotate, ``systemctl reload``): reopen log files, then re-read the settings."""
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _ in signals:
             logs.reopen_files()
-            reload()
+            await reload()
 
 
 def changed_settings(old: BaseModel, new: BaseModel) -> list[str]:

@@ -76,6 +76,8 @@ def _without_environment(prefix: str) -> Iterator[None]:
 
 def render(settings: ServerSettings | ClientSettings) -> str:
     values: dict[str, Any] = settings.model_dump(mode="json", exclude={"config"})
+    if isinstance(settings, ServerSettings):
+        values["allowed_tokens"] = [redact(t.get_secret_value()) for t in settings.allowed_tokens]
     if isinstance(settings, ClientSettings):
         values["token"] = redact(settings.token.get_secret_value())
         if settings.proxy:

@@ -81,6 +81,25 @@ class TunnelServer:
     def stop(self) -> None:
         self.stop_requested.set()
 
+    def allows(self, token: Token) -> bool:
+        """Any token, or only those of ``allowed_tokens`` when that list is set."""
+        allowed = self.settings.allowed_tokens
+        # Compare with every entry (no early exit): the time taken says nothing of the list.
+        matches = [token == Token(entry.get_secret_value()) for entry in allowed]
+        return not allowed or any(matches)
+
+    async def revoke_disallowed(self) -> None:
+        """After a reload narrowed ``allowed_tokens``: close those tunnels, forget the tokens."""
+        for rendezvous in list(self.registry):
+            if self.allows(rendezvous.token):
+                continue
+            self.log.warning("WS   REVOKE", token=rendezvous.token,
+                             clients=len(rendezvous.connections))
+            async with trio.open_nursery() as closers:
+                for connection in list(rendezvous.connections):
+                    closers.start_soon(connection.close, 1008, "token no longer allowed")
+            self.registry.forget(rendezvous.token)
+
     def apply(self, settings: ServerSettings) -> tuple[list[str], list[str]]:
         """Take new settings without a restart; returns (applied, needing a restart)."""
         changed = daemon.changed_settings(self.settings, settings)
@@ -278,6 +297,10 @@ class TunnelServer:
         token = Token(origin.decode("utf-8", "surrogateescape"))
         if self.draining:
             await _raw_reply(stream, 503, "Server shutting down")
+            return
+        if not self.allows(token):
+            self.log.warning("WS   REFUSE", token=token, addr=addr, err="token not allowed")
+            await _raw_reply(stream, 403, "Token not allowed on this server")
             return
         limit = self.settings.max_clients_per_token
         existing = self.registry.get(token)

@@ -205,6 +205,15 @@ class Registry:
         rendezvous.touch()
         return rendezvous
 
+    def forget(self, token: Token) -> None:
+        """Drop a token now (its access was revoked): everything waiting for it gets a 404."""
+        rendezvous = self._by_token.pop(token, None)
+        if rendezvous is None:
+            return
+        for pending in list(rendezvous._live.values()):
+            pending.finish(Failure(404, "Tunnel not found"))
+            rendezvous.queue.discard(pending)
+
     def forget_idle(self) -> list[Rendezvous]:
         """Drop tokens with no connection and no request for ``token_idle_timeout``."""
         gone = [
@@ -352,7 +361,7 @@ class TunnelConnection:
         """Requests sent on this connection lost their answer: retry or fail them, at once."""
         for pending in self.in_flight.values():
             pending.holder = None
-            if pending.abandoned:
+            if pending.abandoned or pending.outcome is not None:
                 self.rendezvous.release(pending)
             elif pending.idempotent and pending.tries < MAX_TRIES:
                 self.log.info("WS   RETRY", token=self.token, id=pending.id, try_=pending.tries)
