@@ -414,3 +414,16 @@ def test_tunnel_address_behind_a_trusted_proxy_is_the_forwarded_one(harness: Har
         (client,) = _tunnel(server, token)["clients"]
         assert client["address"] == "10.9.8.7"
         assert "tunnel00_tun_addr=10.9.8.7" in server.get("/_stats").text
+
+
+def test_port_in_use_is_one_clear_line(harness: Harness) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        process = harness.start("srv", [PYTHON, "-m", "wstunnel", "srv", "-host", "127.0.0.1",
+                                        "-port", str(port)])
+        assert process.wait_exit(30) == 1
+    output = process.output()
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in output
+    assert "Traceback" not in output

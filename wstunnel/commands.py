@@ -9,14 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import trio
 
 from wstunnel import __version__, daemon, logs, ops
 from wstunnel.config import ClientSettings, ServerSettings, add_flags, load_settings, parse_flags
-from wstunnel.errors import ConfigError, DialError
+from wstunnel.errors import ConfigError, DialError, sole_exception
 from wstunnel.service import ServiceNotifier
 
 EX_CONFIG = 78
@@ -84,7 +84,7 @@ def run_server(argv: Sequence[str]) -> int:
             nursery.cancel_scope.cancel()
 
     with daemon.pidfile(settings.pidfile):
-        trio.run(main)
+        _run(main)
     return 0
 
 
@@ -123,8 +123,19 @@ def run_client(argv: Sequence[str]) -> int:
         log.info("Stopped")
 
     with daemon.pidfile(settings.pidfile):
-        trio.run(main)
+        _run(main)
     return 0
+
+
+def _run(main: Callable[[], Awaitable[None]]) -> None:
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        # One error out of the nurseries (a port we cannot bind, say) gets main()'s one line.
+        sole = sole_exception(group)
+        if sole is group:
+            raise
+        raise sole from None
 
 
 def _configure_logs(name: str, settings: ServerSettings | ClientSettings) -> None:

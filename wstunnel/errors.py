@@ -27,3 +27,14 @@ class DialError(WStunnelError):
 
 class ProxyError(DialError):
     """The HTTP CONNECT proxy refused or broke the connection."""
+
+
+def sole_exception(exc: BaseException) -> BaseException:
+    """The one real error inside nested single-member exception groups, or ``exc`` itself.
+
+    trio wraps whatever leaves a nursery in an ExceptionGroup; a lone error is still one error
+    and deserves its own message, not a group traceback.
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -23,7 +23,7 @@ from wstunnel.client import dial
 from wstunnel.client import proxy as proxies
 from wstunnel.client.backend import Backend
 from wstunnel.config import ClientSettings
-from wstunnel.errors import DialError, HttpPayloadError, TunnelMessageError
+from wstunnel.errors import DialError, HttpPayloadError, TunnelMessageError, sole_exception
 from wstunnel.logs import EventLogger
 from wstunnel.service import ServiceNotifier
 from wstunnel.tokens import Token
@@ -123,7 +123,7 @@ class TunnelClient:
         try:
             await self._connect_and_serve(backend)
         except BaseException as exc:
-            sole = _sole_exception(exc)
+            sole = sole_exception(exc)
             if self.stopping and isinstance(sole, trio_websocket.ConnectionClosed):
                 return "client stopping"  # our own Close frame, sent by close()
             reason = _describe_session_end(sole, self.settings.timeout)
@@ -242,13 +242,6 @@ class TunnelClient:
                                  err="tunnel closed before the response was sent")
         finally:
             self.limiter.release_on_behalf_of(ticket)
-
-
-def _sole_exception(exc: BaseException) -> BaseException:
-    """The one real error inside nested single-member exception groups, or ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _describe_session_end(exc: BaseException, timeout: float) -> str | None:

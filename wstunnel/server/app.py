@@ -62,7 +62,11 @@ class TunnelServer:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve, and on :meth:`stop` drain gracefully; ``started`` gets the port."""
-        listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
+        try:
+            listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
+        except OSError as exc:
+            where = f"{self.settings.host}:{self.settings.port}"
+            raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from None
         port = listeners[0].socket.getsockname()[1]
         self.log.info("Listening", port=port, host=self.settings.host)
         async with trio.open_nursery() as root:

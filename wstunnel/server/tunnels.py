@@ -26,6 +26,7 @@ from wstunnel.tokens import Token
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_TRIES = 3
+CLOSE_TIMEOUT = 2.0  # for the peer to answer our Close frame
 
 
 class QueueFull(Exception):
@@ -263,6 +264,8 @@ class TunnelConnection:
         self.in_flight: dict[int, PendingRequest] = {}
         self.answered = 0
         self.closing_reason: str | None = None
+        self._closing = False
+        self._closed = trio.Event()
 
     @property
     def token(self) -> Token:
@@ -285,10 +288,23 @@ class TunnelConnection:
             self._fail_in_flight()
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        self.closing_reason = self.closing_reason or reason
-        with trio.move_on_after(2) as scope:
+        """Close with a Close frame; a second caller waits for the first one's handshake.
+
+        trio-websocket ends get_message() as soon as the Close frame is out, so serve() returns
+        while the peer's answer is still on its way; the caller that then tears the connection
+        down must wait here, or it cancels the reader that would have received that answer.
+        """
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True
-            await self.ws.aclose(code, reason)
+            if self._closing:
+                await self._closed.wait()
+                return
+            self._closing = True
+            self.closing_reason = self.closing_reason or reason
+            try:
+                await self.ws.aclose(code, reason)
+            finally:
+                self._closed.set()
 
     async def _send_requests(self) -> None:
         queue = self.rendezvous.queue
