@@ -34,6 +34,7 @@ from wstunnel.errors import ConfigError
 UNITS = ROOT / "systemd"
 SERVER_UNIT = UNITS / "wstunsrv.service"
 CLIENT_UNIT = UNITS / "wstuncli@.service"
+INSTANCE_UNIT = UNITS / "wstunsrv@.service"
 SERVER_TOML = ROOT / "etc" / "wstunnel" / "wstunsrv.toml"
 CLIENT_SAMPLE = ROOT / "etc" / "wstunnel" / "wstuncli.d" / "example.toml.sample"
 MAX_EXPOSURE = 2.0
@@ -138,7 +139,7 @@ def _exposure(unit: Path | str, *, runner: Any = None, offline: bool = True) -> 
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-@pytest.mark.parametrize("unit", [SERVER_UNIT, CLIENT_UNIT], ids=lambda p: p.name)
+@pytest.mark.parametrize("unit", [SERVER_UNIT, CLIENT_UNIT, INSTANCE_UNIT], ids=lambda p: p.name)
 def test_unit_exposure_is_ok(unit: Path) -> None:
     exposure = _exposure(unit)
     print(f"{unit.name}: exposure {exposure}")
@@ -467,3 +468,21 @@ def test_port_80_needs_the_documented_drop_in(running: Demo) -> None:
     status = c.read(f"/proc/{_main_pid(c, SRV)}/status")
     assert re.search(r"^CapEff:\s+0*400$", status, re.MULTILINE), status
     assert _exposure(SRV, runner=c.run, offline=False) <= MAX_EXPOSURE
+
+
+def test_one_server_instance_per_port(running: Demo) -> None:
+    c = running.c
+    c.run("install", "-m", "0644", str(INSTANCE_UNIT), "/etc/systemd/system/")
+    c.systemctl("daemon-reload")
+    instances = ("wstunsrv@8091.service", "wstunsrv@8092.service")
+    try:
+        c.systemctl("start", *instances)
+        for unit, port in zip(instances, (8091, 8092), strict=True):
+            assert c.show(unit, "StatusText")["StatusText"] == f"listening on 127.0.0.1:{port}"
+            assert running.curl(f"http://127.0.0.1:{port}/_health_check") == "WSTUNSRV RUNNING\n"
+        verify = c.run("systemd-analyze", "verify", *instances, check=False)
+        assert verify.returncode == 0, verify.stderr
+        assert _exposure(instances[0], runner=c.run, offline=False) <= MAX_EXPOSURE
+        assert running.through_tunnel() == running.page  # the main server is untouched
+    finally:
+        c.systemctl("stop", *instances, check=False)
