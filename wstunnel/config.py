@@ -31,7 +31,7 @@ MiB = 1024 * 1024
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogTarget = Literal["auto", "journal", "stderr"]
 # Keys whose values are secrets: a file holding one must not be readable by other users.
-SECRET_SETTINGS = ("token", "allowed_tokens")
+SECRET_SETTINGS = ("token", "allowed_tokens", "passwords", "password")
 CommaList = Annotated[list[str], NoDecode]
 
 
@@ -41,6 +41,21 @@ def _clamp(value: float, low: float, high: float) -> float:
         # min()/max() pass NaN through, and trio refuses a NaN timeout only once running.
         raise ValueError("must be a number of seconds, not NaN")
     return float(min(max(value, low), high))
+
+
+def password_pairs(value: SecretStr) -> list[tuple[str, str]]:
+    """``token:password,token:password`` (the Go fork's -passwords) as pairs; ValueError if bad."""
+    pairs = []
+    for index, item in enumerate(value.get_secret_value().split(","), start=1):
+        token, colon, password = (part.strip() for part in item.partition(":"))
+        if not item.strip():
+            continue
+        if not colon or not token or not password:
+            raise ValueError(f"entry {index} is not token:password")
+        if len(token) < MIN_LENGTH:
+            raise ValueError(f"entry {index}: the token is shorter than {MIN_LENGTH} characters")
+        pairs.append((token, password))
+    return pairs
 
 
 def _split_commas(value: Any) -> Any:
@@ -92,6 +107,17 @@ class ServerSettings(_Common):
     allowed_tokens: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="if set, only these tokens may open tunnels"
     )
+    passwords: SecretStr | None = Field(
+        None, description="tunnel passwords, token:password,... (HTTP Basic on /_tunnel)"
+    )
+    failure_limit: int = Field(
+        30, ge=0, description="unknown tokens/failed handshakes per address before 429 (0: no limit)"
+    )
+    failure_window: float = Field(60.0, gt=0, description="window of failure_limit, seconds")
+    max_handshakes: int = Field(64, ge=1, description="tunnel handshakes in progress at once")
+    max_queued_bytes: int = Field(
+        256 * MiB, ge=1024, description="request bytes queued per token before 503"
+    )
 
     @field_validator("wstimeout")
     @classmethod
@@ -102,6 +128,13 @@ class ServerSettings(_Common):
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("passwords")
+    @classmethod
+    def _check_passwords(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            password_pairs(value)  # raises ValueError naming the entry, never its token
+        return value
 
     @field_validator("allowed_tokens")
     @classmethod
@@ -137,6 +170,9 @@ class ClientSettings(_Common):
     client_ports: str | None = Field(None, description="local source ports, e.g. 8000..8100,8500")
     reconnect_max_delay: float = Field(30.0, ge=1, description="cap of the reconnect backoff, s")
     max_concurrent_requests: int = Field(100, ge=1, description="backend requests at once")
+    password: SecretStr | None = Field(
+        None, description="tunnel password, if the server sets one for this token"
+    )
 
     @field_validator("token")
     @classmethod

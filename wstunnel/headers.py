@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterable
 
 Headers = list[tuple[bytes, bytes]]
@@ -44,3 +46,22 @@ def without_hop_by_hop(headers: Iterable[tuple[bytes, bytes]], *extra: bytes) ->
         if key.lower() == b"connection":
             named.update(part.strip().lower() for part in value.split(b","))
     return without(headers, HOP_BY_HOP | named | set(extra))
+
+
+def parse_basic(authorization: bytes | None) -> tuple[bytes, bytes]:
+    """``Authorization: Basic ...`` as (user, password); empty values when absent or broken."""
+    if not authorization:
+        return b"", b""
+    scheme, _, encoded = authorization.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return b"", b""
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return b"", b""
+    user, _, password = decoded.partition(b":")
+    return user, password
+
+
+def basic_credentials(user: str, password: str) -> bytes:
+    return b"Basic " + base64.b64encode(f"{user}:{password}".encode())

@@ -24,6 +24,7 @@ from wstunnel.client import proxy as proxies
 from wstunnel.client.backend import Backend
 from wstunnel.config import ClientSettings
 from wstunnel.errors import DialError, HttpPayloadError, TunnelMessageError, sole_exception
+from wstunnel.headers import basic_credentials
 from wstunnel.logs import EventLogger
 from wstunnel.service import ServiceNotifier
 from wstunnel.tokens import Token
@@ -144,11 +145,7 @@ class TunnelClient:
                 )
                 ws = await trio_websocket.wrap_client_stream(
                     nursery, stream, self.address.host_header, self.address.resource,
-                    extra_headers=[
-                        (b"Origin", self.token.reveal().encode("utf-8", "surrogateescape")),
-                        (VERSION_HEADER, __version__.encode()),
-                        (b"User-Agent", f"wstunnel/{__version__}".encode()),
-                    ],
+                    extra_headers=self._handshake_headers(),
                     max_message_size=self.settings.max_body_size + framing.MAX_HEAD_SIZE,
                     receive_buffer_size=WS_RECEIVE_SIZE,
                 )
@@ -170,6 +167,19 @@ class TunnelClient:
                     await ws.aclose()
                 self._ws = None
                 nursery.cancel_scope.cancel()
+
+    def _handshake_headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [
+            (b"Origin", self.token.reveal().encode("utf-8", "surrogateescape")),
+            (VERSION_HEADER, __version__.encode()),
+            (b"User-Agent", f"wstunnel/{__version__}".encode()),
+        ]
+        if self.settings.password is not None:
+            # The later Go fork's scheme: HTTP Basic, the token as user name.
+            headers.append((b"Authorization", basic_credentials(
+                self.token.reveal(), self.settings.password.get_secret_value()
+            )))
+        return headers
 
     def apply(self, settings: ClientSettings) -> tuple[list[str], list[str]]:
         """Take new settings without a restart; returns (applied, needing a restart)."""

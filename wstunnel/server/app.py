@@ -16,12 +16,13 @@ import trio
 import trio_websocket
 
 from wstunnel import __version__, daemon, framing
-from wstunnel.config import ServerSettings
+from wstunnel.config import ServerSettings, password_pairs
 from wstunnel.headers import get as get_header
 from wstunnel.headers import without_hop_by_hop
 from wstunnel.logs import EventLogger
 from wstunnel.server import metrics, status
 from wstunnel.server.front import FrontLimits, HttpConnection, IncomingRequest, simple_response
+from wstunnel.server.guard import BASIC_REALM, FailureBrake, PasswordBook
 from wstunnel.server.tunnels import Failure, QueueFull, Registry, TunnelConnection
 from wstunnel.streams import ActivityStream
 from wstunnel.tokens import MIN_LENGTH, Token
@@ -47,7 +48,12 @@ class TunnelServer:
         self.registry = Registry(
             max_requests=settings.max_requests_per_tunnel,
             token_idle_timeout=settings.token_idle_timeout,
+            max_bytes=settings.max_queued_bytes,
         )
+        self.brake = FailureBrake(limit=settings.failure_limit, window=settings.failure_window,
+                                  clock=trio.current_time)
+        self.passwords = _password_book(settings)
+        self._handshakes = 0
         self.limits = _front_limits(settings)
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
         self.started_at = trio.current_time()
@@ -111,7 +117,10 @@ class TunnelServer:
         # What cannot change live keeps its running value, so what we report stays true.
         kept = {name: getattr(self.settings, name) for name in RESTART_ONLY_SETTINGS}
         self.settings = settings.model_copy(update=kept)
-        self.registry.resize(self.settings.max_requests_per_tunnel)
+        self.registry.resize(self.settings.max_requests_per_tunnel, self.settings.max_queued_bytes)
+        self.brake.limit = self.settings.failure_limit
+        self.brake.window = self.settings.failure_window
+        self.passwords = _password_book(self.settings)
         self.registry.token_idle_timeout = self.settings.token_idle_timeout
         self.limits = _front_limits(self.settings)
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in self.settings.trusted_proxies]
@@ -227,6 +236,9 @@ class TunnelServer:
                 return simple_response(400, "Missing X-Token header")
             raw_token, target = header.strip(), request.target
         token = Token(raw_token.decode("utf-8", "surrogateescape"))
+        wait = self.brake.retry_after(self.client_address(request))
+        if wait is not None:
+            return _too_many_failures(wait)
         return await self._tunnel_request(request, token, target)
 
     async def _tunnel_request(
@@ -247,6 +259,7 @@ class TunnelServer:
         if rendezvous is None:
             self.log.info("HTTP RET", token=token, status=404, url=_loggable(target),
                           err="tunnel not found")
+            self.brake.failed(self.client_address(request))
             return simple_response(404, "Tunnel not found")
         addr = self.client_address(request)
         headers = without_hop_by_hop(request.headers, b"x-token")
@@ -289,8 +302,15 @@ class TunnelServer:
         if request.method != b"GET":
             await _raw_reply(stream, 400, "The tunnel endpoint takes GET upgrades only")
             return
+        wait = self.brake.retry_after(addr)
+        if wait is not None:
+            self.log.warning("WS   REFUSE", addr=addr, err="too many failures", retry_after=wait)
+            await _raw_reply(stream, 429, "Too many failed attempts from this address",
+                             headers=[(b"Retry-After", b"%d" % wait)])
+            return
         if not origin or len(origin) < MIN_LENGTH:
             self.log.warning("WS   REFUSE", addr=addr, err="missing or short token")
+            self.brake.failed(addr)
             text = f"Token (Origin header) missing or shorter than {MIN_LENGTH} characters"
             await _raw_reply(stream, 400, text)
             return
@@ -304,7 +324,19 @@ class TunnelServer:
             return
         if not self.allows(token):
             self.log.warning("WS   REFUSE", token=token, addr=addr, err="token not allowed")
+            self.brake.failed(addr)
             await _raw_reply(stream, 403, "Token not allowed on this server")
+            return
+        if not self.passwords.admits(token, request.header(b"authorization")):
+            self.log.warning("WS   REFUSE", token=token, addr=addr, err="wrong or missing password")
+            self.brake.failed(addr)
+            await _raw_reply(stream, 401, "Tunnel password required",
+                             headers=[(b"WWW-Authenticate", BASIC_REALM)])
+            return
+        if self._handshakes >= self.settings.max_handshakes:
+            self.log.warning("WS   REFUSE", token=token, addr=addr, err="too many handshakes")
+            await _raw_reply(stream, 503, "Too many tunnel handshakes at once",
+                             headers=[(b"Retry-After", b"1")])
             return
         limit = self.settings.max_clients_per_token
         existing = self.registry.get(token)
@@ -315,12 +347,18 @@ class TunnelServer:
         version = (request.header(VERSION_HEADER.lower()) or b"").decode("latin-1") or "unknown"
         max_message = self.settings.max_body_size + framing.MAX_HEAD_SIZE + framing.ID_DIGITS
         async with trio.open_nursery() as nursery:
-            with trio.fail_after(self.settings.header_timeout):
-                handshake = await trio_websocket.wrap_server_stream(
-                    nursery, stream, max_message_size=max_message,
-                    receive_buffer_size=WS_RECEIVE_SIZE,
-                )
-                ws = await handshake.accept(extra_headers=[(VERSION_HEADER, __version__.encode())])
+            self._handshakes += 1
+            try:
+                with trio.fail_after(self.settings.header_timeout):
+                    handshake = await trio_websocket.wrap_server_stream(
+                        nursery, stream, max_message_size=max_message,
+                        receive_buffer_size=WS_RECEIVE_SIZE,
+                    )
+                    ws = await handshake.accept(
+                        extra_headers=[(VERSION_HEADER, __version__.encode())]
+                    )
+            finally:
+                self._handshakes -= 1
             rendezvous = self.registry.register(token)
             connection = TunnelConnection(
                 rendezvous, ws, stream, addr=addr, client_version=version,
@@ -346,9 +384,20 @@ def _front_limits(settings: ServerSettings) -> FrontLimits:
     )
 
 
-async def _raw_reply(stream: ActivityStream, status_code: int, text: str) -> None:
+def _password_book(settings: ServerSettings) -> PasswordBook:
+    return PasswordBook(password_pairs(settings.passwords) if settings.passwords else ())
+
+
+def _too_many_failures(wait: int) -> framing.Response:
+    return simple_response(429, "Too many failed attempts from this address",
+                           headers=[(b"Retry-After", b"%d" % wait)])
+
+
+async def _raw_reply(stream: ActivityStream, status_code: int, text: str,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
     """Answer a handshake we refuse, before any WebSocket layer exists; the caller closes."""
-    response = simple_response(status_code, text, headers=[(b"Connection", b"close")])
+    response = simple_response(status_code, text,
+                               headers=[*(headers or []), (b"Connection", b"close")])
     response.headers.append((b"Content-Length", b"%d" % len(response.body)))
     head = [b"HTTP/1.1 %d %s\r\n" % (status_code, response.reason)]
     head += [b"%s: %s\r\n" % header for header in response.headers]

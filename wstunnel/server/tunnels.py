@@ -66,10 +66,16 @@ class PendingRequest:
 
 
 class RequestQueue:
-    """FIFO of requests waiting for a tunnel connection; abandoned ones can be taken out."""
+    """FIFO of requests waiting for a tunnel connection; abandoned ones can be taken out.
 
-    def __init__(self, capacity: int) -> None:
+    Bounded twice: by count (``max_requests_per_tunnel``) and by the request bytes held
+    (``max_queued_bytes``), since twenty requests of 100 MiB each are not "twenty requests".
+    """
+
+    def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._items: collections.deque[PendingRequest] = collections.deque()
         self._lot = trio.lowlevel.ParkingLot()
 
@@ -79,12 +85,22 @@ class RequestQueue:
     def put_nowait(self, item: PendingRequest) -> None:
         if len(self._items) >= self.capacity:
             raise QueueFull
-        self._items.append(item)
-        self._lot.unpark()
+        size = len(item.request.body)
+        # One request alone may always wait, whatever its size (the body cap bounds it).
+        if self.max_bytes is not None and self._items and self.bytes + size > self.max_bytes:
+            raise QueueFull
+        self._append(item, front=False)
 
     def put_front(self, item: PendingRequest) -> None:
         """Requeue a request that already had its place: it goes first, whatever the capacity."""
-        self._items.appendleft(item)
+        self._append(item, front=True)
+
+    def _append(self, item: PendingRequest, *, front: bool) -> None:
+        if front:
+            self._items.appendleft(item)
+        else:
+            self._items.append(item)
+        self.bytes += len(item.request.body)
         self._lot.unpark()
 
     def discard(self, item: PendingRequest) -> bool:
@@ -92,12 +108,15 @@ class RequestQueue:
             self._items.remove(item)
         except ValueError:
             return False
+        self.bytes -= len(item.request.body)
         return True
 
     async def get(self) -> PendingRequest:
         while not self._items:
             await self._lot.park()
-        return self._items.popleft()
+        item = self._items.popleft()
+        self.bytes -= len(item.request.body)
+        return item
 
 
 @dataclass(eq=False)
@@ -109,9 +128,9 @@ class RequestCounters:
 class Rendezvous:
     """Everything the server knows about one token."""
 
-    def __init__(self, token: Token, *, max_requests: int) -> None:
+    def __init__(self, token: Token, *, max_requests: int, max_bytes: int | None = None) -> None:
         self.token = token
-        self.queue = RequestQueue(max_requests)
+        self.queue = RequestQueue(max_requests, max_bytes)
         self.connections: list[TunnelConnection] = []
         self.counters = RequestCounters()
         self.last_activity = trio.current_time()
@@ -178,16 +197,20 @@ class Rendezvous:
 class Registry:
     """All tokens the server currently knows."""
 
-    def __init__(self, *, max_requests: int, token_idle_timeout: float) -> None:
+    def __init__(self, *, max_requests: int, token_idle_timeout: float,
+                 max_bytes: int | None = None) -> None:
         self._by_token: dict[Token, Rendezvous] = {}
         self.max_requests = max_requests
+        self.max_bytes = max_bytes
         self.token_idle_timeout = token_idle_timeout
 
-    def resize(self, max_requests: int) -> None:
-        """A new queue depth for every token, known and future; queued requests stay queued."""
+    def resize(self, max_requests: int, max_bytes: int | None = None) -> None:
+        """New queue bounds for every token, known and future; queued requests stay queued."""
         self.max_requests = max_requests
+        self.max_bytes = max_bytes
         for rendezvous in self._by_token.values():
             rendezvous.queue.capacity = max_requests
+            rendezvous.queue.max_bytes = max_bytes
 
     def __iter__(self) -> Iterator[Rendezvous]:
         return iter(list(self._by_token.values()))
@@ -201,7 +224,7 @@ class Registry:
     def register(self, token: Token) -> Rendezvous:
         rendezvous = self._by_token.get(token)
         if rendezvous is None:
-            rendezvous = Rendezvous(token, max_requests=self.max_requests)
+            rendezvous = Rendezvous(token, max_requests=self.max_requests, max_bytes=self.max_bytes)
             self._by_token[token] = rendezvous
         rendezvous.touch()
         return rendezvous
