@@ -153,6 +153,11 @@ class HttpConnection:
             if len(request.headers) > self.limits.max_header_count:
                 await self._send_error(431, "Too many request headers")
                 return
+            if request.header(b"transfer-encoding") is not None and \
+                    request.header(b"content-length") is not None:
+                # Two framings: the classic request-smuggling setup (RFC 9112 §6.1 lets us refuse).
+                await self._send_error(400, "Both Content-Length and Transfer-Encoding")
+                return
             # h11 bounds only a head that is still arriving; one that came whole needs our check.
             if request.head_size() > self.limits.max_header_size:
                 await self._send_error(431, "Request headers too large")
