@@ -182,6 +182,9 @@ class Harness:
         ask_kernel = port is None and wait and "-logfile" not in flags
         port = 0 if ask_kernel else (free_port() if port is None else port)
         argv = [PYTHON, "-m", "wstunnel", "srv", "-host", "127.0.0.1", "-port", str(port), *flags]
+        if "-restart-grace" not in flags:
+            # Tests want an unknown token's 404 at once, not after the post-start grace.
+            argv[4:4] = ["-restart-grace", "0"]
         process = self.start("srv", argv, env=env)
         if ask_kernel:
             found = wait_until(lambda: re.search(r"Listening +pkg=WStunsrv port=(\d+)", process.output()),

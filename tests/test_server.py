@@ -427,3 +427,21 @@ def test_port_in_use_is_one_clear_line(harness: Harness) -> None:
     output = process.output()
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in output
     assert "Traceback" not in output
+
+
+def test_after_a_restart_requests_wait_for_their_returning_tunnel(harness: Harness) -> None:
+    server = harness.server("-restart-grace", "0")
+    token = harness.new_token()
+    harness.client(server, token, "-reconnect-max-delay", "2")
+    assert server.process.stop() == 0
+    # The same port, as a restart under systemd would have it; now with the grace.
+    restarted = harness.server("-restart-grace", "15", port=server.port)
+    started = time.monotonic()
+    response = restarted.get("/echo/after-restart", token)  # sent before the client is back
+    assert response.status_code == 200
+    assert response.json()["path"] == "/echo/after-restart"
+    assert time.monotonic() - started < 15
+    stranger = harness.new_token()
+    refused = httpx.get(f"{restarted.url}/x", headers={"X-Token": stranger}, timeout=30)
+    assert refused.status_code == 404  # nobody came for it within the grace
+    assert time.monotonic() - started >= 14

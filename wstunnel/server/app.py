@@ -23,7 +23,7 @@ from wstunnel.logs import EventLogger
 from wstunnel.server import metrics, status
 from wstunnel.server.front import FrontLimits, HttpConnection, IncomingRequest, simple_response
 from wstunnel.server.guard import BASIC_REALM, FailureBrake, PasswordBook
-from wstunnel.server.tunnels import Failure, QueueFull, Registry, TunnelConnection
+from wstunnel.server.tunnels import Failure, QueueFull, Registry, Rendezvous, TunnelConnection
 from wstunnel.streams import ActivityStream
 from wstunnel.tokens import MIN_LENGTH, Token
 
@@ -32,6 +32,8 @@ WS_RECEIVE_SIZE = 64 * 1024
 TOKEN_PREFIX = b"/_token/"
 # A reload cannot move the listening socket or the pid file; these wait for a restart.
 RESTART_ONLY_SETTINGS = ("host", "port", "pidfile")
+# Distinct unknown tokens that may wait during restart_grace; beyond it, 404 at once.
+MAX_AWAITED_TOKENS = 10_000
 
 
 def _is_loopback(address: str) -> bool:
@@ -54,6 +56,7 @@ class TunnelServer:
                                   clock=trio.current_time)
         self.passwords = _password_book(settings)
         self._handshakes = 0
+        self._awaited: dict[Token, trio.Event] = {}
         self.limits = _front_limits(settings)
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
         self.started_at = trio.current_time()
@@ -257,6 +260,8 @@ class TunnelServer:
     ) -> framing.Response:
         rendezvous = self.registry.get(token)
         if rendezvous is None:
+            rendezvous = await self._await_registration(token)
+        if rendezvous is None:
             self.log.info("HTTP RET", token=token, status=404, url=_loggable(target),
                           err="tunnel not found")
             self.brake.failed(self.client_address(request))
@@ -293,6 +298,22 @@ class TunnelServer:
         self.log.warning("HTTP RET", token=token, id=request_id, status=503, err="queue full")
         return simple_response(503, "Too many requests queued for this tunnel",
                                headers=[(b"Retry-After", b"1")])
+
+    async def _await_registration(self, token: Token) -> Rendezvous | None:
+        """Just after a (re)start no token is known yet, though clients are on their way back:
+        for ``restart_grace`` seconds a request for an unknown token waits for its tunnel
+        instead of a 404 that would only mean "too early"."""
+        grace_end = self.started_at + self.settings.restart_grace
+        if trio.current_time() >= grace_end or len(self._awaited) >= MAX_AWAITED_TOKENS:
+            return None
+        arrival = self._awaited.get(token)
+        if arrival is None:
+            arrival = self._awaited[token] = trio.Event()
+        with trio.move_on_at(grace_end):
+            await arrival.wait()
+        if self._awaited.get(token) is arrival and not arrival.is_set():
+            del self._awaited[token]
+        return self.registry.get(token)
 
     # -- tunnels ---------------------------------------------------------------------------
 
@@ -360,6 +381,9 @@ class TunnelServer:
             finally:
                 self._handshakes -= 1
             rendezvous = self.registry.register(token)
+            arrival = self._awaited.pop(token, None)
+            if arrival is not None:
+                arrival.set()
             connection = TunnelConnection(
                 rendezvous, ws, stream, addr=addr, client_version=version,
                 transport="websocket", wstimeout=self.settings.wstimeout, log=self.log,
