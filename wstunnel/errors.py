@@ -38,3 +38,31 @@ def sole_exception(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+class ProtocolError(TunnelMessageError):
+    """A well-formed protocol v2 frame that breaks its rules (stream states, windows): the peer is broken.
+
+    ``stream`` names the stream the frame was for, or is None for the whole tunnel.
+    """
+
+    def __init__(self, message: str, stream: int | None = None) -> None:
+        super().__init__(message)
+        self.stream = stream
+
+
+class LocalProtocolError(WStunnelError):
+    """We were about to send something protocol v2 does not allow in the stream's state: a bug here."""
+
+
+class StreamClosedError(WStunnelError):
+    """The stream can carry nothing more from us: we ended our side, or either side reset it.
+
+    Not a bug: a reset from the peer can always overtake what we were about to send. ``code`` is the
+    reset's error code when the stream was reset (and still remembered), else None.
+    """
+
+    def __init__(self, message: str, stream: int, code: int | None = None) -> None:
+        super().__init__(message)
+        self.stream = stream
+        self.code = code
