@@ -105,7 +105,7 @@ class ServerSettings(_Common):
     )
     shutdown_grace: float = Field(5.0, ge=0, description="time in-flight requests get on stop")
     restart_grace: float = Field(
-        10.0, ge=0, description="after start, unknown tokens wait this long for their tunnel"
+        35.0, ge=0, description="after start, unknown tokens wait this long for their tunnel"
     )
     allowed_tokens: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="if set, only these tokens may open tunnels"
