@@ -51,6 +51,21 @@ def wait_until(predicate: Callable[[], T], *, timeout: float = 15.0, what: str =
         time.sleep(0.05)
 
 
+def raw_exchange(port: int, data: bytes, *, timeout: float = 15.0) -> bytes:
+    """Send raw bytes to a server on 127.0.0.1; read until it closes or a response head is in."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        # The server may refuse before reading everything; its answer is what counts.
+        with contextlib.suppress(OSError):
+            sock.sendall(data)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
 class Process:
     def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
         self.name = name

@@ -214,6 +214,15 @@ class Container:
             )
         return result
 
+    def curl(self, url: str, *headers: str) -> str:
+        argv = ["curl", "-sS", "--fail-with-body", "--max-time", "20"]
+        for header in headers:
+            argv += ["-H", header]
+        result = self.run(*argv, url, check=False, timeout=30)
+        if result.returncode != 0:
+            raise ValueError(f"curl {url}: {result.returncode} {result.stderr.strip()} {result.stdout!r}")
+        return result.stdout
+
     def sh(self, script: str, *, timeout: float = 60.0, check: bool = True) -> str:
         return self.run("/bin/sh", "-ec", script, timeout=timeout, check=check).stdout
 

@@ -219,13 +219,7 @@ class Box:
         return state if state["ActiveState"] == "active" and state["SubState"] == "running" else None
 
     def curl(self, url: str, *headers: str) -> str:
-        argv = ["curl", "-sS", "--fail-with-body", "--max-time", "20"]
-        for header in headers:
-            argv += ["-H", header]
-        result = self.c.run(*argv, url, check=False, timeout=30)
-        if result.returncode != 0:
-            raise ValueError(f"curl {url}: {result.returncode} {result.stderr.strip()} {result.stdout!r}")
-        return result.stdout
+        return self.c.curl(url, *headers)
 
     def through_tunnel(self) -> str:
         """The curl line ``wstunnel token new`` printed, with the page's path on its URL."""

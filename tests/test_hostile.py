@@ -11,21 +11,7 @@ import pytest
 import trio
 import trio_websocket
 
-from tests.harness import Harness, Server, wait_until
-
-
-def _exchange(port: int, data: bytes, *, timeout: float = 15.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        # The server may refuse before reading everything; its answer is what counts.
-        with contextlib.suppress(OSError):
-            sock.sendall(data)
-        received = b""
-        while b"\r\n\r\n" not in received:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-        return received
+from tests.harness import Harness, Server, raw_exchange, wait_until
 
 
 def _status(reply: bytes) -> int:
@@ -70,7 +56,7 @@ def _still_serving(server: Server, token: str) -> None:
 def test_malformed_requests_are_refused(guarded: tuple[Server, str], name: str, data: bytes,
                                         status: int) -> None:
     server, token = guarded
-    assert _status(_exchange(server.port, data)) == status, name
+    assert _status(raw_exchange(server.port, data)) == status, name
     _still_serving(server, token)
 
 

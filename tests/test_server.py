@@ -16,20 +16,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.harness import PYTHON, Harness, Server, free_port, wait_until
-
-
-def raw_exchange(port: int, data: bytes, *, timeout: float = 10.0) -> bytes:
-    """Send raw bytes to the server and read until it closes or a whole response head arrives."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        received = b""
-        while b"\r\n\r\n" not in received:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-        return received
+from tests.harness import PYTHON, Harness, Server, free_port, raw_exchange, wait_until
 
 
 def status_line(response: bytes) -> bytes:

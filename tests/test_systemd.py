@@ -215,13 +215,7 @@ class Demo:
         self.c.notes.append(f"checkout under {hidden[0]}: added {lines[1:]} for the test")
 
     def curl(self, url: str, *headers: str) -> str:
-        argv = ["curl", "-sS", "--fail-with-body", "--max-time", "20"]
-        for header in headers:
-            argv += ["-H", header]
-        result = self.c.run(*argv, url, check=False, timeout=30)
-        if result.returncode != 0:
-            raise ValueError(f"curl {url}: {result.returncode} {result.stderr.strip()} {result.stdout!r}")
-        return result.stdout
+        return self.c.curl(url, *headers)
 
     def through_tunnel(self, path: str = "/hello.txt") -> str:
         return self.curl(f"http://127.0.0.1:8080{path}", f"X-Token: {self.token}")
