@@ -599,7 +599,8 @@ async def test_raw_server_sees_a_v1_handshake_and_gets_backend_answers(harness: 
             handshake, ws = await raw.next_tunnel()
             assert handshake.path == "/_tunnel"
             assert handshake.header(b"origin") == token.encode()
-            assert handshake.subprotocols == ()  # a plain v1 server must not have to pick one
+            # Our cli offers v2; a plain v1 server must not have to pick it (nor any other).
+            assert handshake.subprotocols in ((), ("wstunnel.v2",))
 
             # GET: path and query as sent; X-Token and hop-by-hop headers stop at the client.
             response = await exchange(ws, 1, (

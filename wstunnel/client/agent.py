@@ -19,9 +19,11 @@ import trio
 import trio_websocket
 
 from wstunnel import __version__, daemon, framing
+from wstunnel import framing_v2 as v2
 from wstunnel.client import dial
 from wstunnel.client import proxy as proxies
 from wstunnel.client.backend import Backend
+from wstunnel.client.streams_v2 import ClientSessionV2
 from wstunnel.config import ClientSettings
 from wstunnel.errors import DialError, HttpPayloadError, TunnelMessageError, sole_exception
 from wstunnel.headers import basic_credentials
@@ -146,6 +148,8 @@ class TunnelClient:
                 ws = await trio_websocket.wrap_client_stream(
                     nursery, stream, self.address.host_header, self.address.resource,
                     extra_headers=self._handshake_headers(),
+                    # v2 if the server picks it; an original server picks none and we speak v1.
+                    subprotocols=[v2.SUBPROTOCOL],
                     max_message_size=self.settings.max_body_size + framing.MAX_HEAD_SIZE,
                     receive_buffer_size=WS_RECEIVE_SIZE,
                 )
@@ -153,7 +157,7 @@ class TunnelClient:
             self.sessions += 1
             self.backoff.reset()
             self.log.info("WS   CONNECTED", token=self.token, url=url,
-                          local=f"{local[0]}:{local[1]}")
+                          local=f"{local[0]}:{local[1]}", protocol=self._protocol(ws))
             since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             self.notifier.status(f"connected to {url} since {since}")
             self._ws = ws
@@ -205,9 +209,19 @@ class TunnelClient:
         finally:
             self._goodbye_said.set()
 
+    @staticmethod
+    def _protocol(ws: trio_websocket.WebSocketConnection) -> str:
+        return "v2" if ws.subprotocol == v2.SUBPROTOCOL else "v1"
+
     async def _serve(self, ws: trio_websocket.WebSocketConnection, backend: Backend) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keepalive, ws)
+            if self._protocol(ws) == "v2":
+                session = ClientSessionV2(
+                    ws, backend, limiter=self.limiter, log=self.log, token=self.token,
+                )
+                await session.run()
+                return
             while True:
                 message = await ws.get_message()
                 request_id, payload = framing.split_message(message)

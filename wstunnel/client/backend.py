@@ -11,6 +11,8 @@ from __future__ import annotations
 import http.cookiejar
 import re
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -88,7 +90,18 @@ class Backend:
         except Refusal as refusal:
             return refusal.response()
 
-    async def _send(self, base: str, request: framing.Request) -> framing.Response:
+    @asynccontextmanager
+    async def open_stream(self, request: framing.Request) -> AsyncIterator[httpx.Response]:
+        """Send ``request`` and yield the response once its head is in; the body is left to read
+        (``aiter_raw``). Refusal if we answer it ourselves or the backend fails before the head."""
+        base = self.base_url(request)
+        response = await self._start(base, request)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def _start(self, base: str, request: framing.Request) -> httpx.Response:
         target = request.target if request.target.startswith(b"/") else b"/" + request.target
         url = base + target.decode("latin-1")
         headers = without_hop_by_hop(request.headers, b"x-host", b"x-token", b"host",
@@ -101,11 +114,14 @@ class Backend:
             content=request.body,
         )
         try:
-            response = await self.client.send(outgoing, stream=True)
+            return await self.client.send(outgoing, stream=True)
         except httpx.TimeoutException:
             raise Refusal(504, "Backend timeout") from None
         except (httpx.TransportError, httpx.InvalidURL, OSError) as exc:
             raise Refusal(502, f"Backend unreachable: {type(exc).__name__}") from None
+
+    async def _send(self, base: str, request: framing.Request) -> framing.Response:
+        response = await self._start(base, request)
         try:
             chunks: list[bytes] = []
             size = 0

@@ -16,14 +16,23 @@ import trio
 import trio_websocket
 
 from wstunnel import __version__, daemon, framing
+from wstunnel import framing_v2 as v2
 from wstunnel.config import ServerSettings, password_pairs
 from wstunnel.headers import get as get_header
 from wstunnel.headers import without_hop_by_hop
 from wstunnel.logs import EventLogger
 from wstunnel.server import metrics, status
-from wstunnel.server.front import FrontLimits, HttpConnection, IncomingRequest, simple_response
+from wstunnel.server.front import (
+    AnyResponse,
+    FrontLimits,
+    HttpConnection,
+    IncomingRequest,
+    StreamingResponse,
+    simple_response,
+)
 from wstunnel.server.guard import BASIC_REALM, FailureBrake, PasswordBook
 from wstunnel.server.tunnels import Failure, QueueFull, Registry, Rendezvous, TunnelConnection
+from wstunnel.server.tunnels_v2 import TunnelConnectionV2
 from wstunnel.streams import ActivityStream
 from wstunnel.tokens import MIN_LENGTH, Token
 
@@ -191,7 +200,7 @@ class TunnelServer:
     def _is_tunnel(self, request: IncomingRequest) -> bool:
         return request.path == b"/_tunnel" and request.is_websocket_upgrade()
 
-    async def _respond(self, request: IncomingRequest) -> framing.Response:
+    async def _respond(self, request: IncomingRequest) -> AnyResponse:
         self._active_requests += 1
         self._idle = trio.Event() if self._active_requests == 1 else self._idle
         try:
@@ -201,7 +210,7 @@ class TunnelServer:
             if self._active_requests == 0:
                 self._idle.set()
 
-    async def _route(self, request: IncomingRequest) -> framing.Response:
+    async def _route(self, request: IncomingRequest) -> AnyResponse:
         path = request.path
         if path == b"/_health_check":
             return simple_response(200, status.HEALTH_TEXT)
@@ -246,18 +255,26 @@ class TunnelServer:
 
     async def _tunnel_request(
         self, request: IncomingRequest, token: Token, target: bytes
-    ) -> framing.Response:
+    ) -> AnyResponse:
         started = trio.current_time()
         response = await self._exchange(request, token, target)
         # One count per request for a token, however it was answered (404, 503, 504 included);
-        # a request whose HTTP client went away has no answer and is not counted.
-        self.metrics.observe(status=response.status, seconds=trio.current_time() - started,
-                             request_bytes=len(request.body), response_bytes=len(response.body))
+        # a request whose HTTP client went away has no answer and is not counted. A streamed
+        # body is still to come: it is counted once the front has sent what it could of it.
+        if isinstance(response, StreamingResponse):
+            def observe(streamed: StreamingResponse) -> None:
+                self.metrics.observe(status=streamed.status, seconds=trio.current_time() - started,
+                                     request_bytes=len(request.body),
+                                     response_bytes=streamed.sent_bytes)
+            response.on_finish = observe
+        else:
+            self.metrics.observe(status=response.status, seconds=trio.current_time() - started,
+                                 request_bytes=len(request.body), response_bytes=len(response.body))
         return response
 
     async def _exchange(
         self, request: IncomingRequest, token: Token, target: bytes
-    ) -> framing.Response:
+    ) -> AnyResponse:
         rendezvous = self.registry.get(token)
         if rendezvous is None:
             rendezvous = await self._await_registration(token)
@@ -375,8 +392,13 @@ class TunnelServer:
                         nursery, stream, max_message_size=max_message,
                         receive_buffer_size=WS_RECEIVE_SIZE,
                     )
+                    # Our cli offers protocol v2; an original client offers nothing and gets v1.
+                    subprotocol = (
+                        v2.SUBPROTOCOL if v2.SUBPROTOCOL in handshake.proposed_subprotocols else None
+                    )
                     ws = await handshake.accept(
-                        extra_headers=[(VERSION_HEADER, __version__.encode())]
+                        subprotocol=subprotocol,
+                        extra_headers=[(VERSION_HEADER, __version__.encode())],
                     )
             finally:
                 self._handshakes -= 1
@@ -384,12 +406,20 @@ class TunnelServer:
             arrival = self._awaited.pop(token, None)
             if arrival is not None:
                 arrival.set()
-            connection = TunnelConnection(
-                rendezvous, ws, stream, addr=addr, client_version=version,
-                transport="websocket", wstimeout=self.settings.wstimeout, log=self.log,
-            )
+            connection: TunnelConnection
+            if subprotocol == v2.SUBPROTOCOL:
+                connection = TunnelConnectionV2(
+                    rendezvous, ws, stream, addr=addr, client_version=version,
+                    transport="websocket", wstimeout=self.settings.wstimeout, log=self.log,
+                    httptimeout=self.settings.httptimeout,
+                )
+            else:
+                connection = TunnelConnection(
+                    rendezvous, ws, stream, addr=addr, client_version=version,
+                    transport="websocket", wstimeout=self.settings.wstimeout, log=self.log,
+                )
             self.log.info("WS   NEW", token=token, addr=addr, version=version,
-                          clients=len(rendezvous.connections) + 1)
+                          protocol=connection.protocol, clients=len(rendezvous.connections) + 1)
             try:
                 await connection.serve()
             finally:

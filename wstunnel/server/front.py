@@ -8,8 +8,10 @@ application receives the raw stream, with the handshake bytes replayed, and owns
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import h11
 import trio
@@ -68,7 +70,43 @@ class FrontLimits:
     header_timeout: float
 
 
-Responder = Callable[[IncomingRequest], Awaitable[framing.Response]]
+class ResponseAborted(Exception):
+    """A streamed response body cannot be completed (the tunnel reset it or died)."""
+
+
+class BodySource(Protocol):
+    """Where a streamed response body comes from (a protocol v2 stream)."""
+
+    async def receive(self) -> bytes | None:
+        """The next chunk; None at the end; ResponseAborted if the body will never be complete."""
+        ...
+
+    def consumed(self, amount: int) -> None:
+        """``amount`` bytes were written to the HTTP client: the source may let more come."""
+        ...
+
+    def close(self) -> None:
+        """We are done with the body, whole or not: release it (cancel the stream if unfinished)."""
+        ...
+
+
+@dataclass(eq=False)
+class StreamingResponse:
+    """A response whose head is known and whose body arrives chunk by chunk."""
+
+    status: int
+    reason: bytes
+    headers: Headers
+    body: BodySource
+    # The longest wait for the next chunk: deadlines follow activity, not the transfer's size.
+    idle_timeout: float = math.inf
+    sent_bytes: int = 0
+    # Called once the body is over, sent whole or not (metrics count its bytes then).
+    on_finish: Callable[[StreamingResponse], None] | None = None
+
+
+AnyResponse = framing.Response | StreamingResponse
+Responder = Callable[[IncomingRequest], Awaitable[AnyResponse]]
 TunnelTaker = Callable[[IncomingRequest, ActivityStream], Awaitable[None]]
 IsTunnel = Callable[[IncomingRequest], bool]
 
@@ -184,7 +222,15 @@ class HttpConnection:
                 await self.take_tunnel(request, ActivityStream(self.stream, replay))
                 return
             response = await self.respond(request)
-            await self._send_response(response, head_only=request.method == b"HEAD")
+            if isinstance(response, StreamingResponse):
+                try:
+                    await self._send_streaming(response, head_only=request.method == b"HEAD")
+                finally:
+                    response.body.close()  # a no-op once the body ended; else cancels the stream
+                    if response.on_finish is not None:
+                        response.on_finish(response)
+            else:
+                await self._send_response(response, head_only=request.method == b"HEAD")
             if self.conn.our_state is h11.MUST_CLOSE or self.draining():
                 return
             try:
@@ -262,6 +308,41 @@ class HttpConnection:
             await self._send(h11.EndOfMessage())
         except h11.LocalProtocolError:
             # h11 refused to write what the tunnel sent: the response is lost; so is the socket.
+            raise trio.BrokenResourceError from None
+
+    async def _send_streaming(self, response: StreamingResponse, *, head_only: bool = False) -> None:
+        """Send the head now and each body chunk as it comes.
+
+        A ``Content-Length`` from the backend is kept (h11 then refuses a body of another size,
+        which aborts the connection); without one h11 uses chunked coding. A body that cannot be
+        completed aborts the connection without the final chunk, so the client sees an error and
+        never a clean, truncated response.
+        """
+        headers = [
+            (k, v) for k, v in response.headers
+            if k.lower() not in (b"connection", b"keep-alive", b"transfer-encoding")
+        ]
+        bodyless = head_only or response.status in (204, 304) or response.status < 200
+        if self.draining():
+            headers.append((b"Connection", b"close"))
+        try:
+            await self._send(h11.Response(
+                status_code=response.status, headers=headers, reason=response.reason
+            ))
+            while True:
+                with trio.fail_after(response.idle_timeout):
+                    chunk = await response.body.receive()
+                if chunk is None:
+                    break
+                if not bodyless:
+                    await self._send(h11.Data(data=chunk))
+                    response.sent_bytes += len(chunk)
+                # Credit goes back only once the bytes are in the client's socket: a slow
+                # client slows its own stream, nothing else.
+                response.body.consumed(len(chunk))
+            await self._send(h11.EndOfMessage())
+        except (h11.LocalProtocolError, ResponseAborted, trio.TooSlowError):
+            # The body is wrong (not its Content-Length), broken or stalled: drop the socket.
             raise trio.BrokenResourceError from None
 
     async def _send_error(self, status: int, text: str) -> None:

@@ -21,6 +21,7 @@ import trio_websocket
 from wstunnel import framing
 from wstunnel.errors import HttpPayloadError, TunnelMessageError
 from wstunnel.logs import EventLogger
+from wstunnel.server.front import StreamingResponse
 from wstunnel.streams import ActivityStream
 from wstunnel.tokens import Token
 
@@ -48,7 +49,8 @@ class PendingRequest:
     tries: int = 0
     abandoned: bool = False
     holder: TunnelConnection | None = None
-    outcome: framing.Response | Failure | None = None
+    # A v1 tunnel answers with a whole Response; a v2 tunnel with a StreamingResponse.
+    outcome: framing.Response | StreamingResponse | Failure | None = None
     done: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -59,7 +61,7 @@ class PendingRequest:
     def idempotent(self) -> bool:
         return self.method in IDEMPOTENT_METHODS
 
-    def finish(self, outcome: framing.Response | Failure) -> None:
+    def finish(self, outcome: framing.Response | StreamingResponse | Failure) -> None:
         if self.outcome is None:
             self.outcome = outcome
             self.done.set()
@@ -165,7 +167,9 @@ class Rendezvous:
     def idle_for(self) -> float:
         return trio.current_time() - self.last_activity
 
-    async def exchange(self, pending: PendingRequest, *, deadline: float) -> framing.Response | Failure:
+    async def exchange(
+        self, pending: PendingRequest, *, deadline: float
+    ) -> framing.Response | StreamingResponse | Failure:
         """Queue ``pending`` and wait for its outcome until ``deadline`` (trio clock)."""
         self.touch()
         try:
@@ -182,6 +186,8 @@ class Rendezvous:
                 # Timed out or the HTTP client went away: leave the queue, free the id.
                 pending.abandoned = True
                 self.queue.discard(pending)
+                if pending.holder is not None:
+                    pending.holder.abandon(pending)  # v2 cancels the stream; v1 cannot
             self.release(pending)
             self.touch()
         if pending.outcome is None:
@@ -263,6 +269,8 @@ class Registry:
 class TunnelConnection:
     """One client's WebSocket, pulling requests from its token's queue and returning responses."""
 
+    protocol = "v1"
+
     def __init__(
         self,
         rendezvous: Rendezvous,
@@ -328,6 +336,9 @@ class TunnelConnection:
                 await self.ws.aclose(code, reason)
             finally:
                 self._closed.set()
+
+    def abandon(self, pending: PendingRequest) -> None:
+        """The HTTP side gave up on ``pending``: v1 has no way to tell the client."""
 
     async def _send_requests(self) -> None:
         queue = self.rendezvous.queue

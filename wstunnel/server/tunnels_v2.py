@@ -1,0 +1,280 @@
+"""The server's end of a protocol v2 tunnel: requests go out as streams, responses stream back.
+
+A :class:`TunnelConnectionV2` pulls from the same :class:`~wstunnel.server.tunnels.Rendezvous`
+queue as v1 connections, so v1 and v2 clients of one token share its requests. Each request becomes
+a stream (HEAD, DATA within the peer's windows, END); the final response head finishes the
+PendingRequest with a :class:`~wstunnel.server.front.StreamingResponse` whose body is fed by the
+stream's DATA frames. Credit goes back to the client only as the HTTP front writes the bytes to its
+client (``consumed``), which is the backpressure: a slow HTTP client stalls its own stream only.
+
+Every frame goes through one outbound channel drained by one writer task, and frames are put on it
+without a checkpoint after the V2Connection call that made them (framing_v2's ordering rule).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import trio_websocket
+
+from wstunnel import framing_v2 as v2
+from wstunnel.errors import FramingError, StreamClosedError
+from wstunnel.headers import without
+from wstunnel.server.front import ResponseAborted, StreamingResponse
+from wstunnel.server.tunnels import Failure, PendingRequest, TunnelConnection, _short_target
+
+_END = object()  # marks the end of a body in a stream's chunk channel
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One request on the tunnel, as the server sees it."""
+
+    id: int
+    pending: PendingRequest
+    chunks_in: trio.MemorySendChannel[object]
+    chunks_out: trio.MemoryReceiveChannel[object]
+    headed: bool = False  # the final response head arrived
+    finished: bool = False  # ended or reset: nothing more will come
+    aborted: str | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class _StreamBody:
+    """The body of one streamed response, as the HTTP front pulls it (front.BodySource)."""
+
+    def __init__(self, connection: TunnelConnectionV2, stream: _Stream) -> None:
+        self._connection = connection
+        self._stream = stream
+        self._closed = False
+
+    async def receive(self) -> bytes | None:
+        stream = self._stream
+        try:
+            item = await stream.chunks_out.receive()
+        except trio.EndOfChannel:
+            raise ResponseAborted(stream.aborted or "stream aborted") from None
+        if item is _END:
+            return None
+        assert isinstance(item, bytes)
+        return item
+
+    def consumed(self, amount: int) -> None:
+        self._connection.credit(self._stream, amount)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._connection.cancel_stream(self._stream, v2.ErrorCode.CANCEL, "HTTP client done")
+
+
+class TunnelConnectionV2(TunnelConnection):
+    """One v2 client's WebSocket: many concurrent streams, each with its own flow control."""
+
+    protocol = "v2"
+
+    def __init__(self, *args: Any, httptimeout: float = math.inf, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.httptimeout = httptimeout
+        self.conn = v2.V2Connection("server")
+        self.streams: dict[int, _Stream] = {}
+        # Unbounded, but what waits in it is bounded by the peer's windows (DATA) or tiny.
+        self._outbox_in, self._outbox_out = trio.open_memory_channel[bytes](math.inf)
+        # Replaced each time the peer grants credit; a sender short of credit waits on it.
+        self._credit = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    async def serve(self) -> None:
+        self.rendezvous.connections.append(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._write_frames)
+                nursery.start_soon(self._send_requests)
+                nursery.start_soon(self._watch_silence, nursery.cancel_scope)
+                await self._receive_frames()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._outbox_in.close()
+            self.rendezvous.connections.remove(self)
+            for stream in list(self.streams.values()):
+                self._abort(stream, "tunnel connection lost")
+            self._fail_in_flight()
+
+    # -- helpers used by the HTTP side -------------------------------------------------------
+
+    def credit(self, stream: _Stream, amount: int) -> None:
+        if amount:
+            self._emit(*self.conn.consumed(stream.id, amount))
+
+    def cancel_stream(self, stream: _Stream, code: int, reason: str) -> None:
+        """Reset ``stream`` unless it is over already; fine to call on a dead tunnel."""
+        self.streams.pop(stream.id, None)
+        stream.finished = True
+        # Nothing to send if the stream is over both ways; but a response may end while our
+        # request body is still going, and then the RESET stops that too.
+        self._emit(*self.conn.reset(stream.id, code, reason))
+        stream.scope.cancel()  # its request body need not go on
+
+    def abandon(self, pending: PendingRequest) -> None:
+        for stream in list(self.streams.values()):
+            if stream.pending is pending:
+                self.cancel_stream(stream, v2.ErrorCode.CANCEL, "HTTP client gave up")
+                self.in_flight.pop(pending.id, None)
+                pending.holder = None
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def _emit(self, *frames: v2.Frame) -> None:
+        """Queue frames for the writer, in order and without a checkpoint."""
+        for frame in frames:
+            try:
+                self._outbox_in.send_nowait(v2.encode_frame(frame))
+            except trio.ClosedResourceError:
+                return  # the tunnel is gone: so is everything we would have said
+
+    async def _write_frames(self) -> None:
+        async for message in self._outbox_out:
+            try:
+                await self.ws.send_message(message)
+            except trio_websocket.ConnectionClosed:
+                return
+
+    async def _send_requests(self) -> None:
+        assert self._nursery is not None
+        queue = self.rendezvous.queue
+        while True:
+            pending = await queue.get()
+            if pending.abandoned:
+                continue
+            request = pending.request
+            headers = without(request.headers, (b"transfer-encoding",))
+            try:
+                stream_id, head = self.conn.send_request(
+                    request.method, request.target, headers, end_stream=not request.body
+                )
+            except ValueError as exc:
+                self.log.warning("WS   ERR", token=self.token, id=pending.id, err=str(exc))
+                pending.finish(Failure(400, "Request cannot be carried by the tunnel"))
+                self.rendezvous.release(pending)
+                continue
+            pending.holder = self
+            pending.tries += 1
+            self.in_flight[pending.id] = pending
+            send, receive = trio.open_memory_channel[object](math.inf)  # bounded by our windows
+            stream = _Stream(stream_id, pending, send, receive)
+            self.streams[stream_id] = stream
+            self._emit(head)
+            self.log.info(
+                "WS   SND", token=self.token, id=pending.id, stream=stream_id,
+                info=f"{pending.method.decode('latin-1')} {_short_target(request.target)}",
+            )
+            if request.body:
+                self._nursery.start_soon(self._send_body, stream)
+
+    async def _send_body(self, stream: _Stream) -> None:
+        """The request body, whole in memory here, as DATA within the client's windows."""
+        body = memoryview(stream.pending.request.body)
+        offset = 0
+        with stream.scope:
+            try:
+                while offset < len(body):
+                    credit = self._credit
+                    frames, taken = self.conn.data_frames(stream.id, body[offset:], end_stream=True)
+                    self._emit(*frames)
+                    offset += taken
+                    if not taken:
+                        await credit.wait()
+            except StreamClosedError:
+                pass  # reset meanwhile: nothing more to send
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    async def _receive_frames(self) -> None:
+        while True:
+            try:
+                message = await self.ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                return
+            self.rendezvous.touch()
+            try:
+                events = self.conn.receive(message)
+            except FramingError as exc:
+                self.log.warning("WS   ERR", token=self.token, err=str(exc))
+                await self.close(1002, "protocol error")
+                return
+            for event in events:
+                self._on_event(event)
+
+    def _on_event(self, event: v2.Event) -> None:
+        if isinstance(event, v2.WindowUpdated):
+            self._wake_senders()
+        elif isinstance(event, v2.SendFrame):
+            self._emit(event.frame)
+        elif isinstance(event, v2.ResponseReceived):
+            self._on_response(event)
+        elif isinstance(event, v2.DataReceived):
+            stream = self.streams.get(event.stream)
+            if stream is not None:
+                stream.chunks_in.send_nowait(event.data)
+            else:  # nobody will read it (a late frame): give the credit straight back
+                self._emit(*self.conn.consumed(event.stream, len(event.data)))
+        elif isinstance(event, v2.StreamEnded):
+            stream = self.streams.get(event.stream)
+            if stream is not None and stream.headed:
+                stream.finished = True
+                stream.chunks_in.send_nowait(_END)
+                stream.chunks_in.close()
+                del self.streams[event.stream]
+        elif isinstance(event, v2.StreamReset):
+            stream = self.streams.get(event.stream)
+            if stream is not None:
+                stream.finished = True
+                self._abort(stream, f"reset by the tunnel client: {event.reason or event.code}",
+                            code=event.code)
+            self._wake_senders()
+
+    def _wake_senders(self) -> None:
+        self._credit.set()
+        self._credit = trio.Event()
+
+    def _on_response(self, event: v2.ResponseReceived) -> None:
+        stream = self.streams.get(event.stream)
+        if stream is None or event.informational:
+            return  # a 1xx tells the HTTP client nothing it needs; the final head follows
+        pending = stream.pending
+        stream.headed = True
+        self.in_flight.pop(pending.id, None)
+        pending.holder = None
+        self.answered += 1
+        self.log.info("WS   RCV", token=self.token, id=pending.id, stream=stream.id, status=event.status)
+        if pending.abandoned or pending.outcome is not None:
+            self.cancel_stream(stream, v2.ErrorCode.CANCEL, "HTTP client gave up")
+        else:
+            pending.finish(StreamingResponse(
+                status=event.status, reason=event.reason, headers=event.headers,
+                body=_StreamBody(self, stream), idle_timeout=self.httptimeout,
+            ))
+        self.rendezvous.release(pending)
+
+    def _abort(self, stream: _Stream, reason: str, code: int | None = None) -> None:
+        """The stream will never complete: fail or retry its request, or abort its response."""
+        self.streams.pop(stream.id, None)
+        stream.scope.cancel()
+        if stream.headed:
+            stream.aborted = reason
+            stream.chunks_in.close()  # the reader gets EndOfChannel after what was buffered
+            return
+        pending = stream.pending
+        if code is None:
+            return  # the tunnel died: _fail_in_flight retries or fails what it holds
+        self.in_flight.pop(pending.id, None)
+        pending.holder = None
+        if code == v2.ErrorCode.TOO_LARGE:
+            pending.finish(Failure(413, "Request body too large for the tunnel client"))
+        else:
+            pending.finish(Failure(502, "Tunnel client reset the request"))
+        self.rendezvous.release(pending)
