@@ -209,7 +209,7 @@ class Demo:
         lines = ["[Service]", f"BindReadOnlyPaths={ROOT}"]
         if not hidden[0].startswith(("/tmp", "/var/tmp")):
             lines.insert(1, "ProtectHome=tmpfs")
-        for unit in ("wstunsrv.service", "wstuncli@.service"):
+        for unit in ("wstunsrv.service", "wstuncli@.service", "wstunsrv@.service"):
             self.c.run("install", "-d", f"/etc/systemd/system/{unit}.d")
             self.c.write(f"/etc/systemd/system/{unit}.d/00-test-checkout.conf", "\n".join(lines) + "\n")
         self.c.notes.append(f"checkout under {hidden[0]}: added {lines[1:]} for the test")
