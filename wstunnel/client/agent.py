@@ -126,7 +126,7 @@ class TunnelClient:
         try:
             await self._connect_and_serve(backend)
         except BaseException as exc:
-            sole = sole_exception(exc)
+            sole = _first_session_ending(exc, self.settings.timeout)
             if self.stopping and isinstance(sole, trio_websocket.ConnectionClosed):
                 return "client stopping"  # our own Close frame, sent by close()
             reason = _describe_session_end(sole, self.settings.timeout)
@@ -266,6 +266,28 @@ class TunnelClient:
                                  err="tunnel closed before the response was sent")
         finally:
             self.limiter.release_on_behalf_of(ticket)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _first_session_ending(exc: BaseException, timeout: float) -> BaseException:
+    """The error that ended a session, even when several tasks saw the end at once.
+
+    A lost connection reaches the receiver and an in-flight ping together, so the nursery
+    raises a group of two ConnectionClosed; that is one ending, not a bug. Anything else in
+    the group (a real bug, or only cancellation) comes back as it is, to propagate.
+    """
+    sole = sole_exception(exc)
+    if not isinstance(sole, BaseExceptionGroup):
+        return sole
+    real = [leaf for leaf in _leaves(sole) if not isinstance(leaf, trio.Cancelled)]
+    if real and all(_describe_session_end(leaf, timeout) is not None for leaf in real):
+        return real[0]
+    return sole
 
 
 def _describe_session_end(exc: BaseException, timeout: float) -> str | None:
