@@ -1,0 +1,94 @@
+"""The benchmark runs: ``scripts/bench --smoke`` once, end to end, and its JSON is complete and sane.
+
+The figures themselves are not judged (issue 7: targets are measured, never asserted); only that
+every workload ran on both paths, that direct and tunnel both carried traffic, that nothing failed
+where nothing may fail, and that every process the benchmark started is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import ROOT
+
+BENCH = ROOT / "scripts" / "bench"
+WORKLOADS = ["get-c1", "get-c32", "get-c128", "download-small", "download-large", "upload-small",
+             "upload-large", "idle-20", "tokens"]
+
+
+def _tools_present() -> bool:
+    return shutil.which("wrk") is not None and (
+        shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists())
+
+
+def _summary(document: dict[str, Any], workload: str, target: str) -> dict[str, float]:
+    return document["workloads"][workload]["targets"][target]["summary"]
+
+
+def test_smoke_run_reports_every_workload_on_both_paths(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    # scripts/test has just set up the venv; the benchmark still installs wrk and nginx if missing.
+    argv = [str(BENCH), "--smoke", "--skip-venv-setup", "--deadline", "150", "--json", str(out)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    if done.returncode != 0 and not _tools_present():
+        pytest.skip(f"wrk/nginx could not be installed: {(done.stdout + done.stderr)[-800:]}")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    document = json.loads(out.read_text())
+    assert document["complete"], document["status"]
+    assert set(document["workloads"]) == set(WORKLOADS)
+    assert "wstunnel/direct" in done.stdout  # the table, with its ratio column
+
+    for workload in ("get-c1", "get-c32", "get-c128", "tokens"):
+        for target in ("direct", "wstunnel"):
+            summary = _summary(document, workload, target)
+            assert summary["rps"] > 0, (workload, target, summary)
+            assert summary["p50_ms"] > 0, (workload, target, summary)
+            assert summary["p99_ms"] >= summary["p50_ms"], (workload, target, summary)
+        assert "rps" in document["workloads"][workload]["ratios"]["wstunnel"]
+    for target in ("direct", "wstunnel"):
+        one = _summary(document, "get-c1", target)
+        assert one["non2xx"] == 0 and one["socket_errors"] == 0, (target, one)
+
+    for workload in ("download-small", "download-large", "upload-small", "upload-large"):
+        for target in ("direct", "wstunnel"):
+            summary = _summary(document, workload, target)
+            assert summary["mb_s"] > 0, (workload, target, summary)
+            assert summary["non2xx"] == 0 and summary["failed"] == 0, (workload, target, summary)
+        tunnel = _summary(document, workload, "wstunnel")
+        assert tunnel["srv_peak_mib"] > 1 and tunnel["cli_peak_mib"] > 1, (workload, tunnel)
+
+    assert "direct" not in document["workloads"]["idle-20"]["targets"]
+    idle = _summary(document, "idle-20", "wstunnel")
+    assert idle["missing"] == 0, idle
+    assert idle["connect_s"] > 0 and idle["reconnect_s"] > 0, idle
+    assert "srv_kib_per_tunnel" in idle and idle["cli_kib_per_tunnel"] > 0, idle
+
+    # Everything the benchmark started (nginx, srv, cli, co-hosted clients) was stopped.
+    assert document["pids"]
+    left = [pid for pid in document["pids"] if _alive(pid)]
+    assert not left, left
+
+
+def _alive(pid: int) -> bool:
+    """Still running and one of ours (a pid reused since by something else does not count)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    ours = any(word in command for word in ("wstunnel", "nginx", "many_clients"))
+    return ours and "State:\tZ" not in status
+
+
+def test_bench_help_lists_the_workloads() -> None:
+    done = subprocess.run([str(BENCH), "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    for name in ("get-c1", "download-large", "idle", "tokens", "--reference", "--smoke"):
+        assert name in done.stdout
