@@ -203,12 +203,30 @@ class TunnelServer:
     async def _respond(self, request: IncomingRequest) -> AnyResponse:
         self._active_requests += 1
         self._idle = trio.Event() if self._active_requests == 1 else self._idle
+        streaming = False
         try:
-            return await self._route(request)
+            response = await self._route(request)
+            if isinstance(response, StreamingResponse):
+                # Its body is still to come: the request stays active (a graceful stop waits
+                # for it) until the front has sent the body, or given up on it.
+                streaming = True
+                earlier = response.on_finish
+
+                def finished(sent: StreamingResponse) -> None:
+                    if earlier is not None:
+                        earlier(sent)
+                    self._request_done()
+
+                response.on_finish = finished
+            return response
         finally:
-            self._active_requests -= 1
-            if self._active_requests == 0:
-                self._idle.set()
+            if not streaming:
+                self._request_done()
+
+    def _request_done(self) -> None:
+        self._active_requests -= 1
+        if self._active_requests == 0:
+            self._idle.set()
 
     async def _route(self, request: IncomingRequest) -> AnyResponse:
         path = request.path
