@@ -310,13 +310,25 @@ class TunnelConnection:
         self.rendezvous.connections.append(self)
         try:
             async with trio.open_nursery() as nursery:
+                self._start_tasks(nursery)
                 nursery.start_soon(self._send_requests)
                 nursery.start_soon(self._watch_silence, nursery.cancel_scope)
-                await self._receive_responses()
+                await self._receive()
                 nursery.cancel_scope.cancel()
         finally:
             self.rendezvous.connections.remove(self)
-            self._fail_in_flight()
+            self._connection_lost()
+
+    # Hooks for the protocol versions: v1 needs no extra task and answers whole messages.
+
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        pass
+
+    async def _receive(self) -> None:
+        await self._receive_responses()
+
+    def _connection_lost(self) -> None:
+        self._fail_in_flight()
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         """Close with a Close frame; a second caller waits for the first one's handshake.

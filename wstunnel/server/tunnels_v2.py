@@ -87,22 +87,18 @@ class TunnelConnectionV2(TunnelConnection):
         self._credit = trio.Event()
         self._nursery: trio.Nursery | None = None
 
-    async def serve(self) -> None:
-        self.rendezvous.connections.append(self)
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._write_frames)
-                nursery.start_soon(self._send_requests)
-                nursery.start_soon(self._watch_silence, nursery.cancel_scope)
-                await self._receive_frames()
-                nursery.cancel_scope.cancel()
-        finally:
-            self._outbox_in.close()
-            self.rendezvous.connections.remove(self)
-            for stream in list(self.streams.values()):
-                self._abort(stream, "tunnel connection lost")
-            self._fail_in_flight()
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        nursery.start_soon(self._write_frames)
+
+    async def _receive(self) -> None:
+        await self._receive_frames()
+
+    def _connection_lost(self) -> None:
+        self._outbox_in.close()
+        for stream in list(self.streams.values()):
+            self._abort(stream, "tunnel connection lost")
+        self._fail_in_flight()
 
     # -- helpers used by the HTTP side -------------------------------------------------------
 
