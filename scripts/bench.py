@@ -25,6 +25,14 @@ Workloads (``--only`` takes these names, or the groups ``get``, ``download``, ``
   ``--duration`` seconds (at least one): MB/s (10^6 bytes) over the transfer times, failed
   transfers, and the peak resident memory of srv and cli (each with its children) sampled from
   /proc every 50 ms.
+- ``busy-latency``: ``BUSY_REQUESTS`` sequential 1 KiB GETs on one keep-alive connection, timed
+  on an idle path, then again while curl downloads the large file on the same path (same token,
+  so the same tunnel): p50 of each and their ratio (issue 5: within 2x), and whether the
+  download was still running when the GETs were done.
+- ``sse``: a server-sent-events backend in this process (behind the same nginx, ``proxy_buffering
+  off``) writes ``SSE_EVENTS`` events ``SSE_GAP`` s apart; the time from each write to its arrival
+  at the HTTP client (one clock: both ends are threads of this process): p50 and max (issue 5:
+  under 20 ms).
 - ``idle-N`` for each N of ``--idle``: a fresh server, N tunnels from tests/many_clients.py (the
   real TunnelClient, co-hosted in one process): server memory per tunnel (VmRSS growth / N),
   client memory per tunnel, then the server is restarted (SIGTERM, start again on its port) and
@@ -68,8 +76,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
@@ -87,7 +97,11 @@ GROUPS = {
     "upload": ["upload-small", "upload-large"],
     "transfer": list(TRANSFER_WORKLOADS),
 }
-ALL_WORKLOADS = [*GET_WORKLOADS, *TRANSFER_WORKLOADS, "idle", "tokens"]
+STREAM_WORKLOADS = ("busy-latency", "sse")
+GROUPS["stream"] = list(STREAM_WORKLOADS)
+ALL_WORKLOADS = [*GET_WORKLOADS, *TRANSFER_WORKLOADS, *STREAM_WORKLOADS, "idle", "tokens"]
+BUSY_REQUESTS = 200  # small GETs timed on an idle path, then as many during a large download
+SSE_EVENTS, SSE_GAP = 50, 0.02  # events per stream, seconds between them
 TOKENS_CONNECTIONS = 100
 WRK_TIMEOUT = "10s"
 
@@ -183,6 +197,13 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_pass http://upload_sink;
+        }}
+        # The server-sent-events backend (a thread of the benchmark): events pass unbuffered.
+        location /sse/ {{
+            proxy_buffering off;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass http://127.0.0.1:{sse_port};
         }}
     }}
     server {{
@@ -571,6 +592,124 @@ def run_transfers(url: str, headers: dict[str, str], size: int, upload: Path | N
     }
 
 
+class EventSource:
+    """The ``sse`` workload's backend: a thread of this process writing server-sent events.
+
+    ``GET /sse/KEY?n=N&gap=S`` answers ``text/event-stream`` and writes N events (``data: I``) S
+    seconds apart, each in its own chunk, noting when it wrote each one under KEY, so the reader
+    (another thread here, on the same monotonic clock) can tell how long each took to arrive.
+    """
+
+    def __init__(self) -> None:
+        self.writes: dict[str, list[float]] = {}
+        source = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # each event is one small write: no 40 ms Nagle wait
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                url = urlsplit(self.path)
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                count = min(int(query.get("n", "10")), 10_000)
+                gap = min(float(query.get("gap", "0.02")), 5.0)
+                times = source.writes.setdefault(url.path.rsplit("/", 1)[-1], [])
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                try:
+                    for index in range(count):
+                        event = b"data: %d\n\n" % index
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                        self.wfile.flush()
+                        times.append(time.monotonic())
+                        time.sleep(gap)  # the pace of the event source, not a wait on a condition
+                    self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> EventSource:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def run_sse(url: str, headers: dict[str, str], source: EventSource, clock: Clock) -> dict[str, Any]:
+    """Delays from each event's write at the backend to its arrival here, in ms."""
+    key = secrets.token_hex(6)
+    arrivals: list[float] = []
+    timeout = clock.bound(SSE_EVENTS * SSE_GAP + 30)
+    with httpx.Client(trust_env=False, timeout=timeout) as client, client.stream(
+            "GET", f"{url}/sse/{key}?n={SSE_EVENTS}&gap={SSE_GAP}", headers=headers) as response:
+        if response.status_code != 200:
+            return {"non2xx": 1, "events": 0}
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append(time.monotonic())
+    writes = source.writes.pop(key, [])
+    delays = [(arrived - written) * 1000 for arrived, written in zip(arrivals, writes, strict=False)]
+    if not delays:
+        return {"non2xx": 0, "events": 0, "missing": SSE_EVENTS}
+    delays.sort()
+    return {"event_p50_ms": round(statistics.median(delays), 3),
+            "event_p99_ms": round(delays[min(len(delays) - 1, int(len(delays) * 0.99))], 3),
+            "event_max_ms": round(delays[-1], 3), "events": len(delays),
+            "missing": SSE_EVENTS - len(delays), "non2xx": 0}
+
+
+def timed_gets(client: httpx.Client, url: str, count: int, clock: Clock) -> tuple[list[float], int]:
+    """Milliseconds of ``count`` sequential GETs (fewer if the deadline nears), and non-2xx seen."""
+    times: list[float] = []
+    bad = 0
+    for _ in range(count):
+        clock.check(1)
+        started = time.perf_counter()
+        response = client.get(url)
+        times.append((time.perf_counter() - started) * 1000)
+        bad += response.status_code != 200
+    return times, bad
+
+
+def run_busy_latency(url: str, headers: dict[str, str], large: str, size: int,
+                     clock: Clock) -> dict[str, Any]:
+    """Small GETs on an idle path, then while curl downloads ``large`` on the same path."""
+    with httpx.Client(trust_env=False, headers=headers, timeout=clock.bound(30)) as client:
+        timed_gets(client, f"{url}/1k.bin", 10, clock)  # untimed: the connection, the pools
+        idle, bad = timed_gets(client, f"{url}/1k.bin", BUSY_REQUESTS, clock)
+        argv = ["curl", "-sS", "--noproxy", "*", "--max-time", f"{clock.bound(600):.0f}"]
+        for name, value in headers.items():
+            argv += ["-H", f"{name}: {value}"]
+        # Enough back-to-back copies for the download to outlast the timed GETs, bounded.
+        copies = max(1, min(20, (256 * MiB) // size))
+        for _ in range(copies):
+            argv += ["-o", "/dev/null", f"{url}/{large}"]
+        download = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            busy, busy_bad = timed_gets(client, f"{url}/1k.bin", BUSY_REQUESTS, clock)
+            overlapped = download.poll() is None  # still downloading once the GETs were done
+        finally:
+            download.terminate()
+            download.communicate(timeout=30)
+    idle_p50, busy_p50 = statistics.median(idle), statistics.median(busy)
+    return {"idle_p50_ms": round(idle_p50, 3), "busy_p50_ms": round(busy_p50, 3),
+            "slowdown": round(busy_p50 / idle_p50, 2), "busy_p99_ms": round(
+                sorted(busy)[int(len(busy) * 0.99) - 1], 3),
+            "overlapped": int(overlapped), "non2xx": bad + busy_bad}
+
+
 @dataclass
 class Settings:
     rounds: int
@@ -710,6 +849,15 @@ METRICS: dict[str, list[tuple[str, str, str, str]]] = {
              ("reconnect_s", "all back after restart s", "median", "{:.2f}"),
              ("stop_s", "srv stop s", "median", "{:.2f}"),
              ("missing", "tunnels missing (sum)", "sum", "{:,}")],
+    "busy": [("idle_p50_ms", "idle p50 ms", "median", "{:.2f}"),
+             ("busy_p50_ms", "p50 ms during download", "median", "{:.2f}"),
+             ("slowdown", "during / idle", "median", "{:.2f}"),
+             ("overlapped", "overlapped runs (sum)", "sum", "{:,}"),
+             ("non2xx", "non-2xx (sum)", "sum", "{:,}")],
+    "sse": [("event_p50_ms", "event delay p50 ms", "median", "{:.2f}"),
+            ("event_max_ms", "event delay max ms", "median", "{:.2f}"),
+            ("missing", "events missing (sum)", "sum", "{:,}"),
+            ("non2xx", "non-2xx (sum)", "sum", "{:,}")],
     "tokens": [("rps", "req/s", "median", "{:,.0f}"), ("p50_ms", "p50 ms", "median", "{:.2f}"),
                ("p99_ms", "p99 ms", "median", "{:.2f}"),
                ("srv_peak_mib", "srv peak RSS MiB", "median", "{:,.1f}"),
@@ -723,6 +871,8 @@ def kind_of(workload: str) -> str:
         return "get"
     if workload in TRANSFER_WORKLOADS:
         return "transfer"
+    if workload in STREAM_WORKLOADS:
+        return "busy" if workload == "busy-latency" else "sse"
     return "idle" if workload.startswith("idle-") else "tokens"
 
 
@@ -793,6 +943,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--transfer-duration", type=float, default=None,
                         help="seconds of back-to-back transfers per run (--duration)")
     parser.add_argument("--only", default="", help="comma-separated workloads or groups")
+    parser.add_argument("--large-size", type=int, default=100, metavar="MIB",
+                        help="size of the large download/upload file, MiB (100; 1024 for issue 5)")
     parser.add_argument("--idle", default="1000", help="idle tunnel counts, comma-separated (1000)")
     parser.add_argument("--tokens", type=int, default=100, help="tokens of the tokens workload (100)")
     parser.add_argument("--reconnect-cap", type=float, default=5.0,
@@ -824,6 +976,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--idle takes counts like 1000,10000")
     if args.rounds < 1 or args.duration < 1 or args.tokens < 1 or min(args.idle_counts, default=1) < 1:
         parser.error("rounds, duration, tokens and idle counts must be at least 1")
+    if not 1 <= args.large_size <= 16 * 1024:
+        parser.error("--large-size is in MiB, 1 to 16384")
     return args
 
 
@@ -838,7 +992,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
     transfer = args.transfer_duration if args.transfer_duration is not None else args.duration
     return Settings(rounds=args.rounds, duration=args.duration, transfer_duration=transfer,
                     sizes={"1k.bin": KiB, "64k.bin": 64 * KiB, "small.bin": MiB,
-                           "large.bin": 100 * MiB},
+                           "large.bin": args.large_size * MiB},
                     small="small.bin", large="large.bin", idle=args.idle_counts, tokens=args.tokens,
                     reconnect_cap=args.reconnect_cap, warmup=2,
                     restart_signal=signal.Signals["SIG" + args.restart_signal])
@@ -848,7 +1002,7 @@ def human(size: int) -> str:
     return f"{size // MiB} MiB" if size >= MiB else f"{size // KiB} KiB"
 
 
-def start_nginx(procs: Procs, work: Path, cfg: Settings, clock: Clock) -> str:
+def start_nginx(procs: Procs, work: Path, cfg: Settings, sse_port: int, clock: Clock) -> str:
     # nginx's workers run as another user (nobody) when we are root: they must read the files.
     work.chmod(0o755)
     www = work / "www"
@@ -864,7 +1018,7 @@ def start_nginx(procs: Procs, work: Path, cfg: Settings, clock: Clock) -> str:
         (work / "nginx-temp" / sub).mkdir(parents=True)
     port, sink = free_port(), free_port()
     conf = work / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=work, port=port, sink_port=sink,
+    conf.write_text(NGINX_CONF.format(dir=work, port=port, sink_port=sink, sse_port=sse_port,
                                       workers=os.cpu_count() or 1))
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     proc = procs.start("nginx", [nginx, "-c", str(conf), "-p", str(work), "-e",
@@ -918,15 +1072,17 @@ def run(args: argparse.Namespace) -> int:
     runs: list[dict[str, Any]] = []
     status = "complete"
     max_body = 2 * max(cfg.sizes.values())
-    with tempfile.TemporaryDirectory(prefix="wstunnel-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="wstunnel-bench-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         (work / "logs").mkdir()
         procs = Procs(work / "logs")
         report_lua, mixed_lua = work / "report.lua", work / "mixed.lua"
         report_lua.write_text(REPORT_LUA)
         mixed_lua.write_text(MIXED_LUA)
+        events = EventSource()
         try:
-            backend = start_nginx(procs, work, cfg, clock)
+            stack.enter_context(events)
+            backend = start_nginx(procs, work, cfg, events.port, clock)
             log(f"nginx on {backend}")
             for target in targets:
                 if target.tunnel:
@@ -940,7 +1096,7 @@ def run(args: argparse.Namespace) -> int:
                 for workload in args.workloads:
                     for label, name, measure, only_tunnels in plan(workload, cfg, procs, backend,
                                                                     work, mixed_lua, report_lua,
-                                                                    clock):
+                                                                    events, clock):
                         for target in order:
                             if only_tunnels and not target.tunnel:
                                 continue
@@ -964,6 +1120,7 @@ def run(args: argparse.Namespace) -> int:
             log(status)
         finally:
             procs.stop_all()
+            stack.close()
             if args.logs:  # the daemons' output and the co-hosted clients' event logs
                 args.logs.mkdir(parents=True, exist_ok=True)
                 for path in [*(work / "logs").iterdir(), *work.glob("*.events.log")]:
@@ -1002,7 +1159,7 @@ Measure = Callable[[Target], dict[str, Any]]
 
 
 def plan(workload: str, cfg: Settings, procs: Procs, backend: str, work: Path, mixed: Path,
-         report: Path, clock: Clock) -> Iterator[tuple[str, str, Measure, bool]]:
+         report: Path, events: EventSource, clock: Clock) -> Iterator[tuple[str, str, Measure, bool]]:
     """(label, name, measure(target), tunnels only) for each measurement ``workload`` stands for."""
     if workload in GET_WORKLOADS:
         threads, connections = GET_WORKLOADS[workload]
@@ -1034,6 +1191,20 @@ def plan(workload: str, cfg: Settings, procs: Procs, backend: str, work: Path, m
             return {**result, **peak.mib(), "size": size}
 
         yield f"{direction} {human(size)}", workload, transfer, False
+    elif workload == "busy-latency":
+        size = cfg.sizes[cfg.large]
+
+        def busy(target: Target) -> dict[str, Any]:
+            url = target.url if target.tunnel else backend
+            return run_busy_latency(url, target.headers(), cfg.large, size, clock)
+
+        yield f"GET 1 KiB during a {human(size)} download", workload, busy, False
+    elif workload == "sse":
+        def sse(target: Target) -> dict[str, Any]:
+            url = target.url if target.tunnel else backend
+            return run_sse(url, target.headers(), events, clock)
+
+        yield f"SSE, {SSE_EVENTS} events {SSE_GAP * 1000:g} ms apart", workload, sse, False
     elif workload == "idle":
         for count in cfg.idle:
             def idle(target: Target, count: int = count) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from tests.harness import ROOT
 
 BENCH = ROOT / "scripts" / "bench"
 WORKLOADS = ["get-c1", "get-c32", "get-c128", "download-small", "download-large", "upload-small",
-             "upload-large", "idle-20", "tokens"]
+             "upload-large", "busy-latency", "sse", "idle-20", "tokens"]
 
 
 def _tools_present() -> bool:
@@ -63,6 +63,14 @@ def test_smoke_run_reports_every_workload_on_both_paths(tmp_path: Path) -> None:
         tunnel = _summary(document, workload, "wstunnel")
         assert tunnel["srv_peak_mib"] > 1 and tunnel["cli_peak_mib"] > 1, (workload, tunnel)
 
+    for target in ("direct", "wstunnel"):
+        busy = _summary(document, "busy-latency", target)
+        assert busy["non2xx"] == 0 and busy["idle_p50_ms"] > 0, (target, busy)
+        assert busy["busy_p50_ms"] > 0 and busy["slowdown"] > 0, (target, busy)
+        sse = _summary(document, "sse", target)
+        assert sse["missing"] == 0 and sse["non2xx"] == 0, (target, sse)
+        assert 0 < sse["event_p50_ms"] <= sse["event_max_ms"], (target, sse)
+
     assert "direct" not in document["workloads"]["idle-20"]["targets"]
     idle = _summary(document, "idle-20", "wstunnel")
     assert idle["missing"] == 0, idle
@@ -90,5 +98,6 @@ def test_bench_help_lists_the_workloads() -> None:
     done = subprocess.run([str(BENCH), "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    for name in ("get-c1", "download-large", "idle", "tokens", "--reference", "--smoke"):
+    for name in ("get-c1", "download-large", "busy-latency", "sse", "idle", "tokens", "--reference",
+                 "--smoke", "--large-size"):
         assert name in done.stdout
