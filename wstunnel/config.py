@@ -121,6 +121,9 @@ class ServerSettings(_Common):
     max_queued_bytes: int = Field(
         256 * MiB, ge=1024, description="request bytes queued per token before 503"
     )
+    max_streams_per_tunnel: int = Field(
+        256, ge=1, description="requests open at once on one v2 tunnel; more wait in the queue"
+    )
 
     @field_validator("wstimeout")
     @classmethod

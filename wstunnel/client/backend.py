@@ -11,7 +11,7 @@ from __future__ import annotations
 import http.cookiejar
 import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -91,27 +91,45 @@ class Backend:
             return refusal.response()
 
     @asynccontextmanager
-    async def open_stream(self, request: framing.Request) -> AsyncIterator[httpx.Response]:
+    async def open_stream(
+        self, request: framing.Request, body: AsyncIterable[bytes] | None = None,
+        *, upgrade: bytes | None = None,
+    ) -> AsyncIterator[httpx.Response]:
         """Send ``request`` and yield the response once its head is in; the body is left to read
-        (``aiter_raw``). Refusal if we answer it ourselves or the backend fails before the head."""
+        (``aiter_raw``). Refusal if we answer it ourselves or the backend fails before the head.
+
+        ``body`` streams the request body instead of ``request.body`` (its Content-Length, if the
+        request has one, goes with it; else it is sent chunked). ``upgrade`` asks the backend to
+        switch to that protocol; on a 101 the connection is
+        ``response.extensions["network_stream"]``, the caller's until the response is closed.
+        """
         base = self.base_url(request)
-        response = await self._start(base, request)
+        response = await self._start(base, request, body, upgrade=upgrade)
         try:
             yield response
         finally:
             await response.aclose()
 
-    async def _start(self, base: str, request: framing.Request) -> httpx.Response:
+    async def _start(self, base: str, request: framing.Request,
+                     body: AsyncIterable[bytes] | None = None,
+                     *, upgrade: bytes | None = None) -> httpx.Response:
         target = request.target if request.target.startswith(b"/") else b"/" + request.target
         url = base + target.decode("latin-1")
         headers = without_hop_by_hop(request.headers, b"x-host", b"x-token", b"host",
                                      b"content-length")
+        if body is not None:
+            # With a Content-Length, httpx frames the streamed body by it instead of chunking.
+            length = get_header(request.headers, b"content-length")
+            if length is not None:
+                headers.append((b"Content-Length", length))
+        if upgrade is not None:
+            headers += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
         host = urlsplit(base).netloc
         outgoing = httpx.Request(
             request.method.decode("latin-1"), url,
             headers=[(b"Host", host.encode("idna") if not host.isascii() else host.encode()),
                      *headers],
-            content=request.body,
+            content=request.body if body is None else body,
         )
         try:
             return await self.client.send(outgoing, stream=True)

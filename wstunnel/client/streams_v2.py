@@ -2,10 +2,16 @@
 
 The session's receive loop feeds a :class:`~wstunnel.framing_v2.V2Connection` and starts one
 handler task per request (in the session's nursery, so a dying tunnel cancels them all). A handler
-buffers its request body (streamed uploads come later), replays the request against the backend
-with httpx streaming, and sends the response head, then DATA as ``aiter_raw`` yields it (within the
-server's windows: a handler short of credit waits, and so stops reading from its backend), then END.
-A RESET from the server cancels the handler, which closes its backend connection.
+replays the request against the backend at once, with httpx streaming both ways: the request body
+goes to the backend as its DATA arrives (credit goes back to the server only once httpx has written
+a chunk to the backend, so a slow backend stops the upload instead of filling memory), and the
+response goes back as a head, then DATA as ``aiter_raw`` yields it (within the server's windows: a
+handler short of credit waits, and so stops reading from its backend), then END. A RESET from the
+server cancels the handler, which closes its backend connection.
+
+An ``Upgrade`` request the backend answers with 101 becomes a byte pipe: httpx hands over the
+backend connection (``network_stream``) and DATA flows both ways, with the same flow control, until
+both sides have ended (or one has, and the other does not follow within PIPE_LINGER).
 
 Frames reach the WebSocket through one outbound channel drained by one writer task, each put on it
 without a checkpoint after the V2Connection call that made it (framing_v2's ordering rule).
@@ -15,7 +21,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
+import httpcore
 import httpx
 import trio
 import trio_websocket
@@ -25,8 +33,15 @@ from wstunnel import framing_v2 as v2
 from wstunnel.client.backend import Backend, Refusal
 from wstunnel.errors import FramingError, StreamClosedError, TunnelMessageError
 from wstunnel.headers import Headers, without_hop_by_hop
+from wstunnel.headers import get as get_header
 from wstunnel.logs import EventLogger
 from wstunnel.tokens import Token
+
+# Request body bytes handed to httpx at once, at most: fewer, larger writes to the backend.
+FEED_SIZE = 256 * 1024
+PIPE_READ_SIZE = 64 * 1024
+# Once one side of an upgraded connection has ended, how long the other side gets to follow.
+PIPE_LINGER = 5.0
 
 
 @dataclass(eq=False)
@@ -35,10 +50,49 @@ class _Stream:
     method: bytes
     target: bytes
     headers: Headers
-    body: list[bytes] = field(default_factory=list)
+    # The request body as it arrives; bounded by the stream window we grant, not by the channel.
+    chunks_in: trio.MemorySendChannel[bytes]
+    chunks_out: trio.MemoryReceiveChannel[bytes]
+    has_body: bool
     size: int = 0
-    request_done: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def upgrade(self) -> bytes | None:
+        return get_header(self.headers, b"upgrade")
+
+
+class _BodyFeed:
+    """The request body as httpx pulls it (an async iterable, not a generator, so nothing is left
+    for a finalizer when httpx stops early). Taking the next chunk means httpx has written the
+    previous ones to the backend: only then does their credit go back to the server."""
+
+    def __init__(self, session: ClientSessionV2, stream: _Stream) -> None:
+        self._session = session
+        self._stream = stream
+        self._taken = 0
+
+    def __aiter__(self) -> _BodyFeed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        stream = self._stream
+        if self._taken:
+            self._session.credit(stream, self._taken)
+            self._taken = 0
+        try:
+            parts = [await stream.chunks_out.receive()]
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        size = len(parts[0])
+        while size < FEED_SIZE:
+            try:
+                parts.append(stream.chunks_out.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            size += len(parts[-1])
+        self._taken = size
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class ClientSessionV2:
@@ -112,7 +166,9 @@ class ClientSessionV2:
 
     def _on_event(self, event: v2.Event, nursery: trio.Nursery) -> None:
         if isinstance(event, v2.RequestReceived):
-            stream = _Stream(event.stream, event.method, event.target, event.headers)
+            send, receive = trio.open_memory_channel[bytes](math.inf)
+            stream = _Stream(event.stream, event.method, event.target, event.headers,
+                             send, receive, has_body=not event.end_stream)
             self.streams[event.stream] = stream
             nursery.start_soon(self._handle, stream)
         elif isinstance(event, v2.DataReceived):
@@ -120,7 +176,7 @@ class ClientSessionV2:
         elif isinstance(event, v2.StreamEnded):
             stream = self.streams.get(event.stream)
             if stream is not None:
-                stream.request_done.set()
+                stream.chunks_in.close()
         elif isinstance(event, v2.StreamReset):
             stream = self.streams.pop(event.stream, None)
             if stream is not None:
@@ -134,41 +190,53 @@ class ClientSessionV2:
     def _on_data(self, event: v2.DataReceived) -> None:
         stream = self.streams.get(event.stream)
         if stream is None:
+            # Its handler is gone and nobody will read this: the credit goes straight back.
+            self._emit(*self.conn.consumed(event.stream, len(event.data)))
             return
         stream.size += len(event.data)
-        if stream.size > self.backend.max_body_size:  # the backend's: a reload updates it
+        # The backend's cap (a reload updates it); an upgraded connection is not one body.
+        if stream.upgrade is None and stream.size > self.backend.max_body_size:
             self.streams.pop(stream.id, None)
             stream.scope.cancel()
             self._emit(*self.conn.reset(stream.id, v2.ErrorCode.TOO_LARGE, "request body too large"))
             return
-        stream.body.append(event.data)
-        # Buffered whole for now, so take it at once: the window keeps flowing up to the body cap.
-        self._emit(*self.conn.consumed(stream.id, len(event.data)))
+        stream.chunks_in.send_nowait(event.data)
 
     def _wake_senders(self) -> None:
         self._credit.set()
         self._credit = trio.Event()
+
+    def credit(self, stream: _Stream, amount: int) -> None:
+        self._emit(*self.conn.consumed(stream.id, amount))
 
     # -- one request --------------------------------------------------------------------------
 
     async def _handle(self, stream: _Stream) -> None:
         with stream.scope:
             try:
-                await stream.request_done.wait()
                 async with self.limiter:
                     await self._answer(stream)
             except StreamClosedError:
                 pass  # the server reset the stream while we were answering
             finally:
                 self.streams.pop(stream.id, None)
+                # The server may still be sending a body nobody will read (the backend answered
+                # without it, or failed): stop it, which also gives back the credit it holds.
+                if self.conn.stream_state(stream.id) in (v2.StreamState.OPEN,
+                                                          v2.StreamState.HALF_CLOSED_LOCAL):
+                    self._emit(*self.conn.reset(stream.id, v2.ErrorCode.CANCEL,
+                                                "request body not taken"))
 
     async def _answer(self, stream: _Stream) -> None:
-        request = framing.Request(stream.method, stream.target, stream.headers, b"".join(stream.body))
-        stream.body.clear()
+        request = framing.Request(stream.method, stream.target, stream.headers, b"")
         self.log.info("WS   RCV", token=self.token, id=stream.id, verb=request.method,
                       url=request.target[:200])
+        body = _BodyFeed(self, stream) if stream.has_body and stream.upgrade is None else None
         try:
-            async with self.backend.open_stream(request) as response:
+            async with self.backend.open_stream(request, body, upgrade=stream.upgrade) as response:
+                if response.status_code == 101 and stream.upgrade is not None:
+                    await self._pipe(stream, response)
+                    return
                 head = self._response_head(stream, response)
                 bodyless = head.end_stream
                 cap = self.backend.max_body_size
@@ -195,6 +263,45 @@ class ClientSessionV2:
                 self._emit(self.conn.send_end(stream.id))
         except Refusal as refusal:
             await self._send_whole(stream, refusal.response())
+
+    async def _pipe(self, stream: _Stream, response: httpx.Response) -> None:
+        """The backend switched protocols: carry the raw bytes both ways until both ends close."""
+        network: Any = response.extensions["network_stream"]
+        reason = response.reason_phrase.encode("latin-1", "replace")
+        headers = [*without_hop_by_hop(response.headers.raw),
+                   (b"Upgrade", response.headers.get("upgrade", "").encode("latin-1"))]
+        self._emit(self.conn.send_response(stream.id, 101, reason, headers))
+        self.log.info("WS   SND", token=self.token, id=stream.id, status=101)
+        async with trio.open_nursery() as pipe:
+            pipe.start_soon(self._pipe_up, stream, network, pipe.cancel_scope)
+            try:
+                while True:
+                    data = await network.read(PIPE_READ_SIZE)
+                    if not data:
+                        break
+                    await self._send_data(stream, data)
+            except httpcore.NetworkError as exc:
+                self._emit(*self.conn.reset(stream.id, v2.ErrorCode.BACKEND_ERROR,
+                                            f"backend connection broken: {type(exc).__name__}"))
+                pipe.cancel_scope.cancel()
+                return
+            self._emit(self.conn.send_end(stream.id))
+            pipe.cancel_scope.deadline = min(pipe.cancel_scope.deadline,
+                                             trio.current_time() + PIPE_LINGER)
+
+    async def _pipe_up(self, stream: _Stream, network: Any, scope: trio.CancelScope) -> None:
+        """HTTP client to backend; its credit goes back once the backend's socket took it."""
+        try:
+            async for chunk in stream.chunks_out:
+                await network.write(chunk)
+                self.credit(stream, len(chunk))
+        except httpcore.NetworkError as exc:
+            self._emit(*self.conn.reset(stream.id, v2.ErrorCode.BACKEND_ERROR,
+                                        f"backend connection broken: {type(exc).__name__}"))
+            scope.cancel()
+            return
+        # The HTTP client's side is over; the backend's may follow, but not forever.
+        scope.deadline = min(scope.deadline, trio.current_time() + PIPE_LINGER)
 
     def _response_head(self, stream: _Stream, response: httpx.Response) -> v2.Head:
         """The HEAD frame for the backend's response; Refusal if it cannot be passed on."""

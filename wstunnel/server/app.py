@@ -282,12 +282,12 @@ class TunnelServer:
         if isinstance(response, StreamingResponse):
             def observe(streamed: StreamingResponse) -> None:
                 self.metrics.observe(status=streamed.status, seconds=trio.current_time() - started,
-                                     request_bytes=len(request.body),
+                                     request_bytes=request.body_size(),
                                      response_bytes=streamed.sent_bytes)
             response.on_finish = observe
         else:
             self.metrics.observe(status=response.status, seconds=trio.current_time() - started,
-                                 request_bytes=len(request.body), response_bytes=len(response.body))
+                                 request_bytes=request.body_size(), response_bytes=len(response.body))
         return response
 
     async def _exchange(
@@ -307,12 +307,18 @@ class TunnelServer:
         headers = [(k, v) for k, v in headers if k.lower() != b"x-forwarded-for"]
         peer = request.peer.encode()
         headers.append((b"X-Forwarded-For", forwarded + b", " + peer if forwarded else peer))
+        upgrade = request.is_websocket_upgrade()
+        if upgrade:
+            # Hop-by-hop as they are, these two are what the tunnel client passes on.
+            headers += [(b"Connection", b"Upgrade"), (b"Upgrade", request.header(b"upgrade") or b"")]
         try:
             pending = rendezvous.new_request(
                 framing.Request(request.method, target, headers, request.body)
             )
         except QueueFull:
             return self._queue_full(token)
+        pending.body_source = request.body_source
+        pending.upgrade = upgrade
         self.log.info(
             "HTTP RCV", token=token, id=pending.id, verb=request.method, url=_loggable(target),
             addr=addr, **{"x-host": request.header(b"x-host") or b""}, try_="",
@@ -430,6 +436,7 @@ class TunnelServer:
                     rendezvous, ws, stream, addr=addr, client_version=version,
                     transport="websocket", wstimeout=self.settings.wstimeout, log=self.log,
                     httptimeout=self.settings.httptimeout,
+                    max_streams=self.settings.max_streams_per_tunnel,
                 )
             else:
                 connection = TunnelConnection(

@@ -4,6 +4,13 @@ It reads requests with limits on everything a peer controls (head size, header c
 time to send the head), answers malformed ones with a 4xx instead of dropping the connection, and
 hands each good request to the application. A WebSocket upgrade on ``/_tunnel`` leaves HTTP: the
 application receives the raw stream, with the handshake bytes replayed, and owns it from then on.
+
+Request bodies. A small body (a Content-Length up to SMALL_BODY) is read whole before the request
+goes to the application: one cheap step for the common case. A larger or chunked body is handed over
+as a :class:`RequestBody` that whoever forwards the request pulls from the socket as it goes (a v2
+tunnel streams it; a v1 tunnel reads it whole), so nothing reads a body the request's tunnel cannot
+take yet. A response sent before its request body was read to the end closes the connection after
+it: the rest of the body would have to be read and thrown away first.
 """
 
 from __future__ import annotations
@@ -23,6 +30,15 @@ from wstunnel.streams import ActivityStream
 RECEIVE_SIZE = 64 * 1024
 # How long an idle keep-alive connection may wait for its next request.
 KEEPALIVE_TIMEOUT = 75.0
+# Bodies declared this small are read before the request is routed; larger ones are streamed.
+SMALL_BODY = 64 * 1024
+# After answering a request whose body we did not read, keep reading (and dropping) for a while
+# before closing: closing with unread bytes makes the kernel send a RST, which can destroy the
+# response in the client's receive buffer before the client has read it.
+LINGER_TIMEOUT = 2.0
+LINGER_BYTES = 4 * 1024 * 1024
+# Once one side of an upgraded (101) connection has ended, how long the other side gets to follow.
+PIPE_LINGER = 5.0
 
 
 @dataclass(slots=True)
@@ -32,6 +48,8 @@ class IncomingRequest:
     headers: Headers
     peer: str
     body: bytes = b""
+    # Set instead of ``body`` when the body is streamed: the body still on the socket.
+    body_source: RequestBody | None = None
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -57,9 +75,105 @@ class IncomingRequest:
         value = self.header(b"content-length")
         return int(value) if value is not None else 0
 
+    def body_size(self) -> int:
+        """Body bytes received so far (all of them, once the request is over)."""
+        return self.body_source.size if self.body_source is not None else len(self.body)
 
-class BodyTooLarge(Exception):
-    pass
+
+class BodyError(Exception):
+    """The request body cannot be read to its end; ``status`` and ``text`` say what to answer."""
+
+    status = 400
+    text = "Malformed request body"
+
+
+class BodyTooLarge(BodyError):
+    status = 413
+    text = "Request body too large"
+
+
+class BodyTimeout(BodyError):
+    status = 408
+    text = "Request body not received in time"
+
+
+class BodyBroken(BodyError):
+    """The HTTP client went away (or broke the framing) in the middle of its body."""
+
+    text = "Request body incomplete"
+
+
+class RequestBody:
+    """A request body still on the socket, read chunk by chunk by whoever forwards the request.
+
+    Only one task reads it at a time (the tunnel's sender), while the connection's own task waits
+    for the response; ``lock`` lets the connection take the socket back once the body's reader is
+    done. A stall longer than ``timeout`` between two chunks is a BodyTimeout, so a body that keeps
+    moving never times out, whatever its size.
+    """
+
+    def __init__(self, connection: HttpConnection, max_size: int, timeout: float) -> None:
+        self._connection = connection
+        self._max_size = max_size
+        self._timeout = timeout
+        self.size = 0
+        self.complete = False
+        self.started = False  # a chunk was handed out: the request can no longer be replayed
+        self.last_activity: float | None = None
+        self.lock = trio.Lock()
+        self._closed = False
+
+    async def receive(self) -> bytes | None:
+        """The next chunk, or None at the end; BodyError if the body will never be whole."""
+        if self.complete:
+            return None
+        async with self.lock:
+            if self._closed:
+                raise BodyBroken
+            connection = self._connection
+            await connection.continue_if_expected()
+            conn = connection.conn
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError:
+                    self._closed = True
+                    raise BodyBroken from None
+                if event is h11.NEED_DATA:
+                    with trio.move_on_after(self._timeout) as waited:
+                        try:
+                            data = await connection.stream.receive_some(RECEIVE_SIZE)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            data = b""
+                    if waited.cancelled_caught:
+                        self._closed = True
+                        raise BodyTimeout
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Data):
+                    self.size += len(event.data)
+                    if self.size > self._max_size:
+                        self._closed = True
+                        raise BodyTooLarge
+                    self.started = True
+                    self.last_activity = trio.current_time()
+                    return bytes(event.data)
+                if isinstance(event, h11.EndOfMessage):
+                    self.complete = True
+                    return None
+                self._closed = True
+                raise BodyBroken
+
+    async def read_all(self) -> bytes:
+        """The whole rest of the body (a v1 tunnel carries bodies whole)."""
+        chunks: list[bytes] = []
+        while (chunk := await self.receive()) is not None:
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        """Nobody will read further: the connection will not be reused."""
+        self._closed = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +204,18 @@ class BodySource(Protocol):
         ...
 
 
+class UpgradeSink(Protocol):
+    """Where the HTTP client's bytes go once a 101 has switched the connection (a v2 stream)."""
+
+    async def send(self, data: bytes) -> None:
+        """Forward ``data``, waiting for credit; ResponseAborted if the other end is gone."""
+        ...
+
+    def end(self) -> None:
+        """The HTTP client closed its side."""
+        ...
+
+
 @dataclass(eq=False)
 class StreamingResponse:
     """A response whose head is known and whose body arrives chunk by chunk."""
@@ -103,6 +229,8 @@ class StreamingResponse:
     sent_bytes: int = 0
     # Called once the body is over, sent whole or not (metrics count its bytes then).
     on_finish: Callable[[StreamingResponse], None] | None = None
+    # For a 101: the way up. ``body`` is then the way down, the backend's bytes.
+    upgraded: UpgradeSink | None = None
 
 
 AnyResponse = framing.Response | StreamingResponse
@@ -159,6 +287,12 @@ class HttpConnection:
         self.take_tunnel = take_tunnel
         self.draining = draining
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_size)
+        self._request: IncomingRequest | None = None  # the one being served
+        # A body reader may send "100 Continue" while this task waits for the response: these
+        # keep the two from writing to the socket at once.
+        self._responding = False
+        self._continuing = False
+        self._continued = trio.Event()
 
     async def serve(self) -> None:
         try:
@@ -188,6 +322,8 @@ class HttpConnection:
                 return
             if request is None:
                 return
+            self._request = request
+            self._responding = False
             if len(request.headers) > self.limits.max_header_count:
                 await self._send_error(431, "Too many request headers")
                 return
@@ -204,17 +340,22 @@ class HttpConnection:
                 # Say so before the client sends a body we would only throw away.
                 await self._send_error(413, "Request body too large")
                 return
-            try:
-                request.body = await self._read_body()
-            except BodyTooLarge:
-                await self._send_error(413, "Request body too large")
-                return
-            except trio.TooSlowError:
-                await self._send_error(408, "Request body not received in time")
-                return
-            except h11.RemoteProtocolError:
-                await self._send_error(400, "Malformed request body")
-                return
+            if self._streams_body(request):
+                request.body_source = RequestBody(
+                    self, self.limits.max_body_size, self.limits.header_timeout
+                )
+            else:
+                try:
+                    request.body = await self._read_body()
+                except BodyTooLarge:
+                    await self._send_error(413, "Request body too large")
+                    return
+                except trio.TooSlowError:
+                    await self._send_error(408, "Request body not received in time")
+                    return
+                except h11.RemoteProtocolError:
+                    await self._send_error(400, "Malformed request body")
+                    return
             if self.is_tunnel(request) and self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
                 # Bytes after the handshake (a first frame) belong to the WebSocket layer.
                 trailing, _closed = self.conn.trailing_data
@@ -224,6 +365,9 @@ class HttpConnection:
             response = await self.respond(request)
             if isinstance(response, StreamingResponse):
                 try:
+                    if response.status == 101:
+                        await self._pipe(response)
+                        return  # the connection was the upgraded protocol's, to its end
                     await self._send_streaming(response, head_only=request.method == b"HEAD")
                 finally:
                     response.body.close()  # a no-op once the body ended; else cancels the stream
@@ -231,12 +375,59 @@ class HttpConnection:
                         response.on_finish(response)
             else:
                 await self._send_response(response, head_only=request.method == b"HEAD")
+            if self._body_unread(request):
+                await self._linger(request)
+                return
             if self.conn.our_state is h11.MUST_CLOSE or self.draining():
                 return
             try:
                 self.conn.start_next_cycle()
             except h11.LocalProtocolError:
                 return
+
+    def _streams_body(self, request: IncomingRequest) -> bool:
+        if request.header(b"transfer-encoding") is not None:
+            return True
+        return request.declared_length() > SMALL_BODY
+
+    def _body_unread(self, request: IncomingRequest | None = None) -> bool:
+        request = request or self._request
+        source = request.body_source if request is not None else None
+        return source is not None and not source.complete
+
+    async def _linger(self, request: IncomingRequest) -> None:
+        """Close a connection whose request body we answered without reading it all."""
+        source = request.body_source
+        assert source is not None
+        source.close()
+        # Whoever was reading the body lets go of the socket once its stream is cancelled.
+        with trio.move_on_after(LINGER_TIMEOUT):
+            async with source.lock:
+                await self.stream.send_eof()
+                drained = 0
+                while drained < LINGER_BYTES:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        break
+                    drained += len(data)
+
+    async def continue_if_expected(self) -> None:
+        """Send ``100 Continue`` if the client waits for it: its body is wanted now."""
+        if not self.conn.they_are_waiting_for_100_continue or self._responding:
+            return
+        self._continuing = True
+        try:
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        finally:
+            self._continuing = False
+            self._continued.set()
+            self._continued = trio.Event()
+
+    async def _start_response(self) -> None:
+        """From here on the response owns the socket's sending side (no more 100 Continue)."""
+        self._responding = True
+        while self._continuing:
+            await self._continued.wait()
 
     def _has_partial_head(self) -> bool:
         return bool(self.conn.trailing_data[0])
@@ -297,7 +488,8 @@ class HttpConnection:
         if not bodyless:
             headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
             headers.append((b"Content-Length", b"%d" % len(response.body)))
-        if self.draining():
+        await self._start_response()
+        if self.draining() or self._body_unread():
             headers.append((b"Connection", b"close"))
         try:
             await self._send(h11.Response(
@@ -323,7 +515,8 @@ class HttpConnection:
             if k.lower() not in (b"connection", b"keep-alive", b"transfer-encoding")
         ]
         bodyless = head_only or response.status in (204, 304) or response.status < 200
-        if self.draining():
+        await self._start_response()
+        if self.draining() or self._body_unread():
             headers.append((b"Connection", b"close"))
         try:
             await self._send(h11.Response(
@@ -345,6 +538,54 @@ class HttpConnection:
             # The body is wrong (not its Content-Length), broken or stalled: drop the socket.
             raise trio.BrokenResourceError from None
 
+    async def _pipe(self, response: StreamingResponse) -> None:
+        """Send the 101, then carry raw bytes both ways until both sides have closed."""
+        sink = response.upgraded
+        if sink is None or self.conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
+            # Only an upgrade request can be switched, and only through a v2 stream.
+            await self._send_error(502, "Unexpected 101 response from the tunnel client")
+            return
+        headers = [
+            (k, v) for k, v in response.headers
+            if k.lower() not in (b"connection", b"keep-alive", b"transfer-encoding",
+                                 b"content-length")
+        ]
+        headers.append((b"Connection", b"Upgrade"))
+        await self._start_response()
+        try:
+            await self._send(h11.InformationalResponse(
+                status_code=101, headers=headers, reason=response.reason
+            ))
+        except h11.LocalProtocolError:
+            raise trio.BrokenResourceError from None
+        # What the client sent after its request (a first WebSocket frame) is the new protocol's.
+        first = bytes(self.conn.trailing_data[0])
+        async with trio.open_nursery() as pipe:
+            pipe.start_soon(self._pipe_up, sink, first, pipe.cancel_scope)
+            try:
+                while (chunk := await response.body.receive()) is not None:
+                    await self.stream.send_all(chunk)
+                    response.sent_bytes += len(chunk)
+                    response.body.consumed(len(chunk))
+                await self.stream.send_eof()
+            except (ResponseAborted, trio.BrokenResourceError, trio.ClosedResourceError):
+                pipe.cancel_scope.cancel()  # the backend side broke, or the client is gone
+                return
+            pipe.cancel_scope.deadline = min(pipe.cancel_scope.deadline,
+                                             trio.current_time() + PIPE_LINGER)
+
+    async def _pipe_up(self, sink: UpgradeSink, first: bytes, scope: trio.CancelScope) -> None:
+        try:
+            if first:
+                await sink.send(first)
+            while data := await self.stream.receive_some(RECEIVE_SIZE):
+                await sink.send(data)
+            sink.end()
+        except (ResponseAborted, trio.BrokenResourceError, trio.ClosedResourceError):
+            scope.cancel()
+            return
+        scope.deadline = min(scope.deadline, trio.current_time() + PIPE_LINGER)
+
     async def _send_error(self, status: int, text: str) -> None:
         """Answer a request we will not serve, then close: we cannot trust the framing further."""
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -352,6 +593,7 @@ class HttpConnection:
         response = simple_response(status, text, headers=[(b"Connection", b"close")])
         try:
             with trio.move_on_after(5):
+                await self._start_response()
                 await self._send(h11.Response(status_code=status, headers=[
                     *response.headers, (b"Content-Length", b"%d" % len(response.body))
                 ], reason=response.reason))

@@ -4,12 +4,17 @@ A :class:`Rendezvous` exists per token. HTTP requests for the token wait in its 
 connection registered with the token (:class:`TunnelConnection`) pulls from that queue, so requests
 spread over the token's clients and wait there while none is connected. A request whose tunnel
 dies after it was sent is retried on the next connection if its method is idempotent, and answered
-502 at once otherwise (the original left it hanging for ``httptimeout``).
+502 at once otherwise (the original left it hanging for ``httptimeout``). A request whose body was
+streamed (front.RequestBody) cannot be replayed once a byte of it has left: 502 as well.
+
+A streamed body is not read while its request waits in the queue: the HTTP client waits with it
+(TCP backpressure), so the queue holds no more bytes than it holds for bodiless requests.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterator
@@ -21,7 +26,7 @@ import trio_websocket
 from wstunnel import framing
 from wstunnel.errors import HttpPayloadError, TunnelMessageError
 from wstunnel.logs import EventLogger
-from wstunnel.server.front import StreamingResponse
+from wstunnel.server.front import BodyError, RequestBody, StreamingResponse
 from wstunnel.streams import ActivityStream
 from wstunnel.tokens import Token
 
@@ -46,6 +51,9 @@ class PendingRequest:
 
     id: int
     request: framing.Request
+    # The body, when it is still on the HTTP client's socket (request.body is then empty).
+    body_source: RequestBody | None = None
+    upgrade: bool = False  # a WebSocket upgrade: only a v2 tunnel can carry it
     tries: int = 0
     abandoned: bool = False
     holder: TunnelConnection | None = None
@@ -60,6 +68,15 @@ class PendingRequest:
     @property
     def idempotent(self) -> bool:
         return self.method in IDEMPOTENT_METHODS
+
+    @property
+    def replayable(self) -> bool:
+        """Can be sent again: its body is whole in memory, or not a byte of it was taken yet."""
+        return self.body_source is None or not self.body_source.started
+
+    def last_activity(self) -> float | None:
+        """When its streamed body last moved, if it did."""
+        return self.body_source.last_activity if self.body_source is not None else None
 
     def finish(self, outcome: framing.Response | StreamingResponse | Failure) -> None:
         if self.outcome is None:
@@ -178,9 +195,17 @@ class Rendezvous:
             pending.abandoned = True
             self.release(pending)
             raise
+        timeout = deadline - trio.current_time()
         try:
-            with trio.move_on_at(deadline):
-                await pending.done.wait()
+            while True:
+                with trio.move_on_at(deadline):
+                    await pending.done.wait()
+                # An upload that keeps moving is not late, whatever its size: the deadline
+                # counts from its last byte.
+                moved = pending.last_activity()
+                if pending.done.is_set() or moved is None or moved + timeout <= deadline:
+                    break
+                deadline = moved + timeout
         finally:
             if pending.outcome is None:
                 # Timed out or the HTTP client went away: leave the queue, free the id.
@@ -297,6 +322,9 @@ class TunnelConnection:
         self.closing_reason: str | None = None
         self._closing = False
         self._closed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        # Requests whose streamed bodies are being read whole before they go out (v1 only).
+        self._reading: dict[int, trio.CancelScope] = {}
 
     @property
     def token(self) -> Token:
@@ -310,6 +338,7 @@ class TunnelConnection:
         self.rendezvous.connections.append(self)
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 self._start_tasks(nursery)
                 nursery.start_soon(self._send_requests)
                 nursery.start_soon(self._watch_silence, nursery.cancel_scope)
@@ -350,7 +379,11 @@ class TunnelConnection:
                 self._closed.set()
 
     def abandon(self, pending: PendingRequest) -> None:
-        """The HTTP side gave up on ``pending``: v1 has no way to tell the client."""
+        """The HTTP side gave up on ``pending``: v1 has no way to tell the client, but can stop
+        reading its body."""
+        scope = self._reading.get(pending.id)
+        if scope is not None:
+            scope.cancel()
 
     async def _send_requests(self) -> None:
         queue = self.rendezvous.queue
@@ -358,23 +391,67 @@ class TunnelConnection:
             pending = await queue.get()
             if pending.abandoned:
                 continue
-            pending.holder = self
-            pending.tries += 1
-            self.in_flight[pending.id] = pending
-            message = framing.encode_request(pending.id, pending.request)
-            try:
-                await self.ws.send_message(message)
-            except trio_websocket.ConnectionClosed:
-                # Never delivered, so safe to retry whatever the method: put it back first.
-                del self.in_flight[pending.id]
-                pending.holder = None
-                pending.tries -= 1
-                queue.put_front(pending)
+            if pending.upgrade:
+                self.log.info("HTTP RET", token=self.token, id=pending.id, status=501,
+                              err="upgrade over a v1 tunnel")
+                pending.finish(Failure(501, "WebSocket pass-through needs a protocol v2 tunnel client"))
+                self.rendezvous.release(pending)
+                continue
+            if pending.body_source is not None:
+                # A v1 message carries the body whole: read it first, without holding up the
+                # requests behind it.
+                assert self._nursery is not None
+                pending.holder = self
+                self.in_flight[pending.id] = pending
+                scope = self._reading[pending.id] = trio.CancelScope()
+                self._nursery.start_soon(self._read_then_send, pending, scope)
+                continue
+            if not await self._send_one(pending):
                 return
-            self.log.info(
-                "WS   SND", token=self.token, id=pending.id,
-                info=f"{pending.method.decode('latin-1')} {_short_target(pending.request.target)}",
-            )
+
+    async def _read_then_send(self, pending: PendingRequest, scope: trio.CancelScope) -> None:
+        source = pending.body_source
+        assert source is not None
+        failure: Failure | None = None
+        with scope:
+            try:
+                body = await source.read_all()
+            except BodyError as exc:
+                failure = Failure(exc.status, exc.text)
+        self._reading.pop(pending.id, None)
+        if scope.cancelled_caught or failure is not None:
+            self.in_flight.pop(pending.id, None)
+            pending.holder = None
+            if failure is not None:
+                pending.finish(failure)
+            self.rendezvous.release(pending)
+            return
+        # Whole in memory now: from here on, like any v1 request (and replayable).
+        pending.request = dataclasses.replace(pending.request, body=body)
+        pending.body_source = None
+        if not await self._send_one(pending):
+            await self.close(1011, "tunnel send failed")
+
+    async def _send_one(self, pending: PendingRequest) -> bool:
+        """Send ``pending``; False if the WebSocket is closed (the request is back in the queue)."""
+        pending.holder = self
+        pending.tries += 1
+        self.in_flight[pending.id] = pending
+        message = framing.encode_request(pending.id, pending.request)
+        try:
+            await self.ws.send_message(message)
+        except trio_websocket.ConnectionClosed:
+            # Never delivered, so safe to retry whatever the method: put it back first.
+            del self.in_flight[pending.id]
+            pending.holder = None
+            pending.tries -= 1
+            self.rendezvous.queue.put_front(pending)
+            return False
+        self.log.info(
+            "WS   SND", token=self.token, id=pending.id,
+            info=f"{pending.method.decode('latin-1')} {_short_target(pending.request.target)}",
+        )
+        return True
 
     async def _receive_responses(self) -> None:
         while True:
@@ -425,7 +502,7 @@ class TunnelConnection:
             pending.holder = None
             if pending.abandoned or pending.outcome is not None:
                 self.rendezvous.release(pending)
-            elif pending.idempotent and pending.tries < MAX_TRIES:
+            elif pending.idempotent and pending.tries < MAX_TRIES and pending.replayable:
                 self.log.info("WS   RETRY", token=self.token, id=pending.id, try_=pending.tries)
                 self.rendezvous.queue.put_front(pending)
             else:

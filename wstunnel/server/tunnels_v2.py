@@ -7,12 +7,18 @@ PendingRequest with a :class:`~wstunnel.server.front.StreamingResponse` whose bo
 stream's DATA frames. Credit goes back to the client only as the HTTP front writes the bytes to its
 client (``consumed``), which is the backpressure: a slow HTTP client stalls its own stream only.
 
+Request bodies stream the same way the other way round: a body still on the HTTP client's socket
+(front.RequestBody) is read only while the stream has credit, so the server holds at most a chunk
+of it, and a slow backend slows its HTTP client down (TCP backpressure) instead of filling memory.
+At most ``max_streams`` streams are open at once on one tunnel; further requests wait in the queue.
+
 Every frame goes through one outbound channel drained by one writer task, and frames are put on it
 without a checkpoint after the V2Connection call that made them (framing_v2's ordering rule).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +29,14 @@ import trio_websocket
 from wstunnel import framing_v2 as v2
 from wstunnel.errors import FramingError, StreamClosedError
 from wstunnel.headers import without
-from wstunnel.server.front import ResponseAborted, StreamingResponse
+from wstunnel.server.front import (
+    BodyError,
+    BodyTimeout,
+    BodyTooLarge,
+    RequestBody,
+    ResponseAborted,
+    StreamingResponse,
+)
 from wstunnel.server.tunnels import Failure, PendingRequest, TunnelConnection, _short_target
 
 _END = object()  # marks the end of a body in a stream's chunk channel
@@ -71,14 +84,38 @@ class _StreamBody:
             self._connection.cancel_stream(self._stream, v2.ErrorCode.CANCEL, "HTTP client done")
 
 
+class _UpgradedUpload:
+    """The HTTP client's bytes after a 101, as DATA on the stream (front.UpgradeSink)."""
+
+    def __init__(self, connection: TunnelConnectionV2, stream: _Stream) -> None:
+        self._connection = connection
+        self._stream = stream
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._connection._send_data(self._stream.id, data)
+        except StreamClosedError:
+            raise ResponseAborted(self._stream.aborted or "stream closed") from None
+
+    def end(self) -> None:
+        connection = self._connection
+        # Reset meanwhile: the pipe is over anyway.
+        with contextlib.suppress(StreamClosedError):
+            connection._emit(*connection.conn.data_frames(self._stream.id, b"", end_stream=True)[0])
+
+
 class TunnelConnectionV2(TunnelConnection):
     """One v2 client's WebSocket: many concurrent streams, each with its own flow control."""
 
     protocol = "v2"
 
-    def __init__(self, *args: Any, httptimeout: float = math.inf, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, httptimeout: float = math.inf, max_streams: int = 256,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.httptimeout = httptimeout
+        self.max_streams = max_streams
+        # Replaced each time a stream leaves self.streams; the sender waits on it at the cap.
+        self._stream_left = trio.Event()
         self.conn = v2.V2Connection("server")
         self.streams: dict[int, _Stream] = {}
         # Unbounded, but what waits in it is bounded by the peer's windows (DATA) or tiny.
@@ -106,9 +143,14 @@ class TunnelConnectionV2(TunnelConnection):
         if amount:
             self._emit(*self.conn.consumed(stream.id, amount))
 
+    def _forget(self, stream_id: int) -> None:
+        if self.streams.pop(stream_id, None) is not None:
+            self._stream_left.set()
+            self._stream_left = trio.Event()
+
     def cancel_stream(self, stream: _Stream, code: int, reason: str) -> None:
         """Reset ``stream`` unless it is over already; fine to call on a dead tunnel."""
-        self.streams.pop(stream.id, None)
+        self._forget(stream.id)
         stream.finished = True
         # Nothing to send if the stream is over both ways; but a response may end while our
         # request body is still going, and then the RESET stops that too.
@@ -143,14 +185,17 @@ class TunnelConnectionV2(TunnelConnection):
         assert self._nursery is not None
         queue = self.rendezvous.queue
         while True:
+            while len(self.streams) >= self.max_streams:
+                await self._stream_left.wait()
             pending = await queue.get()
             if pending.abandoned:
                 continue
             request = pending.request
             headers = without(request.headers, (b"transfer-encoding",))
+            bodiless = not request.body and pending.body_source is None and not pending.upgrade
             try:
                 stream_id, head = self.conn.send_request(
-                    request.method, request.target, headers, end_stream=not request.body
+                    request.method, request.target, headers, end_stream=bodiless
                 )
             except ValueError as exc:
                 self.log.warning("WS   ERR", token=self.token, id=pending.id, err=str(exc))
@@ -168,7 +213,9 @@ class TunnelConnectionV2(TunnelConnection):
                 "WS   SND", token=self.token, id=pending.id, stream=stream_id,
                 info=f"{pending.method.decode('latin-1')} {_short_target(request.target)}",
             )
-            if request.body:
+            if pending.body_source is not None:
+                self._nursery.start_soon(self._send_streamed_body, stream, pending.body_source)
+            elif request.body:
                 self._nursery.start_soon(self._send_body, stream)
 
     async def _send_body(self, stream: _Stream) -> None:
@@ -186,6 +233,61 @@ class TunnelConnectionV2(TunnelConnection):
                         await credit.wait()
             except StreamClosedError:
                 pass  # reset meanwhile: nothing more to send
+
+    async def _send_streamed_body(self, stream: _Stream, source: RequestBody) -> None:
+        """The request body as the HTTP client sends it, read from its socket only while the
+        stream has credit: the client's windows bound what waits here, and a backend that reads
+        slowly slows the HTTP client down."""
+        with stream.scope:
+            try:
+                while True:
+                    await self._wait_credit(stream.id)
+                    chunk = await source.receive()
+                    if chunk is None:
+                        self._emit(*self.conn.data_frames(stream.id, b"", end_stream=True)[0])
+                        return
+                    await self._send_data(stream.id, chunk)
+            except StreamClosedError:
+                pass  # reset meanwhile: nothing more to send
+            except BodyError as exc:
+                self._body_failed(stream, exc)
+
+    async def _wait_credit(self, stream_id: int) -> None:
+        while True:
+            credit = self._credit
+            if self.conn.send_capacity(stream_id) > 0:
+                return
+            await credit.wait()
+
+    async def _send_data(self, stream_id: int, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        offset = 0
+        while offset < len(view):
+            credit = self._credit
+            frames, taken = self.conn.data_frames(stream_id, view[offset:])
+            self._emit(*frames)
+            offset += taken
+            if not taken:
+                await credit.wait()
+
+    def _body_failed(self, stream: _Stream, exc: BodyError) -> None:
+        """The HTTP client's body broke off, stalled or grew too large: the backend must not
+        take it as whole, so the stream is reset; the HTTP client gets the error, if it is there."""
+        code = (v2.ErrorCode.TOO_LARGE if isinstance(exc, BodyTooLarge)
+                else v2.ErrorCode.TIMEOUT if isinstance(exc, BodyTimeout) else v2.ErrorCode.CANCEL)
+        pending = stream.pending
+        self.log.info("WS   ERR", token=self.token, id=pending.id, stream=stream.id, err=exc.text)
+        self._forget(stream.id)
+        stream.finished = True
+        self._emit(*self.conn.reset(stream.id, code, exc.text))
+        if stream.headed:
+            stream.aborted = exc.text
+            stream.chunks_in.close()
+            return
+        self.in_flight.pop(pending.id, None)
+        pending.holder = None
+        pending.finish(Failure(exc.status, exc.text))
+        self.rendezvous.release(pending)
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -224,7 +326,7 @@ class TunnelConnectionV2(TunnelConnection):
                 stream.finished = True
                 stream.chunks_in.send_nowait(_END)
                 stream.chunks_in.close()
-                del self.streams[event.stream]
+                self._forget(event.stream)
         elif isinstance(event, v2.StreamReset):
             stream = self.streams.get(event.stream)
             if stream is not None:
@@ -250,15 +352,19 @@ class TunnelConnectionV2(TunnelConnection):
         if pending.abandoned or pending.outcome is not None:
             self.cancel_stream(stream, v2.ErrorCode.CANCEL, "HTTP client gave up")
         else:
+            upgraded = _UpgradedUpload(self, stream) if event.status == 101 else None
+            if pending.upgrade and upgraded is None and not event.end_stream:
+                # Not switched: the upgrade request had no body, so our side is over.
+                self._emit(*self.conn.data_frames(stream.id, b"", end_stream=True)[0])
             pending.finish(StreamingResponse(
                 status=event.status, reason=event.reason, headers=event.headers,
-                body=_StreamBody(self, stream), idle_timeout=self.httptimeout,
+                body=_StreamBody(self, stream), idle_timeout=self.httptimeout, upgraded=upgraded,
             ))
         self.rendezvous.release(pending)
 
     def _abort(self, stream: _Stream, reason: str, code: int | None = None) -> None:
         """The stream will never complete: fail or retry its request, or abort its response."""
-        self.streams.pop(stream.id, None)
+        self._forget(stream.id)
         stream.scope.cancel()
         if stream.headed:
             stream.aborted = reason
