@@ -7,8 +7,12 @@ its connection being closed by the tunnel client.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import os
 import random
+import signal
 import socket
 import statistics
 import threading
@@ -50,6 +54,14 @@ class StreamingBackend:
     def __init__(self) -> None:
         self.event_writes: list[float] = []  # monotonic time each SSE event was written
         self.closed_early = threading.Event()  # a /big client hung up mid-body
+        self.upload_bytes = 0  # body bytes /sink has read so far
+        self.upload_chunks: list[bytes] = []  # the first few chunks /sink read
+        self.upload_cut = threading.Event()  # a /sink body ended before it was whole
+        self.uploads_done = 0
+        self.holding = 0  # /hold requests being held
+        self.max_holding = 0
+        self.release = threading.Event()  # lets every /hold request answer
+        self.lock = threading.Lock()
         backend = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,6 +89,89 @@ class StreamingBackend:
                     if url.path == "/big":
                         backend.closed_early.set()
                     self.close_connection = True
+
+            def do_POST(self) -> None:
+                url = urlsplit(self.path)
+                try:
+                    if url.path == "/reject":
+                        self._reject()
+                    elif url.path == "/hold":
+                        self._hold()
+                    else:
+                        self._sink()
+                except (BrokenPipeError, ConnectionResetError):
+                    backend.upload_cut.set()
+                    self.close_connection = True
+
+            do_PUT = do_POST
+
+            def _body_chunks(self) -> Iterator[bytes]:
+                """The request body piece by piece, as it arrives; EOFError if it breaks off."""
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    while True:
+                        line = self.rfile.readline()
+                        if not line:
+                            raise EOFError
+                        size = int(line.split(b";")[0].strip(), 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return
+                        yield from self._exactly(size)
+                        self.rfile.readline()
+                else:
+                    yield from self._exactly(int(self.headers.get("Content-Length") or 0))
+
+            def _exactly(self, size: int) -> Iterator[bytes]:
+                while size:
+                    chunk = self.rfile.read1(min(size, 256 * 1024))
+                    if not chunk:
+                        raise EOFError
+                    size -= len(chunk)
+                    yield chunk
+
+            def _sink(self) -> None:
+                digest = hashlib.sha256()
+                size = 0
+                try:
+                    for chunk in self._body_chunks():
+                        digest.update(chunk)
+                        size += len(chunk)
+                        backend.upload_bytes = size
+                        if len(backend.upload_chunks) < 8:
+                            backend.upload_chunks.append(chunk)
+                except EOFError:
+                    backend.upload_cut.set()
+                    self.close_connection = True
+                    return
+                backend.uploads_done += 1
+                body = json.dumps({"size": size, "sha256": digest.hexdigest()}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _reject(self) -> None:
+                """Refuse at once, without reading the body, and hang up (as servers do)."""
+                body = b"too large\n"
+                self.send_response(413)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+                self.wfile.flush()
+                self.close_connection = True
+
+            def _hold(self) -> None:
+                with backend.lock:
+                    backend.holding += 1
+                    backend.max_holding = max(backend.max_holding, backend.holding)
+                try:
+                    backend.release.wait(30)
+                    self._small()
+                finally:
+                    with backend.lock:
+                        backend.holding -= 1
 
             def _small(self) -> None:
                 body = b"small\n"
@@ -146,9 +241,9 @@ def streaming_backend() -> Iterator[StreamingBackend]:
 
 
 def tunnel_to(harness: Harness, backend: StreamingBackend) -> tuple[Server, str, int]:
-    server = harness.server()
+    # Both ends cap bodies (100 MiB by default); these transfers go beyond.
+    server = harness.server("-max-body-size", str(4096 * MiB))
     token = harness.new_token()
-    # The cli still caps response bodies (100 MiB by default); these downloads go beyond.
     client = harness.client(server, token, "-max-body-size", str(4096 * MiB), backend=backend.url)
     return server, token, client.process.pid
 
@@ -377,3 +472,220 @@ def test_unreachable_backend_is_502_over_v2(harness: Harness) -> None:
     response = server.get("/anything", token)
     assert response.status_code == 502
     assert "Backend unreachable" in response.text
+
+
+# -- streamed uploads -----------------------------------------------------------------------------
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory since it started (VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmHWM for {pid}")
+
+
+def upload_body(size: int) -> Iterator[bytes]:
+    for start in range(0, size, len(BLOCK)):
+        yield BLOCK[: min(len(BLOCK), size - start)]
+
+
+def http_connection(server: Server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=20)
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes, bytes]:
+    """Status, head and body of one Content-Length response read off a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response head: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed in the middle of a response body"
+        body += chunk
+    return int(head.split(b" ")[1]), head, body
+
+
+def upload_head(path: str, token: str, *extra: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: example", f"X-Token: {token}", *extra, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+def test_large_upload_streams_with_bounded_memory(
+    harness: Harness, streaming_backend: StreamingBackend
+) -> None:
+    server, token, cli_pid = tunnel_to(harness, streaming_backend)
+    size = 200 * MiB
+    started = time.monotonic()
+    response = httpx.post(f"{server.url}/sink", headers={"X-Token": token, "Content-Length": str(size)},
+                          content=upload_body(size), timeout=60)
+    elapsed = time.monotonic() - started
+    peak = {"srv": peak_rss_mib(server.process.pid), "cli": peak_rss_mib(cli_pid)}
+    print(f"\n200 MiB upload via v2 in {elapsed:.2f}s ({size / MiB / elapsed:.0f} MiB/s); peak RSS "
+          f"(VmHWM) srv {peak['srv']:.0f} MiB, cli {peak['cli']:.0f} MiB")
+    assert response.status_code == 200, response.text
+    assert response.json() == {"size": size, "sha256": big_body_sha256(size)}
+    assert peak["srv"] < 90 and peak["cli"] < 90
+
+
+def test_chunked_upload_reaches_the_backend_as_it_arrives(
+    harness: Harness, streaming_backend: StreamingBackend
+) -> None:
+    server, token, _ = tunnel_to(harness, streaming_backend)
+    with http_connection(server) as sock:
+        sock.sendall(upload_head("/sink", token, "Transfer-Encoding: chunked") + b"5\r\nfirst\r\n")
+        # The backend has the first chunk while the rest is still with the HTTP client.
+        wait_until(lambda: streaming_backend.upload_bytes == 5, what="the first chunk at the backend")
+        assert streaming_backend.upload_chunks == [b"first"]
+        sock.sendall(b"4\r\nrest\r\n0\r\n\r\n")
+        status, _, body = read_response(sock)
+    assert status == 200
+    assert json.loads(body) == {"size": 9, "sha256": hashlib.sha256(b"firstrest").hexdigest()}
+
+
+def test_expect_100_continue_on_a_streamed_upload(
+    harness: Harness, streaming_backend: StreamingBackend
+) -> None:
+    server, token, _ = tunnel_to(harness, streaming_backend)
+    body = BLOCK * 4  # 256 KiB: above the read-whole size, so streamed
+    with http_connection(server) as sock:
+        sock.sendall(upload_head("/sink", token, f"Content-Length: {len(body)}",
+                                 "Expect: 100-continue"))
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        sock.sendall(body)
+        status, _, answer = read_response(sock)
+    assert status == 200
+    assert json.loads(answer)["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_backend_answering_before_the_upload_ends_closes_the_connection(
+    harness: Harness, streaming_backend: StreamingBackend
+) -> None:
+    server, token, _ = tunnel_to(harness, streaming_backend)
+    with http_connection(server) as sock:
+        sock.sendall(upload_head("/reject", token, f"Content-Length: {64 * MiB}") + BLOCK * 16)
+        status, head, body = read_response(sock)
+        assert (status, body) == (413, b"too large\n")
+        assert b"connection: close" in head.lower()
+        # The rest of the body is not waited for: the server ends the connection.
+        sock.settimeout(15)
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(65536):
+                pass
+    assert server.get("/small", token).text == "small\n"
+
+
+def test_http_client_hanging_up_mid_upload_cancels_the_backend_request(
+    harness: Harness, streaming_backend: StreamingBackend
+) -> None:
+    server, token, _ = tunnel_to(harness, streaming_backend)
+    with http_connection(server) as sock:
+        sock.sendall(upload_head("/sink", token, f"Content-Length: {64 * MiB}") + BLOCK * 16)
+        wait_until(lambda: streaming_backend.upload_bytes >= 512 * 1024, what="upload under way")
+    assert streaming_backend.upload_cut.wait(10), "the backend request was never cancelled"
+    assert server.get("/small", token).text == "small\n"
+
+
+def test_stalled_upload_is_408_and_a_moving_one_outlives_httptimeout(
+    harness: Harness, streaming_backend: StreamingBackend
+) -> None:
+    server = harness.server("-header-timeout", "1", "-httptimeout", "2")
+    token = harness.new_token()
+    harness.client(server, token, backend=streaming_backend.url)
+    with http_connection(server) as sock:
+        sock.sendall(upload_head("/sink", token, f"Content-Length: {4 * MiB}") + BLOCK)
+        status, _, body = read_response(sock)  # nothing more is sent: it stalls
+    assert status == 408, body
+    assert streaming_backend.upload_cut.wait(10), "the backend still waits for the stalled body"
+    # 3 s of steady progress, longer than httptimeout, with no gap of header_timeout.
+    parts = 15
+    with http_connection(server) as sock:
+        sock.sendall(upload_head("/sink", token, f"Content-Length: {parts * len(BLOCK)}"))
+        for _ in range(parts):
+            sock.sendall(BLOCK)
+            time.sleep(0.2)  # the HTTP client's pace, not a synchronisation
+        status, _, body = read_response(sock)
+    assert status == 200, body
+    assert json.loads(body)["size"] == parts * len(BLOCK)
+
+
+def test_upload_cut_by_a_lost_tunnel_is_502_not_replayed(
+    harness: Harness, streaming_backend: StreamingBackend
+) -> None:
+    server, token, cli_pid = tunnel_to(harness, streaming_backend)
+    with http_connection(server) as sock:
+        # PUT is idempotent, but half its body is gone with the tunnel: it cannot be sent again.
+        head = upload_head("/sink", token, f"Content-Length: {64 * MiB}").replace(b"POST", b"PUT", 1)
+        sock.sendall(head + BLOCK * 16)
+        wait_until(lambda: streaming_backend.upload_bytes >= 512 * 1024, what="upload under way")
+        os.kill(cli_pid, signal.SIGKILL)
+        status, _, body = read_response(sock)
+    assert status == 502, body
+    assert streaming_backend.uploads_done == 0
+
+
+def test_upload_waits_in_the_queue_without_being_read_until_a_tunnel_comes(
+    harness: Harness, streaming_backend: StreamingBackend
+) -> None:
+    server = harness.server()
+    token = harness.new_token()
+    client = harness.client(server, token, backend=streaming_backend.url)
+    client.process.stop()
+    server.wait_clients(token, 0)
+    size = 64 * MiB
+    result: dict[str, httpx.Response] = {}
+
+    def upload() -> None:
+        result["response"] = httpx.post(
+            f"{server.url}/sink", headers={"X-Token": token, "Content-Length": str(size)},
+            content=upload_body(size), timeout=60,
+        )
+
+    uploader = threading.Thread(target=upload, daemon=True)
+    uploader.start()
+    try:
+        wait_until(lambda: server.status()["tunnels"][0]["pending"] == 1, what="the queued upload")
+        queued_peak = peak_rss_mib(server.process.pid)
+        harness.client(server, token, backend=streaming_backend.url)
+    finally:
+        uploader.join(60)
+    assert result["response"].status_code == 200
+    assert result["response"].json() == {"size": size, "sha256": big_body_sha256(size)}
+    assert queued_peak < 90
+    assert peak_rss_mib(server.process.pid) < 90
+
+
+def test_streams_per_tunnel_are_capped_and_the_rest_wait(
+    harness: Harness, streaming_backend: StreamingBackend
+) -> None:
+    server = harness.server("-max-streams-per-tunnel", "2")
+    token = harness.new_token()
+    harness.client(server, token, backend=streaming_backend.url)
+    statuses: list[int] = []
+
+    def hold() -> None:
+        statuses.append(server.get("/hold", token, method="POST").status_code)
+
+    threads = [threading.Thread(target=hold, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: server.status()["tunnels"][0]["pending"] == 4, what="4 requests in")
+        wait_until(lambda: streaming_backend.holding == 2, what="2 requests at the backend")
+        assert server.status()["tunnels"][0]["clients"][0]["in_flight"] == 2
+    finally:
+        streaming_backend.release.set()
+        for thread in threads:
+            thread.join(30)
+    assert statuses == [200] * 4
+    assert streaming_backend.max_holding == 2
