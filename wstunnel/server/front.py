@@ -122,9 +122,44 @@ class RequestBody:
         self.last_activity: float | None = None
         self.lock = trio.Lock()
         self._closed = False
+        self._early: list[bytes] = []  # parsed by prime(), not handed out yet
+
+    def prime(self) -> None:
+        """Parse what came with the head, without waiting: a body broken (or too large) from its
+        first bytes is refused before routing, and a body that came whole is read whole."""
+        conn = self._connection.conn
+        while not self.complete:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                raise BodyBroken from None
+            if event is h11.NEED_DATA:
+                return
+            if isinstance(event, h11.Data):
+                self.size += len(event.data)
+                if self.size > self._max_size:
+                    raise BodyTooLarge
+                self._early.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                self.complete = True
+            else:
+                raise BodyBroken
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of the body held in memory (what came with the head), not handed out yet."""
+        return sum(len(chunk) for chunk in self._early)
+
+    def take_early(self) -> bytes:
+        early, self._early = b"".join(self._early), []
+        return early
 
     async def receive(self) -> bytes | None:
         """The next chunk, or None at the end; BodyError if the body will never be whole."""
+        if self._early:
+            self.started = True
+            self.last_activity = trio.current_time()
+            return self._early.pop(0)
         if self.complete:
             return None
         async with self.lock:
@@ -341,9 +376,16 @@ class HttpConnection:
                 await self._send_error(413, "Request body too large")
                 return
             if self._streams_body(request):
-                request.body_source = RequestBody(
-                    self, self.limits.max_body_size, self.limits.header_timeout
-                )
+                source = RequestBody(self, self.limits.max_body_size, self.limits.header_timeout)
+                try:
+                    source.prime()
+                except BodyError as exc:
+                    await self._send_error(exc.status, exc.text)
+                    return
+                if source.complete:
+                    request.body = source.take_early()  # it all came with the head
+                else:
+                    request.body_source = source
             else:
                 try:
                     request.body = await self._read_body()

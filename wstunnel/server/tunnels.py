@@ -74,6 +74,13 @@ class PendingRequest:
         """Can be sent again: its body is whole in memory, or not a byte of it was taken yet."""
         return self.body_source is None or not self.body_source.started
 
+    @property
+    def held_bytes(self) -> int:
+        """Request bytes in memory while it waits: its body, or what came with the head of a
+        streamed one (the rest stays with the HTTP client until a tunnel takes it)."""
+        source = self.body_source
+        return len(self.request.body) + (source.buffered if source is not None else 0)
+
     def last_activity(self) -> float | None:
         """When its streamed body last moved, if it did."""
         return self.body_source.last_activity if self.body_source is not None else None
@@ -104,7 +111,7 @@ class RequestQueue:
     def put_nowait(self, item: PendingRequest) -> None:
         if len(self._items) >= self.capacity:
             raise QueueFull
-        size = len(item.request.body)
+        size = item.held_bytes
         # One request alone may always wait, whatever its size (the body cap bounds it).
         if self.max_bytes is not None and self._items and self.bytes + size > self.max_bytes:
             raise QueueFull
@@ -119,7 +126,7 @@ class RequestQueue:
             self._items.appendleft(item)
         else:
             self._items.append(item)
-        self.bytes += len(item.request.body)
+        self.bytes += item.held_bytes
         self._lot.unpark()
 
     def discard(self, item: PendingRequest) -> bool:
@@ -127,14 +134,14 @@ class RequestQueue:
             self._items.remove(item)
         except ValueError:
             return False
-        self.bytes -= len(item.request.body)
+        self.bytes -= item.held_bytes
         return True
 
     async def get(self) -> PendingRequest:
         while not self._items:
             await self._lot.park()
         item = self._items.popleft()
-        self.bytes -= len(item.request.body)
+        self.bytes -= item.held_bytes
         return item
 
 
