@@ -689,3 +689,19 @@ def test_streams_per_tunnel_are_capped_and_the_rest_wait(
             thread.join(30)
     assert statuses == [200] * 4
     assert streaming_backend.max_holding == 2
+
+
+def test_chunked_upload_over_max_body_size_is_413(
+    harness: Harness, streaming_backend: StreamingBackend
+) -> None:
+    server = harness.server("-max-body-size", str(MiB))
+    token = harness.new_token()
+    harness.client(server, token, backend=streaming_backend.url)
+    # No Content-Length to refuse up front: the cap is met as the body streams.
+    response = httpx.post(f"{server.url}/sink", headers={"X-Token": token},
+                          content=upload_body(2 * MiB), timeout=30)
+    assert response.status_code == 413
+    assert response.headers["connection"] == "close"
+    assert streaming_backend.upload_cut.wait(10), "the backend took a body over the cap as whole"
+    assert streaming_backend.uploads_done == 0
+    assert server.get("/small", token).text == "small\n"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpcore
 import httpx
@@ -266,7 +265,7 @@ class ClientSessionV2:
 
     async def _pipe(self, stream: _Stream, response: httpx.Response) -> None:
         """The backend switched protocols: carry the raw bytes both ways until both ends close."""
-        network: Any = response.extensions["network_stream"]
+        network: httpcore.AsyncNetworkStream = response.extensions["network_stream"]
         reason = response.reason_phrase.encode("latin-1", "replace")
         headers = [*without_hop_by_hop(response.headers.raw),
                    (b"Upgrade", response.headers.get("upgrade", "").encode("latin-1"))]
@@ -289,7 +288,8 @@ class ClientSessionV2:
             pipe.cancel_scope.deadline = min(pipe.cancel_scope.deadline,
                                              trio.current_time() + PIPE_LINGER)
 
-    async def _pipe_up(self, stream: _Stream, network: Any, scope: trio.CancelScope) -> None:
+    async def _pipe_up(self, stream: _Stream, network: httpcore.AsyncNetworkStream,
+                       scope: trio.CancelScope) -> None:
         """HTTP client to backend; its credit goes back once the backend's socket took it."""
         try:
             async for chunk in stream.chunks_out:
