@@ -161,3 +161,17 @@ async def test_websocket_over_a_v1_tunnel_is_501_and_streamed_uploads_arrive_who
             assert refused.status_code == 501
             assert "protocol v2" in refused.text
             nursery.cancel_scope.cancel()
+
+
+def test_upgrade_refused_by_a_plain_backend_is_its_ordinary_response(harness: Harness) -> None:
+    server = harness.server()
+    token = harness.new_token()
+    harness.client(server, token)
+    headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        response = http.get(f"{server.url}/page", headers={**headers, "X-Token": token})
+        assert response.status_code == 200
+        assert response.text == "backend page /page\n"
+        # Not switched: the connection goes on as HTTP.
+        assert http.get(f"{server.url}/again", headers={"X-Token": token}).text == "backend page /again\n"

@@ -307,7 +307,9 @@ class TunnelServer:
         headers = [(k, v) for k, v in headers if k.lower() != b"x-forwarded-for"]
         peer = request.peer.encode()
         headers.append((b"X-Forwarded-For", forwarded + b", " + peer if forwarded else peer))
-        upgrade = request.is_websocket_upgrade()
+        # A v2 stream carries no body before its 101: an upgrade request with one (a strange
+        # thing) goes as a plain request, its Upgrade header dropped with the hop-by-hop ones.
+        upgrade = request.is_websocket_upgrade() and not request.body and request.body_source is None
         if upgrade:
             # Hop-by-hop as they are, these two are what the tunnel client passes on.
             headers += [(b"Connection", b"Upgrade"), (b"Upgrade", request.header(b"upgrade") or b"")]
