@@ -175,3 +175,26 @@ def test_upgrade_refused_by_a_plain_backend_is_its_ordinary_response(harness: Ha
         assert response.text == "backend page /page\n"
         # Not switched: the connection goes on as HTTP.
         assert http.get(f"{server.url}/again", headers={"X-Token": token}).text == "backend page /again\n"
+
+
+async def test_idle_websocket_is_closed_after_httptimeout(
+    harness: Harness, echo_backend: EchoBackend
+) -> None:
+    server = await start_server(harness, "-httptimeout", "2")
+    token = harness.new_token()
+    await trio.to_thread.run_sync(partial(harness.client, server, token,
+                                          backend=f"http://127.0.0.1:{echo_backend.port}"))
+    with trio.fail_after(30):
+        async with connect(server, token) as ws:
+            # Traffic for longer than httptimeout keeps it open...
+            for index in range(6):
+                await ws.send_message(f"ping {index}")
+                assert await ws.get_message() == f"ping {index}"
+                await trio.sleep(0.5)  # the client's pace, not a synchronisation
+            # ...silence for httptimeout ends it, at both ends.
+            closed = echo_backend.closed
+            started = trio.current_time()
+            with pytest.raises(ConnectionClosed):
+                await ws.get_message()
+            assert trio.current_time() - started >= 1.5
+            await closed.wait()

@@ -328,6 +328,8 @@ class HttpConnection:
         self._responding = False
         self._continuing = False
         self._continued = trio.Event()
+        self._pipe_idle = trio.CancelScope()  # an upgraded connection's, pushed on by its bytes
+        self._pipe_idle_timeout = math.inf
 
     async def serve(self) -> None:
         try:
@@ -602,11 +604,20 @@ class HttpConnection:
             raise trio.BrokenResourceError from None
         # What the client sent after its request (a first WebSocket frame) is the new protocol's.
         first = bytes(self.conn.trailing_data[0])
+        # Like any transfer, a pipe may last as long as it moves; one that carried nothing either
+        # way for the idle timeout ends, or a vanished peer would hold it forever.
+        self._pipe_idle_timeout = response.idle_timeout
+        with self._pipe_idle:
+            self._pipe_moved()
+            await self._run_pipe(response, sink, first)
+
+    async def _run_pipe(self, response: StreamingResponse, sink: UpgradeSink, first: bytes) -> None:
         async with trio.open_nursery() as pipe:
             pipe.start_soon(self._pipe_up, sink, first, pipe.cancel_scope)
             try:
                 while (chunk := await response.body.receive()) is not None:
                     await self.stream.send_all(chunk)
+                    self._pipe_moved()
                     response.sent_bytes += len(chunk)
                     response.body.consumed(len(chunk))
                 await self.stream.send_eof()
@@ -616,11 +627,15 @@ class HttpConnection:
             pipe.cancel_scope.deadline = min(pipe.cancel_scope.deadline,
                                              trio.current_time() + PIPE_LINGER)
 
+    def _pipe_moved(self) -> None:
+        self._pipe_idle.deadline = trio.current_time() + self._pipe_idle_timeout
+
     async def _pipe_up(self, sink: UpgradeSink, first: bytes, scope: trio.CancelScope) -> None:
         try:
             if first:
                 await sink.send(first)
             while data := await self.stream.receive_some(RECEIVE_SIZE):
+                self._pipe_moved()
                 await sink.send(data)
             sink.end()
         except (ResponseAborted, trio.BrokenResourceError, trio.ClosedResourceError):
