@@ -460,6 +460,52 @@ def test_parse_response_head_malformed(head: bytes, message: str) -> None:
         parse_response_head(head)
 
 
+# Heads built from pieces h11 treats specially, so the fast path must both take plain ones and hand
+# every odd one to h11: the two paths must give the same answer, or the same error.
+_HEAD_LINES = [
+    b"Host: a", b"host:  a ", b"HOST:", b"Content-Length: 5", b"content-length: 05",
+    b"Content-Length: 5, 5", b"Content-Length: 5,6", b"Content-Length: " + b"9" * 19,
+    b"Content-Length: " + b"9" * 21, b"Content-Length: x", b"Transfer-Encoding: chunked",
+    b"transfer-encoding: CHUNKED", b"Transfer-Encoding: gzip", b"Upgrade: websocket", b"X: a  b",
+    b"X:", b"X: \xff\x80", b"X: a\x00", b"X: a\x0bb", b"X : a", b"X;: a", b": a", b"NoColon",
+    b"X-\xe9: a", b"Connection: close", b"Expect: 100-continue",
+]
+_START_LINES = [
+    b"GET / HTTP/1.1", b"GET /a?b HTTP/1.1", b"CONNECT example.com:443 HTTP/1.1", b"G\xe9T / HTTP/1.1",
+    b"GET / HTTP/1.0", b"GET  / HTTP/1.1", b"GET / HTTP/2.0", b"GET /\x7f HTTP/1.1", b"",
+    b"HTTP/1.1 200 OK", b"HTTP/1.1 101 Switching", b"HTTP/1.1 100", b"HTTP/1.1 204 ", b"HTTP/1.1 099 x",
+    b"HTTP/1.1 999 \xff\tx", b"HTTP/1.0 200 OK", b"HTTP/1.1 20 OK", b"HTTP/1.1 200 O\x00K",
+]
+
+
+def _outcome(parse: Callable[[bytes], object], head: bytes) -> object:
+    try:
+        return parse(head)
+    except HttpPayloadError as exc:
+        return ("error", str(exc))
+
+
+@given(st.sampled_from(_START_LINES), st.lists(st.sampled_from(_HEAD_LINES), max_size=5))
+@settings(max_examples=400, deadline=None)
+def test_fast_head_parsing_agrees_with_h11(start: bytes, lines: list[bytes]) -> None:
+    head = b"".join(line + b"\r\n" for line in [start, *lines]) + b"\r\n"
+    assert _outcome(parse_request_head, head) == _outcome(
+        lambda h: framing_v2._check_head(h, "request") or framing_v2._h11_request_head(h), head
+    )
+    assert _outcome(parse_response_head, head) == _outcome(
+        lambda h: framing_v2._check_head(h, "response") or framing_v2._h11_response_head(h), head
+    )
+
+
+def test_plain_heads_take_the_fast_path() -> None:
+    assert framing_v2._fast_request_head(b"GET /x HTTP/1.1\r\nHost: a\r\nX: 1\r\n\r\n") == (
+        b"GET", b"/x", [(b"Host", b"a"), (b"X", b"1")]
+    )
+    assert framing_v2._fast_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n") == (
+        200, b"OK", [(b"Content-Length", b"2")]
+    )
+
+
 @pytest.mark.parametrize(
     ("block", "message"),
     [
