@@ -102,14 +102,16 @@ class RequestQueue:
         self.capacity = capacity
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._items: collections.deque[PendingRequest] = collections.deque()
+        # Made on first use: an empty deque still allocates a 64-slot block (760 bytes), and a
+        # token's queue is empty most of its life (every idle tunnel has one).
+        self._items: collections.deque[PendingRequest] | None = None
         self._lot = trio.lowlevel.ParkingLot()
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) if self._items is not None else 0
 
     def put_nowait(self, item: PendingRequest) -> None:
-        if len(self._items) >= self.capacity:
+        if len(self) >= self.capacity:
             raise QueueFull
         size = item.held_bytes
         # One request alone may always wait, whatever its size (the body cap bounds it).
@@ -122,6 +124,8 @@ class RequestQueue:
         self._append(item, front=True)
 
     def _append(self, item: PendingRequest, *, front: bool) -> None:
+        if self._items is None:
+            self._items = collections.deque()
         if front:
             self._items.appendleft(item)
         else:
@@ -130,6 +134,8 @@ class RequestQueue:
         self._lot.unpark()
 
     def discard(self, item: PendingRequest) -> bool:
+        if self._items is None:
+            return False
         try:
             self._items.remove(item)
         except ValueError:
@@ -140,6 +146,7 @@ class RequestQueue:
     async def get(self) -> PendingRequest:
         while not self._items:
             await self._lot.park()
+        assert self._items is not None
         item = self._items.popleft()
         self.bytes -= item.held_bytes
         return item
