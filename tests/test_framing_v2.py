@@ -136,7 +136,7 @@ def header(type_: int, flags: int, stream: int) -> bytes:
 def test_module_exports_the_documented_constants() -> None:
     assert framing_v2.SUBPROTOCOL == "wstunnel.v2"
     assert framing_v2.HEADER_SIZE == 6
-    assert MAX_FRAME_PAYLOAD == 16 * 1024
+    assert MAX_FRAME_PAYLOAD == 64 * 1024
     assert INITIAL_STREAM_WINDOW == 256 * 1024
     assert INITIAL_TUNNEL_WINDOW == 4 * 1024 * 1024
     assert MAX_WINDOW == 2**31 - 1
@@ -261,7 +261,7 @@ GOOD_HEAD = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
         (header(1, 0, 1), "HEAD frame on stream 1 with 0 bytes"),
         (header(1, 0, 1) + b"x" * (MAX_HEAD_SIZE + 1), "HEAD frame on stream 1 with 262145 bytes"),
         (header(2, 0, 3), "empty DATA frame on stream 3 without END_STREAM"),
-        (header(2, 0, 3) + b"x" * (MAX_FRAME_PAYLOAD + 1), "DATA frame on stream 3 with 16385 bytes"),
+        (header(2, 0, 3) + b"x" * (MAX_FRAME_PAYLOAD + 1), "DATA frame on stream 3 with 65537 bytes"),
         (header(3, 0, 3) + b"x" * (MAX_HEAD_SIZE + 1), "END frame on stream 3 with"),
         (header(4, 0, 0), "WINDOW frame on stream 0 with 0 bytes"),
         (header(4, 0, 0) + b"\x00\x00\x01", "with 3 bytes"),
@@ -271,7 +271,7 @@ GOOD_HEAD = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
         (header(4, 0, 2) + b"\xff\xff\xff\xff", "increment 4294967295"),
         (header(5, 0, 4), "RESET frame on stream 4 with 0 bytes"),
         (header(5, 0, 4) + b"\x00", "RESET frame on stream 4 with 1 bytes"),
-        (header(5, 0, 4) + b"\x00\x01" + b"r" * (MAX_FRAME_PAYLOAD - 1), "with 16385 bytes"),
+        (header(5, 0, 4) + b"\x00\x01" + b"r" * (MAX_FRAME_PAYLOAD - 1), "with 65537 bytes"),
         (header(5, 0, 4) + b"\x00\x01\xff", "reason that is not UTF-8"),
         (header(5, 0, 4) + b"\x00\x01\xed\xa0\x80", "not UTF-8"),  # an encoded surrogate
         (header(5, 0, 4) + b"\x00\x01caf\xc3", "not UTF-8"),  # truncated sequence
@@ -690,14 +690,14 @@ def test_bodyless_responses_take_no_body_bytes_but_may_end_later(method: bytes, 
 # -- the connection: flow control ---------------------------------------------------------------
 
 
-def test_data_frames_split_at_16_kib_and_stop_at_the_stream_window() -> None:
+def test_data_frames_split_at_the_frame_size_and_stop_at_the_stream_window() -> None:
     server, client = pair()
     stream = open_stream(server, client)
     body = bytes(range(256)) * 1100  # 281,600 bytes: more than one stream window
     assert server.send_capacity(stream) == INITIAL_STREAM_WINDOW
     frames, taken = server.data_frames(stream, body, end_stream=True)
     assert taken == INITIAL_STREAM_WINDOW
-    assert [len(f.data) for f in frames] == [MAX_FRAME_PAYLOAD] * 16
+    assert [len(f.data) for f in frames] == [MAX_FRAME_PAYLOAD] * (INITIAL_STREAM_WINDOW // MAX_FRAME_PAYLOAD)
     assert not any(f.end_stream for f in frames)  # not all of it fitted
     assert b"".join(f.data for f in frames) == body[:taken]
     assert server.send_capacity(stream) == 0

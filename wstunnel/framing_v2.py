@@ -23,7 +23,7 @@ type   name    payload
                or LF, no obsolete line folding), the head ends at its first empty line, which is
                the end of the payload. The version is always ``HTTP/1.1``. 1 to MAX_HEAD_SIZE
                (256 KiB) bytes. Same text as v1's heads; checked with h11, like the HTTP front.
-2      DATA    Body bytes, 0 to MAX_FRAME_PAYLOAD (16 KiB); empty only with END_STREAM.
+2      DATA    Body bytes, 0 to MAX_FRAME_PAYLOAD (64 KiB); empty only with END_STREAM.
 3      END     The trailer block: ``Name: value`` lines each ending with CRLF, *without* the final
                empty line; empty for no trailers. At most MAX_HEAD_SIZE bytes. Ends the sender's
                side of the stream.
@@ -168,7 +168,7 @@ __all__ = [
 
 SUBPROTOCOL = "wstunnel.v2"
 HEADER_SIZE = 6
-MAX_FRAME_PAYLOAD = 16 * 1024
+MAX_FRAME_PAYLOAD = 64 * 1024
 INITIAL_STREAM_WINDOW = 256 * 1024
 INITIAL_TUNNEL_WINDOW = 4 * 1024 * 1024
 MAX_WINDOW = 2**31 - 1
@@ -218,7 +218,7 @@ class Head:
 @dataclass(frozen=True, slots=True)
 class Data:
     stream: int
-    data: bytes = field(repr=False)  # up to 16 KiB: too much for a log line
+    data: bytes = field(repr=False)  # up to 64 KiB: too much for a log line
     end_stream: bool = False
 
 
