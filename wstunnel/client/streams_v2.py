@@ -27,6 +27,7 @@ from wstunnel.errors import FramingError, StreamClosedError, TunnelMessageError
 from wstunnel.headers import Headers, without_hop_by_hop
 from wstunnel.logs import EventLogger
 from wstunnel.tokens import Token
+from wstunnel.transport import MessageTransport
 
 
 @dataclass(eq=False)
@@ -44,7 +45,7 @@ class _Stream:
 class ClientSessionV2:
     """Serves one v2 tunnel until the WebSocket closes or the server breaks the protocol."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection, backend: Backend, *,
+    def __init__(self, ws: MessageTransport, backend: Backend, *,
                  limiter: trio.CapacityLimiter, log: EventLogger,
                  token: Token) -> None:
         self.ws = ws
