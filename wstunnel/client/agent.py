@@ -134,9 +134,14 @@ class TunnelClient:
 
     async def _session(self, backend: Backend) -> str:
         """One connection, from dial to close; returns why it ended."""
+        connected_before, fallback = self.sessions, self._longpoll_since is not None
         try:
             await self._connect_and_serve(backend)
         except BaseException as exc:
+            if fallback and self.sessions == connected_before:
+                # Long-poll as a fallback did not connect either: the next dial tries the
+                # WebSocket again, so a refusal both ways never pins us to the fallback.
+                self._longpoll_since = None
             sole = _first_session_ending(exc, self.settings.timeout)
             if self.stopping and isinstance(sole, trio_websocket.ConnectionClosed):
                 return "client stopping"  # our own Close frame, sent by close()

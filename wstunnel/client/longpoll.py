@@ -115,6 +115,12 @@ class LongPollTransport:
         self._frames_queued = trio.lowlevel.ParkingLot()
         self._room = trio.lowlevel.ParkingLot()
         self._tasks = trio.CancelScope()
+        # ping() asks the sender for a POST (with or without frames) and waits for its answer.
+        # The first one goes out at once, beside the first poll: from then on the client keeps
+        # two connections (one polling, one posting), and a draining server, which accepts no
+        # new connection, still gets our frames on them.
+        self._ping_wanted = True
+        self._posted = trio.Event()
 
     @property
     def closed(self) -> CloseReason | None:
@@ -154,8 +160,18 @@ class LongPollTransport:
                 await self.http.delete(self.url, headers=self._headers)
 
     async def ping(self, payload: bytes | None = None) -> None:
-        """A round trip that proves the session alive: a POST without frames."""
-        await self._post(b"")
+        """A round trip that proves the session alive: the sender's next POST, frames or none.
+
+        Through the sender, so that a ping never needs a third connection.
+        """
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed)
+        posted = self._posted
+        self._ping_wanted = True
+        self._frames_queued.unpark_all()
+        await posted.wait()
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed)
 
     # -- the tasks ----------------------------------------------------------------------------
 
@@ -189,15 +205,20 @@ class LongPollTransport:
 
     async def _send_forever(self) -> None:
         while self._closed is None:
-            while not self._outbox and self._closed is None:
+            while not self._outbox and not self._ping_wanted and self._closed is None:
                 await self._frames_queued.park()
             batch = pollbody.take_batch(self._outbox)
             self._outbox_bytes -= sum(len(message) for message in batch)
             self._room.unpark_all()
+            # Pings waiting from now on are answered by this POST's round trip.
+            self._ping_wanted = False
+            posted, self._posted = self._posted, trio.Event()
             try:
                 await self._post(pollbody.encode(batch))
             except ConnectionClosed:
                 return
+            finally:
+                posted.set()
 
     async def _post(self, body: bytes) -> None:
         if self._closed is not None:
@@ -224,6 +245,7 @@ class LongPollTransport:
         """Closed: wake every waiter, stop both tasks; get_message reports ``reason``."""
         if self._closed is None:
             self._closed = CloseReason(code, reason)
+        self._posted.set()  # a ping waiting for a POST that will never come
         self._inbox_in.close()
         self._frames_queued.unpark_all()
         self._room.unpark_all()

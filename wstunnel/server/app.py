@@ -178,10 +178,20 @@ class TunnelServer:
         except OSError:
             await stream.aclose()
             return
+        # A draining server closes each connection after its response, except a long-poll
+        # client's: it has to keep polling, on the connections it has, while its in-flight
+        # requests finish (new connections are no longer accepted by then).
+        polling = False
+
+        async def respond(request: IncomingRequest) -> AnyResponse:
+            nonlocal polling
+            polling = self.longpoll.handles(request.path)
+            return await self._respond(request)
+
         connection = HttpConnection(
             stream, peer, self.limits,
-            respond=self._respond, is_tunnel=self._is_tunnel, take_tunnel=self._take_tunnel,
-            draining=lambda: self.draining,
+            respond=respond, is_tunnel=self._is_tunnel, take_tunnel=self._take_tunnel,
+            draining=lambda: self.draining and not polling,
         )
         await connection.serve()
 
