@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import test_client as core_client
+from tests import test_server as core_server
 from tests.harness import PYTHON, ROOT, Client, Harness, Process, Server, free_port, wait_until
 from tests.nginx_frontend import (
     SHIPPED_UPSTREAM,
@@ -30,21 +32,6 @@ from tests.nginx_frontend import (
     render_site,
     write_config,
 )
-from tests.test_client import (
-    test_client_drops_a_silent_server_and_comes_back as test_core_client_drops_a_silent_server,
-)
-from tests.test_client import (
-    test_client_sigterm_closes_tunnel_and_exits_zero as test_core_client_sigterm,
-)
-from tests.test_client import (
-    test_server_closes_a_silent_tunnel_after_wstimeout as test_core_server_closes_silent_tunnel,
-)
-from tests.test_client import (
-    test_statusfile_and_pidfile as test_core_statusfile_and_pidfile,
-)
-from tests.test_client import (
-    test_x_host_must_match_the_whole_regexp as test_core_x_host_regexp,
-)
 from tests.test_client_dial import (
     PROXY_PASSWORD,
     TINYPROXY,
@@ -54,45 +41,26 @@ from tests.test_client_dial import (
     _listening,
     needs_tinyproxy,
 )
-from tests.test_server import (
-    test_backend_chunked_redirect_and_gzip_are_passed_through as test_core_chunked_redirect_gzip,
-)
-from tests.test_server import (
-    test_backend_unreachable_is_502 as test_core_backend_unreachable,
-)
-from tests.test_server import (
-    test_http_timeout_is_504_and_request_leaves_the_queue as test_core_http_timeout,
-)
-from tests.test_server import (
-    test_graceful_stop_finishes_in_flight_request_and_removes_pidfile as test_core_graceful_stop,
-)
-from tests.test_server import (
-    test_post_body_and_binary_response_pass_through as test_core_post_and_binary,
-)
-from tests.test_server import (
-    test_queue_while_tunnel_down_then_served_by_restarted_client as test_core_queue_across_restart,
-)
-from tests.test_server import (
-    test_request_with_x_token_reaches_backend_without_the_token as test_core_x_token,
-)
-from tests.test_server import (
-    test_response_body_over_client_cap_is_502_and_tunnel_survives as test_core_response_over_cap,
-)
-from tests.test_server import (
-    test_token_in_path_percent_encoded_with_query_kept as test_core_token_in_path,
-)
-from tests.test_server import (
-    test_two_clients_share_one_token as test_core_two_clients_share_one_token,
-)
 
-CORE = [
-    test_core_client_drops_a_silent_server, test_core_client_sigterm,
-    test_core_server_closes_silent_tunnel, test_core_statusfile_and_pidfile, test_core_x_host_regexp,
-    test_core_chunked_redirect_gzip, test_core_backend_unreachable, test_core_http_timeout,
-    test_core_graceful_stop, test_core_post_and_binary,
-    test_core_queue_across_restart, test_core_x_token, test_core_response_over_cap,
-    test_core_token_in_path, test_core_two_clients_share_one_token,
-]
+# The core matrix again, over long-poll (see this module's harness fixture). Not here: tests of the
+# WebSocket itself, and those that kill a client and expect the server to notice at once; a dead
+# long-poll client is noticed after wstimeout (test_a_client_that_stops_polling_... below).
+test_core_x_token = core_server.test_request_with_x_token_reaches_backend_without_the_token
+test_core_token_in_path = core_server.test_token_in_path_percent_encoded_with_query_kept
+test_core_post_and_binary = core_server.test_post_body_and_binary_response_pass_through
+test_core_chunked_redirect_gzip = core_server.test_backend_chunked_redirect_and_gzip_are_passed_through
+test_core_backend_unreachable = core_server.test_backend_unreachable_is_502
+test_core_http_timeout = core_server.test_http_timeout_is_504_and_request_leaves_the_queue
+test_core_queue_across_restart = (
+    core_server.test_queue_while_tunnel_down_then_served_by_restarted_client)
+test_core_two_clients_share_one_token = core_server.test_two_clients_share_one_token
+test_core_response_over_cap = core_server.test_response_body_over_client_cap_is_502_and_tunnel_survives
+test_core_graceful_stop = core_server.test_graceful_stop_finishes_in_flight_request_and_removes_pidfile
+test_core_x_host_regexp = core_client.test_x_host_must_match_the_whole_regexp
+test_core_statusfile_and_pidfile = core_client.test_statusfile_and_pidfile
+test_core_client_drops_a_silent_server = core_client.test_client_drops_a_silent_server_and_comes_back
+test_core_server_closes_silent_tunnel = core_client.test_server_closes_a_silent_tunnel_after_wstimeout
+test_core_client_sigterm = core_client.test_client_sigterm_closes_tunnel_and_exits_zero
 
 OPEN = "/_tunnel/poll/open"
 POLL = "/_tunnel/poll"
@@ -287,6 +255,35 @@ def test_unknown_sessions_bad_bodies_and_methods_get_4xx_and_the_server_keeps_se
     for _ in range(6):
         httpx.get(url, headers={SESSION: secrets.token_urlsafe(32)}, timeout=10)
     assert httpx.get(url, headers={SESSION: guess}, timeout=10).status_code == 429
+
+
+def test_a_lost_poll_answer_is_sent_again_and_a_repeated_post_is_taken_once(
+        harness: Harness) -> None:
+    """Numbered batches: what a client must repeat after a proxy dropped its connection."""
+    server = harness.server("-wstimeout", "3")  # polls are held 1.5 s at most
+    token = harness.new_token("lpseq-")
+    sid = _new_session(harness, server, token)
+    url = f"{server.url}{POLL}"
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(server.get, "/never-answered", token, method="POST", content=b"x",
+                              timeout=20)
+        first = httpx.get(url, headers={SESSION: sid, "X-Wstunnel-Ack": "0"}, timeout=10)
+        assert first.headers["x-wstunnel-seq"] == "1" and first.content  # the request's HEAD
+        assert b"/never-answered" in first.content
+        # Its answer "was lost": the client polls again acknowledging 0, and gets batch 1 again.
+        again = httpx.get(url, headers={SESSION: sid, "X-Wstunnel-Ack": "0"}, timeout=10)
+        assert (again.headers["x-wstunnel-seq"], again.content) == ("1", first.content)
+        empty = httpx.get(url, headers={SESSION: sid, "X-Wstunnel-Ack": "1"}, timeout=10)
+        assert (empty.headers["x-wstunnel-seq"], empty.content) == ("1", b"")
+        for seq in ("1", "1", "2"):  # a repeated POST is answered, and not taken twice
+            posted = httpx.post(url, headers={SESSION: sid, "X-Wstunnel-Seq": seq}, content=b"",
+                                timeout=10)
+            assert posted.status_code == 204
+        gap = httpx.post(url, headers={SESSION: sid, "X-Wstunnel-Seq": "4"}, content=b"", timeout=10)
+        assert gap.status_code == 400  # POST 3 went missing: the session cannot go on
+        server.wait_clients(token, 0)
+        assert waiting.result(timeout=20).status_code == 502  # a POST: not retried
+    assert server.get("/_health_check").status_code == 200
 
 
 def test_a_client_closing_its_session_deletes_it(harness: Harness) -> None:

@@ -8,9 +8,11 @@ has queued, batched into one ``POST`` at a time (one at a time keeps the frames 
 ordinary bounded HTTP requests with a Content-Length, so they pass buffering proxies, the HTTP
 CONNECT proxy (https://) and plain forwarding proxies (http://) alike.
 
-A request that fails or gets an unexpected answer ends the transport (frames may have been lost, as
-when a WebSocket breaks): ``get_message``/``send_message`` raise ConnectionClosed and the agent
-dials again, exactly as after a dropped WebSocket.
+Batches are numbered both ways (``X-Wstunnel-Seq``; a poll acknowledges the last batch received in
+``X-Wstunnel-Ack``), so a request whose connection fails is simply sent again, a few times: the
+server repeats a batch whose answer was lost and takes a repeated POST once. A request that still
+fails, or gets an unexpected answer, ends the transport: ``get_message``/``send_message`` raise
+ConnectionClosed and the agent dials again, exactly as after a dropped WebSocket.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ from wstunnel.transport import CloseReason, ConnectionClosed
 OPEN_SUFFIX = "/_tunnel/poll/open"
 POLL_SUFFIX = "/_tunnel/poll"
 SESSION_HEADER = "X-Wstunnel-Session"
+SEQ_HEADER = "X-Wstunnel-Seq"
+ACK_HEADER = "X-Wstunnel-Ack"
+# A poll or a POST whose connection failed is sent again, this many times in all: numbered
+# batches make that safe, and some proxies drop a kept-alive connection just as it is reused.
+ATTEMPTS = 3
+RETRY_DELAY = 0.1  # seconds, times the attempt's number
 # The server holds a poll at most this long (it may say less when it opens the session).
 MAX_POLL_WAIT = 25.0
 SEND_HIGH_WATER = 8 * 1024 * 1024
@@ -121,6 +129,8 @@ class LongPollTransport:
         # new connection, still gets our frames on them.
         self._ping_wanted = True
         self._posted = trio.Event()
+        self._received_seq = 0  # the last batch received from the server
+        self._post_seq = 0  # the last POST sent
 
     @property
     def closed(self) -> CloseReason | None:
@@ -185,18 +195,26 @@ class LongPollTransport:
         # Read timeout: the server's longest hold, plus the time any answer may take.
         timeout = httpx.Timeout(self.timeout, read=self.poll_wait + self.timeout)
         while self._closed is None:
+            headers = {**self._headers, ACK_HEADER: str(self._received_seq)}
             try:
-                response = await self.http.get(self.url, headers=self._headers, timeout=timeout)
+                response = await self._send("GET", headers, b"", timeout)
             except httpx.HTTPError as exc:
                 self._end(ABNORMAL, f"poll failed: {type(exc).__name__}")
                 return
             if not self._accepted(response, 200, "poll"):
                 return
             try:
+                seq = int(response.headers.get(SEQ_HEADER, ""))
                 messages = pollbody.decode(response.content, max_message=pollbody.MAX_MESSAGE)
-            except pollbody.PollBodyError as exc:
+            except (ValueError, pollbody.PollBodyError) as exc:
                 self._end(1002, f"malformed poll answer: {exc}")
                 return
+            if seq == self._received_seq:
+                continue  # nothing new (an empty answer)
+            if seq != self._received_seq + 1 or not messages:
+                self._end(1002, f"poll answer {seq} after {self._received_seq}")
+                return
+            self._received_seq = seq
             for message in messages:
                 try:
                     await self._inbox_in.send(message)  # waits while the session is behind
@@ -223,13 +241,28 @@ class LongPollTransport:
     async def _post(self, body: bytes) -> None:
         if self._closed is not None:
             raise ConnectionClosed(self._closed)
+        self._post_seq += 1
+        headers = {**self._headers, SEQ_HEADER: str(self._post_seq)}
         try:
-            response = await self.http.post(self.url, headers=self._headers, content=body)
+            response = await self._send("POST", headers, body, httpx.Timeout(self.timeout))
         except httpx.HTTPError as exc:
             self._end(ABNORMAL, f"post failed: {type(exc).__name__}")
             raise ConnectionClosed(self._closed) from None
         if not self._accepted(response, 204, "post"):
             raise ConnectionClosed(self._closed)
+
+    async def _send(self, method: str, headers: dict[str, str], body: bytes,
+                    deadlines: httpx.Timeout) -> httpx.Response:
+        """One request, sent again (same numbers) when its connection fails, ATTEMPTS in all."""
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return await self.http.request(method, self.url, headers=headers, content=body,
+                                               timeout=deadlines)
+            except httpx.TransportError:
+                if attempt == ATTEMPTS:
+                    raise
+            await trio.sleep(RETRY_DELAY * attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _accepted(self, response: httpx.Response, expected: int, what: str) -> bool:
         if response.status_code == expected:

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 OPEN_PATH = b"/_tunnel/poll/open"
 POLL_PATH = b"/_tunnel/poll"
 SESSION_HEADER = b"x-wstunnel-session"
+SEQ_HEADER = b"x-wstunnel-seq"
+ACK_HEADER = b"x-wstunnel-ack"
 VERSION_HEADER = b"x-wstunnel-version"
 MAX_POLL_WAIT = 25.0
 MAX_MESSAGE = pollbody.MAX_MESSAGE
@@ -57,6 +59,10 @@ NO_CACHE = (b"Cache-Control", b"no-store")
 
 class SessionGone(Exception):
     """The session was closed; the text is its close reason."""
+
+
+class SequenceError(Exception):
+    """A request's sequence number or acknowledgement cannot follow from what was exchanged."""
 
 
 class PollSession:
@@ -75,6 +81,14 @@ class PollSession:
         self._requests_active = 0
         self._last_request_end = trio.current_time()
         self._held_poll: trio.CancelScope | None = None
+        # Each direction numbers its non-empty batches, so that a request whose answer was lost
+        # (a proxy that drops a kept-alive connection, say) can be repeated without losing or
+        # doubling frames: the last batch we sent stays until the client's next poll acknowledges
+        # it, and a POST already taken is taken only once.
+        self._sent_seq = 0
+        self._unacked: list[bytes] = []
+        self._received_seq = 0
+        self._delivering = trio.Lock()
 
     # -- MessageTransport (the tunnel connection's side) ------------------------------------
 
@@ -113,24 +127,39 @@ class PollSession:
 
     # -- the HTTP side ------------------------------------------------------------------------
 
-    async def deliver(self, messages: list[bytes]) -> None:
-        """Hand the messages of one POST to the connection, in order; SessionGone if closed."""
+    async def deliver(self, seq: int | None, messages: list[bytes]) -> None:
+        """Hand the messages of POST number ``seq`` (None: the next) to the connection, in
+        order, once; SessionGone if closed, SequenceError if POSTs went missing."""
         with self._request():
-            for message in messages:
-                try:
-                    await self._inbox_in.send(message)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    raise SessionGone(self._reason()) from None
+            async with self._delivering:  # a repeated POST waits for the first to be taken
+                seq = self._received_seq + 1 if seq is None else seq
+                if seq <= self._received_seq:
+                    return  # taken already; the client did not get our answer
+                if seq != self._received_seq + 1:
+                    raise SequenceError(f"POST {seq} after {self._received_seq}")
+                self._received_seq = seq
+                for message in messages:
+                    try:
+                        await self._inbox_in.send(message)
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        raise SessionGone(self._reason()) from None
 
-    async def poll(self, wait: float) -> list[bytes]:
-        """The frames waiting (at most one batch), as soon as there are any, or [] after ``wait``.
+    async def poll(self, wait: float, ack: int | None) -> tuple[int, list[bytes]]:
+        """The next batch and its number, as soon as there are frames, or (n, []) after ``wait``.
 
-        A newer poll ends an older one still held (with no frames), so that one client never has
-        two readers splitting its frames between them.
+        ``ack`` is the last batch the client received; if that is not our last one, its answer
+        was lost and the same batch goes again. A newer poll ends an older one still held (with
+        no frames), so that one client never has two readers splitting its frames between them.
         """
         with self._request():
             if self._held_poll is not None:
                 self._held_poll.cancel()
+            ack = self._sent_seq if ack is None else ack
+            if self._unacked and ack == self._sent_seq - 1:
+                return self._sent_seq, self._unacked
+            if ack != self._sent_seq:
+                raise SequenceError(f"acknowledgement {ack} after batch {self._sent_seq}")
+            self._unacked = []
             with trio.move_on_after(wait) as held:
                 self._held_poll = held
                 while not self._outbox and self._closed is None:
@@ -143,7 +172,10 @@ class PollSession:
             self._outbox_bytes -= sum(len(message) for message in batch)
             if self._outbox_bytes <= SEND_HIGH_WATER:
                 self._room.unpark_all()
-            return batch
+            if batch:
+                self._sent_seq += 1
+                self._unacked = batch
+            return self._sent_seq, batch
 
     def _reason(self) -> str:
         return (self._closed.reason if self._closed else None) or "session closed"
@@ -199,13 +231,19 @@ class LongPoll:
             return simple_response(404, "Unknown long-poll session")
         try:
             if method == b"GET":
-                return await self._poll(session)
+                return await self._poll(session, _number(request, ACK_HEADER))
             if method == b"POST":
-                return await self._receive(session, request)
+                return await self._receive(session, request, _number(request, SEQ_HEADER))
             await session.aclose(1000, "client closed the session")
             return _no_content()
         except SessionGone as gone:
             return simple_response(410, f"Long-poll session closed: {gone}", headers=[NO_CACHE])
+        except (SequenceError, ValueError) as exc:
+            # Frames are missing one way or the other: the session cannot go on, as a WebSocket
+            # with a broken frame cannot.
+            self.server.log.warning("WS   ERR", session=session.sid, err=str(exc))
+            await session.aclose(1002, "long-poll protocol error")
+            return simple_response(400, f"Long-poll protocol error: {exc}")
 
     def _find(self, request: IncomingRequest) -> PollSession | None:
         sid = request.header(SESSION_HEADER)
@@ -256,25 +294,33 @@ class LongPoll:
     def poll_wait(self) -> float:
         return min(MAX_POLL_WAIT, self.server.settings.wstimeout / 2)
 
-    async def _poll(self, session: PollSession) -> framing.Response:
-        batch = await session.poll(self.poll_wait())
+    async def _poll(self, session: PollSession, ack: int | None) -> framing.Response:
+        seq, batch = await session.poll(self.poll_wait(), ack)
         return framing.Response(200, b"OK", [
             (b"Content-Type", b"application/octet-stream"), NO_CACHE,
+            (b"X-Wstunnel-Seq", b"%d" % seq),
         ], pollbody.encode(batch))
 
-    async def _receive(self, session: PollSession, request: IncomingRequest) -> framing.Response:
+    async def _receive(self, session: PollSession, request: IncomingRequest,
+                       seq: int | None) -> framing.Response:
         if len(request.body) > MAX_POST_BODY:
             return simple_response(413, f"Long-poll body over {MAX_POST_BODY} bytes")
         try:
             messages = pollbody.decode(request.body, max_message=MAX_MESSAGE)
         except pollbody.PollBodyError as exc:
-            # Frames are missing from the stream now: the session cannot go on, as a WebSocket
-            # with a broken frame cannot.
-            self.server.log.warning("WS   ERR", session=session.sid, err=str(exc))
-            await session.aclose(1002, "malformed long-poll body")
-            return simple_response(400, f"Malformed long-poll body: {exc}")
-        await session.deliver(messages)
+            raise ValueError(f"malformed body: {exc}") from None
+        await session.deliver(seq, messages)
         return _no_content()
+
+
+def _number(request: IncomingRequest, name: bytes) -> int | None:
+    """A sequence header's value; None when absent, ValueError when not a small number."""
+    value = request.header(name)
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 19:
+        raise ValueError(f"{name.decode()} is not a number")
+    return int(value)
 
 
 def _no_content() -> framing.Response:
