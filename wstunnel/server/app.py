@@ -386,6 +386,7 @@ class TunnelServer:
             await _raw_reply(stream, 400, "The tunnel endpoint takes GET upgrades only")
             return
         key, ws_version = request.header(b"sec-websocket-key"), request.header(b"sec-websocket-version")
+        # A missing or short token is admit()'s to refuse, and to count as a failure.
         if origin and len(origin) >= MIN_LENGTH and (key is None or ws_version != b"13"):
             await _raw_reply(stream, 400, "Not a WebSocket version 13 handshake")
             return
@@ -441,7 +442,6 @@ class TunnelServer:
                 self.log.info("WS   CLOSE", token=token, addr=addr, reason=reason)
                 await connection.close()
                 nursery.cancel_scope.cancel()
-
 
     def admit(self, request: IncomingRequest, addr: str) -> Token | Refusal:
         """The checks every tunnel opening passes, whatever its transport: the token (in
