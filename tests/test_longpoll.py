@@ -222,7 +222,7 @@ def test_session_open_checks_token_allowed_tokens_and_password(harness: Harness)
 
 def test_unknown_sessions_bad_bodies_and_methods_get_4xx_and_the_server_keeps_serving(
         harness: Harness) -> None:
-    server = harness.server("-failure-limit", "6")
+    server = harness.server("-failure-limit", "6", "-wstimeout", "6")  # polls held 3 s at most
     token = harness.new_token("lpbad-")
     guess = secrets.token_urlsafe(32)
     harness.tokens.add(guess)

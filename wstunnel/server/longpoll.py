@@ -164,6 +164,9 @@ class PollSession:
                 self._held_poll = held
                 while not self._outbox and self._closed is None:
                     await self._frames_ready.park()
+            # One turn for the tasks that just became runnable, so that frames made together
+            # (a request's HEAD and body) leave in one answer.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             if self._held_poll is held:
                 self._held_poll = None
             if not self._outbox and self._closed is not None:
