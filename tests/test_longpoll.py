@@ -358,6 +358,34 @@ def test_auto_falls_back_behind_nginx_without_upgrade_and_returns_to_websocket(
     assert via_nginx.status_code == 200
 
 
+def test_longpoll_through_nginx_buffering_whole_requests_and_responses(
+        harness: Harness, tmp_path: Path) -> None:
+    """Each poll answer is complete and bounded, so a proxy that buffers it whole passes it."""
+    text = SITE.read_text()
+    for old, new in (("proxy_buffering off;", "proxy_buffering on;"),
+                     ("proxy_request_buffering off;", "proxy_request_buffering on;")):
+        assert old in text, f"the shipped nginx file no longer contains {old!r}"
+        text = text.replace(old, new)
+    buffering = tmp_path / "wstunnel-buffering.conf"
+    buffering.write_text(text)
+    server = harness.server("-trusted-proxies", "127.0.0.1")
+    certs = issue_certificates(tmp_path)
+    tls_port = free_port()
+    _run_nginx(harness, tmp_path / "nginx", buffering, certs, server, free_port(), tls_port)
+    token = harness.new_token("lpbuffer-")
+    harness.client(f"wss://localhost:{tls_port}", token, "-certfile", str(certs.ca_pem),
+                   wait=False)
+    server.wait_clients(token, 1)
+    size = 3 * 1024 * 1024
+    download = server.get(f"/bytes?size={size}", token)
+    assert download.status_code == 200
+    assert hashlib.sha256(download.content).hexdigest() == _bytes_sha256(size)
+    body = secrets.token_bytes(500_000)
+    echoed = server.get("/echo", token, method="POST", content=body)
+    assert echoed.status_code == 200 and echoed.json()["body"].encode("latin-1") == body
+    assert _transports(server, token) == ["longpoll"]
+
+
 # ---------------------------------------------------------------------------------- proxies
 
 
