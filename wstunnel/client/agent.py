@@ -35,6 +35,9 @@ from wstunnel.transport import PingableTransport
 
 VERSION_HEADER = b"X-Wstunnel-Version"
 WS_RECEIVE_SIZE = 64 * 1024
+# Refusals our server gives long-poll just as well (a password, a brake, a restart): a fallback
+# would only double the dials of every client of a busy or restarting server.
+NO_FALLBACK_STATUSES = frozenset({401, 429, 503})
 IDLE_CHECK_SECS = 0.2  # how often a fallback long-poll session looks for a quiet moment
 # A reload cannot re-dial by itself or move the pid file; these wait for a restart.
 RESTART_ONLY_SETTINGS = ("token", "tunnel", "proxy", "client_ports", "certfile", "insecure", "pidfile")
@@ -164,6 +167,9 @@ class TunnelClient:
         if self.settings.transport != "auto" or self._uses_longpoll():
             return False
         if not isinstance(ending, trio_websocket.HandshakeError):
+            return False
+        if isinstance(ending, trio_websocket.ConnectionRejected) and \
+                ending.status_code in NO_FALLBACK_STATUSES:
             return False
         self._longpoll_since = trio.current_time()
         self._redial_now = True
