@@ -35,9 +35,10 @@ from wstunnel.transport import PingableTransport
 
 VERSION_HEADER = b"X-Wstunnel-Version"
 WS_RECEIVE_SIZE = 64 * 1024
-# Refusals our server gives long-poll just as well (a password, a brake, a restart): a fallback
-# would only double the dials of every client of a busy or restarting server.
-NO_FALLBACK_STATUSES = frozenset({401, 429, 503})
+# Refusals long-poll would get just as well (a password, a brake, a restart, a proxy that cannot
+# reach the server): a fallback would only double the dials of every client of a busy or
+# restarting server, and leave them on long-poll for websocket_retry once it is back.
+NO_FALLBACK_STATUSES = frozenset({401, 429, 502, 503, 504})
 IDLE_CHECK_SECS = 0.2  # how often a fallback long-poll session looks for a quiet moment
 # A reload cannot re-dial by itself or move the pid file; these wait for a restart.
 RESTART_ONLY_SETTINGS = ("token", "tunnel", "proxy", "client_ports", "certfile", "insecure", "pidfile")
@@ -208,7 +209,7 @@ class TunnelClient:
                                               timeout=self.settings.timeout)
         async with trio.open_nursery() as nursery:
             with trio.fail_after(self.settings.timeout):
-                transport = await longpoll.connect(nursery, self._http, base,
+                transport = await longpoll.connect(nursery, self._http, base, token=self.token,
                                                    headers=self._handshake_headers(),
                                                    request_timeout=self.settings.timeout)
             if self.settings.transport == "auto":

@@ -84,11 +84,13 @@ def http_client(*, proxy: Proxy | None, context: ssl.SSLContext | None,
     )
 
 
-async def connect(nursery: trio.Nursery, http: httpx.AsyncClient, base: str, *,
+async def connect(nursery: trio.Nursery, http: httpx.AsyncClient, base: str, *, token: Token,
                   headers: Headers, request_timeout: float) -> LongPollTransport:
-    """Open a session (the token and password are in ``headers``) and start its tasks."""
+    """Open a session (``headers`` carry the token and password as in the WebSocket handshake)
+    and start its tasks."""
     try:
-        response = await http.post(base + OPEN_SUFFIX, headers=headers, content=b"")
+        response = await http.post(base + OPEN_SUFFIX, content=b"",
+                                   headers=[*headers, *_routing(token).items()])
     except httpx.HTTPError as exc:
         raise DialError(f"long-poll open failed: {type(exc).__name__}: {exc}") from None
     if response.status_code != 200:
@@ -99,9 +101,17 @@ async def connect(nursery: trio.Nursery, http: httpx.AsyncClient, base: str, *,
         wait = min(MAX_POLL_WAIT, float(document.get("poll_wait_secs", MAX_POLL_WAIT)))
     except (ValueError, KeyError, TypeError):
         raise DialError("long-poll open: the answer is not a session") from None
-    transport = LongPollTransport(http, base, sid, poll_wait=wait, timeout=request_timeout)
+    transport = LongPollTransport(http, base, sid, poll_wait=wait, timeout=request_timeout,
+                                  routing=_routing(token))
     nursery.start_soon(transport.run)
     return transport
+
+
+def _routing(token: Token) -> dict[str, str]:
+    """``X-Token`` on every long-poll request: the server does not need it (the session id says
+    whose session it is), but a cluster front such as nginx/wstunnel-cluster.conf picks the
+    instance by it, and a session's requests must all reach the instance that holds it."""
+    return {"X-Token": token.reveal()}
 
 
 class LongPollTransport:
@@ -110,8 +120,9 @@ class LongPollTransport:
     subprotocol = v2.SUBPROTOCOL
 
     def __init__(self, http: httpx.AsyncClient, base: str, sid: str, *, poll_wait: float,
-                 timeout: float) -> None:
+                 timeout: float, routing: dict[str, str] | None = None) -> None:
         self.http = http
+        self._routing = routing or {}
         self.url = base + POLL_SUFFIX
         self.sid = Token(sid)  # str() shows a prefix only
         self.poll_wait = poll_wait
@@ -138,7 +149,7 @@ class LongPollTransport:
 
     @property
     def _headers(self) -> dict[str, str]:
-        return {SESSION_HEADER: self.sid.reveal()}
+        return {**self._routing, SESSION_HEADER: self.sid.reveal()}
 
     # -- MessageTransport ---------------------------------------------------------------------
 
