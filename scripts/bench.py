@@ -2,7 +2,7 @@
 """The benchmark: wstunnel against the direct path to an nginx backend, in the same run.
 
     scripts/bench [--rounds 3] [--duration 10] [--only NAME,...] [--idle 1000[,10000]]
-                  [--tokens 100] [--reference PATH ...] [--json FILE] [--smoke]
+                  [--tokens 100] [--reference PATH ...] [--longpoll] [--json FILE] [--smoke]
 
 (``scripts/bench`` installs wrk and nginx and sets up the venv, then runs this file.)
 
@@ -11,7 +11,9 @@ its own configuration, pid file and temp paths there) serving generated files of
 1 MiB and 100 MiB and taking uploads; ``wstunnel srv`` and ``wstunnel cli`` (token from
 ``WSTUNCLI_TOKEN``, ``-server`` the nginx); and, per ``--reference PATH``, any other program with
 the same ``srv``/``cli`` command line (``PATH srv -port P``; ``PATH cli -tunnel ws://... -server
-... -token ...``), such as an original WStunnel binary, as one more column.
+... -token ...``), such as an original WStunnel binary, as one more column; with ``--longpoll``,
+our own tunnel again over HTTPS long-poll (``-transport longpoll``): the ``wstunnel-longpoll``
+column.
 
 Workloads (``--only`` takes these names, or the groups ``get``, ``download``, ``upload``,
 ``transfer``):
@@ -426,6 +428,7 @@ class Target:
     server: Proc | None = None
     client: Proc | None = None
     count_source: str | None = None  # "metrics" or "stats", found on first use
+    transport: str | None = None  # ours only: the cli's -transport (None: its default)
 
     @property
     def tunnel(self) -> bool:
@@ -453,6 +456,7 @@ class Target:
         assert self.program is not None
         argv = [*self.program, "cli", "-tunnel", f"ws://127.0.0.1:{port}", "-server", backend]
         if self.ours:
+            argv += ["-transport", self.transport] if self.transport else []
             return [*argv, "-max-body-size", str(max_body)], child_env(WSTUNCLI_TOKEN=self.token)
         return [*argv, "-token", self.token], child_env()
 
@@ -947,6 +951,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="size of the large download/upload file, MiB (100; 1024 for issue 5)")
     parser.add_argument("--idle", default="1000", help="idle tunnel counts, comma-separated (1000)")
     parser.add_argument("--tokens", type=int, default=100, help="tokens of the tokens workload (100)")
+    parser.add_argument("--longpoll", action="store_true",
+                        help="also run our tunnel over long-poll (-transport longpoll), as a column")
     parser.add_argument("--reconnect-cap", type=float, default=5.0,
                         help="backoff cap of the idle clients, s (5)")
     parser.add_argument("--restart-signal", choices=["TERM", "KILL"], default="TERM",
@@ -1065,6 +1071,9 @@ def run(args: argparse.Namespace) -> int:
         _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
     targets = [Target("direct", None), Target("wstunnel", [PYTHON, "-m", "wstunnel"], ours=True)]
+    if args.longpoll:  # the same program over HTTPS long-poll, as one more column
+        targets.append(Target("wstunnel-longpoll", [PYTHON, "-m", "wstunnel"], ours=True,
+                              transport="longpoll"))
     for index, path in enumerate(args.reference, start=1):
         program = str(Path(path).resolve()) if Path(path).exists() else path
         name = f"ref{index}:{Path(path).name}" if len(args.reference) > 1 else f"ref:{Path(path).name}"

@@ -168,6 +168,9 @@ class Harness:
         self.processes: list[Process] = []
         self.tokens: set[str] = set()
         self._backend: Backend | None = None
+        # The tunnel transport clients use unless a test names one: WSTUNNEL_TEST_TRANSPORT runs
+        # a whole test module over long-poll, and tests/test_longpoll.py sets it per test.
+        self.transport: str | None = os.environ.get("WSTUNNEL_TEST_TRANSPORT") or None
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
         log_path = self.directory / f"{name}-{len(self.processes)}.log"
@@ -217,6 +220,8 @@ class Harness:
         if backend is None and "-regexp" not in flags:
             backend = self.backend().url
         argv = [PYTHON, "-m", "wstunnel", "cli", "-tunnel", tunnel, *flags]
+        if self.transport is not None and "-transport" not in flags:
+            argv += ["-transport", self.transport]
         if token:  # empty: the token comes from the environment or a config file
             self.tokens.add(token)
             argv += ["-token", token]

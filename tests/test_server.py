@@ -213,7 +213,8 @@ def test_stats_keys_in_the_original_order_for_loopback(harness: Harness) -> None
     lines = server.get("/_stats").text.splitlines()
     keys = [line.split("=", 1)[0] for line in lines if line]
     assert keys == ["tunnels", "tunnel00_token", "tunnel00_req_pending", "tunnel00_tun_addr",
-                    "tunnel00_idle_secs", "tunnel00_clients", "req_pending", "dead_tunnels"]
+                    "tunnel00_idle_secs", "tunnel00_clients", "tunnel00_transports", "req_pending",
+                    "dead_tunnels"]
     values = dict(line.split("=", 1) for line in lines if line)
     assert values["tunnels"] == "1"
     assert values["tunnel00_token"] == token[:8] + "..."

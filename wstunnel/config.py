@@ -179,6 +179,12 @@ class ClientSettings(_Common):
     password: SecretStr | None = Field(
         None, description="tunnel password, if the server sets one for this token"
     )
+    transport: Literal["auto", "websocket", "longpoll"] = Field(
+        "auto", description="auto (WebSocket, else HTTPS long-poll), websocket or longpoll"
+    )
+    websocket_retry: float = Field(
+        300.0, ge=1, description="with transport auto: try the WebSocket again after this long, s"
+    )
 
     @field_validator("token")
     @classmethod

@@ -15,12 +15,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import trio
 import trio_websocket
 
 from wstunnel import __version__, daemon, framing
 from wstunnel import framing_v2 as v2
-from wstunnel.client import dial
+from wstunnel.client import dial, longpoll
 from wstunnel.client import proxy as proxies
 from wstunnel.client.backend import Backend
 from wstunnel.client.streams_v2 import ClientSessionV2
@@ -30,9 +31,15 @@ from wstunnel.headers import basic_credentials
 from wstunnel.logs import EventLogger
 from wstunnel.service import ServiceNotifier
 from wstunnel.tokens import Token
+from wstunnel.transport import PingableTransport
 
 VERSION_HEADER = b"X-Wstunnel-Version"
 WS_RECEIVE_SIZE = 64 * 1024
+# Refusals long-poll would get just as well (a password, a brake, a restart, a proxy that cannot
+# reach the server): a fallback would only double the dials of every client of a busy or
+# restarting server, and leave them on long-poll for websocket_retry once it is back.
+NO_FALLBACK_STATUSES = frozenset({401, 429, 502, 503, 504})
+IDLE_CHECK_SECS = 0.2  # how often a fallback long-poll session looks for a quiet moment
 # A reload cannot re-dial by itself or move the pid file; these wait for a restart.
 RESTART_ONLY_SETTINGS = ("token", "tunnel", "proxy", "client_ports", "certfile", "insecure", "pidfile")
 
@@ -89,7 +96,12 @@ class TunnelClient:
         self.stopped = trio.Event()
         self._backoff_scope = trio.CancelScope()
         self.backend: Backend | None = None
-        self._ws: trio_websocket.WebSocketConnection | None = None
+        self._ws: PingableTransport | None = None
+        # transport "auto": when the WebSocket was refused and long-poll took over (trio clock).
+        self._longpoll_since: float | None = None
+        self._redial_now = False  # the next dial follows at once (a change of transport)
+        self._http: httpx.AsyncClient | None = None  # long-poll's requests
+        self._session_v2: ClientSessionV2 | None = None
 
     async def run(self) -> None:
         backend_verify: ssl.SSLContext | bool = True
@@ -107,7 +119,8 @@ class TunnelClient:
                 reason = await self._session(backend)
                 if self.stopping:
                     return
-                delay = self.backoff.next_delay()
+                delay = 0.0 if self._redial_now else self.backoff.next_delay()
+                self._redial_now = False
                 self.log.info("WS   RECONNECT", token=self.token, reason=reason,
                               delay_secs=round(delay, 1))
                 self.notifier.status(f"reconnecting in {delay:.0f} s: {reason}")
@@ -119,23 +132,54 @@ class TunnelClient:
         finally:
             with trio.CancelScope(shield=True):
                 await backend.aclose()
+                if self._http is not None:
+                    await self._http.aclose()
             self.stopped.set()
 
     async def _session(self, backend: Backend) -> str:
         """One connection, from dial to close; returns why it ended."""
+        connected_before, fallback = self.sessions, self._longpoll_since is not None
         try:
             await self._connect_and_serve(backend)
         except BaseException as exc:
+            if fallback and self.sessions == connected_before:
+                # Long-poll as a fallback did not connect either: the next dial tries the
+                # WebSocket again, so a refusal both ways never pins us to the fallback.
+                self._longpoll_since = None
             sole = _first_session_ending(exc, self.settings.timeout)
             if self.stopping and isinstance(sole, trio_websocket.ConnectionClosed):
                 return "client stopping"  # our own Close frame, sent by close()
             reason = _describe_session_end(sole, self.settings.timeout)
             if reason is None:
                 raise
+            if self._falls_back(sole):
+                reason += "; falling back to long-poll"
             return reason
         return "connection closed"
 
+    def _uses_longpoll(self) -> bool:
+        return self.settings.transport == "longpoll" or (
+            self.settings.transport == "auto" and self._longpoll_since is not None
+        )
+
+    def _falls_back(self, ending: BaseException) -> bool:
+        """With transport auto, a WebSocket handshake refused (by the server, or by a proxy that
+        strips Upgrade) sends the next dial, at once, to long-poll."""
+        if self.settings.transport != "auto" or self._uses_longpoll():
+            return False
+        if not isinstance(ending, trio_websocket.HandshakeError):
+            return False
+        if isinstance(ending, trio_websocket.ConnectionRejected) and \
+                ending.status_code in NO_FALLBACK_STATUSES:
+            return False
+        self._longpoll_since = trio.current_time()
+        self._redial_now = True
+        return True
+
     async def _connect_and_serve(self, backend: Backend) -> None:
+        if self._uses_longpoll():
+            await self._connect_longpoll(backend)
+            return
         url = self.address.url + self.address.resource
         self.log.info("WS   DIAL", token=self.token, url=url,
                       proxy=str(self.proxy) if self.proxy else None)
@@ -154,23 +198,65 @@ class TunnelClient:
                     receive_buffer_size=WS_RECEIVE_SIZE,
                 )
             local = tcp.socket.getsockname()
-            self.sessions += 1
-            self.backoff.reset()
-            self.log.info("WS   CONNECTED", token=self.token, url=url,
-                          local=f"{local[0]}:{local[1]}", protocol=self._protocol(ws))
-            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            self.notifier.status(f"connected to {url} since {since}")
-            self._ws = ws
-            try:
-                await self._serve(ws, backend)
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    if self.stopping:
-                        # close() is mid-handshake; the reader task must live to read the reply.
-                        await self._goodbye_said.wait()
-                    await ws.aclose()
-                self._ws = None
-                nursery.cancel_scope.cancel()
+            await self._run_connected(nursery, ws, backend, url, local=f"{local[0]}:{local[1]}")
+
+    async def _connect_longpoll(self, backend: Backend) -> None:
+        base = longpoll.poll_base(self.settings.tunnel)
+        self.log.info("WS   DIAL", token=self.token, url=base + longpoll.POLL_SUFFIX,
+                      proxy=str(self.proxy) if self.proxy else None, transport="longpoll")
+        if self._http is None:
+            self._http = longpoll.http_client(proxy=self.proxy, context=self.context,
+                                              timeout=self.settings.timeout)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(self.settings.timeout):
+                transport = await longpoll.connect(nursery, self._http, base, token=self.token,
+                                                   headers=self._handshake_headers(),
+                                                   request_timeout=self.settings.timeout)
+            if self.settings.transport == "auto":
+                nursery.start_soon(self._retry_websocket_later, transport)
+            await self._run_connected(nursery, transport, backend, base + longpoll.POLL_SUFFIX,
+                                      session=transport.sid)
+
+    async def _run_connected(self, nursery: trio.Nursery, ws: PingableTransport,
+                             backend: Backend, url: str, **details: object) -> None:
+        """Serve a connected transport until it ends; then close it and stop its tasks."""
+        transport = "longpoll" if isinstance(ws, longpoll.LongPollTransport) else "websocket"
+        self.sessions += 1
+        self.backoff.reset()
+        self.log.info("WS   CONNECTED", token=self.token, url=url, **details,
+                      protocol=self._protocol(ws), transport=transport)
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.notifier.status(f"connected to {url} ({transport}) since {since}")
+        self._ws = ws
+        try:
+            await self._serve(ws, backend)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                if self.stopping:
+                    # close() is mid-handshake; the reader task must live to read the reply.
+                    await self._goodbye_said.wait()
+                await ws.aclose()
+            self._ws = None
+            nursery.cancel_scope.cancel()
+
+    async def _retry_websocket_later(self, transport: longpoll.LongPollTransport) -> None:
+        """Long-poll was a fallback: after websocket_retry, once no request is in progress, end
+        it so that the next dial tries the WebSocket again (and falls back again if refused)."""
+        while True:
+            await trio.sleep(self.settings.websocket_retry)
+            # Wait for a moment without requests, but not forever: a busy tunnel tries next time.
+            for _check in range(max(1, int(self.settings.websocket_retry / IDLE_CHECK_SECS))):
+                if self._session_v2 is None or not self._session_v2.streams:
+                    break
+                await trio.sleep(IDLE_CHECK_SECS)
+            else:
+                continue
+            self.log.info("WS   TRY WEBSOCKET", token=self.token,
+                          longpoll_secs=round(trio.current_time() - (self._longpoll_since or 0)))
+            self._longpoll_since = None
+            self._redial_now = True
+            await transport.aclose(1000, "trying the WebSocket again")
+            return
 
     def _handshake_headers(self) -> list[tuple[bytes, bytes]]:
         headers = [
@@ -210,17 +296,20 @@ class TunnelClient:
             self._goodbye_said.set()
 
     @staticmethod
-    def _protocol(ws: trio_websocket.WebSocketConnection) -> str:
+    def _protocol(ws: PingableTransport) -> str:
         return "v2" if ws.subprotocol == v2.SUBPROTOCOL else "v1"
 
-    async def _serve(self, ws: trio_websocket.WebSocketConnection, backend: Backend) -> None:
+    async def _serve(self, ws: PingableTransport, backend: Backend) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keepalive, ws)
             if self._protocol(ws) == "v2":
-                session = ClientSessionV2(
+                session = self._session_v2 = ClientSessionV2(
                     ws, backend, limiter=self.limiter, log=self.log, token=self.token,
                 )
-                await session.run()
+                try:
+                    await session.run()
+                finally:
+                    self._session_v2 = None
                 return
             while True:
                 message = await ws.get_message()
@@ -229,7 +318,7 @@ class TunnelClient:
                 await self.limiter.acquire_on_behalf_of(ticket)
                 nursery.start_soon(self._handle, ws, backend, request_id, payload, ticket)
 
-    async def _keepalive(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _keepalive(self, ws: PingableTransport) -> None:
         interval = self.settings.timeout / 3
         while True:
             await trio.sleep(interval)
@@ -243,7 +332,7 @@ class TunnelClient:
                 except OSError as exc:
                     self.log.warning("STATUSFILE", err=str(exc))
 
-    async def _handle(self, ws: trio_websocket.WebSocketConnection, backend: Backend,
+    async def _handle(self, ws: PingableTransport, backend: Backend,
                       request_id: int, payload: bytes, ticket: object) -> None:
         try:
             try:

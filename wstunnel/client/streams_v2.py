@@ -35,6 +35,7 @@ from wstunnel.headers import Headers, without_hop_by_hop
 from wstunnel.headers import get as get_header
 from wstunnel.logs import EventLogger
 from wstunnel.tokens import Token
+from wstunnel.transport import MessageTransport
 
 # Request body bytes handed to httpx at once, at most: fewer, larger writes to the backend.
 FEED_SIZE = 256 * 1024
@@ -97,7 +98,7 @@ class _BodyFeed:
 class ClientSessionV2:
     """Serves one v2 tunnel until the WebSocket closes or the server breaks the protocol."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection, backend: Backend, *,
+    def __init__(self, ws: MessageTransport, backend: Backend, *,
                  limiter: trio.CapacityLimiter, log: EventLogger,
                  token: Token) -> None:
         self.ws = ws

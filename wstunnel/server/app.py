@@ -9,6 +9,7 @@ upgrades into :class:`~wstunnel.server.tunnels.TunnelConnection` objects.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -18,8 +19,8 @@ import trio_websocket
 from wstunnel import __version__, daemon, framing
 from wstunnel import framing_v2 as v2
 from wstunnel.config import ServerSettings, password_pairs
+from wstunnel.headers import Headers, without_hop_by_hop
 from wstunnel.headers import get as get_header
-from wstunnel.headers import without_hop_by_hop
 from wstunnel.logs import EventLogger
 from wstunnel.server import metrics, status
 from wstunnel.server.front import (
@@ -31,6 +32,7 @@ from wstunnel.server.front import (
     simple_response,
 )
 from wstunnel.server.guard import BASIC_REALM, FailureBrake, PasswordBook
+from wstunnel.server.longpoll import LongPoll
 from wstunnel.server.tunnels import Failure, QueueFull, Registry, Rendezvous, TunnelConnection
 from wstunnel.server.tunnels_v2 import TunnelConnectionV2
 from wstunnel.streams import ActivityStream
@@ -43,6 +45,15 @@ TOKEN_PREFIX = b"/_token/"
 RESTART_ONLY_SETTINGS = ("host", "port", "pidfile")
 # Distinct unknown tokens that may wait during restart_grace; beyond it, 404 at once.
 MAX_AWAITED_TOKENS = 10_000
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a client may not open a tunnel, as the HTTP answer it gets (either transport)."""
+
+    status: int
+    text: str
+    headers: Headers = field(default_factory=list)
 
 
 def _is_loopback(address: str) -> bool:
@@ -75,6 +86,7 @@ class TunnelServer:
         self._active_requests = 0
         self._idle = trio.Event()
         self._idle.set()
+        self.longpoll = LongPoll(self)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -89,6 +101,7 @@ class TunnelServer:
         self.log.info("Listening", port=port, host=self.settings.host)
         async with trio.open_nursery() as root:
             root.start_soon(self.registry.reap_forever, self.log)
+            await root.start(self.longpoll.run)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
                 connections.start_soon(self._accept, listeners, connections, accepting)
@@ -165,10 +178,20 @@ class TunnelServer:
         except OSError:
             await stream.aclose()
             return
+        # A draining server closes each connection after its response, except a long-poll
+        # client's: it has to keep polling, on the connections it has, while its in-flight
+        # requests finish (new connections are no longer accepted by then).
+        polling = False
+
+        async def respond(request: IncomingRequest) -> AnyResponse:
+            nonlocal polling
+            polling = self.longpoll.handles(request.path)
+            return await self._respond(request)
+
         connection = HttpConnection(
             stream, peer, self.limits,
-            respond=self._respond, is_tunnel=self._is_tunnel, take_tunnel=self._take_tunnel,
-            draining=lambda: self.draining,
+            respond=respond, is_tunnel=self._is_tunnel, take_tunnel=self._take_tunnel,
+            draining=lambda: self.draining and not polling,
         )
         await connection.serve()
 
@@ -201,6 +224,10 @@ class TunnelServer:
         return request.path == b"/_tunnel" and request.is_websocket_upgrade()
 
     async def _respond(self, request: IncomingRequest) -> AnyResponse:
+        if self.longpoll.handles(request.path):
+            # A tunnel's transport, not a tunnelled request: a graceful stop does not wait for
+            # a held poll, and the session's requests drain through it meanwhile.
+            return await self.longpoll.respond(request)
         self._active_requests += 1
         self._idle = trio.Event() if self._active_requests == 1 else self._idle
         streaming = False
@@ -366,47 +393,20 @@ class TunnelServer:
         if request.method != b"GET":
             await _raw_reply(stream, 400, "The tunnel endpoint takes GET upgrades only")
             return
-        wait = self.brake.retry_after(addr)
-        if wait is not None:
-            self.log.warning("WS   REFUSE", addr=addr, err="too many failures", retry_after=wait)
-            await _raw_reply(stream, 429, "Too many failed attempts from this address",
-                             headers=[(b"Retry-After", b"%d" % wait)])
-            return
-        if not origin or len(origin) < MIN_LENGTH:
-            self.log.warning("WS   REFUSE", addr=addr, err="missing or short token")
-            self.brake.failed(addr)
-            text = f"Token (Origin header) missing or shorter than {MIN_LENGTH} characters"
-            await _raw_reply(stream, 400, text)
-            return
         key, ws_version = request.header(b"sec-websocket-key"), request.header(b"sec-websocket-version")
-        if key is None or ws_version != b"13":
+        # A missing or short token is admit()'s to refuse, and to count as a failure.
+        if origin and len(origin) >= MIN_LENGTH and (key is None or ws_version != b"13"):
             await _raw_reply(stream, 400, "Not a WebSocket version 13 handshake")
             return
-        token = Token(origin.decode("utf-8", "surrogateescape"))
-        if self.draining:
-            await _raw_reply(stream, 503, "Server shutting down")
+        admitted = self.admit(request, addr)
+        if isinstance(admitted, Refusal):
+            await _raw_reply(stream, admitted.status, admitted.text, headers=admitted.headers)
             return
-        if not self.allows(token):
-            self.log.warning("WS   REFUSE", token=token, addr=addr, err="token not allowed")
-            self.brake.failed(addr)
-            await _raw_reply(stream, 403, "Token not allowed on this server")
-            return
-        if not self.passwords.admits(token, request.header(b"authorization")):
-            self.log.warning("WS   REFUSE", token=token, addr=addr, err="wrong or missing password")
-            self.brake.failed(addr)
-            await _raw_reply(stream, 401, "Tunnel password required",
-                             headers=[(b"WWW-Authenticate", BASIC_REALM)])
-            return
+        token = admitted
         if self._handshakes >= self.settings.max_handshakes:
             self.log.warning("WS   REFUSE", token=token, addr=addr, err="too many handshakes")
             await _raw_reply(stream, 503, "Too many tunnel handshakes at once",
                              headers=[(b"Retry-After", b"1")])
-            return
-        limit = self.settings.max_clients_per_token
-        existing = self.registry.get(token)
-        if limit and existing is not None and len(existing.connections) >= limit:
-            self.log.warning("WS   REFUSE", token=token, addr=addr, err="too many clients")
-            await _raw_reply(stream, 429, "Too many clients for this token")
             return
         version = (request.header(VERSION_HEADER.lower()) or b"").decode("latin-1") or "unknown"
         max_message = self.settings.max_body_size + framing.MAX_HEAD_SIZE + framing.ID_DIGITS
@@ -430,10 +430,7 @@ class TunnelServer:
                 self._handshakes -= 1
             del handshake  # it holds the upgrade request's parsed headers, like wsproto did
             _shed_handshake_state(ws)
-            rendezvous = self.registry.register(token)
-            arrival = self._awaited.pop(token, None)
-            if arrival is not None:
-                arrival.set()
+            rendezvous = self.registered(token)
             connection: TunnelConnection
             if subprotocol == v2.SUBPROTOCOL:
                 connection = TunnelConnectionV2(
@@ -456,6 +453,45 @@ class TunnelServer:
                 self.log.info("WS   CLOSE", token=token, addr=addr, reason=reason)
                 await connection.close()
                 nursery.cancel_scope.cancel()
+
+    def admit(self, request: IncomingRequest, addr: str) -> Token | Refusal:
+        """The checks every tunnel opening passes, whatever its transport: the token (in
+        ``Origin``), the failure brake, allowed_tokens, passwords and max_clients_per_token."""
+        origin = request.header(b"origin")
+        wait = self.brake.retry_after(addr)
+        if wait is not None:
+            self.log.warning("WS   REFUSE", addr=addr, err="too many failures", retry_after=wait)
+            return Refusal(429, "Too many failed attempts from this address",
+                           [(b"Retry-After", b"%d" % wait)])
+        if not origin or len(origin) < MIN_LENGTH:
+            self.log.warning("WS   REFUSE", addr=addr, err="missing or short token")
+            self.brake.failed(addr)
+            return Refusal(400, f"Token (Origin header) missing or shorter than {MIN_LENGTH} characters")
+        token = Token(origin.decode("utf-8", "surrogateescape"))
+        if self.draining:
+            return Refusal(503, "Server shutting down")
+        if not self.allows(token):
+            self.log.warning("WS   REFUSE", token=token, addr=addr, err="token not allowed")
+            self.brake.failed(addr)
+            return Refusal(403, "Token not allowed on this server")
+        if not self.passwords.admits(token, request.header(b"authorization")):
+            self.log.warning("WS   REFUSE", token=token, addr=addr, err="wrong or missing password")
+            self.brake.failed(addr)
+            return Refusal(401, "Tunnel password required", [(b"WWW-Authenticate", BASIC_REALM)])
+        limit = self.settings.max_clients_per_token
+        existing = self.registry.get(token)
+        if limit and existing is not None and len(existing.connections) >= limit:
+            self.log.warning("WS   REFUSE", token=token, addr=addr, err="too many clients")
+            return Refusal(429, "Too many clients for this token")
+        return token
+
+    def registered(self, token: Token) -> Rendezvous:
+        """The token's rendez-vous for a new tunnel; requests waiting for it may go now."""
+        rendezvous = self.registry.register(token)
+        arrival = self._awaited.pop(token, None)
+        if arrival is not None:
+            arrival.set()
+        return rendezvous
 
 
 def _shed_handshake_state(ws: trio_websocket.WebSocketConnection) -> None:

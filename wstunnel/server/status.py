@@ -47,6 +47,7 @@ def render_stats(registry: Registry, *, detailed: bool) -> str:
             dead_tunnels += 1
         # Keys the original did not have go after its own.
         lines.append(f"{prefix}_clients={len(rendezvous.connections)}")
+        lines.append(f"{prefix}_transports={','.join(c.transport for c in rendezvous.connections)}")
     lines.append("")
     lines.append(f"req_pending={req_pending}")
     lines.append(f"dead_tunnels={dead_tunnels}")

@@ -27,8 +27,8 @@ from wstunnel import framing
 from wstunnel.errors import HttpPayloadError, TunnelMessageError
 from wstunnel.logs import EventLogger
 from wstunnel.server.front import BodyError, RequestBody, StreamingResponse
-from wstunnel.streams import ActivityStream
 from wstunnel.tokens import Token
+from wstunnel.transport import Activity, MessageTransport
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_TRIES = 3
@@ -313,8 +313,8 @@ class TunnelConnection:
     def __init__(
         self,
         rendezvous: Rendezvous,
-        ws: trio_websocket.WebSocketConnection,
-        stream: ActivityStream,
+        ws: MessageTransport,  # a WebSocket, or a long-poll session
+        stream: Activity,
         *,
         addr: str,
         client_version: str,
@@ -345,7 +345,7 @@ class TunnelConnection:
         return self.rendezvous.token
 
     def idle_secs(self) -> float:
-        return trio.current_time() - self.stream.last_receive
+        return max(0.0, trio.current_time() - self.stream.last_receive)
 
     async def serve(self) -> None:
         """Run until the WebSocket closes, the peer breaks the protocol or falls silent."""

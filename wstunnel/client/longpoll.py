@@ -1,0 +1,300 @@
+"""The client's end of the HTTPS long-poll transport (docs/longpoll.md has the endpoints).
+
+:class:`LongPollTransport` satisfies :class:`wstunnel.transport.MessageTransport` (and has the
+``ping`` the keepalive uses), so the unchanged protocol v2 session runs over it. Underneath, two
+tasks share one httpx client: the *poller* keeps exactly one ``GET /_tunnel/poll`` outstanding and
+hands the frames of each answer to ``get_message``; the *sender* posts whatever ``send_message``
+has queued, batched into one ``POST`` at a time (one at a time keeps the frames in order). Both are
+ordinary bounded HTTP requests with a Content-Length, so they pass buffering proxies, the HTTP
+CONNECT proxy (https://) and plain forwarding proxies (http://) alike.
+
+Batches are numbered both ways (``X-Wstunnel-Seq``; a poll acknowledges the last batch received in
+``X-Wstunnel-Ack``), so a request whose connection fails is simply sent again, a few times: the
+server repeats a batch whose answer was lost and takes a repeated POST once. A request that still
+fails, or gets an unexpected answer, ends the transport: ``get_message``/``send_message`` raise
+ConnectionClosed and the agent dials again, exactly as after a dropped WebSocket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import ssl
+from collections import deque
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import trio
+
+from wstunnel import framing_v2 as v2
+from wstunnel import pollbody
+from wstunnel.client.proxy import Proxy
+from wstunnel.errors import DialError
+from wstunnel.headers import Headers
+from wstunnel.tokens import Token
+from wstunnel.transport import CloseReason, ConnectionClosed
+
+OPEN_SUFFIX = "/_tunnel/poll/open"
+POLL_SUFFIX = "/_tunnel/poll"
+SESSION_HEADER = "X-Wstunnel-Session"
+SEQ_HEADER = "X-Wstunnel-Seq"
+ACK_HEADER = "X-Wstunnel-Ack"
+# A poll or a POST whose connection failed is sent again, this many times in all: numbered
+# batches make that safe, and some proxies drop a kept-alive connection just as it is reused.
+ATTEMPTS = 3
+RETRY_DELAY = 0.1  # seconds, times the attempt's number
+# The server holds a poll at most this long (it may say less when it opens the session).
+MAX_POLL_WAIT = 25.0
+SEND_HIGH_WATER = 8 * 1024 * 1024
+INBOX_SIZE = 256
+# Codes for the CloseReason of a transport that broke, as a WebSocket would report them.
+ABNORMAL = 1006
+GOING_AWAY = 1001
+
+
+class LongPollRefused(DialError):
+    """The server (or a proxy) would not open a long-poll session."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(f"long-poll session refused: HTTP {status} {text[:200]}".rstrip())
+        self.status = status
+
+
+def poll_base(tunnel: str) -> str:
+    """``ws://host/path`` -> ``http://host/path`` (and wss -> https): where the endpoints live."""
+    parts = urlsplit(tunnel)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+
+
+def http_client(*, proxy: Proxy | None, context: ssl.SSLContext | None,
+                timeout: float) -> httpx.AsyncClient:
+    """The client for the long-poll requests: our proxy choice (NO_PROXY was applied by
+    ``choose_proxy``) and TLS settings, never the environment's own, and no redirects."""
+    httpx_proxy = None
+    if proxy is not None:
+        auth = (proxy.username, proxy.password or "") if proxy.username is not None else None
+        host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
+        httpx_proxy = httpx.Proxy(f"http://{host}:{proxy.port}", auth=auth)
+    return httpx.AsyncClient(
+        proxy=httpx_proxy, verify=context if context is not None else True, trust_env=False,
+        follow_redirects=False, timeout=httpx.Timeout(timeout),
+        # One poll, one POST, and a ping or the closing DELETE beside them.
+        limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
+    )
+
+
+async def connect(nursery: trio.Nursery, http: httpx.AsyncClient, base: str, *, token: Token,
+                  headers: Headers, request_timeout: float) -> LongPollTransport:
+    """Open a session (``headers`` carry the token and password as in the WebSocket handshake)
+    and start its tasks."""
+    try:
+        response = await http.post(base + OPEN_SUFFIX, content=b"",
+                                   headers=[*headers, *_routing(token).items()])
+    except httpx.HTTPError as exc:
+        raise DialError(f"long-poll open failed: {type(exc).__name__}: {exc}") from None
+    if response.status_code != 200:
+        raise LongPollRefused(response.status_code, response.text.strip())
+    try:
+        document = json.loads(response.content)
+        sid = str(document["session"])
+        wait = min(MAX_POLL_WAIT, float(document.get("poll_wait_secs", MAX_POLL_WAIT)))
+    except (ValueError, KeyError, TypeError):
+        raise DialError("long-poll open: the answer is not a session") from None
+    transport = LongPollTransport(http, base, sid, poll_wait=wait, timeout=request_timeout,
+                                  routing=_routing(token))
+    nursery.start_soon(transport.run)
+    return transport
+
+
+def _routing(token: Token) -> dict[str, str]:
+    """``X-Token`` on every long-poll request: the server does not need it (the session id says
+    whose session it is), but a cluster front such as nginx/wstunnel-cluster.conf picks the
+    instance by it, and a session's requests must all reach the instance that holds it."""
+    return {"X-Token": token.reveal()}
+
+
+class LongPollTransport:
+    """One long-poll session, seen from the client."""
+
+    subprotocol = v2.SUBPROTOCOL
+
+    def __init__(self, http: httpx.AsyncClient, base: str, sid: str, *, poll_wait: float,
+                 timeout: float, routing: dict[str, str] | None = None) -> None:
+        self.http = http
+        self._routing = routing or {}
+        self.url = base + POLL_SUFFIX
+        self.sid = Token(sid)  # str() shows a prefix only
+        self.poll_wait = poll_wait
+        self.timeout = timeout
+        self._closed: CloseReason | None = None
+        self._inbox_in, self._inbox_out = trio.open_memory_channel[bytes](INBOX_SIZE)
+        self._outbox: deque[bytes] = deque()
+        self._outbox_bytes = 0
+        self._frames_queued = trio.lowlevel.ParkingLot()
+        self._room = trio.lowlevel.ParkingLot()
+        self._tasks = trio.CancelScope()
+        # ping() asks the sender for a POST (with or without frames) and waits for its answer.
+        # The first one goes out at once, beside the first poll: from then on the client keeps
+        # two connections (one polling, one posting), and a draining server, which accepts no
+        # new connection, still gets our frames on them.
+        self._ping_wanted = True
+        self._posted = trio.Event()
+        self._received_seq = 0  # the last batch received from the server
+        self._post_seq = 0  # the last POST sent
+
+    @property
+    def closed(self) -> CloseReason | None:
+        return self._closed
+
+    @property
+    def _headers(self) -> dict[str, str]:
+        return {**self._routing, SESSION_HEADER: self.sid.reveal()}
+
+    # -- MessageTransport ---------------------------------------------------------------------
+
+    async def get_message(self) -> bytes:
+        try:
+            return await self._inbox_out.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise ConnectionClosed(self._closed) from None
+
+    async def send_message(self, message: str | bytes) -> None:
+        if isinstance(message, str):
+            raise TypeError("long-poll carries binary messages only")
+        while self._closed is None and self._outbox_bytes > SEND_HIGH_WATER:
+            await self._room.park()
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed)
+        self._outbox.append(message)
+        self._outbox_bytes += len(message)
+        self._frames_queued.unpark_all()
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        """Close, and tell the server (best effort: it drops a silent session anyway)."""
+        if self._closed is not None:
+            return
+        self._end(code, reason)
+        with trio.move_on_after(min(2.0, self.timeout)):
+            # On failure the server's silence watch ends the session instead.
+            with contextlib.suppress(httpx.HTTPError):
+                await self.http.delete(self.url, headers=self._headers)
+
+    async def ping(self, payload: bytes | None = None) -> None:
+        """A round trip that proves the session alive: the sender's next POST, frames or none.
+
+        Through the sender, so that a ping never needs a third connection.
+        """
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed)
+        posted = self._posted
+        self._ping_wanted = True
+        self._frames_queued.unpark_all()
+        await posted.wait()
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed)
+
+    # -- the tasks ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        with self._tasks:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._poll_forever)
+                nursery.start_soon(self._send_forever)
+
+    async def _poll_forever(self) -> None:
+        # Read timeout: the server's longest hold, plus the time any answer may take.
+        timeout = httpx.Timeout(self.timeout, read=self.poll_wait + self.timeout)
+        while self._closed is None:
+            headers = {**self._headers, ACK_HEADER: str(self._received_seq)}
+            try:
+                response = await self._send("GET", headers, b"", timeout)
+            except httpx.HTTPError as exc:
+                self._end(ABNORMAL, f"poll failed: {type(exc).__name__}")
+                return
+            if not self._accepted(response, 200, "poll"):
+                return
+            try:
+                seq = int(response.headers.get(SEQ_HEADER, ""))
+                messages = pollbody.decode(response.content, max_message=pollbody.MAX_MESSAGE)
+            except (ValueError, pollbody.PollBodyError) as exc:
+                self._end(1002, f"malformed poll answer: {exc}")
+                return
+            if seq == self._received_seq:
+                continue  # nothing new (an empty answer)
+            if seq != self._received_seq + 1 or not messages:
+                self._end(1002, f"poll answer {seq} after {self._received_seq}")
+                return
+            self._received_seq = seq
+            for message in messages:
+                try:
+                    await self._inbox_in.send(message)  # waits while the session is behind
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    return  # closed meanwhile
+
+    async def _send_forever(self) -> None:
+        while self._closed is None:
+            while not self._outbox and not self._ping_wanted and self._closed is None:
+                await self._frames_queued.park()
+            # One turn for the tasks that just became runnable: a response's HEAD, DATA and END
+            # usually come in one go, and one POST for them all saves a round trip.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            batch = pollbody.take_batch(self._outbox)
+            self._outbox_bytes -= sum(len(message) for message in batch)
+            self._room.unpark_all()
+            # Pings waiting from now on are answered by this POST's round trip.
+            self._ping_wanted = False
+            posted, self._posted = self._posted, trio.Event()
+            try:
+                await self._post(pollbody.encode(batch))
+            except ConnectionClosed:
+                return
+            finally:
+                posted.set()
+
+    async def _post(self, body: bytes) -> None:
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed)
+        self._post_seq += 1
+        headers = {**self._headers, SEQ_HEADER: str(self._post_seq)}
+        try:
+            response = await self._send("POST", headers, body, httpx.Timeout(self.timeout))
+        except httpx.HTTPError as exc:
+            self._end(ABNORMAL, f"post failed: {type(exc).__name__}")
+            raise ConnectionClosed(self._closed) from None
+        if not self._accepted(response, 204, "post"):
+            raise ConnectionClosed(self._closed)
+
+    async def _send(self, method: str, headers: dict[str, str], body: bytes,
+                    deadlines: httpx.Timeout) -> httpx.Response:
+        """One request, sent again (same numbers) when its connection fails, ATTEMPTS in all."""
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return await self.http.request(method, self.url, headers=headers, content=body,
+                                               timeout=deadlines)
+            except httpx.TransportError:
+                if attempt == ATTEMPTS:
+                    raise
+            await trio.sleep(RETRY_DELAY * attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _accepted(self, response: httpx.Response, expected: int, what: str) -> bool:
+        if response.status_code == expected:
+            return True
+        if response.status_code in (404, 410):
+            # The session is over at the server: closed there, or dropped as silent.
+            self._end(GOING_AWAY, response.text.strip()[:200] or "session gone")
+        else:
+            self._end(ABNORMAL, f"{what} answered HTTP {response.status_code}")
+        return False
+
+    def _end(self, code: int, reason: str | None) -> None:
+        """Closed: wake every waiter, stop both tasks; get_message reports ``reason``."""
+        if self._closed is None:
+            self._closed = CloseReason(code, reason)
+        self._posted.set()  # a ping waiting for a POST that will never come
+        self._inbox_in.close()
+        self._frames_queued.unpark_all()
+        self._room.unpark_all()
+        self._tasks.cancel()
+

@@ -1,0 +1,336 @@
+"""The server's end of the HTTPS long-poll transport: tunnel sessions made of plain HTTP requests.
+
+For networks where a WebSocket cannot pass (proxies that strip ``Upgrade`` or cut long-lived
+connections), a client keeps its tunnel with ordinary, bounded HTTP requests instead; docs/longpoll.md
+specifies the endpoints. Each session is a :class:`PollSession`, which satisfies
+:class:`wstunnel.transport.MessageTransport`, so an unchanged
+:class:`~wstunnel.server.tunnels_v2.TunnelConnectionV2` serves it: long-poll always carries protocol
+v2 frames, one per message, with the length-prefixed body codec of :mod:`wstunnel.pollbody`.
+
+Liveness: the client is present while one of its requests is being served, and its silence is
+counted from the end of its last request; the connection's usual silence watch drops a session that
+misses its polls for ``wstimeout``, and its in-flight requests are then retried or failed exactly as
+for a dropped WebSocket. A poll is held at most half of ``wstimeout``, so a live client always polls
+again in time.
+
+Session ids are secrets like tokens: they travel in a header (never in a URL, which proxies and
+access logs record), are logged as a prefix only, and a request naming an unknown one counts as a
+failure for the address's brake, like an unknown token.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from wstunnel import framing, pollbody
+from wstunnel import framing_v2 as v2
+from wstunnel.server.front import IncomingRequest, simple_response
+from wstunnel.server.tunnels_v2 import TunnelConnectionV2
+from wstunnel.tokens import Token
+from wstunnel.transport import CloseReason, ConnectionClosed
+
+if TYPE_CHECKING:
+    from wstunnel.server.app import TunnelServer
+
+OPEN_PATH = b"/_tunnel/poll/open"
+POLL_PATH = b"/_tunnel/poll"
+SESSION_HEADER = b"x-wstunnel-session"
+SEQ_HEADER = b"x-wstunnel-seq"
+ACK_HEADER = b"x-wstunnel-ack"
+VERSION_HEADER = b"x-wstunnel-version"
+MAX_POLL_WAIT = 25.0
+MAX_MESSAGE = pollbody.MAX_MESSAGE
+# A client batches at most MAX_BATCH_BYTES, or one message alone when it is larger.
+MAX_POST_BODY = max(pollbody.MAX_BATCH_BYTES, MAX_MESSAGE + pollbody.LENGTH.size)
+# Frames waiting for the client's next poll before send_message waits, as a full socket would make
+# a WebSocket sender wait. v2 windows already bound the DATA in flight (4 MiB per tunnel).
+SEND_HIGH_WATER = 8 * 1024 * 1024
+# Messages a POST may hand over before it waits for the connection to read them.
+INBOX_SIZE = 256
+NO_CACHE = (b"Cache-Control", b"no-store")
+
+
+class SessionGone(Exception):
+    """The session was closed; the text is its close reason."""
+
+
+class SequenceError(Exception):
+    """A request's sequence number or acknowledgement cannot follow from what was exchanged."""
+
+
+class PollSession:
+    """One long-poll tunnel session: a message transport fed and drained by HTTP requests."""
+
+    subprotocol = v2.SUBPROTOCOL
+
+    def __init__(self, sid: str) -> None:
+        self.sid = Token(sid)  # str() shows a prefix only
+        self._closed: CloseReason | None = None
+        self._outbox: deque[bytes] = deque()
+        self._outbox_bytes = 0
+        self._frames_ready = trio.lowlevel.ParkingLot()  # a poll waits here for frames
+        self._room = trio.lowlevel.ParkingLot()  # send_message waits here above the high water
+        self._inbox_in, self._inbox_out = trio.open_memory_channel[bytes](INBOX_SIZE)
+        self._requests_active = 0
+        self._last_request_end = trio.current_time()
+        self._held_poll: trio.CancelScope | None = None
+        # Each direction numbers its non-empty batches, so that a request whose answer was lost
+        # (a proxy that drops a kept-alive connection, say) can be repeated without losing or
+        # doubling frames: the last batch we sent stays until the client's next poll acknowledges
+        # it, and a POST already taken is taken only once.
+        self._sent_seq = 0
+        self._unacked: list[bytes] = []
+        self._received_seq = 0
+        self._delivering = trio.Lock()
+
+    # -- MessageTransport (the tunnel connection's side) ------------------------------------
+
+    @property
+    def closed(self) -> CloseReason | None:
+        return self._closed
+
+    @property
+    def last_receive(self) -> float:
+        """Now while the client has a request with us, else when its last one ended."""
+        return trio.current_time() if self._requests_active else self._last_request_end
+
+    async def get_message(self) -> bytes:
+        try:
+            return await self._inbox_out.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise ConnectionClosed(self._closed) from None
+
+    async def send_message(self, message: str | bytes) -> None:
+        if isinstance(message, str):
+            raise TypeError("long-poll carries binary messages only")
+        while self._closed is None and self._outbox_bytes > SEND_HIGH_WATER:
+            await self._room.park()
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed)
+        self._outbox.append(message)
+        self._outbox_bytes += len(message)
+        self._frames_ready.unpark_all()
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        if self._closed is None:
+            self._closed = CloseReason(code, reason)
+            self._inbox_in.close()
+            self._frames_ready.unpark_all()
+            self._room.unpark_all()
+
+    # -- the HTTP side ------------------------------------------------------------------------
+
+    async def deliver(self, seq: int | None, messages: list[bytes]) -> None:
+        """Hand the messages of POST number ``seq`` (None: the next) to the connection, in
+        order, once; SessionGone if closed, SequenceError if POSTs went missing."""
+        with self._request():
+            async with self._delivering:  # a repeated POST waits for the first to be taken
+                seq = self._received_seq + 1 if seq is None else seq
+                if seq <= self._received_seq:
+                    return  # taken already; the client did not get our answer
+                if seq != self._received_seq + 1:
+                    raise SequenceError(f"POST {seq} after {self._received_seq}")
+                self._received_seq = seq
+                for message in messages:
+                    try:
+                        await self._inbox_in.send(message)
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        raise SessionGone(self._reason()) from None
+
+    async def poll(self, wait: float, ack: int | None) -> tuple[int, list[bytes]]:
+        """The next batch and its number, as soon as there are frames, or (n, []) after ``wait``.
+
+        ``ack`` is the last batch the client received; if that is not our last one, its answer
+        was lost and the same batch goes again. A newer poll ends an older one still held (with
+        no frames), so that one client never has two readers splitting its frames between them.
+        """
+        with self._request():
+            if self._held_poll is not None:
+                self._held_poll.cancel()
+            ack = self._sent_seq if ack is None else ack
+            if self._unacked and ack == self._sent_seq - 1:
+                return self._sent_seq, self._unacked
+            if ack != self._sent_seq:
+                raise SequenceError(f"acknowledgement {ack} after batch {self._sent_seq}")
+            self._unacked = []
+            with trio.move_on_after(wait) as held:
+                self._held_poll = held
+                while not self._outbox and self._closed is None:
+                    await self._frames_ready.park()
+            # One turn for the tasks that just became runnable, so that frames made together
+            # (a request's HEAD and body) leave in one answer.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            if self._held_poll is held:
+                self._held_poll = None
+            if not self._outbox and self._closed is not None:
+                raise SessionGone(self._reason())
+            batch = pollbody.take_batch(self._outbox)
+            self._outbox_bytes -= sum(len(message) for message in batch)
+            if self._outbox_bytes <= SEND_HIGH_WATER:
+                self._room.unpark_all()
+            if batch:
+                self._sent_seq += 1
+                self._unacked = batch
+            return self._sent_seq, batch
+
+    def _reason(self) -> str:
+        return (self._closed.reason if self._closed else None) or "session closed"
+
+    @contextmanager
+    def _request(self) -> Iterator[None]:
+        """A request being served counts as the client's presence while it lasts."""
+        self._requests_active += 1
+        try:
+            yield
+        finally:
+            self._requests_active -= 1
+            self._last_request_end = trio.current_time()
+
+
+class LongPoll:
+    """The ``/_tunnel/poll`` endpoints, and the sessions they serve."""
+
+    def __init__(self, server: TunnelServer) -> None:
+        self.server = server
+        self.sessions: dict[str, PollSession] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the nursery the sessions run in: they outlive the requests that open them."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    @staticmethod
+    def handles(path: bytes) -> bool:
+        return path == POLL_PATH or path.startswith(POLL_PATH + b"/")
+
+    async def respond(self, request: IncomingRequest) -> framing.Response:
+        method, path = request.method, request.path
+        if path == OPEN_PATH:
+            if method != b"POST":
+                return _not_allowed(b"POST")
+            return await self._open(request)
+        if path != POLL_PATH:
+            return simple_response(404, "Unknown long-poll endpoint")
+        if method not in (b"GET", b"POST", b"DELETE"):
+            return _not_allowed(b"GET, POST, DELETE")
+        addr = self.server.client_address(request)
+        wait = self.server.brake.retry_after(addr)
+        if wait is not None:
+            return simple_response(429, "Too many failed attempts from this address",
+                                   headers=[(b"Retry-After", b"%d" % wait)])
+        session = self._find(request)
+        if session is None:
+            self.server.brake.failed(addr)
+            return simple_response(404, "Unknown long-poll session")
+        try:
+            if method == b"GET":
+                return await self._poll(session, _number(request, ACK_HEADER))
+            if method == b"POST":
+                return await self._receive(session, request, _number(request, SEQ_HEADER))
+            await session.aclose(1000, "client closed the session")
+            return _no_content()
+        except SessionGone as gone:
+            return simple_response(410, f"Long-poll session closed: {gone}", headers=[NO_CACHE])
+        except (SequenceError, ValueError) as exc:
+            # Frames are missing one way or the other: the session cannot go on, as a WebSocket
+            # with a broken frame cannot.
+            self.server.log.warning("WS   ERR", session=session.sid, err=str(exc))
+            await session.aclose(1002, "long-poll protocol error")
+            return simple_response(400, f"Long-poll protocol error: {exc}")
+
+    def _find(self, request: IncomingRequest) -> PollSession | None:
+        sid = request.header(SESSION_HEADER)
+        if sid is None:
+            return None
+        return self.sessions.get(sid.decode("latin-1"))
+
+    async def _open(self, request: IncomingRequest) -> framing.Response:
+        server = self.server
+        addr = server.client_address(request)
+        admitted = server.admit(request, addr)
+        if not isinstance(admitted, Token):
+            return simple_response(admitted.status, admitted.text, headers=admitted.headers)
+        token = admitted
+        version = (request.header(VERSION_HEADER) or b"").decode("latin-1") or "unknown"
+        sid = secrets.token_urlsafe(32)
+        session = PollSession(sid)
+        rendezvous = server.registered(token)
+        connection = TunnelConnectionV2(
+            rendezvous, session, session, addr=addr, client_version=version,
+            transport="longpoll", wstimeout=server.settings.wstimeout, log=server.log,
+            httptimeout=server.settings.httptimeout,
+            max_streams=server.settings.max_streams_per_tunnel,
+        )
+        self.sessions[sid] = session
+        assert self._nursery is not None, "LongPoll.run() is not running"
+        await self._nursery.start(self._serve, session, connection)
+        body = json.dumps({"session": sid, "poll_wait_secs": self.poll_wait(),
+                           "max_batch_bytes": pollbody.MAX_BATCH_BYTES}).encode()
+        return framing.Response(200, b"OK", [(b"Content-Type", b"application/json"), NO_CACHE], body)
+
+    async def _serve(self, session: PollSession, connection: TunnelConnectionV2, *,
+                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        log = self.server.log
+        rendezvous = connection.rendezvous
+        log.info("WS   NEW", token=connection.token, addr=connection.addr,
+                 version=connection.client_version, protocol=connection.protocol,
+                 clients=len(rendezvous.connections) + 1, transport="longpoll", session=session.sid)
+        task_status.started()
+        try:
+            await connection.serve()
+        finally:
+            self.sessions.pop(session.sid.reveal(), None)
+            reason = connection.closing_reason or (session.closed.reason if session.closed else None)
+            log.info("WS   CLOSE", token=connection.token, addr=connection.addr, reason=reason,
+                     transport="longpoll", session=session.sid)
+            await connection.close()
+
+    def poll_wait(self) -> float:
+        return min(MAX_POLL_WAIT, self.server.settings.wstimeout / 2)
+
+    async def _poll(self, session: PollSession, ack: int | None) -> framing.Response:
+        seq, batch = await session.poll(self.poll_wait(), ack)
+        return framing.Response(200, b"OK", [
+            (b"Content-Type", b"application/octet-stream"), NO_CACHE,
+            (b"X-Wstunnel-Seq", b"%d" % seq),
+        ], pollbody.encode(batch))
+
+    async def _receive(self, session: PollSession, request: IncomingRequest,
+                       seq: int | None) -> framing.Response:
+        if len(request.body) > MAX_POST_BODY:
+            return simple_response(413, f"Long-poll body over {MAX_POST_BODY} bytes")
+        try:
+            messages = pollbody.decode(request.body, max_message=MAX_MESSAGE)
+        except pollbody.PollBodyError as exc:
+            raise ValueError(f"malformed body: {exc}") from None
+        await session.deliver(seq, messages)
+        return _no_content()
+
+
+def _number(request: IncomingRequest, name: bytes) -> int | None:
+    """A sequence header's value; None when absent, ValueError when not a small number."""
+    value = request.header(name)
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 19:
+        raise ValueError(f"{name.decode()} is not a number")
+    return int(value)
+
+
+def _no_content() -> framing.Response:
+    return framing.Response(204, b"No Content", [NO_CACHE], b"")
+
+
+def _not_allowed(allow: bytes) -> framing.Response:
+    return simple_response(405, "Method not allowed here", headers=[(b"Allow", allow)])
+
