@@ -245,6 +245,13 @@ def test_unknown_sessions_bad_bodies_and_methods_get_4xx_and_the_server_keeps_se
     oversized = httpx.post(url, headers={SESSION: sid}, content=bytes(2 * 1024 * 1024 + 1),
                            timeout=10)
     assert oversized.status_code == 413
+
+    def chunked_body() -> Iterator[bytes]:  # no length: the limit is found while reading
+        for _ in range(40):
+            yield bytes(64 * 1024)
+
+    chunked = httpx.post(url, headers={SESSION: sid}, content=chunked_body(), timeout=10)
+    assert chunked.status_code == 413
     quick = httpx.get(url, headers={SESSION: sid}, timeout=30)  # a poll of a live session
     assert quick.status_code == 200 and quick.headers["cache-control"] == "no-store"
     malformed = httpx.post(url, headers={SESSION: sid}, content=b"\x00\x00\x00\x09ab", timeout=10)

@@ -31,7 +31,13 @@ import trio
 
 from wstunnel import framing, pollbody
 from wstunnel import framing_v2 as v2
-from wstunnel.server.front import IncomingRequest, simple_response
+from wstunnel.server.front import (
+    BodyError,
+    BodyTooLarge,
+    IncomingRequest,
+    RequestBody,
+    simple_response,
+)
 from wstunnel.server.tunnels_v2 import TunnelConnectionV2
 from wstunnel.tokens import Token
 from wstunnel.transport import CloseReason, ConnectionClosed
@@ -307,10 +313,18 @@ class LongPoll:
 
     async def _receive(self, session: PollSession, request: IncomingRequest,
                        seq: int | None) -> framing.Response:
-        if len(request.body) > MAX_POST_BODY:
-            return simple_response(413, f"Long-poll body over {MAX_POST_BODY} bytes")
+        body = request.body
+        if request.body_source is not None:  # over front.SMALL_BODY: still on the socket
+            if request.declared_length() > MAX_POST_BODY:
+                return _too_large()
+            try:
+                body = await _read_bounded(request.body_source, MAX_POST_BODY)
+            except BodyError as exc:
+                return simple_response(exc.status, exc.text)
+        if len(body) > MAX_POST_BODY:
+            return _too_large()
         try:
-            messages = pollbody.decode(request.body, max_message=MAX_MESSAGE)
+            messages = pollbody.decode(body, max_message=MAX_MESSAGE)
         except pollbody.PollBodyError as exc:
             raise ValueError(f"malformed body: {exc}") from None
         await session.deliver(seq, messages)
@@ -325,6 +339,22 @@ def _number(request: IncomingRequest, name: bytes) -> int | None:
     if not value.isdigit() or len(value) > 19:
         raise ValueError(f"{name.decode()} is not a number")
     return int(value)
+
+
+async def _read_bounded(source: RequestBody, limit: int) -> bytes:
+    """The whole body, or BodyTooLarge as soon as it passes ``limit`` (a chunked one may)."""
+    chunks: list[bytes] = []
+    size = 0
+    while (chunk := await source.receive()) is not None:
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large() -> framing.Response:
+    return simple_response(413, f"Long-poll body over {MAX_POST_BODY} bytes")
 
 
 def _no_content() -> framing.Response:
