@@ -397,10 +397,6 @@ def test_longpoll_through_nginx_buffering_whole_requests_and_responses(
     assert _transports(server, token) == ["longpoll"]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known, not understood yet: behind the cluster config a session's POST now and then hangs "
-    "until the client's timeout (nginx logs 499 after 30 s) and the request waits with it; the "
-    "X-Token routing itself works (without it every poll was 404 on the wrong instance)"))
 def test_longpoll_sessions_stay_on_their_instance_behind_the_cluster_config(
         harness: Harness, tmp_path: Path) -> None:
     """nginx/wstunnel-cluster.conf hashes X-Token for /_tunnel/poll: each session's requests

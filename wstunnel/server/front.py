@@ -281,6 +281,14 @@ def _serialize_head(request: IncomingRequest) -> bytes:
     return b"".join(lines)
 
 
+def _declared_length(headers: Headers) -> int | None:
+    """The one valid Content-Length of ``headers``; None when absent or doubtful (h11 judges)."""
+    values = [value for name, value in headers if name.lower() == b"content-length"]
+    if len(values) != 1 or not values[0].isdigit():
+        return None
+    return int(values[0])
+
+
 def simple_response(status: int, text: str, *, headers: Headers | None = None) -> framing.Response:
     body = text.encode() if text.endswith("\n") or not text else (text + "\n").encode()
     return framing.Response(
@@ -553,12 +561,19 @@ class HttpConnection:
         which aborts the connection); without one h11 uses chunked coding. A body that cannot be
         completed aborts the connection without the final chunk, so the client sees an error and
         never a clean, truncated response.
+
+        The HTTP response ends as soon as the client can tell it is whole (its head for a bodyless
+        one, its last byte for one with a Content-Length), without waiting for the stream's END:
+        a proxy in front (nginx's upstream keep-alive) may send the next request on this
+        connection then, and with the long-poll transport that request can be the very one
+        carrying the END. Closing the body source resets a stream that had not ended yet.
         """
         headers = [
             (k, v) for k, v in response.headers
             if k.lower() not in (b"connection", b"keep-alive", b"transfer-encoding")
         ]
         bodyless = head_only or response.status in (204, 304) or response.status < 200
+        length = 0 if bodyless else _declared_length(headers)
         await self._start_response()
         if self.draining() or self._body_unread():
             headers.append((b"Connection", b"close"))
@@ -566,7 +581,7 @@ class HttpConnection:
             await self._send(h11.Response(
                 status_code=response.status, headers=headers, reason=response.reason
             ))
-            while True:
+            while length is None or response.sent_bytes < length:
                 with trio.fail_after(response.idle_timeout):
                     chunk = await response.body.receive()
                 if chunk is None:
