@@ -6,8 +6,9 @@ replays the request against the backend at once, streaming both ways: the reques
 the backend as its DATA arrives (credit goes back to the server only once the chunk was written to
 the backend, so a slow backend stops the upload instead of filling memory), and the response goes
 back as a head, then DATA as the backend sends it (within the server's windows: a handler short of
-credit waits, and so stops reading from its backend), then END. A RESET from the server cancels the
-handler, which closes its backend connection.
+credit waits, and so stops reading from its backend), the last DATA with END_STREAM when the body's
+end is already known, else a separate END. A RESET from the server cancels the handler, which
+closes its backend connection.
 
 An ``Upgrade`` request the backend answers with 101 becomes a byte pipe: the backend client hands
 over the connection (``response.stream``) and DATA flows both ways, with the same flow control, until
@@ -137,14 +138,16 @@ class ClientSessionV2:
                 # not a group of two the session could not describe.
                 return
 
-    async def _send_data(self, stream: _Stream, chunk: bytes) -> None:
+    async def _send_data(self, stream: _Stream, chunk: bytes, *, end_stream: bool = False) -> None:
         view = memoryview(chunk)
         offset = 0
-        while offset < len(view):
+        while offset < len(view) or end_stream:
             credit = self._credit
-            frames, taken = self.conn.data_frames(stream.id, view[offset:])
+            frames, taken = self.conn.data_frames(stream.id, view[offset:], end_stream=end_stream)
             self._emit(*frames)
             offset += taken
+            if end_stream and offset == len(view):
+                return
             if not taken:
                 await credit.wait()
 
@@ -250,7 +253,10 @@ class ClientSessionV2:
                             self._emit(*self.conn.reset(stream.id, v2.ErrorCode.TOO_LARGE,
                                                         "backend response larger than max_body_size"))
                             return
-                        await self._send_data(stream, chunk)
+                        # The body's end already known: END_STREAM on this DATA, no END frame.
+                        await self._send_data(stream, chunk, end_stream=response.complete)
+                        if response.complete:
+                            return
                 except BackendError as exc:
                     # Mid-body: the head is gone already, so the only honest answer is an abort.
                     self.log.warning("WS   ERR", token=self.token, id=stream.id,
