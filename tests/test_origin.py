@@ -232,6 +232,17 @@ async def close_on_second_request(peer: Peer, server: Server) -> None:
     server.requests.append(await peer.request())
 
 
+async def test_expired_idle_connections_of_any_origin_close_when_a_new_one_opens() -> None:
+    with trio.fail_after(DEADLINE):
+        async with serving(answer_all) as first, serving(answer_all) as second:
+            http = pool(timeouts=Timeouts(keepalive=0.0))
+            assert await body_of(await http.request(first.target, b"GET", b"/a", [])) == b"/a"
+            assert http.open_connections == 1
+            assert await body_of(await http.request(second.target, b"GET", b"/b", [])) == b"/b"
+            await first.wait_for(lambda: first.closed == 1)
+            assert http.open_connections == 1  # the second origin's, idle
+
+
 async def test_request_lost_on_a_reused_connection_is_retried_once_when_replayable() -> None:
     with trio.fail_after(DEADLINE):
         async with serving(close_on_second_request) as server:

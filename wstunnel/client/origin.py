@@ -7,7 +7,7 @@ order and case, the body as raw bytes as they arrive (no decompression, redirect
 One pool serves every origin (scheme, host, port) with keep-alive connections. ``max_connections``
 caps the requests in flight (FIFO waiters, a trio.CapacityLimiter) and so, with idle connections
 evicted when a new one needs the room, the connections open. An idle connection is reused only if
-it is younger than KEEPALIVE_EXPIRY and its socket is not readable (a readable idle socket means
+it is younger than ``Timeouts.keepalive`` and its socket is not readable (a readable idle socket means
 the backend closed it or sent junk). A request that fails on a reused connection before any
 response byte is retried once on a fresh connection when its body can be sent again (bytes, not a
 stream). A connection whose exchange did not end cleanly with both sides DONE is closed, never
@@ -41,9 +41,6 @@ from wstunnel.headers import Headers
 READ_SIZE = 64 * 1024
 # httpcore's limit on a response head; h11's own default (16 KiB) refuses some real backends.
 MAX_HEAD_SIZE = 100 * 1024
-# httpx's default: an idle connection older than this may be closing on the backend's side
-# (many servers time out idle keep-alive at 5 s), and a streamed upload cannot be retried.
-KEEPALIVE_EXPIRY = 5.0
 # A request body up to this size goes out in the same write as its head.
 COALESCE_SIZE = 64 * 1024
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -55,6 +52,9 @@ class Timeouts:
     connect: float = 30.0
     # Each read or write on a connection, and the wait for a free connection slot.
     io: float = 1200.0
+    # httpx's default: an idle connection older than this may be closing on the backend's side
+    # (many servers time out idle keep-alive at 5 s), and a streamed upload cannot be retried.
+    keepalive: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,13 +426,15 @@ class OriginPool:
             now = trio.current_time()
             while idle:
                 connection = idle.pop()  # the most recent: the least likely to be timing out
-                if now - connection.idle_since < KEEPALIVE_EXPIRY and not connection.socket.is_readable():
+                if now - connection.idle_since < self.timeouts.keepalive \
+                        and not connection.socket.is_readable():
                     return connection, True
                 self.discard(connection)
             # The rest are older still.
         return await self._connect(origin), False
 
     async def _connect(self, origin: Origin) -> _Connection:
+        self._sweep()
         if self._open >= self._slots.total_tokens:
             self._evict()
         self._open += 1
@@ -441,6 +443,15 @@ class OriginPool:
         except BaseException:
             self._open -= 1
             raise
+
+    def _sweep(self) -> None:
+        """Close the expired idle connections of every origin (an X-Host used once would keep
+        its connection open otherwise). On each new connection only: not per request."""
+        oldest = trio.current_time() - self.timeouts.keepalive
+        for connections in self._idle.values():
+            # Each list is in the order the connections went idle.
+            while connections and connections[0].idle_since <= oldest:
+                self.discard(connections.pop(0))
 
     def _evict(self) -> None:
         """Close one idle connection to make room (every slot-holder beside us may be idle)."""
