@@ -29,6 +29,42 @@ class ProxyError(DialError):
     """The HTTP CONNECT proxy refused or broke the connection."""
 
 
+class BackendError(WStunnelError):
+    """Talking HTTP to the tunnel client's backend failed (wstunnel.client.origin).
+
+    The subclasses keep the names httpx used for the same failures: they reach users in
+    "Backend unreachable: ConnectError" answers and in the client's log.
+    """
+
+
+class InvalidURL(BackendError):
+    """The backend URL (``-server`` or an allowed X-Host) is not an http:// or https:// URL we can use."""
+
+
+class ConnectError(BackendError):
+    """No connection to the backend: refused, no route, unknown host, TLS handshake or verification."""
+
+
+class ReadError(BackendError):
+    """The backend connection broke while we read from it."""
+
+
+class WriteError(BackendError):
+    """The backend connection broke while we wrote to it."""
+
+
+class RemoteProtocolError(BackendError):
+    """The backend broke HTTP/1.1: a malformed response, or it closed before the response ended."""
+
+
+class LocalRequestError(BackendError):
+    """The request cannot go out as HTTP/1.1 (h11 refused a header or target)."""
+
+
+class BackendTimeout(BackendError):
+    """The backend did not connect, accept bytes or send bytes in time, or no connection slot freed up."""
+
+
 def sole_exception(exc: BaseException) -> BaseException:
     """The one real error inside nested single-member exception groups, or ``exc`` itself.
 

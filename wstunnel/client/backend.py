@@ -2,28 +2,26 @@
 
 The backend is ``server`` or, when the request carries ``X-Host`` and the whole value matches
 ``regexp``, that host. Responses pass through untouched: no redirect is followed and no body is
-decompressed (httpx's raw stream). Hop-by-hop headers, ``X-Host`` and ``X-Token`` never reach
-the backend.
+decompressed, no cookie is kept (wstunnel.client.origin, our own HTTP/1.1 client). Hop-by-hop
+headers, ``X-Host`` and ``X-Token`` never reach the backend.
 """
 
 from __future__ import annotations
 
-import http.cookiejar
 import re
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from urllib.parse import urlsplit
-
-import httpx
 
 from wstunnel import framing
+from wstunnel.client.origin import OriginPool, Response, Timeouts, default_ssl_context, parse_base
+from wstunnel.errors import BackendError, BackendTimeout
 from wstunnel.headers import get as get_header
 from wstunnel.headers import without_hop_by_hop
 
 # The server gives up after its httptimeout (20 minutes by default); we need not wait longer.
-BACKEND_TIMEOUT = httpx.Timeout(1200.0, connect=30.0)
+BACKEND_TIMEOUT = Timeouts(connect=30.0, io=1200.0)
 
 
 @dataclass(slots=True)
@@ -41,28 +39,15 @@ class Refusal(Exception):
                                 [(b"Content-Type", b"text/plain; charset=utf-8")], body)
 
 
-class _NoCookies(http.cookiejar.CookieJar):
-    """httpx keeps cookies per client; a tunnel must not carry one user's cookies to another."""
-
-    def __init__(self) -> None:
-        super().__init__(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-
-
 class Backend:
     def __init__(self, *, server: str | None, regexp: str | None, max_body_size: int,
                  max_connections: int, verify: ssl.SSLContext | bool = True) -> None:
         self.server = server
         self.pattern = re.compile(regexp) if regexp else None
         self.max_body_size = max_body_size
-        self.client = httpx.AsyncClient(
-            follow_redirects=False,
-            trust_env=False,  # proxy variables are for the tunnel, never for the backend
-            timeout=BACKEND_TIMEOUT,
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
-            cookies=_NoCookies(),
-            verify=verify,
-        )
+        # Proxy variables are for the tunnel, never for the backend: the pool knows none.
+        self.pool = OriginPool(max_connections=max_connections, ssl_context=default_ssl_context(verify),
+                               timeouts=BACKEND_TIMEOUT)
 
     def reconfigure(self, *, server: str | None, regexp: str | None, max_body_size: int) -> None:
         self.server = server
@@ -70,7 +55,7 @@ class Backend:
         self.max_body_size = max_body_size
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        self.pool.close()
 
     def base_url(self, request: framing.Request) -> str:
         x_host = get_header(request.headers, b"x-host")
@@ -94,14 +79,15 @@ class Backend:
     async def open_stream(
         self, request: framing.Request, body: AsyncIterable[bytes] | None = None,
         *, upgrade: bytes | None = None,
-    ) -> AsyncIterator[httpx.Response]:
+    ) -> AsyncIterator[Response]:
         """Send ``request`` and yield the response once its head is in; the body is left to read
-        (``aiter_raw``). Refusal if we answer it ourselves or the backend fails before the head.
+        (``async for chunk in response``). Refusal if we answer it ourselves or the backend fails
+        before the head.
 
         ``body`` streams the request body instead of ``request.body`` (its Content-Length, if the
         request has one, goes with it; else it is sent chunked). ``upgrade`` asks the backend to
-        switch to that protocol; on a 101 the connection is
-        ``response.extensions["network_stream"]``, the caller's until the response is closed.
+        switch to that protocol; on a 101 the connection is ``response.stream``, the caller's
+        until the response is closed.
         """
         base = self.base_url(request)
         response = await self._start(base, request, body, upgrade=upgrade)
@@ -112,30 +98,23 @@ class Backend:
 
     async def _start(self, base: str, request: framing.Request,
                      body: AsyncIterable[bytes] | None = None,
-                     *, upgrade: bytes | None = None) -> httpx.Response:
+                     *, upgrade: bytes | None = None) -> Response:
         target = request.target if request.target.startswith(b"/") else b"/" + request.target
-        url = base + target.decode("latin-1")
         headers = without_hop_by_hop(request.headers, b"x-host", b"x-token", b"host",
                                      b"content-length")
         if body is not None:
-            # With a Content-Length, httpx frames the streamed body by it instead of chunking.
+            # With a Content-Length, the streamed body is framed by it instead of chunked.
             length = get_header(request.headers, b"content-length")
             if length is not None:
                 headers.append((b"Content-Length", length))
         if upgrade is not None:
             headers += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
-        host = urlsplit(base).netloc
-        outgoing = httpx.Request(
-            request.method.decode("latin-1"), url,
-            headers=[(b"Host", host.encode("idna") if not host.isascii() else host.encode()),
-                     *headers],
-            content=request.body if body is None else body,
-        )
         try:
-            return await self.client.send(outgoing, stream=True)
-        except httpx.TimeoutException:
+            return await self.pool.request(parse_base(base), request.method, target, headers,
+                                           request.body if body is None else body)
+        except BackendTimeout:
             raise Refusal(504, "Backend timeout") from None
-        except (httpx.TransportError, httpx.InvalidURL, OSError) as exc:
+        except BackendError as exc:
             raise Refusal(502, f"Backend unreachable: {type(exc).__name__}") from None
 
     async def _send(self, base: str, request: framing.Request) -> framing.Response:
@@ -143,18 +122,18 @@ class Backend:
         try:
             chunks: list[bytes] = []
             size = 0
-            async for chunk in response.aiter_raw():
+            async for chunk in response:
                 size += len(chunk)
                 if size > self.max_body_size:
                     raise Refusal(502, "Backend response larger than max_body_size")
                 chunks.append(chunk)
-        except httpx.TransportError as exc:
+        except BackendError as exc:
             raise Refusal(502, f"Backend response broken: {type(exc).__name__}") from None
         finally:
             await response.aclose()
         return framing.Response(
-            status=response.status_code,
-            reason=response.reason_phrase.encode("latin-1", "replace"),
-            headers=without_hop_by_hop(response.headers.raw),
+            status=response.status,
+            reason=response.reason,
+            headers=without_hop_by_hop(response.headers),
             body=b"".join(chunks),
         )

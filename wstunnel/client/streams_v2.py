@@ -2,15 +2,16 @@
 
 The session's receive loop feeds a :class:`~wstunnel.framing_v2.V2Connection` and starts one
 handler task per request (in the session's nursery, so a dying tunnel cancels them all). A handler
-replays the request against the backend at once, with httpx streaming both ways: the request body
-goes to the backend as its DATA arrives (credit goes back to the server only once httpx has written
-a chunk to the backend, so a slow backend stops the upload instead of filling memory), and the
-response goes back as a head, then DATA as ``aiter_raw`` yields it (within the server's windows: a
-handler short of credit waits, and so stops reading from its backend), then END. A RESET from the
-server cancels the handler, which closes its backend connection.
+replays the request against the backend at once, streaming both ways: the request body goes to
+the backend as its DATA arrives (credit goes back to the server only once the chunk was written to
+the backend, so a slow backend stops the upload instead of filling memory), and the response goes
+back as a head, then DATA as the backend sends it (within the server's windows: a handler short of
+credit waits, and so stops reading from its backend), the last DATA with END_STREAM when the body's
+end is already known, else a separate END. A RESET from the server cancels the handler, which
+closes its backend connection.
 
-An ``Upgrade`` request the backend answers with 101 becomes a byte pipe: httpx hands over the
-backend connection (``network_stream``) and DATA flows both ways, with the same flow control, until
+An ``Upgrade`` request the backend answers with 101 becomes a byte pipe: the backend client hands
+over the connection (``response.stream``) and DATA flows both ways, with the same flow control, until
 both sides have ended (or one has, and the other does not follow within PIPE_LINGER).
 
 Frames reach the WebSocket through one outbound channel drained by one writer task, each put on it
@@ -22,22 +23,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import httpcore
-import httpx
 import trio
 import trio_websocket
 
 from wstunnel import framing
 from wstunnel import framing_v2 as v2
 from wstunnel.client.backend import Backend, Refusal
-from wstunnel.errors import FramingError, StreamClosedError, TunnelMessageError
+from wstunnel.client.origin import Response, UpgradedStream
+from wstunnel.errors import BackendError, FramingError, StreamClosedError, TunnelMessageError
 from wstunnel.headers import Headers, without_hop_by_hop
 from wstunnel.headers import get as get_header
 from wstunnel.logs import EventLogger
 from wstunnel.tokens import Token
 from wstunnel.transport import MessageTransport
 
-# Request body bytes handed to httpx at once, at most: fewer, larger writes to the backend.
+# Request body bytes handed to the backend client at once, at most: fewer, larger writes to the backend.
 FEED_SIZE = 256 * 1024
 PIPE_READ_SIZE = 64 * 1024
 # Once one side of an upgraded connection has ended, how long the other side gets to follow.
@@ -63,9 +63,9 @@ class _Stream:
 
 
 class _BodyFeed:
-    """The request body as httpx pulls it (an async iterable, not a generator, so nothing is left
-    for a finalizer when httpx stops early). Taking the next chunk means httpx has written the
-    previous ones to the backend: only then does their credit go back to the server."""
+    """The request body as the backend client pulls it (an async iterable, not a generator, so
+    nothing is left for a finalizer when it stops early). Taking the next chunk means the client
+    has written the previous ones to the backend: only then does their credit go back to the server."""
 
     def __init__(self, session: ClientSessionV2, stream: _Stream) -> None:
         self._session = session
@@ -139,14 +139,16 @@ class ClientSessionV2:
                 # not a group of two the session could not describe.
                 return
 
-    async def _send_data(self, stream: _Stream, chunk: bytes) -> None:
+    async def _send_data(self, stream: _Stream, chunk: bytes, *, end_stream: bool = False) -> None:
         view = memoryview(chunk)
         offset = 0
-        while offset < len(view):
+        while offset < len(view) or end_stream:
             credit = self._credit
-            frames, taken = self.conn.data_frames(stream.id, view[offset:])
+            frames, taken = self.conn.data_frames(stream.id, view[offset:], end_stream=end_stream)
             self._emit(*frames)
             offset += taken
+            if end_stream and offset == len(view):
+                return
             if not taken:
                 await credit.wait()
 
@@ -234,26 +236,29 @@ class ClientSessionV2:
         body = _BodyFeed(self, stream) if stream.has_body and stream.upgrade is None else None
         try:
             async with self.backend.open_stream(request, body, upgrade=stream.upgrade) as response:
-                if response.status_code == 101 and stream.upgrade is not None:
+                if response.stream is not None:  # a 101 to our upgrade request
                     await self._pipe(stream, response)
                     return
                 head = self._response_head(stream, response)
                 bodyless = head.end_stream
                 cap = self.backend.max_body_size
                 self._emit(head)
-                self.log.info("WS   SND", token=self.token, id=stream.id, status=response.status_code)
+                self.log.info("WS   SND", token=self.token, id=stream.id, status=response.status)
                 if bodyless:
                     return
                 size = 0
                 try:
-                    async for chunk in response.aiter_raw():
+                    async for chunk in response:
                         size += len(chunk)
                         if size > cap:  # undeclared length: the head is gone, so abort
                             self._emit(*self.conn.reset(stream.id, v2.ErrorCode.TOO_LARGE,
                                                         "backend response larger than max_body_size"))
                             return
-                        await self._send_data(stream, chunk)
-                except httpx.TransportError as exc:
+                        # The body's end already known: END_STREAM on this DATA, no END frame.
+                        await self._send_data(stream, chunk, end_stream=response.complete)
+                        if response.complete:
+                            return
+                except BackendError as exc:
                     # Mid-body: the head is gone already, so the only honest answer is an abort.
                     self.log.warning("WS   ERR", token=self.token, id=stream.id,
                                      err=f"backend response broken: {type(exc).__name__}")
@@ -264,23 +269,23 @@ class ClientSessionV2:
         except Refusal as refusal:
             await self._send_whole(stream, refusal.response())
 
-    async def _pipe(self, stream: _Stream, response: httpx.Response) -> None:
+    async def _pipe(self, stream: _Stream, response: Response) -> None:
         """The backend switched protocols: carry the raw bytes both ways until both ends close."""
-        network: httpcore.AsyncNetworkStream = response.extensions["network_stream"]
-        reason = response.reason_phrase.encode("latin-1", "replace")
-        headers = [*without_hop_by_hop(response.headers.raw),
-                   (b"Upgrade", response.headers.get("upgrade", "").encode("latin-1"))]
-        self._emit(self.conn.send_response(stream.id, 101, reason, headers))
+        assert response.stream is not None
+        network = response.stream
+        headers = [*without_hop_by_hop(response.headers),
+                   (b"Upgrade", get_header(response.headers, b"upgrade") or b"")]
+        self._emit(self.conn.send_response(stream.id, 101, response.reason, headers))
         self.log.info("WS   SND", token=self.token, id=stream.id, status=101)
         async with trio.open_nursery() as pipe:
             pipe.start_soon(self._pipe_up, stream, network, pipe.cancel_scope)
             try:
                 while True:
-                    data = await network.read(PIPE_READ_SIZE)
+                    data = await network.receive_some(PIPE_READ_SIZE)
                     if not data:
                         break
                     await self._send_data(stream, data)
-            except httpcore.NetworkError as exc:
+            except BackendError as exc:
                 self._emit(*self.conn.reset(stream.id, v2.ErrorCode.BACKEND_ERROR,
                                             f"backend connection broken: {type(exc).__name__}"))
                 pipe.cancel_scope.cancel()
@@ -289,14 +294,14 @@ class ClientSessionV2:
             pipe.cancel_scope.deadline = min(pipe.cancel_scope.deadline,
                                              trio.current_time() + PIPE_LINGER)
 
-    async def _pipe_up(self, stream: _Stream, network: httpcore.AsyncNetworkStream,
+    async def _pipe_up(self, stream: _Stream, network: UpgradedStream,
                        scope: trio.CancelScope) -> None:
         """HTTP client to backend; its credit goes back once the backend's socket took it."""
         try:
             async for chunk in stream.chunks_out:
-                await network.write(chunk)
+                await network.send_all(chunk)
                 self.credit(stream, len(chunk))
-        except httpcore.NetworkError as exc:
+        except BackendError as exc:
             self._emit(*self.conn.reset(stream.id, v2.ErrorCode.BACKEND_ERROR,
                                         f"backend connection broken: {type(exc).__name__}"))
             scope.cancel()
@@ -304,19 +309,18 @@ class ClientSessionV2:
         # The HTTP client's side is over; the backend's may follow, but not forever.
         scope.deadline = min(scope.deadline, trio.current_time() + PIPE_LINGER)
 
-    def _response_head(self, stream: _Stream, response: httpx.Response) -> v2.Head:
+    def _response_head(self, stream: _Stream, response: Response) -> v2.Head:
         """The HEAD frame for the backend's response; Refusal if it cannot be passed on."""
         # max_body_size caps responses as in v1 (TODO: whether a streamed body needs a cap at
         # all is for a later slice: memory no longer grows with it).
-        declared = response.headers.get("content-length", "")
+        declared = get_header(response.headers, b"content-length") or b""
         if declared.isdigit() and int(declared) > self.backend.max_body_size:
             raise Refusal(502, "Backend response larger than max_body_size")
-        status = response.status_code
+        status = response.status
         bodyless = stream.method == b"HEAD" or status in (204, 304)
-        reason = response.reason_phrase.encode("latin-1", "replace")
         try:
-            return self.conn.send_response(stream.id, status, reason,
-                                           without_hop_by_hop(response.headers.raw), end_stream=bodyless)
+            return self.conn.send_response(stream.id, status, response.reason,
+                                           without_hop_by_hop(response.headers), end_stream=bodyless)
         except ValueError as exc:
             raise Refusal(502, f"Backend response cannot be carried: {exc}") from None
 
