@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+import h11
 import httpx
 import pytest
 import trio
@@ -83,6 +84,8 @@ class StreamingBackend:
                         self._big(int(query["size"]))
                     elif url.path == "/die":
                         self._die(int(query["size"]), chunked="chunked" in query)
+                    elif url.path == "/trailers":
+                        self._trailers()
                     else:
                         self._small()
                 except (BrokenPipeError, ConnectionResetError):
@@ -205,6 +208,17 @@ class StreamingBackend:
                     part = BLOCK[: min(len(BLOCK), size - sent)]
                     self.wfile.write(part)
                     sent += len(part)
+
+            def _trailers(self) -> None:
+                """A chunked body with trailer fields, one of which may not be a trailer."""
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.send_header("Trailer", "X-Checksum, Server-Timing")
+                self.end_headers()
+                for part in (b"first,", b"second"):
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                self.wfile.write(b"0\r\nX-Checksum: sha256=abc\r\nServer-Timing: db;dur=53\r\n"
+                                 b"Content-Length: 999\r\n\r\n")
 
             def _die(self, size: int, *, chunked: bool) -> None:
                 """Promise ``size`` bytes, send a third of them, then drop the connection."""
@@ -705,3 +719,29 @@ def test_chunked_upload_over_max_body_size_is_413(
     assert streaming_backend.upload_cut.wait(10), "the backend took a body over the cap as whole"
     assert streaming_backend.uploads_done == 0
     assert server.get("/small", token).text == "small\n"
+
+
+def test_response_trailers_reach_the_http_client(harness: Harness,
+                                                 streaming_backend: StreamingBackend) -> None:
+    """A chunked backend response's trailers travel in the END frame and go out after the last
+    chunk; fields that frame the message (Content-Length here) are not passed on."""
+    server, token, _ = tunnel_to(harness, streaming_backend)
+    client = h11.Connection(h11.CLIENT)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(client.send(h11.Request(method="GET", target="/trailers", headers=[
+            ("Host", "tunnel"), ("X-Token", token), ("TE", "trailers")])))
+        body, trailers, status = b"", [], 0
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                trailers = [(bytes(k), bytes(v)) for k, v in event.headers.raw_items()]
+                break
+    assert status == 200 and body == b"first,second"
+    assert [(k.lower(), v) for k, v in trailers] == [
+        (b"x-checksum", b"sha256=abc"), (b"server-timing", b"db;dur=53")]

@@ -177,7 +177,7 @@ class Response:
     """
 
     __slots__ = ("_borrower", "_connection", "_peeked", "_pool", "complete", "headers",
-                 "http_version", "reason", "status", "stream")
+                 "http_version", "reason", "status", "stream", "trailers")
 
     def __init__(self, pool: OriginPool, connection: _Connection, borrower: object,
                  head: h11.Response | h11.InformationalResponse) -> None:
@@ -187,6 +187,7 @@ class Response:
         self.http_version: bytes = head.http_version
         self.stream: UpgradedStream | None = None
         self.complete = False
+        self.trailers: Headers = []  # a chunked body's trailer fields, once complete
         self._pool = pool
         self._connection: _Connection | None = connection
         self._borrower: object | None = borrower
@@ -213,7 +214,7 @@ class Response:
                 self._peek_end(connection)
                 return bytes(event.data)
             if type(event) is h11.EndOfMessage:
-                self._finish()
+                self._finish(event)
                 raise StopAsyncIteration
             raise RemoteProtocolError(f"unexpected {type(event).__name__} in the response body")
 
@@ -224,11 +225,12 @@ class Response:
         except h11.RemoteProtocolError:
             return  # h11 stays in its error state: the next __anext__ raises it
         if type(event) is h11.EndOfMessage:
-            self._finish()
+            self._finish(event)
         elif event is not h11.NEED_DATA:
             self._peeked = event
 
-    def _finish(self) -> None:
+    def _finish(self, end: h11.EndOfMessage) -> None:
+        self.trailers = list(end.headers.raw_items())
         self.complete = True
         connection, self._connection = self._connection, None
         if connection is not None:

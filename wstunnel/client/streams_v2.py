@@ -254,9 +254,11 @@ class ClientSessionV2:
                             self._emit(*self.conn.reset(stream.id, v2.ErrorCode.TOO_LARGE,
                                                         "backend response larger than max_body_size"))
                             return
-                        # The body's end already known: END_STREAM on this DATA, no END frame.
-                        await self._send_data(stream, chunk, end_stream=response.complete)
-                        if response.complete:
+                        # The body's end already known: END_STREAM on this DATA, no END frame
+                        # (unless trailers need one).
+                        last = response.complete and not response.trailers
+                        await self._send_data(stream, chunk, end_stream=last)
+                        if last:
                             return
                 except BackendError as exc:
                     # Mid-body: the head is gone already, so the only honest answer is an abort.
@@ -265,7 +267,7 @@ class ClientSessionV2:
                     self._emit(*self.conn.reset(stream.id, v2.ErrorCode.BACKEND_ERROR,
                                                 "backend response broken"))
                     return
-                self._emit(self.conn.send_end(stream.id))
+                self._emit(self.conn.send_end(stream.id, _passable_trailers(response.trailers)))
         except Refusal as refusal:
             await self._send_whole(stream, refusal.response())
 
@@ -335,3 +337,13 @@ class ClientSessionV2:
             return
         await self._send_data(stream, response.body)
         self._emit(self.conn.send_end(stream.id))
+
+
+# Fields that describe or frame the message, never trailers to pass on (RFC 9110 §6.5.1).
+_NOT_TRAILERS = frozenset({b"content-length", b"transfer-encoding", b"host", b"content-type",
+                           b"content-encoding", b"content-range", b"trailer", b"te",
+                           b"connection", b"keep-alive", b"upgrade"})
+
+
+def _passable_trailers(trailers: Headers) -> Headers:
+    return [(name, value) for name, value in trailers if name.lower() not in _NOT_TRAILERS]

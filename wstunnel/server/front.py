@@ -234,6 +234,11 @@ class BodySource(Protocol):
         """``amount`` bytes were written to the HTTP client: the source may let more come."""
         ...
 
+    @property
+    def trailers(self) -> Headers:
+        """The body's trailer fields, once ``receive`` has returned None (usually none)."""
+        ...
+
     def close(self) -> None:
         """We are done with the body, whole or not: release it (cancel the stream if unfinished)."""
         ...
@@ -592,7 +597,9 @@ class HttpConnection:
                 # Credit goes back only once the bytes are in the client's socket: a slow
                 # client slows its own stream, nothing else.
                 response.body.consumed(len(chunk))
-            await self._send(h11.EndOfMessage())
+            # Trailers only where chunked coding carries them (h11 refuses them elsewhere).
+            chunked = length is None and self.conn.their_http_version == b"1.1"
+            await self._send(h11.EndOfMessage(headers=response.body.trailers if chunked else []))
         except (h11.LocalProtocolError, ResponseAborted, trio.TooSlowError):
             # The body is wrong (not its Content-Length), broken or stalled: drop the socket.
             raise trio.BrokenResourceError from None

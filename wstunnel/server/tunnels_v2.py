@@ -28,7 +28,7 @@ import trio_websocket
 
 from wstunnel import framing_v2 as v2
 from wstunnel.errors import FramingError, StreamClosedError
-from wstunnel.headers import without
+from wstunnel.headers import Headers, without
 from wstunnel.server.front import (
     BodyError,
     BodyTimeout,
@@ -54,6 +54,7 @@ class _Stream:
     finished: bool = False  # ended or reset: nothing more will come
     aborted: str | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    trailers: Headers = field(default_factory=list)  # from the END, once the body is whole
 
 
 class _StreamBody:
@@ -74,6 +75,10 @@ class _StreamBody:
             return None
         assert isinstance(item, bytes)
         return item
+
+    @property
+    def trailers(self) -> Headers:
+        return self._stream.trailers
 
     def consumed(self, amount: int) -> None:
         self._connection.credit(self._stream, amount)
@@ -324,6 +329,7 @@ class TunnelConnectionV2(TunnelConnection):
             stream = self.streams.get(event.stream)
             if stream is not None and stream.headed:
                 stream.finished = True
+                stream.trailers = list(event.trailers)
                 stream.chunks_in.send_nowait(_END)
                 stream.chunks_in.close()
                 self._forget(event.stream)
