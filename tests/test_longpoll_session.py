@@ -6,8 +6,8 @@ import pytest
 import trio
 import trio.testing
 
-from wstunnel.server.longpoll import SEND_HIGH_WATER, PollSession, SequenceError, SessionGone
-from wstunnel.transport import ConnectionClosed
+from wstunnel.server.longpoll import PollSession, SequenceError, SessionGone
+from wstunnel.transport import SEND_HIGH_WATER, ConnectionClosed
 
 
 async def test_a_poll_returns_at_once_when_frames_wait_and_numbers_each_batch() -> None:

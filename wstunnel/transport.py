@@ -15,16 +15,26 @@ the same exception class so that every ``except ConnectionClosed`` above stays a
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Protocol
 
+import trio
 from trio_websocket import CloseReason, ConnectionClosed
+
+from wstunnel import pollbody
 
 TRANSPORTS = ("websocket", "longpoll")
 
 __all__ = [
     "TRANSPORTS", "Activity", "CloseReason", "ConnectionClosed", "MessageTransport",
-    "PingableTransport",
+    "PingableTransport", "PolledMessages",
 ]
+
+# Messages queued for the other side before send_message waits, as a full socket would make a
+# WebSocket sender wait; v2 windows already bound the DATA in flight (4 MiB per tunnel).
+SEND_HIGH_WATER = 8 * 1024 * 1024
+# Messages received and not yet taken before the HTTP side waits for the tunnel code to read.
+INBOX_SIZE = 256
 
 
 class MessageTransport(Protocol):
@@ -52,3 +62,56 @@ class Activity(Protocol):
 
     @property
     def last_receive(self) -> float: ...
+
+
+class PolledMessages:
+    """The message queues of either end of a long-poll session, behind the MessageTransport
+    methods: received messages wait in an inbox for ``get_message``; ``send_message`` fills an
+    outbox that the HTTP side empties batch by batch (``_take_batch``), waiting above
+    SEND_HIGH_WATER. Subclasses move the batches over HTTP and close with ``_close_queues``.
+    """
+
+    def __init__(self) -> None:
+        self._closed: CloseReason | None = None
+        self._inbox_in, self._inbox_out = trio.open_memory_channel[bytes](INBOX_SIZE)
+        self._outbox: deque[bytes] = deque()
+        self._outbox_bytes = 0
+        self._frames_ready = trio.lowlevel.ParkingLot()  # the outbox's drainer waits here
+        self._room = trio.lowlevel.ParkingLot()  # send_message waits here above the high water
+
+    @property
+    def closed(self) -> CloseReason | None:
+        return self._closed
+
+    async def get_message(self) -> bytes:
+        try:
+            return await self._inbox_out.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise ConnectionClosed(self._closed) from None
+
+    async def send_message(self, message: str | bytes) -> None:
+        if isinstance(message, str):
+            raise TypeError("long-poll carries binary messages only")
+        while self._closed is None and self._outbox_bytes > SEND_HIGH_WATER:
+            await self._room.park()
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed)
+        self._outbox.append(message)
+        self._outbox_bytes += len(message)
+        self._frames_ready.unpark_all()
+
+    def _take_batch(self) -> list[bytes]:
+        """The next body's worth of queued messages (pollbody.take_batch), making room."""
+        batch = pollbody.take_batch(self._outbox)
+        self._outbox_bytes -= sum(len(message) for message in batch)
+        if self._outbox_bytes <= SEND_HIGH_WATER:
+            self._room.unpark_all()
+        return batch
+
+    def _close_queues(self, reason: CloseReason) -> None:
+        """Closed with ``reason``: every waiter wakes; get_message raises once the inbox is read."""
+        if self._closed is None:
+            self._closed = reason
+        self._inbox_in.close()
+        self._frames_ready.unpark_all()
+        self._room.unpark_all()

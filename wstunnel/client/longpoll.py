@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import ssl
-from collections import deque
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -32,7 +31,7 @@ from wstunnel.client.proxy import Proxy
 from wstunnel.errors import DialError
 from wstunnel.headers import Headers
 from wstunnel.tokens import Token
-from wstunnel.transport import CloseReason, ConnectionClosed
+from wstunnel.transport import CloseReason, ConnectionClosed, PolledMessages
 
 OPEN_SUFFIX = "/_tunnel/poll/open"
 POLL_SUFFIX = "/_tunnel/poll"
@@ -45,8 +44,6 @@ ATTEMPTS = 3
 RETRY_DELAY = 0.1  # seconds, times the attempt's number
 # The server holds a poll at most this long (it may say less when it opens the session).
 MAX_POLL_WAIT = 25.0
-SEND_HIGH_WATER = 8 * 1024 * 1024
-INBOX_SIZE = 256
 # Codes for the CloseReason of a transport that broke, as a WebSocket would report them.
 ABNORMAL = 1006
 GOING_AWAY = 1001
@@ -114,25 +111,21 @@ def _routing(token: Token) -> dict[str, str]:
     return {"X-Token": token.reveal()}
 
 
-class LongPollTransport:
-    """One long-poll session, seen from the client."""
+class LongPollTransport(PolledMessages):
+    """One long-poll session, seen from the client (the poller fills the inbox; the sender
+    waits on ``_frames_ready`` and posts the outbox batch by batch)."""
 
     subprotocol = v2.SUBPROTOCOL
 
     def __init__(self, http: httpx.AsyncClient, base: str, sid: str, *, poll_wait: float,
                  timeout: float, routing: dict[str, str] | None = None) -> None:
+        super().__init__()
         self.http = http
         self._routing = routing or {}
         self.url = base + POLL_SUFFIX
         self.sid = Token(sid)  # str() shows a prefix only
         self.poll_wait = poll_wait
         self.timeout = timeout
-        self._closed: CloseReason | None = None
-        self._inbox_in, self._inbox_out = trio.open_memory_channel[bytes](INBOX_SIZE)
-        self._outbox: deque[bytes] = deque()
-        self._outbox_bytes = 0
-        self._frames_queued = trio.lowlevel.ParkingLot()
-        self._room = trio.lowlevel.ParkingLot()
         self._tasks = trio.CancelScope()
         # ping() asks the sender for a POST (with or without frames) and waits for its answer.
         # The first one goes out at once, beside the first poll: from then on the client keeps
@@ -144,31 +137,10 @@ class LongPollTransport:
         self._post_seq = 0  # the last POST sent
 
     @property
-    def closed(self) -> CloseReason | None:
-        return self._closed
-
-    @property
     def _headers(self) -> dict[str, str]:
         return {**self._routing, SESSION_HEADER: self.sid.reveal()}
 
     # -- MessageTransport ---------------------------------------------------------------------
-
-    async def get_message(self) -> bytes:
-        try:
-            return await self._inbox_out.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise ConnectionClosed(self._closed) from None
-
-    async def send_message(self, message: str | bytes) -> None:
-        if isinstance(message, str):
-            raise TypeError("long-poll carries binary messages only")
-        while self._closed is None and self._outbox_bytes > SEND_HIGH_WATER:
-            await self._room.park()
-        if self._closed is not None:
-            raise ConnectionClosed(self._closed)
-        self._outbox.append(message)
-        self._outbox_bytes += len(message)
-        self._frames_queued.unpark_all()
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         """Close, and tell the server (best effort: it drops a silent session anyway)."""
@@ -189,7 +161,7 @@ class LongPollTransport:
             raise ConnectionClosed(self._closed)
         posted = self._posted
         self._ping_wanted = True
-        self._frames_queued.unpark_all()
+        self._frames_ready.unpark_all()
         await posted.wait()
         if self._closed is not None:
             raise ConnectionClosed(self._closed)
@@ -235,13 +207,11 @@ class LongPollTransport:
     async def _send_forever(self) -> None:
         while self._closed is None:
             while not self._outbox and not self._ping_wanted and self._closed is None:
-                await self._frames_queued.park()
+                await self._frames_ready.park()
             # One turn for the tasks that just became runnable: a response's HEAD, DATA and END
             # usually come in one go, and one POST for them all saves a round trip.
             await trio.lowlevel.cancel_shielded_checkpoint()
-            batch = pollbody.take_batch(self._outbox)
-            self._outbox_bytes -= sum(len(message) for message in batch)
-            self._room.unpark_all()
+            batch = self._take_batch()
             # Pings waiting from now on are answered by this POST's round trip.
             self._ping_wanted = False
             posted, self._posted = self._posted, trio.Event()
@@ -290,11 +260,7 @@ class LongPollTransport:
 
     def _end(self, code: int, reason: str | None) -> None:
         """Closed: wake every waiter, stop both tasks; get_message reports ``reason``."""
-        if self._closed is None:
-            self._closed = CloseReason(code, reason)
+        self._close_queues(CloseReason(code, reason))
         self._posted.set()  # a ping waiting for a POST that will never come
-        self._inbox_in.close()
-        self._frames_queued.unpark_all()
-        self._room.unpark_all()
         self._tasks.cancel()
 

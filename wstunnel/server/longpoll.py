@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,7 @@ from wstunnel.server.front import (
 )
 from wstunnel.server.tunnels_v2 import TunnelConnectionV2
 from wstunnel.tokens import Token
-from wstunnel.transport import CloseReason, ConnectionClosed
+from wstunnel.transport import CloseReason, PolledMessages
 
 if TYPE_CHECKING:
     from wstunnel.server.app import TunnelServer
@@ -55,11 +54,6 @@ MAX_POLL_WAIT = 25.0
 MAX_MESSAGE = pollbody.MAX_MESSAGE
 # A client batches at most MAX_BATCH_BYTES, or one message alone when it is larger.
 MAX_POST_BODY = max(pollbody.MAX_BATCH_BYTES, MAX_MESSAGE + pollbody.LENGTH.size)
-# Frames waiting for the client's next poll before send_message waits, as a full socket would make
-# a WebSocket sender wait. v2 windows already bound the DATA in flight (4 MiB per tunnel).
-SEND_HIGH_WATER = 8 * 1024 * 1024
-# Messages a POST may hand over before it waits for the connection to read them.
-INBOX_SIZE = 256
 NO_CACHE = (b"Cache-Control", b"no-store")
 
 
@@ -71,19 +65,15 @@ class SequenceError(Exception):
     """A request's sequence number or acknowledgement cannot follow from what was exchanged."""
 
 
-class PollSession:
-    """One long-poll tunnel session: a message transport fed and drained by HTTP requests."""
+class PollSession(PolledMessages):
+    """One long-poll tunnel session: a message transport fed and drained by HTTP requests (a
+    POST fills the inbox; a poll waits on ``_frames_ready`` and takes a batch of the outbox)."""
 
     subprotocol = v2.SUBPROTOCOL
 
     def __init__(self, sid: str) -> None:
+        super().__init__()
         self.sid = Token(sid)  # str() shows a prefix only
-        self._closed: CloseReason | None = None
-        self._outbox: deque[bytes] = deque()
-        self._outbox_bytes = 0
-        self._frames_ready = trio.lowlevel.ParkingLot()  # a poll waits here for frames
-        self._room = trio.lowlevel.ParkingLot()  # send_message waits here above the high water
-        self._inbox_in, self._inbox_out = trio.open_memory_channel[bytes](INBOX_SIZE)
         self._requests_active = 0
         self._last_request_end = trio.current_time()
         self._held_poll: trio.CancelScope | None = None
@@ -99,37 +89,13 @@ class PollSession:
     # -- MessageTransport (the tunnel connection's side) ------------------------------------
 
     @property
-    def closed(self) -> CloseReason | None:
-        return self._closed
-
-    @property
     def last_receive(self) -> float:
         """Now while the client has a request with us, else when its last one ended."""
         return trio.current_time() if self._requests_active else self._last_request_end
 
-    async def get_message(self) -> bytes:
-        try:
-            return await self._inbox_out.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise ConnectionClosed(self._closed) from None
-
-    async def send_message(self, message: str | bytes) -> None:
-        if isinstance(message, str):
-            raise TypeError("long-poll carries binary messages only")
-        while self._closed is None and self._outbox_bytes > SEND_HIGH_WATER:
-            await self._room.park()
-        if self._closed is not None:
-            raise ConnectionClosed(self._closed)
-        self._outbox.append(message)
-        self._outbox_bytes += len(message)
-        self._frames_ready.unpark_all()
-
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         if self._closed is None:
-            self._closed = CloseReason(code, reason)
-            self._inbox_in.close()
-            self._frames_ready.unpark_all()
-            self._room.unpark_all()
+            self._close_queues(CloseReason(code, reason))
 
     # -- the HTTP side ------------------------------------------------------------------------
 
@@ -177,10 +143,7 @@ class PollSession:
                 self._held_poll = None
             if not self._outbox and self._closed is not None:
                 raise SessionGone(self._reason())
-            batch = pollbody.take_batch(self._outbox)
-            self._outbox_bytes -= sum(len(message) for message in batch)
-            if self._outbox_bytes <= SEND_HIGH_WATER:
-                self._room.unpark_all()
+            batch = self._take_batch()
             if batch:
                 self._sent_seq += 1
                 self._unacked = batch
