@@ -144,6 +144,10 @@ class TlsFront:
 
 @pytest.fixture
 def tls_front(harness: Harness, tmp_path: Path) -> TlsFront:
+    return start_tls_front(harness, tmp_path)
+
+
+def start_tls_front(harness: Harness, tmp_path: Path) -> TlsFront:
     """A server behind tests/tls_terminator.py, whose certificate is signed by a trustme CA."""
     server = harness.server()
     ca_pem, chain_pem = _issue_certificate(tmp_path)

@@ -22,17 +22,14 @@ import pytest
 
 from tests import test_client as core_client
 from tests import test_server as core_server
-from tests.harness import PYTHON, ROOT, Client, Harness, Process, Server, free_port, wait_until
+from tests.harness import Client, Harness, Process, Server, free_port, wait_until
 from tests.nginx_frontend import (
-    CLUSTER_SITE,
-    SHIPPED_CLUSTER_PORTS,
     SHIPPED_UPSTREAM,
     SITE,
     Certificates,
     issue_certificates,
     nginx_argv,
     render_site,
-    start_nginx,
     write_config,
 )
 from tests.test_client_dial import (
@@ -40,11 +37,11 @@ from tests.test_client_dial import (
     TINYPROXY,
     Tinyproxy,
     TlsFront,
-    _issue_certificate,
     _listening,
     needs_tinyproxy,
+    start_tls_front,
 )
-from tests.test_nginx import TRUST_NGINX, _choose_tokens, _placement
+from tests.test_nginx import _choose_tokens, _placement, start_cluster
 
 # The core matrix again, over long-poll (see this module's harness fixture). Not here: tests of the
 # WebSocket itself, and those that kill a client and expect the server to notice at once; a dead
@@ -401,13 +398,7 @@ def test_longpoll_sessions_stay_on_their_instance_behind_the_cluster_config(
         harness: Harness, tmp_path: Path) -> None:
     """nginx/wstunnel-cluster.conf hashes X-Token for /_tunnel/poll: each session's requests
     must all reach the instance that holds the session, the one its token's requests reach."""
-    certs = issue_certificates(tmp_path)
-    harness.backend()
-    servers = [harness.server(*TRUST_NGINX) for _ in SHIPPED_CLUSTER_PORTS]
-    nginx = start_nginx(harness, tmp_path / "nginx", CLUSTER_SITE, certs, [
-        (f"server 127.0.0.1:{shipped} ", f"server 127.0.0.1:{server.port} ")
-        for shipped, server in zip(SHIPPED_CLUSTER_PORTS, servers, strict=True)
-    ])
+    certs, servers, nginx = start_cluster(harness, tmp_path)
     with httpx.Client(base_url=nginx.https_url, verify=certs.client_context(), timeout=30) as http:
         owners = _choose_tokens(harness, http, servers, count=len(servers))
         for token in owners:
@@ -443,14 +434,7 @@ def _start_tinyproxy(harness: Harness, directory: Path, connect_port: int) -> Ti
 
 @pytest.fixture
 def tls_front(harness: Harness, tmp_path: Path) -> TlsFront:
-    """A server behind tests/tls_terminator.py (as in tests/test_client_dial.py)."""
-    server = harness.server()
-    ca_pem, chain_pem = _issue_certificate(tmp_path)
-    port = free_port()
-    process = harness.start("tls", [PYTHON, str(ROOT / "tests" / "tls_terminator.py"),
-                                    str(port), str(server.port), str(chain_pem)])
-    wait_until(lambda: _listening(process, port), timeout=10, what="the TLS terminator to listen")
-    return TlsFront(server, port, ca_pem)
+    return start_tls_front(harness, tmp_path)
 
 
 @pytest.fixture

@@ -387,6 +387,18 @@ def _owners_by_log(servers: list[Server], token: str) -> list[int]:
     return owners
 
 
+def start_cluster(harness: Harness, tmp_path: Path) -> tuple[Certificates, list[Server], Nginx]:
+    """A backend, one server per upstream of the shipped cluster file, and nginx built from it."""
+    certs = issue_certificates(tmp_path)
+    harness.backend()
+    servers = [harness.server(*TRUST_NGINX) for _ in SHIPPED_CLUSTER_PORTS]
+    nginx = start_nginx(harness, tmp_path / "nginx", CLUSTER_SITE, certs, [
+        (f"server 127.0.0.1:{shipped} ", f"server 127.0.0.1:{server.port} ")
+        for shipped, server in zip(SHIPPED_CLUSTER_PORTS, servers, strict=True)
+    ])
+    return certs, servers, nginx
+
+
 def _choose_tokens(harness: Harness, http: httpx.Client, servers: list[Server],
                    count: int) -> dict[str, int]:
     """``count`` tokens, each with the instance nginx hashes it to, every instance with some.
@@ -447,13 +459,7 @@ def _markers_seen(client: Client) -> set[str]:
 
 def test_cluster_spreads_tokens_and_survives_a_restart(harness: Harness, tmp_path: Path) -> None:
     started = time.monotonic()
-    certs = issue_certificates(tmp_path)
-    harness.backend()
-    servers = [harness.server(*TRUST_NGINX) for _ in SHIPPED_CLUSTER_PORTS]
-    nginx = start_nginx(harness, tmp_path / "nginx", CLUSTER_SITE, certs, [
-        (f"server 127.0.0.1:{shipped} ", f"server 127.0.0.1:{server.port} ")
-        for shipped, server in zip(SHIPPED_CLUSTER_PORTS, servers, strict=True)
-    ])
+    certs, servers, nginx = start_cluster(harness, tmp_path)
     with httpx.Client(base_url=nginx.https_url, verify=certs.client_context(), timeout=30) as http:
         owners = _choose_tokens(harness, http, servers, count=20)
         tokens = list(owners)
