@@ -736,3 +736,51 @@ def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_zero(harnes
     assert after and all(o.error == "ConnectError" or o.status == 503 for o in after), summarize(after)
     assert all(o.retry_after for o in outcomes if o.status == 503)
     assert exited_secs < 10  # the in-flight requests took 2 s; no need for the whole grace
+
+
+def test_sigterm_with_many_idle_tunnels_closes_all_reconnects_exits_zero(harness: Harness) -> None:
+    """A graceful stop with hundreds of idle tunnels (issue 7: 10,000 took over 10 s): the request
+    in flight still finishes, every client gets a going-away Close and comes back to the restarted
+    server, exit 0, pid file gone. The stop time is printed, bounded only loosely."""
+    count = int(os.environ.get("WSTUNNEL_STOP_CLIENTS", "500"))
+    pidfile = harness.directory / "srv.pid"
+    server = harness.server("-pidfile", str(pidfile), "-shutdown-grace", "10")
+    backend = harness.backend()
+    tokens = [f"st{i:05d}" + secrets.token_urlsafe(18) for i in range(count)]
+    harness.tokens.update(tokens)
+    token_file = harness.directory / "tokens"
+    token_file.touch(0o600)
+    token_file.write_text("".join(t + "\n" for t in tokens))
+    log = harness.directory / "many-clients.log"
+    harness.start("many", [PYTHON, str(ROOT / "tests" / "many_clients.py"), server.ws_url,
+                           backend.url, str(token_file), str(log), "-reconnect-max-delay", "2"])
+    wait_until(lambda: metrics_clients(server) == count, timeout=120,
+               what=f"{count} clients to register")
+
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(server.get, "/slow?secs=2", tokens[0], timeout=30)
+        wait_until(lambda: tunnel_of(server, tokens[0])["pending"] == 1, what="a request in flight")
+        signalled_wall, signalled = time.time(), time.monotonic()
+        server.process.signal(signal.SIGTERM)
+        code = server.process.wait_exit(30)
+        stop_secs = time.monotonic() - signalled
+        response = in_flight.result(timeout=30)
+    output = server.process.output()
+    closed = re.search(r"Closed tunnels +pkg=WStunsrv tunnels=(\d+) answered=(\d+) secs=(\S+)", output)
+    print(f"\n[{count} idle tunnels] SIGTERM to exit {stop_secs:.2f}s (2 s of it the request in "
+          f"flight); {closed.group(0) if closed else 'no Closed tunnels line'}")
+    assert code == 0
+    assert not pidfile.exists()
+    assert (response.status_code, response.text) == (200, "slow\n")
+    assert "Stopped" in output
+    assert closed is not None and int(closed.group(1)) == count
+    assert stop_secs < 15
+
+    restarted = harness.server(port=server.port)
+    wait_until(lambda: metrics_clients(restarted) == count, timeout=60,
+               what=f"all {count} clients back")
+    # Each client saw the server's Close (1001, going away), not a bare drop, before redialling.
+    going_away = {prefix for _, prefix, line in _events(log, "WS   RECONNECT", after=signalled_wall)
+                  if "code=1001" in line and "server shutting down" in line}
+    assert len(going_away) == count
+    assert not re.search(r"st\d{5}[\w-]{2}", log.read_text(errors="replace"))

@@ -7,10 +7,13 @@ on any bad value, before a port is bound), set up logging, then hand over to the
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import trio
 
@@ -70,12 +73,16 @@ def run_server(argv: Sequence[str]) -> int:
     async def main() -> None:
         server = TunnelServer(settings, log)
 
+        def stop() -> None:
+            _stop_collecting()
+            server.stop()
+
         async def reload() -> None:
             _reload(log, notifier, ServerSettings, flags, server.apply, "wstunsrv")
             await server.revoke_disallowed()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, log, notifier, server.stop)
+            nursery.start_soon(_stop_on_signal, log, notifier, stop)
             nursery.start_soon(daemon.reload_on_sighup, reload)
             nursery.start_soon(notifier.watchdog_forever)
             async with trio.open_nursery() as serving:
@@ -85,7 +92,36 @@ def run_server(argv: Sequence[str]) -> int:
 
     with daemon.pidfile(settings.pidfile):
         _run(main)
-    return 0
+    # Stopped cleanly: every socket is closed, the pid file is gone, "Stopped" is logged.
+    _exit_now(0)
+
+
+def _stop_collecting() -> None:
+    """The server is stopping: no more cyclic garbage collection.
+
+    With 10,000 tunnels the heap holds millions of objects, and each full collection triggered
+    while the tunnels close walks all of them; the process is about to exit, which frees the
+    memory anyway. freeze() also takes everything alive now out of any collection that may
+    still run (a gc.collect() by a library, say).
+    """
+    gc.disable()
+    gc.freeze()
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit without the interpreter's teardown, once the server has stopped.
+
+    Tearing down a heap that held thousands of tunnels (freeing each object, a last collection)
+    took 1.5 s of a 5.3 s stop with 3,000 tunnels, after the server had nothing left to do. Only
+    called after trio.run() has returned (every socket closed) and the pid file is removed; the
+    log handlers are flushed and closed here (stderr for journald, the log file, syslog), which
+    is all the interpreter's exit would have done for us: we register no atexit hooks.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or gone: nothing left to save
+            stream.flush()
+    os._exit(code)
 
 
 def run_client(argv: Sequence[str]) -> int:

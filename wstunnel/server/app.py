@@ -43,6 +43,8 @@ WS_RECEIVE_SIZE = 64 * 1024
 TOKEN_PREFIX = b"/_token/"
 # A reload cannot move the listening socket or the pid file; these wait for a restart.
 RESTART_ONLY_SETTINGS = ("host", "port", "pidfile")
+# On stop, how long all tunnels together wait for their peers' Close replies (one deadline).
+STOP_CLOSE_WAIT = 1.0
 # Distinct unknown tokens that may wait during restart_grace; beyond it, 404 at once.
 MAX_AWAITED_TOKENS = 10_000
 
@@ -166,9 +168,32 @@ class TunnelServer:
                       grace_secs=self.settings.shutdown_grace)
         with trio.move_on_after(self.settings.shutdown_grace):
             await self._idle.wait()
+        await self._close_tunnels()
+
+    async def _close_tunnels(self) -> None:
+        """Send every tunnel its Close (1001, going away: clients redial with their backoff),
+        all at once, and wait for the answers until one deadline shared by all of them.
+
+        Waiting up to CLOSE_TIMEOUT for each peer (the tasks ran concurrently, but a co-hosted
+        or busy peer answers thousands of Closes slowly) kept a server with 10,000 idle tunnels
+        past systemd's 10 s stop timeout. A tunnel unanswered at the deadline has had its Close
+        frame all the same; its socket is just closed without the reply.
+        """
+        connections = list(self.registry.connections())
+        began = trio.current_time()
+        deadline = began + STOP_CLOSE_WAIT
+        answered = 0
+
+        async def close(connection: TunnelConnection) -> None:
+            nonlocal answered
+            if await connection.close(1001, "server shutting down", deadline=deadline):
+                answered += 1
+
         async with trio.open_nursery() as closers:
-            for connection in list(self.registry.connections()):
-                closers.start_soon(connection.close, 1001, "server shutting down")
+            for connection in connections:
+                closers.start_soon(close, connection)
+        self.log.info("Closed tunnels", tunnels=len(connections), answered=answered,
+                      secs=round(trio.current_time() - began, 2))
 
     # -- HTTP ------------------------------------------------------------------------------
 

@@ -33,6 +33,11 @@ from wstunnel.transport import Activity, MessageTransport
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_TRIES = 3
 CLOSE_TIMEOUT = 2.0  # for the peer to answer our Close frame
+# A close with a deadline (the server stopping) keeps at least this long to put its Close frame
+# out: on an idle socket the send does not block, but a task scheduled after the deadline would
+# otherwise be cancelled at its first checkpoint, before the frame leaves, and its client would
+# only see the socket drop.
+CLOSE_SEND_MIN = 0.2
 
 
 class QueueFull(Exception):
@@ -373,24 +378,32 @@ class TunnelConnection:
     def _connection_lost(self) -> None:
         self._fail_in_flight()
 
-    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+    async def close(self, code: int = 1000, reason: str | None = None, *,
+                    deadline: float = math.inf) -> bool:
         """Close with a Close frame; a second caller waits for the first one's handshake.
 
         trio-websocket ends get_message() as soon as the Close frame is out, so serve() returns
         while the peer's answer is still on its way; the caller that then tears the connection
         down must wait here, or it cancels the reader that would have received that answer.
+
+        The wait for the answer ends after CLOSE_TIMEOUT, or earlier at ``deadline`` (trio
+        clock; a stopping server shares one among all its tunnels), and the socket is closed
+        without it. True if the handshake finished in time.
         """
-        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+        now = trio.current_time()
+        limit = min(now + CLOSE_TIMEOUT, max(deadline, now + CLOSE_SEND_MIN))
+        with trio.move_on_at(limit) as scope:
             scope.shield = True
             if self._closing:
                 await self._closed.wait()
-                return
-            self._closing = True
-            self.closing_reason = self.closing_reason or reason
-            try:
-                await self.ws.aclose(code, reason)
-            finally:
-                self._closed.set()
+            else:
+                self._closing = True
+                self.closing_reason = self.closing_reason or reason
+                try:
+                    await self.ws.aclose(code, reason)
+                finally:
+                    self._closed.set()
+        return not scope.cancelled_caught
 
     def abandon(self, pending: PendingRequest) -> None:
         """The HTTP side gave up on ``pending``: v1 has no way to tell the client, but can stop
