@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from tests import netns
-from tests.harness import PYTHON, ROOT, Client, Harness, Server, free_port, wait_until
+from tests.harness import PYTHON, ROOT, Backend, Client, Harness, Server, free_port, wait_until
 from wstunnel.config import ServerSettings
 
 # The server's restart grace at its default, where it has one: the harness turns it off, but
@@ -620,12 +620,11 @@ def _peak(times: list[float], width: float) -> int:
     return best
 
 
-def test_server_restart_with_many_clients_spreads_reconnections(harness: Harness) -> None:
-    count, cap = MANY_CLIENTS, 5.0
-    margin = 10.0  # a 2-core machine handshakes a few hundred clients a second, at best
-    server = harness.server()
-    backend = harness.backend()
-    tokens = [f"mc{i:05d}" + secrets.token_urlsafe(18) for i in range(count)]
+def start_many_clients(harness: Harness, server: Server, backend: Backend, prefix: str,
+                       count: int, cap: float) -> tuple[list[str], Path]:
+    """``count`` real TunnelClients co-hosted by tests/many_clients.py, tokens ``<prefix>NNNNN…``
+    (backoff capped at ``cap`` s): their tokens, and the helper's own event log."""
+    tokens = [f"{prefix}{i:05d}" + secrets.token_urlsafe(18) for i in range(count)]
     harness.tokens.update(tokens)
     token_file = harness.directory / "tokens"
     token_file.touch(0o600)
@@ -633,6 +632,15 @@ def test_server_restart_with_many_clients_spreads_reconnections(harness: Harness
     log = harness.directory / "many-clients.log"
     harness.start("many", [PYTHON, str(ROOT / "tests" / "many_clients.py"), server.ws_url,
                            backend.url, str(token_file), str(log), "-reconnect-max-delay", f"{cap:g}"])
+    return tokens, log
+
+
+def test_server_restart_with_many_clients_spreads_reconnections(harness: Harness) -> None:
+    count, cap = MANY_CLIENTS, 5.0
+    margin = 10.0  # a 2-core machine handshakes a few hundred clients a second, at best
+    server = harness.server()
+    backend = harness.backend()
+    tokens, log = start_many_clients(harness, server, backend, "mc", count, cap)
     wait_until(lambda: metrics_clients(server) == count, timeout=120,
                what=f"{count} clients to register")
     assert server.get("/echo", tokens[-1]).status_code == 200
@@ -746,14 +754,7 @@ def test_sigterm_with_many_idle_tunnels_closes_all_reconnects_exits_zero(harness
     pidfile = harness.directory / "srv.pid"
     server = harness.server("-pidfile", str(pidfile), "-shutdown-grace", "10")
     backend = harness.backend()
-    tokens = [f"st{i:05d}" + secrets.token_urlsafe(18) for i in range(count)]
-    harness.tokens.update(tokens)
-    token_file = harness.directory / "tokens"
-    token_file.touch(0o600)
-    token_file.write_text("".join(t + "\n" for t in tokens))
-    log = harness.directory / "many-clients.log"
-    harness.start("many", [PYTHON, str(ROOT / "tests" / "many_clients.py"), server.ws_url,
-                           backend.url, str(token_file), str(log), "-reconnect-max-delay", "2"])
+    tokens, log = start_many_clients(harness, server, backend, "st", count, 2.0)
     wait_until(lambda: metrics_clients(server) == count, timeout=120,
                what=f"{count} clients to register")
 
