@@ -178,6 +178,8 @@ END_STREAM = 0x01
 # How many of our own resets we remember to excuse the peer's frames still in flight: far more than
 # can be reset within one round trip, and only an int and a small record each.
 RESET_GRACE = 1024
+# The largest message a peer may send: one frame, a HEAD or END of MAX_HEAD_SIZE at most.
+MAX_MESSAGE_SIZE = HEADER_SIZE + max(MAX_HEAD_SIZE, MAX_FRAME_PAYLOAD)
 
 _HEADER = struct.Struct(">BBI")
 _WINDOW = struct.Struct(">I")

@@ -35,6 +35,9 @@ from wstunnel.transport import PingableTransport
 
 VERSION_HEADER = b"X-Wstunnel-Version"
 WS_RECEIVE_SIZE = 64 * 1024
+# Received messages trio-websocket may hold before we take them: one wake-up of ours then handles
+# a burst instead of one message. The server bounds what it sends (its queue, the v2 windows).
+WS_MESSAGE_QUEUE = 64
 # Refusals long-poll would get just as well (a password, a brake, a restart, a proxy that cannot
 # reach the server): a fallback would only double the dials of every client of a busy or
 # restarting server, and leave them on long-poll for websocket_retry once it is back.
@@ -195,7 +198,7 @@ class TunnelClient:
                     # v2 if the server picks it; an original server picks none and we speak v1.
                     subprotocols=[v2.SUBPROTOCOL],
                     max_message_size=self.settings.max_body_size + framing.MAX_HEAD_SIZE,
-                    receive_buffer_size=WS_RECEIVE_SIZE,
+                    receive_buffer_size=WS_RECEIVE_SIZE, message_queue_size=WS_MESSAGE_QUEUE,
                 )
             local = tcp.socket.getsockname()
             await self._run_connected(nursery, ws, backend, url, local=f"{local[0]}:{local[1]}")

@@ -40,6 +40,8 @@ from wstunnel.tokens import MIN_LENGTH, Token
 
 VERSION_HEADER = b"X-Wstunnel-Version"
 WS_RECEIVE_SIZE = 64 * 1024
+# Received v2 messages trio-websocket may hold before we take them (it reads ahead up to this).
+WS_MESSAGE_QUEUE = 64
 TOKEN_PREFIX = b"/_token/"
 # A reload cannot move the listening socket or the pid file; these wait for a restart.
 RESTART_ONLY_SETTINGS = ("host", "port", "pidfile")
@@ -434,19 +436,25 @@ class TunnelServer:
                              headers=[(b"Retry-After", b"1")])
             return
         version = (request.header(VERSION_HEADER.lower()) or b"").decode("latin-1") or "unknown"
-        max_message = self.settings.max_body_size + framing.MAX_HEAD_SIZE + framing.ID_DIGITS
+        # Our cli offers v2 and then gets it (see below). Its messages are small (one frame), so
+        # the reader may run ahead of us by several of them: one wake-up carries a burst. A v1
+        # message can be a whole body, so a v1 tunnel keeps trio-websocket's queue of one.
+        offers_v2 = v2.SUBPROTOCOL.encode() in _offered_subprotocols(request)
+        if offers_v2:
+            max_message, message_queue = v2.MAX_MESSAGE_SIZE, WS_MESSAGE_QUEUE
+        else:
+            max_message = self.settings.max_body_size + framing.MAX_HEAD_SIZE + framing.ID_DIGITS
+            message_queue = 1
         async with trio.open_nursery() as nursery:
             self._handshakes += 1
             try:
                 with trio.fail_after(self.settings.header_timeout):
                     handshake = await trio_websocket.wrap_server_stream(
                         nursery, stream, max_message_size=max_message,
-                        receive_buffer_size=WS_RECEIVE_SIZE,
+                        receive_buffer_size=WS_RECEIVE_SIZE, message_queue_size=message_queue,
                     )
                     # Our cli offers protocol v2; an original client offers nothing and gets v1.
-                    subprotocol = (
-                        v2.SUBPROTOCOL if v2.SUBPROTOCOL in handshake.proposed_subprotocols else None
-                    )
+                    subprotocol = v2.SUBPROTOCOL if offers_v2 else None
                     ws = await handshake.accept(
                         subprotocol=subprotocol,
                         extra_headers=[(VERSION_HEADER, __version__.encode())],
@@ -517,6 +525,12 @@ class TunnelServer:
         if arrival is not None:
             arrival.set()
         return rendezvous
+
+
+def _offered_subprotocols(request: IncomingRequest) -> list[bytes]:
+    offered = b",".join(value for name, value in request.headers
+                        if name.lower() == b"sec-websocket-protocol")
+    return [part.strip() for part in offered.split(b",")]
 
 
 def _shed_handshake_state(ws: trio_websocket.WebSocketConnection) -> None:
