@@ -1424,3 +1424,41 @@ TunnelMachine.TestCase.settings = settings(
     max_examples=300, stateful_step_count=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_tunnel_model = TunnelMachine.TestCase
+
+
+# -- batched messages (wstunnel.v2.batch) ---------------------------------------------------------
+
+
+def test_a_batch_unpacks_to_its_frames_and_they_decode_as_alone() -> None:
+    frames = [Head(1, b"GET / HTTP/1.1\r\n\r\n"), Data(1, b"x" * 1000, end_stream=True),
+              framing_v2.Window(0, 5), framing_v2.Reset(3, 1, "gone")]
+    encoded = [encode_frame(frame) for frame in frames]
+    message = framing_v2.pack_batch(encoded)
+    assert len(message) == sum(4 + len(part) for part in encoded)
+    entries = framing_v2.unpack_batch(message)
+    assert [bytes(entry) for entry in entries] == encoded
+    assert [decode_frame(entry) for entry in entries] == frames
+    assert isinstance(decode_frame(entries[1]).data, bytes)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("message, problem", [
+    (b"", "empty"),
+    (b"\x00\x00\x00", "cut short"),
+    (b"\x00\x00\x00\x05" + b"\x04\x00\x00\x00\x00", "does not fit"),  # shorter than a header
+    (b"\x00\x00\x00\x0b" + b"\x04\x00\x00\x00\x00\x00\x00\x00\x00\x01", "does not fit"),  # past the end
+    (encode_frame(Head(1, b"x")), "does not fit"),  # a plain v2 message is not a batch
+])
+def test_a_malformed_batch_is_a_tunnel_message_error(message: bytes, problem: str) -> None:
+    with pytest.raises(TunnelMessageError, match=problem):
+        framing_v2.unpack_batch(message)
+
+
+def test_a_text_batch_is_refused() -> None:
+    with pytest.raises(TunnelMessageError, match="text message"):
+        framing_v2.unpack_batch("abc")
+
+
+def test_the_largest_frames_fit_a_batch() -> None:
+    largest = max(framing_v2.MAX_HEAD_SIZE, framing_v2.MAX_FRAME_PAYLOAD) + framing_v2.HEADER_SIZE
+    assert largest + 4 <= framing_v2.MAX_BATCH_SIZE
+    assert framing_v2.BATCH_SUBPROTOCOL == "wstunnel.v2.batch"

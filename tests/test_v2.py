@@ -25,10 +25,12 @@ import h11
 import httpx
 import pytest
 import trio
+import trio_websocket
 
 from tests.harness import Harness, Server, free_port, wait_until
 from tests.test_wire_compat import (
     answer_forever,
+    call,
     exchange,
     raw_client,
     raw_v1_server,
@@ -36,7 +38,8 @@ from tests.test_wire_compat import (
     start_server,
     wait_clients,
 )
-from wstunnel.framing_v2 import SUBPROTOCOL
+from wstunnel import framing_v2 as v2
+from wstunnel.framing_v2 import BATCH_SUBPROTOCOL, SUBPROTOCOL
 
 MiB = 1024 * 1024
 BLOCK = random.Random(5).randbytes(64 * 1024)  # the /big body repeats it
@@ -306,13 +309,52 @@ async def test_our_cli_speaks_v2_and_a_raw_v1_client_v1_on_one_token(harness: Ha
             nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("offer", [(SUBPROTOCOL,), (BATCH_SUBPROTOCOL, SUBPROTOCOL)],
+                         ids=["plain", "batched"])
+async def test_a_raw_v2_client_gets_the_message_layout_it_offers(
+    harness: Harness, offer: tuple[str, ...]
+) -> None:
+    """A client of the first v2 (one frame a message) keeps working; one that offers batching
+    gets it: the server's frames come in batches, and a batch of ours is taken whole."""
+    server = await start_server(harness)
+    token = harness.new_token()
+    batched = offer[0] == BATCH_SUBPROTOCOL
+    with trio.fail_after(60):
+        async with trio_websocket.open_websocket_url(
+            f"{server.ws_url}/_tunnel", extra_headers=[(b"Origin", token.encode())],
+            subprotocols=list(offer), connect_timeout=10, disconnect_timeout=5,
+        ) as ws, trio.open_nursery() as nursery:
+            assert ws.subprotocol == offer[0]
+            await wait_clients(server, token, 1)
+            reply = call(nursery, "GET", f"{server.url}/hello", headers={"X-Token": token})
+            message = await ws.get_message()
+            assert isinstance(message, bytes)
+            frames = v2.unpack_batch(message) if batched else [message]
+            conn = v2.V2Connection("client")
+            events = [event for frame in frames for event in conn.receive(frame)]
+            request = events[0]
+            assert isinstance(request, v2.RequestReceived)
+            assert (request.method, request.target) == (b"GET", b"/hello")
+            answer = [conn.send_response(request.stream, 200, b"OK", [(b"Content-Length", b"3")])]
+            answer += conn.data_frames(request.stream, b"hi\n", end_stream=True)[0]
+            encoded = [v2.encode_frame(frame) for frame in answer]
+            if batched:
+                await ws.send_message(v2.pack_batch(encoded))
+            else:
+                for frame_message in encoded:
+                    await ws.send_message(frame_message)
+            response = await reply.result()
+            assert (response.status_code, response.text) == (200, "hi\n")
+
+
 async def test_our_cli_falls_back_to_v1_with_a_raw_v1_server(harness: Harness) -> None:
     token = harness.new_token()
     with trio.fail_after(45):
         async with raw_v1_server() as raw:
             await start_client(harness, raw, token)
             handshake, ws = await raw.next_tunnel()
-            assert handshake.subprotocols == (SUBPROTOCOL,)  # offered; the raw server ignores it
+            # Offered, batched first; the raw server ignores both.
+            assert handshake.subprotocols == (BATCH_SUBPROTOCOL, SUBPROTOCOL)
             assert ws.subprotocol is None
             response = await exchange(ws, 7, b"GET /bytes?size=3000 HTTP/1.1\r\nHost: h\r\n\r\n")
             assert response.status == 200

@@ -600,7 +600,7 @@ async def test_raw_server_sees_a_v1_handshake_and_gets_backend_answers(harness: 
             assert handshake.path == "/_tunnel"
             assert handshake.header(b"origin") == token.encode()
             # Our cli offers v2; a plain v1 server must not have to pick it (nor any other).
-            assert handshake.subprotocols in ((), ("wstunnel.v2",))
+            assert handshake.subprotocols in ((), ("wstunnel.v2.batch", "wstunnel.v2"))
 
             # GET: path and query as sent; X-Token and hop-by-hop headers stop at the client.
             response = await exchange(ws, 1, (

@@ -7,9 +7,19 @@ Negotiation. The side that opens the WebSocket (``wstunnel cli``, the *client*) 
 subprotocol ``wstunnel.v2`` (SUBPROTOCOL); the side that receives HTTP requests (``wstunnel srv``,
 the *server*) selects it. Without it both speak protocol v1 (``wstunnel.framing``).
 
-Messages. Every tunnel message is one *binary* WebSocket message holding exactly one frame (a text
-message is a protocol error). A frame is a 6-byte header, then the payload, which runs to the end
-of the message (its length is the message's length minus 6)::
+Batching. A client may also offer ``wstunnel.v2.batch`` (BATCH_SUBPROTOCOL), first; a server that
+knows it selects it over ``wstunnel.v2``. The frames and their rules are the same; only the
+messages carrying them differ (see Messages). Each side then sends, in one message, the frames
+it has ready: one WebSocket message, one socket write and one wake-up of the peer's reader for a
+burst of frames, where plain v2 pays for each frame.
+
+Messages. Every tunnel message is one *binary* WebSocket message (a text message is a protocol
+error). With ``wstunnel.v2`` it holds exactly one frame. With ``wstunnel.v2.batch`` it holds one
+or more *entries*, each a u32 big-endian length, then that many bytes holding one frame as plain v2
+would send it; a message is at most MAX_BATCH_SIZE (1 MiB) bytes and a frame is never split across
+messages; an entry shorter than a frame header or running past the message's end is a protocol
+error. A frame is a 6-byte header, then the payload, which runs to the end of the message (or of
+its entry; its length is that length minus 6)::
 
     +--------+--------+--------+--------+--------+--------+=========...
     |  type  | flags  |      stream id (u32, big-endian)  | payload
@@ -127,10 +137,12 @@ from wstunnel.framing import MAX_HEAD_SIZE
 from wstunnel.headers import Headers, get
 
 __all__ = [
+    "BATCH_SUBPROTOCOL",
     "END_STREAM",
     "HEADER_SIZE",
     "INITIAL_STREAM_WINDOW",
     "INITIAL_TUNNEL_WINDOW",
+    "MAX_BATCH_SIZE",
     "MAX_FRAME_PAYLOAD",
     "MAX_HEAD_SIZE",
     "MAX_STREAM_ID",
@@ -159,14 +171,17 @@ __all__ = [
     "decode_frame",
     "encode_frame",
     "encode_trailers",
+    "pack_batch",
     "parse_request_head",
     "parse_response_head",
     "parse_trailers",
     "request_head",
     "response_head",
+    "unpack_batch",
 ]
 
 SUBPROTOCOL = "wstunnel.v2"
+BATCH_SUBPROTOCOL = "wstunnel.v2.batch"
 HEADER_SIZE = 6
 MAX_FRAME_PAYLOAD = 64 * 1024
 INITIAL_STREAM_WINDOW = 256 * 1024
@@ -180,6 +195,9 @@ END_STREAM = 0x01
 RESET_GRACE = 1024
 # The largest message a peer may send: one frame, a HEAD or END of MAX_HEAD_SIZE at most.
 MAX_MESSAGE_SIZE = HEADER_SIZE + max(MAX_HEAD_SIZE, MAX_FRAME_PAYLOAD)
+# The largest batched message; the largest frame and its length always fit.
+MAX_BATCH_SIZE = 1024 * 1024
+_ENTRY_LENGTH = struct.Struct(">I")
 
 _HEADER = struct.Struct(">BBI")
 _WINDOW = struct.Struct(">I")
@@ -296,11 +314,12 @@ def decode_frame(message: bytes | bytearray | memoryview | str) -> Frame:
         raise TunnelMessageError("text message on the tunnel (only binary messages are allowed)")
     if not isinstance(message, bytes | bytearray | memoryview):
         raise TunnelMessageError(f"tunnel message of type {type(message).__name__}, not bytes")
-    data = bytes(message)  # no copy for bytes; a memoryview of any format becomes its raw bytes
-    if len(data) < HEADER_SIZE:
-        raise TunnelMessageError(f"message of {len(data)} bytes is too short for a frame header")
-    type_, flags, stream = _HEADER.unpack_from(data)
-    payload = data[HEADER_SIZE:]
+    if isinstance(message, memoryview):  # an entry of a batch: one copy, of the payload only
+        message = message.cast("B")
+    if len(message) < HEADER_SIZE:
+        raise TunnelMessageError(f"message of {len(message)} bytes is too short for a frame header")
+    type_, flags, stream = _HEADER.unpack_from(message)
+    payload = bytes(message[HEADER_SIZE:])
     try:
         kind = FrameType(type_)
     except ValueError:
@@ -353,6 +372,36 @@ def decode_frame(message: bytes | bytearray | memoryview | str) -> Frame:
     except UnicodeDecodeError:
         raise TunnelMessageError(f"RESET frame on stream {stream} with a reason that is not UTF-8") from None
     return Reset(stream, code, reason)
+
+
+def pack_batch(frames: Iterable[bytes]) -> bytes:
+    """One batched message holding ``frames`` (encoded frames; their total within MAX_BATCH_SIZE)."""
+    pack = _ENTRY_LENGTH.pack
+    return b"".join([part for frame in frames for part in (pack(len(frame)), frame)])
+
+
+def unpack_batch(message: bytes | bytearray | memoryview | str) -> list[memoryview]:
+    """The frames of one batched message, each still to decode; TunnelMessageError if its entries
+    do not add up."""
+    if isinstance(message, str):
+        raise TunnelMessageError("text message on the tunnel (only binary messages are allowed)")
+    view = memoryview(message).cast("B")
+    if not view:
+        raise TunnelMessageError("empty batch message")
+    frames: list[memoryview] = []
+    offset, size = 0, len(view)
+    while offset < size:
+        if size - offset < _ENTRY_LENGTH.size:
+            raise TunnelMessageError(f"batch entry at byte {offset} is cut short")
+        (length,) = _ENTRY_LENGTH.unpack_from(view, offset)
+        start = offset + _ENTRY_LENGTH.size
+        offset = start + length
+        if length < HEADER_SIZE or offset > size:
+            raise TunnelMessageError(
+                f"batch entry of {length} bytes at byte {start - _ENTRY_LENGTH.size} does not fit"
+            )
+        frames.append(view[start:offset])
+    return frames
 
 
 # -- heads and trailers -------------------------------------------------------------------------

@@ -21,12 +21,13 @@ from typing import Protocol
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
+from wstunnel import framing_v2 as v2
 from wstunnel import pollbody
 
 TRANSPORTS = ("websocket", "longpoll")
 
 __all__ = [
-    "TRANSPORTS", "Activity", "CloseReason", "ConnectionClosed", "MessageTransport",
+    "TRANSPORTS", "Activity", "CloseReason", "ConnectionClosed", "FrameOutbox", "MessageTransport",
     "PingableTransport", "PolledMessages",
 ]
 
@@ -115,3 +116,48 @@ class PolledMessages:
         self._inbox_in.close()
         self._frames_ready.unpark_all()
         self._room.unpark_all()
+
+
+class FrameOutbox:
+    """Encoded v2 frames on their way to the transport, in the order they were put.
+
+    ``put`` never waits (framing_v2's ordering rule: a frame goes out right after the V2Connection
+    call that made it, with no checkpoint between); one writer task takes them with
+    ``next_message``: one frame a message, or, on a batching tunnel, every frame waiting (up to
+    MAX_BATCH_SIZE) in one message. Unbounded: what waits here is bounded by the peer's windows
+    (DATA) or tiny (heads, WINDOW, RESET).
+    """
+
+    def __init__(self, *, batched: bool) -> None:
+        self.batched = batched
+        self._frames: deque[bytes] = deque()
+        self._closed = False
+        self._ready = trio.lowlevel.ParkingLot()
+
+    def put(self, frame: bytes) -> None:
+        if self._closed:
+            return  # the tunnel is gone: so is everything we would have said
+        self._frames.append(frame)
+        if self._ready:
+            self._ready.unpark()
+
+    def close(self) -> None:
+        """No more frames; the writer still gets those already put, then None."""
+        self._closed = True
+        self._ready.unpark_all()
+
+    async def next_message(self) -> bytes | None:
+        """The next message to send, waiting for a frame; None once closed and drained."""
+        frames = self._frames
+        while not frames:
+            if self._closed:
+                return None
+            await self._ready.park()
+        if not self.batched:
+            return frames.popleft()
+        batch = [frames.popleft()]
+        size = len(batch[0]) + 4
+        while frames and size + len(frames[0]) + 4 <= v2.MAX_BATCH_SIZE:
+            batch.append(frames.popleft())
+            size += len(batch[-1]) + 4
+        return v2.pack_batch(batch)

@@ -195,8 +195,9 @@ class TunnelClient:
                 ws = await trio_websocket.wrap_client_stream(
                     nursery, stream, self.address.host_header, self.address.resource,
                     extra_headers=self._handshake_headers(),
-                    # v2 if the server picks it; an original server picks none and we speak v1.
-                    subprotocols=[v2.SUBPROTOCOL],
+                    # v2 if the server picks it (batched if it knows how); an original server
+                    # picks none and we speak v1.
+                    subprotocols=[v2.BATCH_SUBPROTOCOL, v2.SUBPROTOCOL],
                     max_message_size=self.settings.max_body_size + framing.MAX_HEAD_SIZE,
                     receive_buffer_size=WS_RECEIVE_SIZE, message_queue_size=WS_MESSAGE_QUEUE,
                 )
@@ -300,7 +301,7 @@ class TunnelClient:
 
     @staticmethod
     def _protocol(ws: PingableTransport) -> str:
-        return "v2" if ws.subprotocol == v2.SUBPROTOCOL else "v1"
+        return "v2" if ws.subprotocol in (v2.SUBPROTOCOL, v2.BATCH_SUBPROTOCOL) else "v1"
 
     async def _serve(self, ws: PingableTransport, backend: Backend) -> None:
         async with trio.open_nursery() as nursery:
@@ -308,6 +309,7 @@ class TunnelClient:
             if self._protocol(ws) == "v2":
                 session = self._session_v2 = ClientSessionV2(
                     ws, backend, limiter=self.limiter, log=self.log, token=self.token,
+                    batched=ws.subprotocol == v2.BATCH_SUBPROTOCOL,
                 )
                 try:
                     await session.run()

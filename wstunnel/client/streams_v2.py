@@ -35,7 +35,7 @@ from wstunnel.headers import Headers, without_hop_by_hop
 from wstunnel.headers import get as get_header
 from wstunnel.logs import EventLogger
 from wstunnel.tokens import Token
-from wstunnel.transport import MessageTransport
+from wstunnel.transport import FrameOutbox, MessageTransport
 
 # Request body bytes handed to the backend client at once, at most: fewer, larger writes to the backend.
 FEED_SIZE = 256 * 1024
@@ -100,7 +100,7 @@ class ClientSessionV2:
 
     def __init__(self, ws: MessageTransport, backend: Backend, *,
                  limiter: trio.CapacityLimiter, log: EventLogger,
-                 token: Token) -> None:
+                 token: Token, batched: bool = False) -> None:
         self.ws = ws
         self.backend = backend
         self.limiter = limiter
@@ -108,8 +108,8 @@ class ClientSessionV2:
         self.token = token
         self.conn = v2.V2Connection("client")
         self.streams: dict[int, _Stream] = {}
-        # Unbounded, but what waits in it is bounded by the server's windows (DATA) or tiny.
-        self._outbox_in, self._outbox_out = trio.open_memory_channel[bytes](math.inf)
+        self.batched = batched  # wstunnel.v2.batch: several frames a message
+        self._outbox = FrameOutbox(batched=batched)
         # Replaced each time the server grants credit; a handler short of credit waits on it.
         self._credit = trio.Event()
 
@@ -119,19 +119,16 @@ class ClientSessionV2:
                 nursery.start_soon(self._write_frames)
                 await self._receive_frames(nursery)
         finally:
-            self._outbox_in.close()
+            self._outbox.close()
 
     # -- sending ------------------------------------------------------------------------------
 
     def _emit(self, *frames: v2.Frame) -> None:
         for frame in frames:
-            try:
-                self._outbox_in.send_nowait(v2.encode_frame(frame))
-            except trio.ClosedResourceError:
-                return  # the session is over
+            self._outbox.put(v2.encode_frame(frame))
 
     async def _write_frames(self) -> None:
-        async for message in self._outbox_out:
+        while (message := await self._outbox.next_message()) is not None:
             try:
                 await self.ws.send_message(message)
             except trio_websocket.ConnectionClosed:
@@ -158,13 +155,13 @@ class ClientSessionV2:
         while True:
             message = await self.ws.get_message()  # ConnectionClosed ends the session
             try:
-                events = self.conn.receive(message)
+                for frame in v2.unpack_batch(message) if self.batched else (message,):
+                    for event in self.conn.receive(frame):
+                        self._on_event(event, nursery)
             except FramingError as exc:
                 with trio.move_on_after(2):
                     await self.ws.aclose(1002, "protocol error")
                 raise TunnelMessageError(str(exc)) from None
-            for event in events:
-                self._on_event(event, nursery)
 
     def _on_event(self, event: v2.Event, nursery: trio.Nursery) -> None:
         if isinstance(event, v2.RequestReceived):

@@ -436,11 +436,17 @@ class TunnelServer:
                              headers=[(b"Retry-After", b"1")])
             return
         version = (request.header(VERSION_HEADER.lower()) or b"").decode("latin-1") or "unknown"
-        # Our cli offers v2 and then gets it (see below). Its messages are small (one frame), so
-        # the reader may run ahead of us by several of them: one wake-up carries a burst. A v1
-        # message can be a whole body, so a v1 tunnel keeps trio-websocket's queue of one.
-        offers_v2 = v2.SUBPROTOCOL.encode() in _offered_subprotocols(request)
-        if offers_v2:
+        # Our cli offers v2 and then gets it (batched if it offers that). Its messages are small
+        # (a frame, or a batch of at most 1 MiB), so the reader may run ahead of us by several of
+        # them: one wake-up carries a burst. A v1 message can be a whole body, so a v1 tunnel keeps
+        # trio-websocket's queue of one.
+        offered = _offered_subprotocols(request)
+        subprotocol = next((name for name in (v2.BATCH_SUBPROTOCOL, v2.SUBPROTOCOL)
+                            if name.encode() in offered), None)
+        offers_v2 = subprotocol is not None
+        if subprotocol == v2.BATCH_SUBPROTOCOL:
+            max_message, message_queue = v2.MAX_BATCH_SIZE, WS_MESSAGE_QUEUE
+        elif offers_v2:
             max_message, message_queue = v2.MAX_MESSAGE_SIZE, WS_MESSAGE_QUEUE
         else:
             max_message = self.settings.max_body_size + framing.MAX_HEAD_SIZE + framing.ID_DIGITS
@@ -453,8 +459,8 @@ class TunnelServer:
                         nursery, stream, max_message_size=max_message,
                         receive_buffer_size=WS_RECEIVE_SIZE, message_queue_size=message_queue,
                     )
-                    # Our cli offers protocol v2; an original client offers nothing and gets v1.
-                    subprotocol = v2.SUBPROTOCOL if offers_v2 else None
+                    # Our cli offers protocol v2 (batched, then plain: older ones offer only
+                    # plain); an original client offers nothing and gets v1.
                     ws = await handshake.accept(
                         subprotocol=subprotocol,
                         extra_headers=[(VERSION_HEADER, __version__.encode())],
@@ -465,12 +471,13 @@ class TunnelServer:
             _shed_handshake_state(ws)
             rendezvous = self.registered(token)
             connection: TunnelConnection
-            if subprotocol == v2.SUBPROTOCOL:
+            if offers_v2:
                 connection = TunnelConnectionV2(
                     rendezvous, ws, stream, addr=addr, client_version=version,
                     transport="websocket", wstimeout=self.settings.wstimeout, log=self.log,
                     httptimeout=self.settings.httptimeout,
                     max_streams=self.settings.max_streams_per_tunnel,
+                    batched=subprotocol == v2.BATCH_SUBPROTOCOL,
                 )
             else:
                 connection = TunnelConnection(

@@ -175,6 +175,7 @@ class Rendezvous:
         self.created_wall = trio.current_time()
         self._ids = itertools.cycle(range(1, framing.MAX_ID + 1))
         self._live: dict[int, PendingRequest] = {}
+        self._turn = 0  # which connection _dispatch looks at first
 
     def new_request(self, request: framing.Request) -> PendingRequest:
         """Give ``request`` the next free id (1, 2, ... 0xffff, 1, ...)."""
@@ -203,13 +204,40 @@ class Rendezvous:
     def idle_for(self) -> float:
         return trio.current_time() - self.last_activity
 
+    def _dispatch(self, pending: PendingRequest) -> None:
+        """Start ``pending`` on a connection that can take it at once, else queue it.
+
+        Handing it over here, in the HTTP request's own task, spares the wake-up of a sender task
+        per request; and requests that a tunnel can take at once never count against the queue's
+        capacity, which is for requests that wait (a tunnel that is down or at its stream cap).
+        Nothing overtakes a request already waiting. The least loaded connection takes it, the
+        next one in turn among equals, so requests spread over a token's clients; a token that
+        also has a v1 client queues everything, for that client's sender to get its share.
+        """
+        connections = self.connections
+        if not self.queue and connections:
+            count = len(connections)
+            self._turn = (self._turn + 1) % count
+            taker: TunnelConnection | None = None
+            for index in range(self._turn, self._turn + count):
+                connection = connections[index % count]
+                if not connection.takes_directly:
+                    taker = None
+                    break
+                if connection.can_start_now() and (taker is None or connection.load < taker.load):
+                    taker = connection
+            if taker is not None:
+                taker.start_now(pending)
+                return
+        self.queue.put_nowait(pending)
+
     async def exchange(
         self, pending: PendingRequest, *, deadline: float
     ) -> framing.Response | StreamingResponse | Failure:
         """Queue ``pending`` and wait for its outcome until ``deadline`` (trio clock)."""
         self.touch()
         try:
-            self.queue.put_nowait(pending)
+            self._dispatch(pending)
         except QueueFull:
             pending.abandoned = True
             self.release(pending)
@@ -404,6 +432,21 @@ class TunnelConnection:
                 finally:
                     self._closed.set()
         return not scope.cancelled_caught
+
+    # v1 connections only take requests from the queue; v2 ones take them directly, too.
+    takes_directly = False
+
+    def can_start_now(self) -> bool:
+        """Whether ``start_now`` would take a request now."""
+        return False
+
+    @property
+    def load(self) -> int:
+        """Requests this connection carries now: the least loaded one gets the next request."""
+        return len(self.in_flight)
+
+    def start_now(self, pending: PendingRequest) -> None:
+        raise NotImplementedError("only connections that can_start_now() take requests directly")
 
     def abandon(self, pending: PendingRequest) -> None:
         """The HTTP side gave up on ``pending``: v1 has no way to tell the client, but can stop

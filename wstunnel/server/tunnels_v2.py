@@ -38,6 +38,7 @@ from wstunnel.server.front import (
     StreamingResponse,
 )
 from wstunnel.server.tunnels import Failure, PendingRequest, TunnelConnection, _short_target
+from wstunnel.transport import FrameOutbox
 
 _END = object()  # marks the end of a body in a stream's chunk channel
 
@@ -113,18 +114,19 @@ class TunnelConnectionV2(TunnelConnection):
     """One v2 client's WebSocket: many concurrent streams, each with its own flow control."""
 
     protocol = "v2"
+    takes_directly = True
 
     def __init__(self, *args: Any, httptimeout: float = math.inf, max_streams: int = 256,
-                 **kwargs: Any) -> None:
+                 batched: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.httptimeout = httptimeout
         self.max_streams = max_streams
+        self.batched = batched  # wstunnel.v2.batch: several frames a message
         # Replaced each time a stream leaves self.streams; the sender waits on it at the cap.
         self._stream_left = trio.Event()
         self.conn = v2.V2Connection("server")
         self.streams: dict[int, _Stream] = {}
-        # Unbounded, but what waits in it is bounded by the peer's windows (DATA) or tiny.
-        self._outbox_in, self._outbox_out = trio.open_memory_channel[bytes](math.inf)
+        self._outbox = FrameOutbox(batched=batched)
         # Replaced each time the peer grants credit; a sender short of credit waits on it.
         self._credit = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -137,7 +139,7 @@ class TunnelConnectionV2(TunnelConnection):
         await self._receive_frames()
 
     def _connection_lost(self) -> None:
-        self._outbox_in.close()
+        self._outbox.close()
         for stream in list(self.streams.values()):
             self._abort(stream, "tunnel connection lost")
         self._fail_in_flight()
@@ -174,20 +176,18 @@ class TunnelConnectionV2(TunnelConnection):
     def _emit(self, *frames: v2.Frame) -> None:
         """Queue frames for the writer, in order and without a checkpoint."""
         for frame in frames:
-            try:
-                self._outbox_in.send_nowait(v2.encode_frame(frame))
-            except trio.ClosedResourceError:
-                return  # the tunnel is gone: so is everything we would have said
+            self._outbox.put(v2.encode_frame(frame))
 
     async def _write_frames(self) -> None:
-        async for message in self._outbox_out:
+        while (message := await self._outbox.next_message()) is not None:
             try:
                 await self.ws.send_message(message)
             except trio_websocket.ConnectionClosed:
                 return
 
     async def _send_requests(self) -> None:
-        assert self._nursery is not None
+        """Take what waits in the queue (requests are handed to us directly while we have room
+        and nothing waits: ``start_now``)."""
         queue = self.rendezvous.queue
         while True:
             while len(self.streams) >= self.max_streams:
@@ -195,33 +195,50 @@ class TunnelConnectionV2(TunnelConnection):
             pending = await queue.get()
             if pending.abandoned:
                 continue
-            request = pending.request
-            headers = without(request.headers, (b"transfer-encoding",))
-            bodiless = not request.body and pending.body_source is None and not pending.upgrade
-            try:
-                stream_id, head = self.conn.send_request(
-                    request.method, request.target, headers, end_stream=bodiless
-                )
-            except ValueError as exc:
-                self.log.warning("WS   ERR", token=self.token, id=pending.id, err=str(exc))
-                pending.finish(Failure(400, "Request cannot be carried by the tunnel"))
-                self.rendezvous.release(pending)
+            if len(self.streams) >= self.max_streams:
+                # Direct hand-overs filled us up while we waited: back to its place in line.
+                queue.put_front(pending)
                 continue
-            pending.holder = self
-            pending.tries += 1
-            self.in_flight[pending.id] = pending
-            send, receive = trio.open_memory_channel[object](math.inf)  # bounded by our windows
-            stream = _Stream(stream_id, pending, send, receive)
-            self.streams[stream_id] = stream
-            self._emit(head)
-            self.log.info(
-                "WS   SND", token=self.token, id=pending.id, stream=stream_id,
-                info=f"{pending.method.decode('latin-1')} {_short_target(request.target)}",
+            self.start_now(pending)
+
+    def can_start_now(self) -> bool:
+        return (self._nursery is not None and not self._closing
+                and len(self.streams) < self.max_streams)
+
+    @property
+    def load(self) -> int:
+        return len(self.streams)
+
+    def start_now(self, pending: PendingRequest) -> None:
+        """Open a stream for ``pending``: its HEAD goes out now, its body (if any) from a task."""
+        assert self._nursery is not None
+        request = pending.request
+        headers = without(request.headers, (b"transfer-encoding",))
+        bodiless = not request.body and pending.body_source is None and not pending.upgrade
+        try:
+            stream_id, head = self.conn.send_request(
+                request.method, request.target, headers, end_stream=bodiless
             )
-            if pending.body_source is not None:
-                self._nursery.start_soon(self._send_streamed_body, stream, pending.body_source)
-            elif request.body:
-                self._nursery.start_soon(self._send_body, stream)
+        except ValueError as exc:
+            self.log.warning("WS   ERR", token=self.token, id=pending.id, err=str(exc))
+            pending.finish(Failure(400, "Request cannot be carried by the tunnel"))
+            self.rendezvous.release(pending)
+            return
+        pending.holder = self
+        pending.tries += 1
+        self.in_flight[pending.id] = pending
+        send, receive = trio.open_memory_channel[object](math.inf)  # bounded by our windows
+        stream = _Stream(stream_id, pending, send, receive)
+        self.streams[stream_id] = stream
+        self._emit(head)
+        self.log.info(
+            "WS   SND", token=self.token, id=pending.id, stream=stream_id,
+            info=f"{pending.method.decode('latin-1')} {_short_target(request.target)}",
+        )
+        if pending.body_source is not None:
+            self._nursery.start_soon(self._send_streamed_body, stream, pending.body_source)
+        elif request.body:
+            self._nursery.start_soon(self._send_body, stream)
 
     async def _send_body(self, stream: _Stream) -> None:
         """The request body, whole in memory here, as DATA within the client's windows."""
@@ -304,13 +321,13 @@ class TunnelConnectionV2(TunnelConnection):
                 return
             self.rendezvous.touch()
             try:
-                events = self.conn.receive(message)
+                for frame in v2.unpack_batch(message) if self.batched else (message,):
+                    for event in self.conn.receive(frame):
+                        self._on_event(event)
             except FramingError as exc:
                 self.log.warning("WS   ERR", token=self.token, err=str(exc))
                 await self.close(1002, "protocol error")
                 return
-            for event in events:
-                self._on_event(event)
 
     def _on_event(self, event: v2.Event) -> None:
         if isinstance(event, v2.WindowUpdated):
