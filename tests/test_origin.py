@@ -20,7 +20,7 @@ import trio.testing
 import trustme
 
 from wstunnel.client.origin import OriginPool, Response, Target, Timeouts, default_ssl_context, parse_base
-from wstunnel.errors import BackendTimeout, ConnectError, RemoteProtocolError
+from wstunnel.errors import BackendTimeout, ConnectError, LocalRequestError, RemoteProtocolError
 
 DEADLINE = 10.0
 
@@ -266,6 +266,59 @@ async def test_streamed_body_lost_on_a_reused_connection_is_not_replayed() -> No
             assert http.open_connections == 0
 
 
+async def test_content_length_body_over_several_reads_and_cut_short() -> None:
+    async def answer(peer: Peer, server: Server) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nab")
+        await server.wait_for(lambda: bool(server.requests))
+        await peer.send(b"cdef")
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nab")  # then EOF
+
+    with trio.fail_after(DEADLINE):
+        async with serving(answer) as server:
+            http = pool()
+            response = await http.request(server.target, b"GET", b"/", [])
+            assert await response.__anext__() == b"ab"
+            assert not response.complete
+            server.requests.append(Received(b"GET", b"/", [], b""))  # go on, peer
+            server.notify()
+            assert await body_of(response) == b"cdef"
+            assert response.complete and http.open_connections == 1
+            response = await http.request(server.target, b"GET", b"/", [])
+            with pytest.raises(RemoteProtocolError, match="received 2 bytes, expected 6"):
+                await body_of(response)
+            assert http.open_connections == 0
+
+
+@pytest.mark.parametrize(("method", "status"), [(b"HEAD", 200), (b"GET", 204), (b"GET", 304)])
+async def test_bodyless_response_frees_its_connection_at_once(method: bytes, status: int) -> None:
+    async def bodyless(peer: Peer, server: Server) -> None:
+        while await peer.request() is not None:
+            await peer.send(b"HTTP/1.1 %d X\r\nContent-Length: 5\r\n\r\n" % status)
+
+    with trio.fail_after(DEADLINE):
+        async with serving(bodyless) as server:
+            http = pool()
+            for _ in range(2):
+                response = await http.request(server.target, method, b"/", [])
+                assert response.complete  # the caller need not read a body that is not there
+                assert http.open_connections == 1
+                assert await body_of(response) == b""
+            assert server.accepted == 1
+
+
+async def test_request_head_is_checked_as_h11_would() -> None:
+    http = pool()
+    target = parse_base("http://127.0.0.1:1")
+    for method, path, headers in [(b"G ET", b"/", []), (b"GET", b"/a b", []),
+                                  (b"GET", b"/", [(b"X Y", b"1")]), (b"GET", b"/", [(b"X", b"a\r\nb")]),
+                                  (b"GET", b"/", [(b"Content-Length", b"x")]),
+                                  (b"GET", b"/", [(b"Host", b"other")])]:
+        with pytest.raises(LocalRequestError):
+            await http.request(target, method, path, headers)
+
+
 async def test_connection_close_is_honoured() -> None:
     async def answer(peer: Peer, server: Server) -> None:
         await peer.request()
@@ -286,6 +339,12 @@ async def test_connection_close_is_honoured() -> None:
      b"abcde", True),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nwxyz", b"wxyz", True),
     (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", b"until the end", False),
+    # Off the fast path, through h11: a bare LF, HTTP/1.0 (no keep-alive).
+    (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nhi", b"hi", True),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nhi", b"hi", False),
+    # On it: identical Content-Lengths are one; bytes past the body make the connection unfit.
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi", b"hi", True),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi, and junk", b"hi", False),
 ])
 async def test_body_framings(raw: bytes, body: bytes, reusable: bool) -> None:
     async def answer(peer: Peer, server: Server) -> None:

@@ -17,6 +17,7 @@ pooled: ``Connection: close``, read-until-close bodies, errors, a body left unre
 from __future__ import annotations
 
 import functools
+import re
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
@@ -45,6 +46,23 @@ MAX_HEAD_SIZE = 100 * 1024
 COALESCE_SIZE = 64 * 1024
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _RETRYABLE = (ReadError, WriteError, RemoteProtocolError)
+
+# h11's grammar (h11/_abnf.py), so that what we write and what the fast path reads are held to
+# exactly the rules h11 applies.
+_OWS = rb"[ \t]*"
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_FIELD_VCHAR = rb"[^\x00\s]"
+_FIELD_VALUE = rb"(?:" + _FIELD_VCHAR + rb"+(?:[ \t]+" + _FIELD_VCHAR + rb"+)*)?"
+_TOKEN_RE = re.compile(_TOKEN)
+_TARGET_RE = re.compile(rb"[\x21-\x7e]+")
+_FIELD_VALUE_RE = re.compile(_FIELD_VALUE)
+_HEADER_FIELD_RE = re.compile(rb"(" + _TOKEN + rb"):" + _OWS + rb"(" + _FIELD_VALUE + rb")" + _OWS)
+_STATUS_LINE_RE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ((?:[ \t]|" + _FIELD_VCHAR + rb")*))?")
+_CONTENT_LENGTH_RE = re.compile(rb"[0-9]+")
+_CONTENT_LENGTH_MAX_DIGITS = 20  # h11's: no larger body can be real
+_NO_BODY_STATUSES = frozenset({204, 304})
+# Request headers h11 needs to see to read the response right: keep-alive and protocol switches.
+_SLOW_PATH_HEADERS = frozenset({b"connection", b"upgrade"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,13 +138,17 @@ def _shared_context(verify: bool) -> ssl.SSLContext:
 
 
 class _Connection:
-    __slots__ = ("eof", "h11", "idle_since", "origin", "received", "socket", "stream")
+    __slots__ = ("eof", "h11", "idle_since", "origin", "received", "reusable", "socket", "stream")
 
     def __init__(self, origin: Origin, stream: trio.abc.Stream, socket: trio.socket.SocketType) -> None:
         self.origin = origin
         self.stream = stream
         self.socket = socket
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_SIZE)
+        # The current exchange's response parser when it is off the fast path (see _Outgoing),
+        # else None: h11 only where its generality is needed.
+        self.h11: h11.Connection | None = None
+        # The fast path's verdict: keep-alive and nothing read past the response.
+        self.reusable = False
         self.idle_since = 0.0
         # Whether the backend sent any byte for the current request: if not, a failure on a
         # reused connection is the backend having closed it, and a replay is safe.
@@ -138,6 +160,155 @@ class _Connection:
         # Synchronous on purpose: it runs in cancelled scopes and finally blocks. A TLS
         # connection goes without close_notify, which backends take as a plain close.
         self.socket.close()
+
+
+class _Outgoing:
+    """A request's head as bytes, built and checked once even if it goes out twice.
+
+    h11 cost ~35 µs per small exchange (issue 7: event objects, header normalisation, its state
+    machine); writing the head ourselves against h11's own grammar costs a few. A response to a
+    ``simple`` request (no Connection or Upgrade header, not CONNECT) is read on a fast path
+    when it is the common case; anything else goes to h11, told the request's method and
+    keep-alive/upgrade headers, so every unusual response is read exactly as before.
+    """
+
+    __slots__ = ("head", "length", "method", "simple", "special")
+
+    def __init__(self, target: Target, method: bytes, path: bytes, headers: Headers,
+                 body: bytes | AsyncIterable[bytes]) -> None:
+        request_target = target.prefix + path
+        if _TOKEN_RE.fullmatch(method) is None:
+            raise LocalRequestError("Illegal method characters")
+        if _TARGET_RE.fullmatch(request_target) is None:
+            raise LocalRequestError("Illegal target characters")
+        if _FIELD_VALUE_RE.fullmatch(target.host_header) is None:
+            raise LocalRequestError(f"Illegal header value {target.host_header!r}")
+        lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, request_target, target.host_header)]
+        length: bytes | None = None
+        special: Headers = []
+        for name, value in headers:
+            if _TOKEN_RE.fullmatch(name) is None:
+                raise LocalRequestError(f"Illegal header name {name!r}")
+            if _FIELD_VALUE_RE.fullmatch(value) is None:
+                raise LocalRequestError(f"Illegal header value {value!r}")
+            lower = name.lower()
+            if lower == b"content-length":
+                value = _content_length(value)
+                if value is None:
+                    raise LocalRequestError("bad Content-Length")
+                if length is not None:
+                    if value != length:
+                        raise LocalRequestError("conflicting Content-Length headers")
+                    continue  # as h11: one of identical Content-Length headers
+                length = value
+            elif lower == b"host":
+                raise LocalRequestError("Found multiple Host: headers")
+            elif lower == b"transfer-encoding":
+                raise LocalRequestError("the request body's framing is the pool's: no Transfer-Encoding")
+            elif lower in _SLOW_PATH_HEADERS:
+                special.append((name, value))
+            lines.append(b"%s: %s\r\n" % (name, value))
+        # A streamed body's declared size, or None: chunked.
+        self.length: int | None = None
+        if isinstance(body, bytes | bytearray | memoryview):
+            if length is not None:
+                if int(length) != len(body):
+                    raise LocalRequestError("body size differs from the declared Content-Length")
+            elif body or method in _BODY_METHODS:
+                lines.append(b"Content-Length: %d\r\n" % len(body))
+        elif length is None:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            self.length = int(length)
+        lines.append(b"\r\n")
+        self.head = b"".join(lines)
+        self.method = method
+        self.special = special
+        self.simple = not special and method != b"CONNECT"
+
+    def parser(self) -> h11.Connection:
+        """An h11 client that has "sent" this request: it reads the response as it would have."""
+        h = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_SIZE)
+        # The body is ours to frame, so h11 sees none; the headers that matter to the response
+        # (keep-alive, a protocol switch) and the method (HEAD, CONNECT) are the request's.
+        h.send(h11.Request(method=self.method, target=b"/", headers=[(b"Host", b"origin"), *self.special]))
+        h.send(h11.EndOfMessage())
+        return h
+
+
+def _content_length(value: bytes) -> bytes | None:
+    """A Content-Length value as h11 normalises it (``5, 5`` is 5), or None if it is bad."""
+    lengths = {part.strip() for part in value.split(b",")}
+    if len(lengths) != 1:
+        return None
+    value = lengths.pop()
+    if _CONTENT_LENGTH_RE.fullmatch(value) is None or len(value) > _CONTENT_LENGTH_MAX_DIGITS:
+        return None
+    return value
+
+
+class _Head:
+    """A final response head (or a 101), from h11 or the fast path."""
+
+    __slots__ = ("body", "headers", "http_version", "length", "reason", "status")
+
+    def __init__(self, status: int, reason: bytes, headers: Headers, http_version: bytes,
+                 length: int | None = None, body: bytes = b"") -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.http_version = http_version
+        # The fast path's Content-Length and the body bytes read with the head; None: h11 reads.
+        self.length = length
+        self.body = body
+
+
+def _fast_head(data: bytes, method: bytes) -> tuple[_Head, bool] | None:
+    """The common response, parsed from the first bytes read: an HTTP/1.1 final head whole in
+    ``data``, framed by Content-Length (or bodyless), no obs-fold, no Transfer-Encoding; and
+    whether it allows keep-alive. None for anything else, which h11 then reads (and rejects,
+    if it is bad): this accepts only what h11 accepts, and means by it what h11 does."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = data[:end]
+    if head.count(b"\n") != head.count(b"\r\n"):
+        return None  # a bare LF: h11 splits lines on it
+    lines = head.split(b"\r\n")
+    match = _STATUS_LINE_RE.fullmatch(lines[0])
+    if match is None or match[1] != b"1.1":
+        return None
+    status = int(match[2])
+    if status < 200:
+        return None
+    headers: Headers = []
+    length: bytes | None = None
+    keep_alive = True
+    for line in lines[1:]:
+        field = _HEADER_FIELD_RE.fullmatch(line)
+        if field is None:
+            return None
+        name, value = field.groups()
+        lower = name.lower()
+        if lower == b"content-length":
+            value = _content_length(value)
+            if value is None or (length is not None and value != length):
+                return None
+            if length is not None:
+                continue  # h11 keeps one of identical Content-Length headers
+            length = value
+        elif lower == b"transfer-encoding":
+            return None
+        elif lower == b"connection" and b"close" in [part.strip().lower() for part in value.split(b",")]:
+            keep_alive = False
+        headers.append((name, value))
+    if method == b"HEAD" or status in _NO_BODY_STATUSES:
+        size = 0
+    elif length is None:
+        return None  # read until close
+    else:
+        size = int(length)
+    return _Head(status, match[3] or b"", headers, b"1.1", size, data[end + 4:]), keep_alive
 
 
 class UpgradedStream(trio.abc.Stream):
@@ -179,19 +350,18 @@ class Response:
     """A backend's response head; iterate it for the body's raw bytes, then ``aclose`` it.
 
     ``complete`` turns true as soon as the end of the body is known, which may be before the
-    last chunk is handed out (h11 already holds the end): the caller can mark that chunk as the
-    last. On a 101 to an upgrade request, ``stream`` is the raw connection; it is the caller's
-    until ``aclose``.
+    last chunk is handed out (the parser already holds the end): the caller can mark that chunk
+    as the last. On a 101 to an upgrade request, ``stream`` is the raw connection; it is the
+    caller's until ``aclose``.
     """
 
-    __slots__ = ("_borrower", "_connection", "_peeked", "_pool", "complete", "headers",
-                 "http_version", "reason", "status", "stream", "trailers")
+    __slots__ = ("_borrower", "_connection", "_length", "_peeked", "_pending", "_pool", "_remaining",
+                 "complete", "headers", "http_version", "reason", "status", "stream", "trailers")
 
-    def __init__(self, pool: OriginPool, connection: _Connection, borrower: object,
-                 head: h11.Response | h11.InformationalResponse) -> None:
-        self.status: int = head.status_code
+    def __init__(self, pool: OriginPool, connection: _Connection, borrower: object, head: _Head) -> None:
+        self.status: int = head.status
         self.reason: bytes = head.reason
-        self.headers: Headers = list(head.headers.raw_items())
+        self.headers: Headers = head.headers
         self.http_version: bytes = head.http_version
         self.stream: UpgradedStream | None = None
         self.complete = False
@@ -200,14 +370,28 @@ class Response:
         self._connection: _Connection | None = connection
         self._borrower: object | None = borrower
         self._peeked: h11.Event | None = None
+        # The fast path's body: its size, the bytes read with the head and not yet handed out,
+        # the bytes still to read from the backend; None: h11 reads the body.
+        self._length = head.length
+        self._pending = head.body
+        self._remaining: int | None = None
+        if head.length is not None:
+            self._remaining = self._taken(len(head.body))
+            if len(self._pending) > head.length:
+                self._pending = self._pending[:head.length]
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 
     async def __anext__(self) -> bytes:
+        if self._pending:  # the fast path's bytes that came with the head
+            data, self._pending = self._pending, b""
+            return data
         connection = self._connection
         if connection is None or self.complete or self.stream is not None:
             raise StopAsyncIteration
+        if self._remaining is not None:
+            return await self._next_fast(connection)
         while True:
             event, self._peeked = self._peeked, None
             if event is None:
@@ -222,23 +406,53 @@ class Response:
                 self._peek_end(connection)
                 return bytes(event.data)
             if type(event) is h11.EndOfMessage:
-                self._finish(event)
+                self._finish(list(event.headers.raw_items()))
                 raise StopAsyncIteration
             raise RemoteProtocolError(f"unexpected {type(event).__name__} in the response body")
 
+    async def _next_fast(self, connection: _Connection) -> bytes:
+        received: bytes | None = None
+        with trio.CancelScope(deadline=trio.current_time() + self._pool.timeouts.io):
+            received = await self._pool.receive(connection)
+        if received is None:
+            raise BackendTimeout("the backend sent nothing in time")
+        assert self._length is not None and self._remaining is not None
+        if not received:
+            raise RemoteProtocolError(
+                "peer closed connection without sending complete message body (received "
+                f"{self._length - self._remaining} bytes, expected {self._length})")
+        wanted = self._remaining
+        self._remaining = self._taken(len(received))
+        return received if len(received) <= wanted else received[:wanted]
+
+    def _taken(self, size: int) -> int:
+        """Count ``size`` body bytes against the fast path's body; what is left to read.
+
+        The end of the body finishes the response at once, before its last bytes are handed
+        out. Bytes past it leave the connection unfit for reuse (h11 would take them for the
+        next response; they are junk or a pipelining bug)."""
+        left = (self._length if self._remaining is None else self._remaining) - size
+        if left > 0:
+            return left
+        if left < 0 and self._connection is not None:
+            self._connection.reusable = False
+        self._finish([])
+        return 0
+
     def _peek_end(self, connection: _Connection) -> None:
         """Without waiting: if h11 already holds the end of the body, finish now."""
+        assert connection.h11 is not None
         try:
             event = connection.h11.next_event()
         except h11.RemoteProtocolError:
             return  # h11 stays in its error state: the next __anext__ raises it
         if type(event) is h11.EndOfMessage:
-            self._finish(event)
+            self._finish(list(event.headers.raw_items()))
         elif event is not h11.NEED_DATA:
             self._peeked = event
 
-    def _finish(self, end: h11.EndOfMessage) -> None:
-        self.trailers = list(end.headers.raw_items())
+    def _finish(self, trailers: Headers) -> None:
+        self.trailers = trailers
         self.complete = True
         connection, self._connection = self._connection, None
         if connection is not None:
@@ -290,17 +504,7 @@ class OriginPool:
         goes chunked unless ``headers`` hold its Content-Length. Host comes from ``target``.
         """
         replayable = isinstance(body, bytes | bytearray | memoryview)
-        headers = [(b"Host", target.host_header), *headers]
-        if replayable:
-            if body or method in _BODY_METHODS:
-                headers.append((b"Content-Length", b"%d" % len(body)))
-        elif not any(name.lower() == b"content-length" for name, _ in headers):
-            headers.append((b"Transfer-Encoding", b"chunked"))
-        try:
-            # Built (and so validated) once, even if the request goes out twice.
-            request = h11.Request(method=method, target=target.prefix + path, headers=headers)
-        except h11.LocalProtocolError as exc:
-            raise LocalRequestError(str(exc)) from None
+        outgoing = _Outgoing(target, method, path, headers, body)
         borrower = object()
         try:
             # Without a wait, no trip through the scheduler (trio hands a freed slot straight
@@ -315,7 +519,7 @@ class OriginPool:
         try:
             connection, reused = await self._connection(target.origin)
             try:
-                head = await self._exchange(connection, request, body)
+                head = await self._exchange(connection, outgoing, body)
             except _RETRYABLE:
                 if not (reused and replayable and not connection.received):
                     raise
@@ -323,75 +527,92 @@ class OriginPool:
                 stale, connection = connection, None
                 self.discard(stale)
                 connection = await self._connect(target.origin)
-                head = await self._exchange(connection, request, body)
+                head = await self._exchange(connection, outgoing, body)
         except BaseException:
             if connection is not None:
                 self.discard(connection)
             self.release_slot(borrower)
             raise
         response = Response(self, connection, borrower, head)
-        if head.status_code == 101:
+        if head.status == 101:
+            assert connection.h11 is not None  # an upgrade request is never on the fast path
             trailing, _ = connection.h11.trailing_data
             response.stream = UpgradedStream(connection, bytes(trailing))
         return response
 
-    async def _exchange(self, connection: _Connection, request: h11.Request,
-                        body: bytes | AsyncIterable[bytes]) -> h11.Response | h11.InformationalResponse:
+    async def _exchange(self, connection: _Connection, outgoing: _Outgoing,
+                        body: bytes | AsyncIterable[bytes]) -> _Head:
         # One deadline for the whole exchange, not one per read and write: a cancel scope costs
         # ~10 µs. A streamed body moves it on with each chunk written, so a long upload is fine.
         with trio.CancelScope(deadline=trio.current_time() + self.timeouts.io) as scope:
-            return await self._exchange_in(connection, request, body, scope)
+            return await self._exchange_in(connection, outgoing, body, scope)
         raise BackendTimeout("the backend did not take the request or answer in time")
 
-    async def _exchange_in(self, connection: _Connection, request: h11.Request,
-                           body: bytes | AsyncIterable[bytes],
-                           scope: trio.CancelScope) -> h11.Response | h11.InformationalResponse:
+    async def _exchange_in(self, connection: _Connection, outgoing: _Outgoing,
+                           body: bytes | AsyncIterable[bytes], scope: trio.CancelScope) -> _Head:
         connection.received = False
-        h = connection.h11
+        connection.reusable = False
+        connection.h11 = None
         try:
-            head = h.send(request)
             if isinstance(body, bytes | bytearray | memoryview):
-                data = h.send(h11.Data(data=body)) if body else b""
-                end = h.send(h11.EndOfMessage())
                 if len(body) <= COALESCE_SIZE:
-                    await self._send(connection, b"".join((head, data, end)))
+                    # One write, one syscall: the head and a small body together.
+                    await self._send(connection, outgoing.head + body if body else outgoing.head)
                 else:
-                    await self._send(connection, head)
-                    await self._send(connection, data)
-                    await self._send(connection, end)
+                    await self._send(connection, outgoing.head)
+                    await self._send(connection, body)
             else:
-                await self._send(connection, head)
+                await self._send(connection, outgoing.head)
+                left = outgoing.length
                 async for chunk in body:
-                    if chunk:
-                        await self._send(connection, h.send(h11.Data(data=chunk)))
-                        scope.deadline = trio.current_time() + self.timeouts.io
-                await self._send(connection, h.send(h11.EndOfMessage()))
-        except h11.LocalProtocolError as exc:  # e.g. a streamed body shorter or longer than declared
-            raise LocalRequestError(str(exc)) from None
+                    if not chunk:
+                        continue  # an empty chunk would read as the end of a chunked body
+                    if left is None:
+                        await self._send(connection, b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    else:
+                        left -= len(chunk)
+                        if left < 0:
+                            raise LocalRequestError("Too much data for declared Content-Length")
+                        await self._send(connection, chunk)
+                    scope.deadline = trio.current_time() + self.timeouts.io
+                if left is None:
+                    await self._send(connection, b"0\r\n\r\n")
+                elif left:
+                    raise LocalRequestError("Too little data for declared Content-Length")
         except WriteError:
             # The backend may have answered early (a 413, say) and closed: that answer is the
             # one to pass on, if it is there.
             try:
-                return await self._head(connection)
+                return await self._head(connection, outgoing)
             except BackendError:
                 pass
             raise
-        return await self._head(connection)
+        return await self._head(connection, outgoing)
 
-    async def _head(self, connection: _Connection) -> h11.Response | h11.InformationalResponse:
+    async def _head(self, connection: _Connection, outgoing: _Outgoing) -> _Head:
+        data = await self.receive(connection)
+        if outgoing.simple:
+            fast = _fast_head(data, outgoing.method)
+            if fast is not None:
+                head, connection.reusable = fast
+                return head
+        h = connection.h11 = outgoing.parser()
+        h.receive_data(data)
         while True:
             event = await self.next_event(connection)
-            if type(event) is h11.Response:
-                return event
+            if type(event) is h11.Response or (type(event) is h11.InformationalResponse
+                                               and event.status_code == 101):
+                assert isinstance(event, h11.Response | h11.InformationalResponse)
+                return _Head(event.status_code, event.reason, list(event.headers.raw_items()),
+                             event.http_version)
             if type(event) is h11.InformationalResponse:
-                if event.status_code == 101:
-                    return event
                 continue  # 100 Continue, 103 Early Hints: for this hop only
             raise RemoteProtocolError(f"unexpected {type(event).__name__} before the response")
 
     @staticmethod
     def poll_event(connection: _Connection) -> h11.Event | None:
         """The next event h11 already holds, or None if it needs data."""
+        assert connection.h11 is not None
         try:
             event = connection.h11.next_event()
         except h11.RemoteProtocolError as exc:
@@ -404,12 +625,13 @@ class OriginPool:
 
     async def next_event(self, connection: _Connection) -> h11.Event:
         """The next event, reading as needed; the caller bounds the wait (a cancel scope)."""
+        assert connection.h11 is not None
         while (event := self.poll_event(connection)) is None:
-            connection.h11.receive_data(await self._receive(connection))
+            connection.h11.receive_data(await self.receive(connection))
         return event
 
     @staticmethod
-    async def _receive(connection: _Connection) -> bytes:
+    async def receive(connection: _Connection) -> bytes:
         try:
             data = await connection.stream.receive_some(READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -495,10 +717,16 @@ class OriginPool:
     def release(self, connection: _Connection) -> None:
         """A finished exchange: keep the connection if both sides may go on, else close it."""
         h = connection.h11
-        if self._closed or connection.eof or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+        if h is None:
+            fit = connection.reusable
+        else:
+            # Bytes past the response would be read as the next one: not a connection to reuse.
+            fit = (not connection.eof and h.our_state is h11.DONE and h.their_state is h11.DONE
+                   and not h.trailing_data[0])
+            connection.h11 = None
+        if self._closed or not fit:
             self.discard(connection)
             return
-        h.start_next_cycle()
         connection.idle_since = trio.current_time()
         self._idle.setdefault(connection.origin, []).append(connection)
 
