@@ -20,7 +20,6 @@ without a checkpoint after the V2Connection call that made it (framing_v2's orde
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import trio
@@ -34,6 +33,7 @@ from wstunnel.errors import BackendError, FramingError, StreamClosedError, Tunne
 from wstunnel.headers import Headers, without_hop_by_hop
 from wstunnel.headers import get as get_header
 from wstunnel.logs import EventLogger
+from wstunnel.streams import ChunkQueue
 from wstunnel.tokens import Token
 from wstunnel.transport import FrameOutbox, MessageTransport
 
@@ -50,10 +50,9 @@ class _Stream:
     method: bytes
     target: bytes
     headers: Headers
-    # The request body as it arrives; bounded by the stream window we grant, not by the channel.
-    chunks_in: trio.MemorySendChannel[bytes]
-    chunks_out: trio.MemoryReceiveChannel[bytes]
     has_body: bool
+    # The request body as it arrives; bounded by the stream window we grant, not by the queue.
+    chunks: ChunkQueue[bytes] = field(default_factory=ChunkQueue)
     size: int = 0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -81,13 +80,13 @@ class _BodyFeed:
             self._session.credit(stream, self._taken)
             self._taken = 0
         try:
-            parts = [await stream.chunks_out.receive()]
+            parts = [await stream.chunks.receive()]
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
         size = len(parts[0])
         while size < FEED_SIZE:
             try:
-                parts.append(stream.chunks_out.receive_nowait())
+                parts.append(stream.chunks.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
             size += len(parts[-1])
@@ -165,9 +164,8 @@ class ClientSessionV2:
 
     def _on_event(self, event: v2.Event, nursery: trio.Nursery) -> None:
         if isinstance(event, v2.RequestReceived):
-            send, receive = trio.open_memory_channel[bytes](math.inf)
             stream = _Stream(event.stream, event.method, event.target, event.headers,
-                             send, receive, has_body=not event.end_stream)
+                             has_body=not event.end_stream)
             self.streams[event.stream] = stream
             nursery.start_soon(self._handle, stream)
         elif isinstance(event, v2.DataReceived):
@@ -175,7 +173,7 @@ class ClientSessionV2:
         elif isinstance(event, v2.StreamEnded):
             stream = self.streams.get(event.stream)
             if stream is not None:
-                stream.chunks_in.close()
+                stream.chunks.close()
         elif isinstance(event, v2.StreamReset):
             stream = self.streams.pop(event.stream, None)
             if stream is not None:
@@ -199,7 +197,7 @@ class ClientSessionV2:
             stream.scope.cancel()
             self._emit(*self.conn.reset(stream.id, v2.ErrorCode.TOO_LARGE, "request body too large"))
             return
-        stream.chunks_in.send_nowait(event.data)
+        stream.chunks.send_nowait(event.data)
 
     def _wake_senders(self) -> None:
         self._credit.set()
@@ -297,7 +295,7 @@ class ClientSessionV2:
                        scope: trio.CancelScope) -> None:
         """HTTP client to backend; its credit goes back once the backend's socket took it."""
         try:
-            async for chunk in stream.chunks_out:
+            async for chunk in stream.chunks:
                 await network.send_all(chunk)
                 self.credit(stream, len(chunk))
         except BackendError as exc:

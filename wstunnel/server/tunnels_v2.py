@@ -38,6 +38,7 @@ from wstunnel.server.front import (
     StreamingResponse,
 )
 from wstunnel.server.tunnels import Failure, PendingRequest, TunnelConnection, _short_target
+from wstunnel.streams import ChunkQueue
 from wstunnel.transport import FrameOutbox
 
 _END = object()  # marks the end of a body in a stream's chunk channel
@@ -49,8 +50,8 @@ class _Stream:
 
     id: int
     pending: PendingRequest
-    chunks_in: trio.MemorySendChannel[object]
-    chunks_out: trio.MemoryReceiveChannel[object]
+    # The response body as it arrives (bytes, then _END); bounded by the windows we grant.
+    chunks: ChunkQueue[object] = field(default_factory=ChunkQueue)
     headed: bool = False  # the final response head arrived
     finished: bool = False  # ended or reset: nothing more will come
     aborted: str | None = None
@@ -69,7 +70,7 @@ class _StreamBody:
     async def receive(self) -> bytes | None:
         stream = self._stream
         try:
-            item = await stream.chunks_out.receive()
+            item = await stream.chunks.receive()
         except trio.EndOfChannel:
             raise ResponseAborted(stream.aborted or "stream aborted") from None
         if item is _END:
@@ -227,8 +228,7 @@ class TunnelConnectionV2(TunnelConnection):
         pending.holder = self
         pending.tries += 1
         self.in_flight[pending.id] = pending
-        send, receive = trio.open_memory_channel[object](math.inf)  # bounded by our windows
-        stream = _Stream(stream_id, pending, send, receive)
+        stream = _Stream(stream_id, pending)
         self.streams[stream_id] = stream
         self._emit(head)
         self.log.info(
@@ -304,7 +304,7 @@ class TunnelConnectionV2(TunnelConnection):
         self._emit(*self.conn.reset(stream.id, code, exc.text))
         if stream.headed:
             stream.aborted = exc.text
-            stream.chunks_in.close()
+            stream.chunks.close()
             return
         self.in_flight.pop(pending.id, None)
         pending.holder = None
@@ -339,7 +339,7 @@ class TunnelConnectionV2(TunnelConnection):
         elif isinstance(event, v2.DataReceived):
             stream = self.streams.get(event.stream)
             if stream is not None:
-                stream.chunks_in.send_nowait(event.data)
+                stream.chunks.send_nowait(event.data)
             else:  # nobody will read it (a late frame): give the credit straight back
                 self._emit(*self.conn.consumed(event.stream, len(event.data)))
         elif isinstance(event, v2.StreamEnded):
@@ -347,8 +347,8 @@ class TunnelConnectionV2(TunnelConnection):
             if stream is not None and stream.headed:
                 stream.finished = True
                 stream.trailers = list(event.trailers)
-                stream.chunks_in.send_nowait(_END)
-                stream.chunks_in.close()
+                stream.chunks.send_nowait(_END)
+                stream.chunks.close()
                 self._forget(event.stream)
         elif isinstance(event, v2.StreamReset):
             stream = self.streams.get(event.stream)
@@ -391,7 +391,7 @@ class TunnelConnectionV2(TunnelConnection):
         stream.scope.cancel()
         if stream.headed:
             stream.aborted = reason
-            stream.chunks_in.close()  # the reader gets EndOfChannel after what was buffered
+            stream.chunks.close()  # the reader gets EndOfChannel after what was buffered
             return
         pending = stream.pending
         if code is None:
