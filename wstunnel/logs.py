@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
-import re
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from wstunnel.tokens import Token
 
 EVENT_WIDTH = 14
 _LEVEL_NAMES = {
@@ -32,46 +33,61 @@ _LEVEL_NAMES = {
 SYSLOG_SOCKET = "/dev/log"
 
 
-# Characters that make a value need quotes (besides unprintable ones and being empty).
-_NEEDS_QUOTES = re.compile(r'[ ="\\]')
-
-
 def _render_value(value: Any) -> str:
-    # Every request logs a few lines of mostly ints, short strs and bytes: those are checked first,
-    # by exact type (a bool is an int, and a Token or an enum must take the str() path below).
+    # Every request logs a few lines of mostly strs, ints, bytes and Tokens: those are checked
+    # first, by exact type (a bool is an int, and an enum or a subclass must take the generic path).
     kind = type(value)
-    if kind is int:
-        return str(value)
     if kind is str:
         text = value
+    elif kind is int:
+        return str(value)
+    elif kind is bytes:
+        text = value.decode("utf-8", "replace")
+    elif kind is Token:
+        text = str(value)  # the Token's own redacted form, never its secret
+    elif value is None:
+        return ""
+    elif isinstance(value, bool):
+        return "true" if value else "false"
+    elif isinstance(value, int | float):
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
     else:
-        if value is None:
-            return ""
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int | float):
-            return f"{value:.3f}" if isinstance(value, float) else str(value)
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
         text = str(value)
-    if not text:
-        return ""
-    if _NEEDS_QUOTES.search(text) is not None or not text.isprintable():
-        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-        escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
-        # Any other unprintable character (a terminal escape, NUL, a lone surrogate left by a
-        # surrogateescape-decoded header) as \xNN/\uNNNN: it could forge output, and a surrogate
-        # cannot even be encoded, so the handler would drop the whole line.
-        escaped = "".join(
-            ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in escaped
-        )
-        return f'"{escaped}"'
-    return text
+    # A value needs quotes when it holds a space, '=', '"', '\\' or an unprintable character.
+    # Four `in` tests beat one regex search on the short values of the request lines.
+    if text.isprintable() and " " not in text and "=" not in text and '"' not in text and "\\" not in text:
+        return text  # the empty string too: printable, nothing to quote
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    # Any other unprintable character (a terminal escape, NUL, a lone surrogate left by a
+    # surrogateescape-decoded header) as \xNN/\uNNNN: it could forge output, and a surrogate
+    # cannot even be encoded, so the handler would drop the whole line.
+    escaped = "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in escaped
+    )
+    return f'"{escaped}"'
+
+
+# "key=" for each field name seen: a trailing underscore lets callers use keywords as keys
+# (try_=1 logs "try=1"). Field names are literals in the code, so the cache stays small; the
+# bound only guards against a caller that makes names up from data.
+_KEY_PREFIXES: dict[str, str] = {}
+_MAX_CACHED = 512
+
+
+def _key_prefix(key: str) -> str:
+    prefix = _KEY_PREFIXES.get(key)
+    if prefix is None:
+        prefix = key.rstrip("_") + "="
+        if len(_KEY_PREFIXES) < _MAX_CACHED:
+            _KEY_PREFIXES[key] = prefix
+    return prefix
 
 
 def format_fields(fields: Mapping[str, Any]) -> str:
-    # A trailing underscore lets callers use keywords as keys: try_=1 logs "try=1".
-    return " ".join([f"{key.rstrip('_')}={_render_value(value)}" for key, value in fields.items()])
+    return " ".join([_key_prefix(key) + _render_value(value) for key, value in fields.items()])
 
 
 def format_event(event: str, fields: Mapping[str, Any]) -> str:
