@@ -11,9 +11,12 @@ handler such as journald's can send them as fields of their own.
 
 from __future__ import annotations
 
+import codecs
+import io
 import logging
 import logging.handlers
 import os
+import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -59,6 +62,10 @@ def _render_value(value: Any) -> str:
     # Four `in` tests beat one regex search on the short values of the request lines.
     if text.isprintable() and " " not in text and "=" not in text and '"' not in text and "\\" not in text:
         return text  # the empty string too: printable, nothing to quote
+    return _quoted(text)
+
+
+def _quoted(text: str) -> str:
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')
     escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
     # Any other unprintable character (a terminal escape, NUL, a lone surrogate left by a
@@ -87,7 +94,29 @@ def _key_prefix(key: str) -> str:
 
 
 def format_fields(fields: Mapping[str, Any]) -> str:
-    return " ".join([_key_prefix(key) + _render_value(value) for key, value in fields.items()])
+    # _render_value inlined for the request lines' common types: a function call per field was
+    # a good part of the cost of a line. Anything else still goes through _render_value.
+    parts: list[str] = []
+    append = parts.append
+    for key, value in fields.items():
+        kind = type(value)
+        if kind is int:
+            text = str(value)
+        else:
+            if kind is str:
+                text = value
+            elif kind is bytes:
+                text = value.decode("utf-8", "replace")
+            elif kind is Token:
+                text = str(value)  # the Token's own redacted form, never its secret
+            else:
+                append((_KEY_PREFIXES.get(key) or _key_prefix(key)) + _render_value(value))
+                continue
+            if not (text.isprintable() and " " not in text and "=" not in text and '"' not in text
+                    and "\\" not in text):
+                text = _quoted(text)
+        append((_KEY_PREFIXES.get(key) or _key_prefix(key)) + text)
+    return " ".join(parts)
 
 
 def format_event(event: str, fields: Mapping[str, Any]) -> str:
@@ -95,6 +124,19 @@ def format_event(event: str, fields: Mapping[str, Any]) -> str:
     rendered = format_fields(fields)
     # Pad to EVENT_WIDTH but always keep one space: "WS   RECONNECT" is itself 14 characters.
     return f"{event:<{EVENT_WIDTH - 1}} {rendered}".rstrip() if rendered else event
+
+
+# format_event's "EVENT         " column per event name (also literals in the code).
+_EVENT_COLUMNS: dict[str, str] = {}
+
+
+def _event_column(event: str) -> str:
+    column = _EVENT_COLUMNS.get(event)
+    if column is None:
+        column = f"{event:<{EVENT_WIDTH - 1}} "
+        if len(_EVENT_COLUMNS) < _MAX_CACHED:
+            _EVENT_COLUMNS[event] = column
+    return column
 
 
 # What logging records when it does not look for the caller (logging.Logger._log's own default).
@@ -107,32 +149,72 @@ class EventLogger:
     def __init__(self, pkg: str, logger: logging.Logger | None = None) -> None:
         self.pkg = pkg
         self._logger = logger or logging.getLogger("wstunnel")
+        self._pkg_rendered_for: str | None = None
+        self._pkg_text = ""
 
     def log(self, level: int, event: str, /, **fields: Any) -> None:
+        self._log(level, event, fields)
+
+    def _log(self, level: int, event: str, fields: dict[str, Any]) -> None:
         logger = self._logger
         if not logger.isEnabledFor(level):
             return
+        # The fast path skips LogRecord, Logger.handle and Formatter.format, which together cost
+        # more than the line's rendering and write: allowed only when nothing but wstunnel's own
+        # handlers, unfiltered and with the LineFormatter, would see the record. Anything else
+        # (pytest's caplog, a handler a test adds, a propagating logger) gets records as before.
+        handlers = logger.handlers
+        if handlers and not logger.propagate and not logger.filters:
+            for handler in handlers:
+                if (
+                    handler.__class__ not in _EVENT_HANDLERS
+                    or handler.filters
+                    or handler.formatter.__class__ is not LineFormatter
+                ):
+                    break
+            else:
+                pkg = self.pkg
+                if pkg is not self._pkg_rendered_for:  # rendered once, not once a line
+                    self._pkg_text = _key_prefix("pkg") + _render_value(pkg)
+                    self._pkg_rendered_for = pkg
+                # format_event(event, {"pkg": pkg, **fields}), without copying the fields.
+                text = (_EVENT_COLUMNS.get(event) or _event_column(event)) + self._pkg_text
+                if fields:
+                    text = f"{text} {format_fields(fields)}"
+                created = time.time()
+                for handler in handlers:
+                    if level >= handler.level:
+                        handler.emit_event(self, level, created, event, fields, text)  # type: ignore[attr-defined]
+                return
+        logger.handle(self.make_record(level, event, fields))
+
+    def make_record(
+        self, level: int, event: str, fields: Mapping[str, Any], created: float | None = None
+    ) -> logging.LogRecord:
+        """The LogRecord of one event, for handlers other than wstunnel's own."""
+        logger = self._logger
         all_fields = {"pkg": self.pkg, **fields}
-        # makeRecord and handle are what Logger.log does, minus findCaller: it walks the stack
-        # for a file name and line no line of ours shows, and cost about a third of each log
-        # call on the request path. The line shows the event and its fields, nothing else.
+        # makeRecord is what Logger.log does, minus findCaller: it walks the stack for a file
+        # name and line no line of ours shows. The line shows the event and its fields only.
         record = logger.makeRecord(
             logger.name, level, _NO_CALLER[0], _NO_CALLER[1], format_event(event, all_fields), (),
             None, _NO_CALLER[2], {"wstunnel_event": event, "wstunnel_fields": all_fields},
         )
-        logger.handle(record)
+        if created is not None:
+            record.created = created
+        return record
 
     def debug(self, event: str, /, **fields: Any) -> None:
-        self.log(logging.DEBUG, event, **fields)
+        self._log(logging.DEBUG, event, fields)
 
     def info(self, event: str, /, **fields: Any) -> None:
-        self.log(logging.INFO, event, **fields)
+        self._log(logging.INFO, event, fields)
 
     def warning(self, event: str, /, **fields: Any) -> None:
-        self.log(logging.WARNING, event, **fields)
+        self._log(logging.WARNING, event, fields)
 
     def error(self, event: str, /, **fields: Any) -> None:
-        self.log(logging.ERROR, event, **fields)
+        self._log(logging.ERROR, event, fields)
 
 
 class LineFormatter(logging.Formatter):
@@ -141,25 +223,118 @@ class LineFormatter(logging.Formatter):
     def __init__(self, *, timestamps: bool) -> None:
         super().__init__()
         self.timestamps = timestamps
-        # The stamp has whole seconds only: made once a second, not once a line.
+        # The stamp has whole seconds only: made once a second, not once a line, and so is each
+        # level's "STAMP LEVEL " line start.
         self._stamp_second = -1
         self._stamp = ""
+        self._starts: dict[int, str] = {}
 
     def format(self, record: logging.LogRecord) -> str:
         line = f"{_LEVEL_NAMES.get(record.levelno, record.levelname)} {record.getMessage()}"
         if record.exc_info and record.levelno >= logging.ERROR:
             line += " exc=" + _render_value(self.formatException(record.exc_info))
         if self.timestamps:
-            second = int(record.created)
-            if second != self._stamp_second:
-                self._stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.gmtime(second))
-                self._stamp_second = second
+            self._set_second(int(record.created))
             line = f"{self._stamp} {line}"
         return line
 
+    def event_line(self, level: int, created: float, text: str, end: str = "") -> str:
+        """What format() makes of a record of this level, time and message (no exc), plus end."""
+        if self.timestamps:
+            second = int(created)
+            if second != self._stamp_second:
+                self._set_second(second)
+        start = self._starts.get(level)
+        if start is None:
+            name = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
+            start = self._starts[level] = f"{self._stamp} {name} " if self.timestamps else f"{name} "
+        return f"{start}{text}{end}"
 
-class ReopenableFileHandler(logging.FileHandler):
+    def _set_second(self, second: int) -> None:
+        if second != self._stamp_second:
+            self._stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.gmtime(second))
+            self._stamp_second = second
+            self._starts = {}
+
+
+_STATELESS_CODECS = frozenset({"utf-8", "ascii", "iso8859-1"})
+
+
+class _DirectWrites:
+    """EventLogger's fast path for a handler with a stream: one os.write per line.
+
+    TextIOWrapper.write plus flush cost about as much as the write system call itself, and
+    the line goes to the OS before the call returns either way. Streams that are not plain
+    files, pipes or terminals (pytest's capture, io.StringIO) get write and flush as before.
+    """
+
+    stream: Any
+    lock: Any
+    formatter: Any
+    terminator: str
+    # A shared stream (stderr) is flushed first, so whatever else went through it (a print,
+    # logging's traceback of a failed emit) comes out in order, and a closed stream raises.
+    # A log file's stream is the handler's own, and Handler.emit flushes after each record.
+    _flush_first = True
+    _direct_stream: Any = object()  # no stream yet, and not None: delay=True leaves that
+    _direct_fd: int | None = None
+    _direct_encoding = "utf-8"
+    _direct_errors = "strict"
+
+    def emit_event(
+        self, source: EventLogger, level: int, created: float, event: str,
+        fields: Mapping[str, Any], text: str,
+    ) -> None:
+        with self.lock:
+            try:
+                stream = self.stream
+                if stream is not self._direct_stream:
+                    stream = self._direct_to(stream)
+                    if stream is None:
+                        return
+                line = self.formatter.event_line(level, created, text, self.terminator)
+                fd = self._direct_fd
+                if fd is None:
+                    stream.write(line)
+                    stream.flush()
+                    return
+                if self._flush_first:
+                    stream.flush()
+                data = line.encode(self._direct_encoding, self._direct_errors)
+                written = os.write(fd, data)
+                while written < len(data):  # a pipe may take part of it
+                    data = data[written:]
+                    written = os.write(fd, data)
+            except RecursionError:  # as StreamHandler.emit: no handleError for these
+                raise
+            except Exception:
+                self.handleError(source.make_record(level, event, fields, created))  # type: ignore[attr-defined]
+
+    def _direct_to(self, stream: Any) -> Any:
+        """Takes a new stream (or opens a file handler's): the one to write to, or None."""
+        self._direct_fd = None
+        # Only codecs that encode a line the same alone as in a stream: no BOM (utf-8-sig,
+        # utf-16), no state. POSIX streams do not translate "\n", so that needs no check.
+        if type(stream) is io.TextIOWrapper and codecs.lookup(stream.encoding).name in _STATELESS_CODECS:
+            try:
+                self._direct_fd = stream.fileno()
+            except (OSError, ValueError):
+                pass
+            else:
+                self._direct_encoding, self._direct_errors = stream.encoding, stream.errors
+        # Holding the stream keeps its id from going to another stream with another fd.
+        self._direct_stream = stream
+        return stream
+
+
+class LineStreamHandler(_DirectWrites, logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr's handler: logging.StreamHandler plus the fast path of EventLogger."""
+
+
+class ReopenableFileHandler(_DirectWrites, logging.FileHandler):
     """A log file that ``reopen()`` closes and opens again, for logrotate's SIGHUP."""
+
+    _flush_first = False
 
     def reopen(self) -> None:
         self.acquire()
@@ -169,6 +344,13 @@ class ReopenableFileHandler(logging.FileHandler):
             self.stream = self._open()
         finally:
             self.release()
+
+    def _direct_to(self, stream: Any) -> Any:
+        if stream is None:  # delay=True, or closed: FileHandler.emit opens it then too
+            if self.mode == "w" and self._closed:  # type: ignore[attr-defined]
+                return None
+            stream = self.stream = self._open()
+        return super()._direct_to(stream)
 
 
 _SYSLOG_PRIORITIES = {
@@ -185,11 +367,14 @@ _JOURNAL_FIELD_NAMES = {"token": "WSTUNNEL_TOKEN", "id": "WSTUNNEL_REQUEST_ID",
 
 def journal_fields(record: logging.LogRecord) -> dict[str, str]:
     """The structured journal fields of one record (besides MESSAGE and PRIORITY)."""
+    return _journal_fields(getattr(record, "wstunnel_event", None), getattr(record, "wstunnel_fields", {}))
+
+
+def _journal_fields(event: str | None, all_fields: Mapping[str, Any]) -> dict[str, str]:
     fields: dict[str, str] = {}
-    event = getattr(record, "wstunnel_event", None)
     if event:
         fields["WSTUNNEL_EVENT"] = " ".join(event.split())
-    for key, value in getattr(record, "wstunnel_fields", {}).items():
+    for key, value in all_fields.items():
         if value is None or value == "":
             continue
         name = key.rstrip("_")
@@ -223,6 +408,71 @@ class JournalHandler(logging.Handler):
             )
         except Exception:
             self.handleError(record)
+
+    def emit_event(
+        self, source: EventLogger, level: int, created: float, event: str,
+        fields: Mapping[str, Any], text: str,
+    ) -> None:
+        formatter: LineFormatter = self.formatter  # type: ignore[assignment]
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self._send(
+                    formatter.event_line(level, created, text),
+                    PRIORITY=str(_SYSLOG_PRIORITIES.get(level, 6)),
+                    SYSLOG_IDENTIFIER=self.identifier,
+                    **_journal_fields(event, {"pkg": source.pkg, **fields}),
+                )
+            except Exception:
+                self.handleError(source.make_record(level, event, fields, created))
+
+
+class SyslogLineHandler(logging.handlers.SysLogHandler):
+    """logging's SysLogHandler plus the fast path of EventLogger, same datagrams."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._send_line(self.format(record), record.levelname)
+        except Exception:
+            self.handleError(record)
+
+    def emit_event(
+        self, source: EventLogger, level: int, created: float, event: str,
+        fields: Mapping[str, Any], text: str,
+    ) -> None:
+        formatter: LineFormatter = self.formatter  # type: ignore[assignment]
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self._send_line(formatter.event_line(level, created, text),
+                                logging.getLevelName(level))
+            except Exception:
+                self.handleError(source.make_record(level, event, fields, created))
+
+    def _send_line(self, message: str, level_name: str) -> None:
+        # SysLogHandler.emit (Python 3.11-3.13) from its format() on: one copy for both paths.
+        if self.ident:
+            message = self.ident + message
+        if self.append_nul:
+            message += "\000"
+        prio = f"<{self.encodePriority(self.facility, self.mapPriority(level_name))}>"
+        data = prio.encode("utf-8") + message.encode("utf-8")
+        if not self.socket:
+            self.createSocket()
+        if self.unixsocket:
+            try:
+                self.socket.send(data)
+            except OSError:
+                self.socket.close()
+                self._connect_unixsocket(self.address)  # type: ignore[attr-defined]
+                self.socket.send(data)
+        elif self.socktype == socket.SOCK_DGRAM:
+            self.socket.sendto(data, self.address)
+        else:
+            self.socket.sendall(data)
+
+
+# The handler classes whose emit_event EventLogger calls instead of building a LogRecord: exact
+# classes, as a subclass may have changed what emit() does.
+_EVENT_HANDLERS = frozenset({LineStreamHandler, ReopenableFileHandler, JournalHandler, SyslogLineHandler})
 
 
 def under_journald(environ: Mapping[str, str] | None = None) -> bool:
@@ -258,7 +508,7 @@ def configure(
     logger.propagate = False
     handler: logging.Handler
     if syslog_tag:
-        handler = logging.handlers.SysLogHandler(
+        handler = SyslogLineHandler(
             address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON
         )
         # "tag[pid]: " as syslog(3) and the original's Go log/syslog write it, so lines read
@@ -272,7 +522,7 @@ def configure(
         handler = JournalHandler(name)
         handler.setFormatter(LineFormatter(timestamps=False))  # the journal keeps the time
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = LineStreamHandler(sys.stderr)
         handler.setFormatter(LineFormatter(timestamps=True))
     logger.addHandler(handler)
     return logger
