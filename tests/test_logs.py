@@ -534,6 +534,15 @@ def test_fast_file_lines_are_the_record_path_lines(
     )
 
 
+def test_a_pkg_field_replaces_the_loggers_pkg(tmp_path: Path, private_logger: logging.Logger) -> None:
+    path = tmp_path / "pkg.log"
+    handler = ReopenableFileHandler(path, encoding="utf-8")
+    handler.setFormatter(LineFormatter(timestamps=False))
+    _add(private_logger, handler)
+    EventLogger("WStunsrv", private_logger).info("Own pkg", n=1, pkg="other")
+    assert path.read_text() == "INFO Own pkg       pkg=other n=1\n"  # as format_event has it
+
+
 @pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
 def test_fast_stream_lines_are_the_record_path_lines(
     tmp_path: Path, private_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch, encoding: str
@@ -644,10 +653,16 @@ def test_foreign_handlers_still_get_records(tmp_path: Path, private_logger: logg
     assert foreign.lines == [line]
     assert foreign.records[0].wstunnel_fields["token"] is TOKEN  # type: ignore[attr-defined]
     assert path.read_text() == line + "\n"
-    # Alone again, the file still gets the same line, now without a record.
+    # Alone again, the file still gets the same line, now without a record; and the lines of
+    # both ways interleave in order.
     private_logger.removeHandler(foreign)
     log.info("HTTP RET", token=TOKEN, id=3, status=200)
-    assert path.read_text() == (line + "\n") * 2
+    private_logger.addHandler(foreign)
+    log.info("HTTP RET", token=TOKEN, id=4, status=200)
+    private_logger.removeHandler(foreign)
+    log.info("HTTP RET", token=TOKEN, id=5, status=200)
+    assert path.read_text().splitlines() == [line, line, line.replace("id=3", "id=4"),
+                                             line.replace("id=3", "id=5")]
 
 
 def test_propagating_loggers_and_subclasses_take_the_record_path(

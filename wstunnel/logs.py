@@ -6,7 +6,9 @@ Every event is one line: ``LEVEL EVENT  key=value ...`` with the original's even
 else in this module knows about secrets, so passing a Token is the one rule for callers.
 
 The structured fields ride along on each ``logging.LogRecord`` (``record.wstunnel_fields``) so a
-handler such as journald's can send them as fields of their own.
+handler such as journald's can send them as fields of their own. wstunnel's own handlers also
+take events without a LogRecord (``emit_event``): the request path logs a few lines per request,
+and the logging module's machinery cost more than rendering and writing them.
 """
 
 from __future__ import annotations
@@ -164,7 +166,8 @@ class EventLogger:
         # handlers, unfiltered and with the LineFormatter, would see the record. Anything else
         # (pytest's caplog, a handler a test adds, a propagating logger) gets records as before.
         handlers = logger.handlers
-        if handlers and not logger.propagate and not logger.filters:
+        # (A field named pkg replaces the logger's own in place: the record path knows how.)
+        if handlers and not logger.propagate and not logger.filters and "pkg" not in fields:
             for handler in handlers:
                 if (
                     handler.__class__ not in _EVENT_HANDLERS
@@ -238,17 +241,17 @@ class LineFormatter(logging.Formatter):
             line = f"{self._stamp} {line}"
         return line
 
-    def event_line(self, level: int, created: float, text: str, end: str = "") -> str:
-        """What format() makes of a record of this level, time and message (no exc), plus end."""
-        if self.timestamps:
-            second = int(created)
-            if second != self._stamp_second:
-                self._set_second(second)
-        start = self._starts.get(level)
-        if start is None:
-            name = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
-            start = self._starts[level] = f"{self._stamp} {name} " if self.timestamps else f"{name} "
-        return f"{start}{text}{end}"
+    def event_line(self, level: int, created: float, text: str) -> str:
+        """What format() makes of a record of this level, time and message (no exc)."""
+        if self.timestamps and int(created) != self._stamp_second:
+            self._set_second(int(created))
+        return (self._starts.get(level) or self._start(level)) + text
+
+    def _start(self, level: int) -> str:
+        """"STAMP LEVEL " (or "LEVEL "), the start of each line of this level this second."""
+        name = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
+        start = self._starts[level] = f"{self._stamp} {name} " if self.timestamps else f"{name} "
+        return start
 
     def _set_second(self, second: int) -> None:
         if second != self._stamp_second:
@@ -258,6 +261,13 @@ class LineFormatter(logging.Formatter):
 
 
 _STATELESS_CODECS = frozenset({"utf-8", "ascii", "iso8859-1"})
+
+
+def _write_rest(fd: int, data: bytes, written: int) -> None:
+    """The rest of a line a pipe or a full disk took only part of."""
+    while written < len(data):
+        data = data[written:]
+        written = os.write(fd, data)
 
 
 class _DirectWrites:
@@ -292,7 +302,7 @@ class _DirectWrites:
                     stream = self._direct_to(stream)
                     if stream is None:
                         return
-                line = self.formatter.event_line(level, created, text, self.terminator)
+                line = self.formatter.event_line(level, created, text) + self.terminator
                 fd = self._direct_fd
                 if fd is None:
                     stream.write(line)
@@ -302,9 +312,8 @@ class _DirectWrites:
                     stream.flush()
                 data = line.encode(self._direct_encoding, self._direct_errors)
                 written = os.write(fd, data)
-                while written < len(data):  # a pipe may take part of it
-                    data = data[written:]
-                    written = os.write(fd, data)
+                if written != len(data):
+                    _write_rest(fd, data, written)
             except RecursionError:  # as StreamHandler.emit: no handleError for these
                 raise
             except Exception:
