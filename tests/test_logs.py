@@ -794,3 +794,28 @@ def test_each_token_renders_as_its_own_prefix_however_many_come_and_go() -> None
         assert logs.format_fields({"token": token, "again": token}) == f"token={prefix}... again={prefix}..."
         del token
     assert len(logs._TOKEN_TEXTS) <= logs._MAX_CACHED
+
+
+def test_own_handlers_with_other_formatters_or_filters_get_records(
+    tmp_path: Path, private_logger: logging.Logger
+) -> None:
+    formatted = ReopenableFileHandler(tmp_path / "formatted.log", encoding="utf-8")
+    formatted.setFormatter(logging.Formatter("%(levelname)s|%(name)s|%(message)s"))
+    filtered = ReopenableFileHandler(tmp_path / "filtered.log", encoding="utf-8")
+    filtered.setFormatter(LineFormatter(timestamps=False))
+    filtered.addFilter(lambda record: record.getMessage().startswith("Kept"))
+    plain = ReopenableFileHandler(tmp_path / "plain.log", encoding="utf-8")
+    plain.setFormatter(LineFormatter(timestamps=False))
+    for handler in (formatted, filtered, plain):
+        _add(private_logger, handler)
+    log = EventLogger("WStunsrv", private_logger)
+    log.info("Kept", n=1)
+    log.info("Dropped", n=2)
+    assert (tmp_path / "formatted.log").read_text() == (
+        "INFO|wstunnel.test-fast|Kept          pkg=WStunsrv n=1\n"
+        "INFO|wstunnel.test-fast|Dropped       pkg=WStunsrv n=2\n"
+    )
+    assert (tmp_path / "filtered.log").read_text() == "INFO Kept          pkg=WStunsrv n=1\n"
+    assert (tmp_path / "plain.log").read_text() == (
+        "INFO Kept          pkg=WStunsrv n=1\nINFO Dropped       pkg=WStunsrv n=2\n"
+    )

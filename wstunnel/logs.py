@@ -145,17 +145,8 @@ def format_event(event: str, fields: Mapping[str, Any]) -> str:
     return f"{event:<{EVENT_WIDTH - 1}} {rendered}".rstrip() if rendered else event
 
 
-# format_event's "EVENT         " column per event name (also literals in the code).
-_EVENT_COLUMNS: dict[str, str] = {}
-
-
 def _event_column(event: str) -> str:
-    column = _EVENT_COLUMNS.get(event)
-    if column is None:
-        column = f"{event:<{EVENT_WIDTH - 1}} "
-        if len(_EVENT_COLUMNS) < _MAX_CACHED:
-            _EVENT_COLUMNS[event] = column
-    return column
+    return f"{event:<{EVENT_WIDTH - 1}} "
 
 
 # What logging records when it does not look for the caller (logging.Logger._log's own default).
@@ -170,6 +161,7 @@ class EventLogger:
         self._logger = logger or logging.getLogger("wstunnel")
         self._pkg_rendered_for: str | None = None
         self._pkg_text = ""
+        self._heads: dict[str, str] = {}
 
     def log(self, level: int, event: str, /, **fields: Any) -> None:
         self._log(level, event, fields)
@@ -180,33 +172,39 @@ class EventLogger:
             return
         # The fast path skips LogRecord, Logger.handle and Formatter.format, which together cost
         # more than the line's rendering and write: allowed only when nothing but wstunnel's own
-        # handlers, unfiltered and with the LineFormatter, would see the record. Anything else
-        # (pytest's caplog, a handler a test adds, a propagating logger) gets records as before.
+        # handlers would see the record (each makes itself a record if it has a filter or some
+        # other formatter). Anything else (pytest's capture handlers, a handler a test adds, a
+        # propagating logger) gets records as before.
         handlers = logger.handlers
         # (A field named pkg replaces the logger's own in place: the record path knows how.)
         if handlers and not logger.propagate and not logger.filters and "pkg" not in fields:
             for handler in handlers:
-                if (
-                    handler.__class__ not in _EVENT_HANDLERS
-                    or handler.filters
-                    or handler.formatter.__class__ is not LineFormatter
-                ):
+                if handler.__class__ not in _EVENT_HANDLERS:
                     break
             else:
-                pkg = self.pkg
-                if pkg is not self._pkg_rendered_for:  # rendered once, not once a line
-                    self._pkg_text = _key_prefix("pkg") + _render_value(pkg)
-                    self._pkg_rendered_for = pkg
+                if self.pkg is not self._pkg_rendered_for:
+                    self._set_pkg()
                 # format_event(event, {"pkg": pkg, **fields}), without copying the fields.
-                text = (_EVENT_COLUMNS.get(event) or _event_column(event)) + self._pkg_text
-                if fields:
-                    text = f"{text} {format_fields(fields)}"
+                head = self._heads.get(event) or self._head(event)
+                text = f"{head} {format_fields(fields)}" if fields else head
                 created = time.time()
                 for handler in handlers:
                     if level >= handler.level:
                         handler.emit_event(self, level, created, event, fields, text)  # type: ignore[attr-defined]
                 return
         logger.handle(self.make_record(level, event, fields))
+
+    def _set_pkg(self) -> None:
+        self._pkg_text = _key_prefix("pkg") + _render_value(self.pkg)
+        self._pkg_rendered_for = self.pkg
+        self._heads = {}
+
+    def _head(self, event: str) -> str:
+        """ "EVENT         pkg=..." for this event, made once per EventLogger and event."""
+        head = _event_column(event) + self._pkg_text
+        if len(self._heads) < _MAX_CACHED:
+            self._heads[event] = head
+        return head
 
     def make_record(
         self, level: int, event: str, fields: Mapping[str, Any], created: float | None = None
@@ -312,6 +310,10 @@ class _DirectWrites:
         self, source: EventLogger, level: int, created: float, event: str,
         fields: Mapping[str, Any], text: str,
     ) -> None:
+        formatter = self.formatter
+        if formatter.__class__ is not LineFormatter or self.filters:
+            self.handle(source.make_record(level, event, fields, created))  # type: ignore[attr-defined]
+            return
         with self.lock:
             try:
                 stream = self.stream
@@ -319,7 +321,11 @@ class _DirectWrites:
                     stream = self._direct_to(stream)
                     if stream is None:
                         return
-                line = self.formatter.event_line(level, created, text) + self.terminator
+                # LineFormatter.event_line plus the terminator, in one string.
+                if formatter.timestamps and int(created) != formatter._stamp_second:
+                    formatter._set_second(int(created))
+                start = formatter._starts.get(level) or formatter._start(level)
+                line = f"{start}{text}{self.terminator}"
                 fd = self._direct_fd
                 if fd is None:
                     stream.write(line)
@@ -439,11 +445,14 @@ class JournalHandler(logging.Handler):
         self, source: EventLogger, level: int, created: float, event: str,
         fields: Mapping[str, Any], text: str,
     ) -> None:
-        formatter: LineFormatter = self.formatter  # type: ignore[assignment]
+        formatter = self.formatter
+        if formatter.__class__ is not LineFormatter or self.filters:
+            self.handle(source.make_record(level, event, fields, created))
+            return
         with self.lock:  # type: ignore[union-attr]
             try:
                 self._send(
-                    formatter.event_line(level, created, text),
+                    formatter.event_line(level, created, text),  # type: ignore[union-attr]
                     PRIORITY=str(_SYSLOG_PRIORITIES.get(level, 6)),
                     SYSLOG_IDENTIFIER=self.identifier,
                     **_journal_fields(event, {"pkg": source.pkg, **fields}),
@@ -465,10 +474,13 @@ class SyslogLineHandler(logging.handlers.SysLogHandler):
         self, source: EventLogger, level: int, created: float, event: str,
         fields: Mapping[str, Any], text: str,
     ) -> None:
-        formatter: LineFormatter = self.formatter  # type: ignore[assignment]
+        formatter = self.formatter
+        if formatter.__class__ is not LineFormatter or self.filters:
+            self.handle(source.make_record(level, event, fields, created))
+            return
         with self.lock:  # type: ignore[union-attr]
             try:
-                self._send_line(formatter.event_line(level, created, text),
+                self._send_line(formatter.event_line(level, created, text),  # type: ignore[union-attr]
                                 logging.getLevelName(level))
             except Exception:
                 self.handleError(source.make_record(level, event, fields, created))
