@@ -486,7 +486,7 @@ class SyslogLineHandler(logging.handlers.SysLogHandler):
                 self.handleError(source.make_record(level, event, fields, created))
 
     def _send_line(self, message: str, level_name: str) -> None:
-        # SysLogHandler.emit (Python 3.11-3.13) from its format() on: one copy for both paths.
+        # CPython 3.11's SysLogHandler.emit from its format() on: one copy for both paths.
         if self.ident:
             message = self.ident + message
         if self.append_nul:
