@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
 import socket
 import sys
+import time
+import types
 from collections.abc import Iterator
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,14 @@ from wstunnel.tokens import Token
 SECRET = "tech_xyz_0123456789_do_not_log"
 TOKEN = Token(SECRET)
 STAMP = r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d"
+
+
+class _Str(str):
+    pass
+
+
+class _Bytes(bytes):
+    pass
 
 
 class ListHandler(logging.Handler):
@@ -147,42 +159,56 @@ def test_disabled_levels_are_not_formatted(captured: tuple[EventLogger, ListHand
 # -- rendering ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("value", "rendered"),
-    [
-        ("plain", "plain"),
-        ("/path?q=1", '"/path?q=1"'),
-        ("", ""),
-        (None, ""),
-        (b"", ""),
-        ("two words", '"two words"'),
-        ("a=b", '"a=b"'),
-        ('say "hi"', r'"say \"hi\""'),
-        ("back\\slash", r'"back\\slash"'),
-        ("line\nbreak\r\ttab", r'"line\nbreak\r\ttab"'),
-        ("\x1b[31mred", r'"\x1b[31mred"'),
-        ("nul\x00", r'"nul\x00"'),
-        ("\x7f", r'"\x7f"'),
-        ("\u2028", r'"\u2028"'),
-        ("\udcff\udcfe", r'"\udcff\udcfe"'),  # surrogateescape leftovers
-        ("café", "café"),
-        (True, "true"),
-        (False, "false"),
-        (0, "0"),
-        (19, "19"),
-        (-3, "-3"),
-        (0.5, "0.500"),
-        (2.0, "2.000"),
-        (b"GET", "GET"),
-        (b"\xff", "\ufffd"),
-        (b"a b", '"a b"'),
-        (TOKEN, "tech_xyz..."),
-        (Token("my token is secret"), '"my token..."'),
-        (Path("/var/log/x.log"), "/var/log/x.log"),
-    ],
-)
+# Values and how a line shows them (SPEC §5, log15's quoting).
+RENDERED: list[tuple[object, str]] = [
+    ("plain", "plain"),
+    ("/path?q=1", '"/path?q=1"'),
+    ("", ""),
+    (None, ""),
+    (b"", ""),
+    ("two words", '"two words"'),
+    ("a=b", '"a=b"'),
+    ('say "hi"', r'"say \"hi\""'),
+    ("back\\slash", r'"back\\slash"'),
+    ("line\nbreak\r\ttab", r'"line\nbreak\r\ttab"'),
+    ("\x1b[31mred", r'"\x1b[31mred"'),
+    ("nul\x00", r'"nul\x00"'),
+    ("\x7f", r'"\x7f"'),
+    ("\u2028", r'"\u2028"'),
+    ("\udcff\udcfe", r'"\udcff\udcfe"'),  # surrogateescape leftovers
+    ("café", "café"),
+    (True, "true"),
+    (False, "false"),
+    (0, "0"),
+    (19, "19"),
+    (-3, "-3"),
+    (0.5, "0.500"),
+    (2.0, "2.000"),
+    (b"GET", "GET"),
+    (b"\xff", "\ufffd"),
+    (b"a b", '"a b"'),
+    (TOKEN, "tech_xyz..."),
+    (Token("my token is secret"), '"my token..."'),
+    (Path("/var/log/x.log"), "/var/log/x.log"),
+    # Types the fast loop of format_fields leaves to _render_value, and exact-type look-alikes.
+    (HTTPStatus.NOT_FOUND, "404"),
+    (10**30, "1" + "0" * 30),
+    (-1.23456, "-1.235"),
+    (float("nan"), "nan"),
+    (bytearray(b"ab"), "bytearray(b'ab')"),
+    (_Str("sub class"), '"sub class"'),
+    (_Bytes(b"sub"), "sub"),
+    (b'say "hi"', r'"say \"hi\""'),
+    (Token('ab"cdefgh-the-rest'), r'"ab\"cdefg..."'),
+    (Token("ab\ncdefgh-the-rest"), r'"ab\ncdefg..."'),
+]
+
+
+@pytest.mark.parametrize(("value", "rendered"), RENDERED)
 def test_value_rendering(value: object, rendered: str) -> None:
     assert logs.format_fields({"k": value}) == f"k={rendered}"
+    # The journal's fields and exc= render through the one-value function: same text.
+    assert logs._render_value(value) == rendered
 
 
 def test_rendered_lines_stay_on_one_line_and_encode() -> None:
@@ -425,3 +451,371 @@ def test_under_journald_compares_stderr_with_journal_stream(tmp_path: Path,
         assert not logs.under_journald({"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino + 1}"})
         assert not logs.under_journald({"JOURNAL_STREAM": "garbage"})
         assert not logs.under_journald({})
+
+
+# -- the fast path: wstunnel's own handlers without LogRecords -----------------------------------
+
+NOW = 1_396_633_229.9  # 2014/04/04 17:40:29 UTC
+
+
+@pytest.fixture
+def private_logger(monkeypatch: pytest.MonkeyPatch) -> Iterator[logging.Logger]:
+    """A logger without handlers, at a fixed time; _add() makes it non-propagating.
+
+    Not here: pytest (9) attaches its capture handler to every logger that is non-propagating
+    when a test phase starts, and any handler but ours means LogRecords, not the fast path.
+    """
+    monkeypatch.setattr(time, "time", lambda: NOW)  # both paths read the clock through time.time
+    logger = logging.getLogger("wstunnel.test-fast")
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield logger
+    finally:
+        logger.propagate = True
+        for handler in list(logger.handlers):
+            if isinstance(handler, (ReopenableFileHandler, logs.LineStreamHandler, logs.JournalHandler,
+                                    ListHandler)):  # not pytest's own, which pytest removes
+                logger.removeHandler(handler)
+                handler.close()
+
+
+def _add(logger: logging.Logger, handler: logging.Handler) -> None:
+    logger.propagate = False
+    logger.addHandler(handler)
+
+
+def _no_records(logger: logging.Logger, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> logging.LogRecord:
+        raise AssertionError("the fast path made a LogRecord")
+
+    monkeypatch.setattr(logger, "makeRecord", refuse)
+
+
+def _log_table(log: EventLogger) -> None:
+    """Every value of RENDERED, alone and all together, at every level, plus keyless events."""
+    for number, (value, _) in enumerate(RENDERED):
+        log.info("HTTP RCV", token=TOKEN, id=number, k=value, try_="")
+    log.warning("WS   RECONNECT", **{f"k{number}": value for number, (value, _) in enumerate(RENDERED)})
+    log.debug("D")
+    log.error("Stopped")
+    log.log(logging.CRITICAL, "A much longer event name", n=1)
+    log.log(25, "Custom level", n=2)
+
+
+def _always(record: logging.LogRecord) -> bool:
+    return True
+
+
+@pytest.mark.parametrize("timestamps", [True, False])
+def test_fast_file_lines_are_the_record_path_lines(
+    tmp_path: Path, private_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch, timestamps: bool
+) -> None:
+    paths = {}
+    for way in ("records", "fast"):
+        paths[way] = tmp_path / f"{way}.log"
+        handler = ReopenableFileHandler(paths[way], encoding="utf-8")
+        handler.setFormatter(LineFormatter(timestamps=timestamps))
+        if way == "records":
+            handler.addFilter(_always)  # a filter needs a record: the logging module's path
+        _add(private_logger, handler)
+        with monkeypatch.context() as patch:
+            if way == "fast":
+                _no_records(private_logger, patch)
+            _log_table(EventLogger("WStunsrv", private_logger))
+        private_logger.removeHandler(handler)
+        handler.close()
+    records, fast = paths["records"].read_bytes(), paths["fast"].read_bytes()
+    assert fast == records
+    assert len(fast.splitlines()) == len(RENDERED) + 5
+    assert SECRET.encode() not in fast
+    first = fast.decode().splitlines()[0]
+    assert first == ("2014/04/04 17:40:29 " if timestamps else "") + (
+        "INFO HTTP RCV      pkg=WStunsrv token=tech_xyz... id=0 k=plain try="
+    )
+
+
+def test_a_pkg_field_replaces_the_loggers_pkg(tmp_path: Path, private_logger: logging.Logger) -> None:
+    path = tmp_path / "pkg.log"
+    handler = ReopenableFileHandler(path, encoding="utf-8")
+    handler.setFormatter(LineFormatter(timestamps=False))
+    _add(private_logger, handler)
+    EventLogger("WStunsrv", private_logger).info("Own pkg", n=1, pkg="other")
+    assert path.read_text() == "INFO Own pkg       pkg=other n=1\n"  # as format_event has it
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+def test_fast_stream_lines_are_the_record_path_lines(
+    tmp_path: Path, private_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch, encoding: str
+) -> None:
+    # stderr's handler, on a stream with a file descriptor: os.write, with the stream's codec
+    # and error handler (stderr's is backslashreplace, so "café" survives an ascii locale).
+    outputs = {}
+    for way in ("records", "fast"):
+        path = tmp_path / f"{way}.txt"
+        with path.open("w", encoding=encoding, errors="backslashreplace") as stream:
+            stream.write("before ")  # a partial line still in the stream's buffer goes first
+            handler = logs.LineStreamHandler(stream)
+            handler.setFormatter(LineFormatter(timestamps=True))
+            if way == "records":
+                handler.addFilter(_always)
+            _add(private_logger, handler)
+            with monkeypatch.context() as patch:
+                if way == "fast":
+                    _no_records(private_logger, patch)
+                _log_table(EventLogger("WStuncli", private_logger))
+            private_logger.removeHandler(handler)
+        outputs[way] = path.read_bytes()
+    assert outputs["fast"] == outputs["records"]
+    assert outputs["fast"].startswith(b"before 2014/04/04 17:40:29 INFO HTTP RCV ")
+    assert ("caf\\xe9" if encoding == "ascii" else "café").encode() in outputs["fast"]
+
+
+def test_fast_stream_without_a_file_descriptor_writes_to_the_stream(
+    private_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pytest's capsys and io.StringIO have no fileno(): write and flush as before.
+    stream = io.StringIO()
+    handler = logs.LineStreamHandler(stream)
+    handler.setFormatter(LineFormatter(timestamps=False))
+    _add(private_logger, handler)
+    _no_records(private_logger, monkeypatch)
+    EventLogger("WStunsrv", private_logger).info("HTTP RET", token=TOKEN, id=1, status=200)
+    assert stream.getvalue() == "INFO HTTP RET      pkg=WStunsrv token=tech_xyz... id=1 status=200\n"
+
+
+def test_fast_lines_reach_the_file_before_the_call_returns(tmp_path: Path) -> None:
+    # Daemons may be SIGKILLed and tests read their logs while they run: nothing may wait in
+    # a buffer of ours. Read through another descriptor right after each call.
+    path = tmp_path / "wstunsrv.log"
+    configure(name="wstunsrv", logfile=path)
+    log = EventLogger("WStunsrv")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for number in range(3):
+            log.info("HTTP RET", id=number, status=200)
+            assert os.read(fd, 4096).decode().endswith(f"HTTP RET      pkg=WStunsrv id={number} status=200\n")
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(("logger_level", "handler_level", "shown"), [
+    (logging.DEBUG, logging.NOTSET, ["DBUG", "INFO", "WARN", "EROR"]),
+    (logging.INFO, logging.NOTSET, ["INFO", "WARN", "EROR"]),
+    (logging.DEBUG, logging.WARNING, ["WARN", "EROR"]),
+    (logging.ERROR, logging.DEBUG, ["EROR"]),
+])
+def test_fast_path_levels(tmp_path: Path, private_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch,
+                          logger_level: int, handler_level: int, shown: list[str]) -> None:
+    path = tmp_path / "levels.log"
+    handler = ReopenableFileHandler(path, encoding="utf-8")
+    handler.setFormatter(LineFormatter(timestamps=False))
+    handler.setLevel(handler_level)
+    _add(private_logger, handler)
+    private_logger.setLevel(logger_level)
+    _no_records(private_logger, monkeypatch)
+    log = EventLogger("WStunsrv", private_logger)
+    log.debug("D")
+    log.info("I")
+    log.warning("W")
+    log.error("E")
+    assert [line.split(" ")[0] for line in path.read_text().splitlines()] == shown
+
+
+def test_fast_path_after_close_and_reopen(tmp_path: Path, private_logger: logging.Logger,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "wstunsrv.log"
+    handler = ReopenableFileHandler(path, encoding="utf-8", delay=True)
+    handler.setFormatter(LineFormatter(timestamps=False))
+    _add(private_logger, handler)
+    _no_records(private_logger, monkeypatch)
+    log = EventLogger("WStunsrv", private_logger)
+    assert not path.exists()
+    log.info("One")  # delay=True: opened by the first line, as FileHandler.emit does
+    path.rename(tmp_path / "rotated.log")
+    reopen_files(private_logger)
+    log.info("Two")
+    handler.close()  # closed but still attached: FileHandler.emit opens it again, so do we
+    log.info("Three")
+    assert (tmp_path / "rotated.log").read_text() == "INFO One           pkg=WStunsrv\n"
+    assert path.read_text() == "INFO Two           pkg=WStunsrv\nINFO Three         pkg=WStunsrv\n"
+
+
+def test_foreign_handlers_still_get_records(tmp_path: Path, private_logger: logging.Logger) -> None:
+    path = tmp_path / "wstunsrv.log"
+    own = ReopenableFileHandler(path, encoding="utf-8")
+    own.setFormatter(LineFormatter(timestamps=False))
+    foreign = ListHandler(LineFormatter(timestamps=False))
+    _add(private_logger, own)
+    _add(private_logger, foreign)
+    log = EventLogger("WStunsrv", private_logger)
+    log.info("HTTP RET", token=TOKEN, id=3, status=200)
+    line = "INFO HTTP RET      pkg=WStunsrv token=tech_xyz... id=3 status=200"
+    assert foreign.lines == [line]
+    assert foreign.records[0].wstunnel_fields["token"] is TOKEN  # type: ignore[attr-defined]
+    assert path.read_text() == line + "\n"
+    # Alone again, the file still gets the same line, now without a record; and the lines of
+    # both ways interleave in order.
+    private_logger.removeHandler(foreign)
+    log.info("HTTP RET", token=TOKEN, id=3, status=200)
+    private_logger.addHandler(foreign)
+    log.info("HTTP RET", token=TOKEN, id=4, status=200)
+    private_logger.removeHandler(foreign)
+    log.info("HTTP RET", token=TOKEN, id=5, status=200)
+    assert path.read_text().splitlines() == [line, line, line.replace("id=3", "id=4"),
+                                             line.replace("id=3", "id=5")]
+
+
+def test_propagating_loggers_and_subclasses_take_the_record_path(
+    tmp_path: Path, private_logger: logging.Logger, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Custom(ReopenableFileHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            self.seen = record.getMessage()
+
+    custom = Custom(tmp_path / "custom.log")
+    custom.setFormatter(LineFormatter(timestamps=False))
+    _add(private_logger, custom)
+    log = EventLogger("WStunsrv", private_logger)
+    log.info("Listening", port=1)
+    assert custom.seen == "Listening     pkg=WStunsrv port=1"
+    private_logger.propagate = True  # caplog's handler sits on the root logger
+    with caplog.at_level(logging.INFO, logger="wstunnel.test-fast"):
+        log.info("Listening", port=2)
+    assert [record.getMessage() for record in caplog.records] == ["Listening     pkg=WStunsrv port=2"]
+
+
+def test_exceptions_logged_through_logging_keep_exc(tmp_path: Path, wstunnel_logger: logging.Logger) -> None:
+    path = tmp_path / "wstunsrv.log"
+    configure(name="wstunsrv", logfile=path)
+
+    def fail() -> None:
+        raise RuntimeError("boom")
+
+    try:
+        fail()
+    except RuntimeError:
+        wstunnel_logger.exception("Crash")
+    EventLogger("WStunsrv").info("After")
+    crash, after = path.read_text().splitlines()
+    traceback_start = r'EROR Crash exc="Traceback \(most recent call last\):\\n'
+    assert re.fullmatch(rf"{STAMP} {traceback_start}.*RuntimeError: boom\"", crash), crash
+    assert re.fullmatch(rf"{STAMP} INFO After         pkg=WStunsrv", after)
+
+
+def test_a_failed_write_is_reported_not_raised(
+    tmp_path: Path, private_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    handler = ReopenableFileHandler(tmp_path / "full.log", encoding="utf-8")
+    handler.setFormatter(LineFormatter(timestamps=False))
+    _add(private_logger, handler)
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+    EventLogger("WStunsrv", private_logger).info("HTTP RET", token=TOKEN, id=1, status=200)
+    err = capsys.readouterr().err
+    assert "--- Logging error ---" in err and "No space left on device" in err
+    assert "HTTP RET      pkg=WStunsrv token=tech_xyz... id=1 status=200" in err  # logging's "Message:"
+    assert SECRET not in err
+
+
+def test_a_short_write_is_completed(tmp_path: Path, private_logger: logging.Logger,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "pipe-like.log"
+    handler = ReopenableFileHandler(path, encoding="utf-8")
+    handler.setFormatter(LineFormatter(timestamps=False))
+    _add(private_logger, handler)
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:5])))
+    EventLogger("WStunsrv", private_logger).info("HTTP RET", id=1, status=200)
+    assert path.read_text() == "INFO HTTP RET      pkg=WStunsrv id=1 status=200\n"
+
+
+def test_fast_syslog_datagrams_are_the_record_path_datagrams(
+    syslog_socket: socket.socket, wstunnel_logger: logging.Logger
+) -> None:
+    logger = configure(name="wstunsrv", level="debug", syslog_tag="wstunsrv")
+    log = EventLogger("WStunsrv")
+    log.info("HTTP RET", token=TOKEN, id=19, status=401)
+    log.log(25, "Custom", n=1)
+    logger.handlers[0].addFilter(_always)
+    log.info("HTTP RET", token=TOKEN, id=19, status=401)
+    log.log(25, "Custom", n=1)
+    fast, custom_fast, records, custom_records = (syslog_socket.recv(65536) for _ in range(4))
+    assert fast == records
+    assert custom_fast == custom_records
+    assert custom_fast.startswith(b"<28>")  # logging's "Level 25" maps to warning
+
+
+def test_fast_journal_messages_are_the_record_path_messages(
+    private_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[tuple[str, dict[str, str]]] = []
+
+    def send(message: str, **fields: str) -> None:
+        sent.append((message, fields))
+
+    package = types.ModuleType("systemd")
+    package.journal = types.SimpleNamespace(send=send)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "systemd", package)
+    handler = logs.JournalHandler("wstunsrv")
+    handler.setFormatter(LineFormatter(timestamps=False))
+    _add(private_logger, handler)
+    log = EventLogger("WStunsrv", private_logger)
+    token = Token("abcdefgh-the-rest-is-secret")
+    with monkeypatch.context() as patch:
+        _no_records(private_logger, patch)
+        log.info("HTTP RET", token=token, id=19, status=401, url="/a b", err=None, try_="")
+        log.warning("WS   SND", id=1)
+    handler.addFilter(_always)
+    log.info("HTTP RET", token=token, id=19, status=401, url="/a b", err=None, try_="")
+    log.warning("WS   SND", id=1)
+    assert sent[:2] == sent[2:]
+    assert sent[0] == (
+        'INFO HTTP RET      pkg=WStunsrv token=abcdefgh... id=19 status=401 url="/a b" err= try=',
+        {"PRIORITY": "6", "SYSLOG_IDENTIFIER": "wstunsrv", "WSTUNNEL_EVENT": "HTTP RET",
+         "WSTUNNEL_PKG": "WStunsrv", "WSTUNNEL_TOKEN": "abcdefgh", "WSTUNNEL_REQUEST_ID": "19",
+         "WSTUNNEL_STATUS": "401", "WSTUNNEL_URL": "/a b"},
+    )
+    assert sent[1][1]["PRIORITY"] == "4"
+    assert all(token.reveal() not in message + "".join(fields.values()) for message, fields in sent)
+
+
+def test_each_token_renders_as_its_own_prefix_however_many_come_and_go() -> None:
+    # Rendered Tokens are cached by id(): a new Token must never show an old one's text, and
+    # the cache must not grow without bound.
+    for number in range(3 * logs._MAX_CACHED):
+        prefix = f"{number:08d}"
+        token = Token(prefix + "-the-rest-is-secret")
+        assert logs.format_fields({"token": token}) == f"token={prefix}..."
+        assert logs.format_fields({"token": token, "again": token}) == f"token={prefix}... again={prefix}..."
+        del token
+    assert len(logs._TOKEN_TEXTS) <= logs._MAX_CACHED
+
+
+def test_own_handlers_with_other_formatters_or_filters_get_records(
+    tmp_path: Path, private_logger: logging.Logger
+) -> None:
+    formatted = ReopenableFileHandler(tmp_path / "formatted.log", encoding="utf-8")
+    formatted.setFormatter(logging.Formatter("%(levelname)s|%(name)s|%(message)s"))
+    filtered = ReopenableFileHandler(tmp_path / "filtered.log", encoding="utf-8")
+    filtered.setFormatter(LineFormatter(timestamps=False))
+    filtered.addFilter(lambda record: record.getMessage().startswith("Kept"))
+    plain = ReopenableFileHandler(tmp_path / "plain.log", encoding="utf-8")
+    plain.setFormatter(LineFormatter(timestamps=False))
+    for handler in (formatted, filtered, plain):
+        _add(private_logger, handler)
+    log = EventLogger("WStunsrv", private_logger)
+    log.info("Kept", n=1)
+    log.info("Dropped", n=2)
+    assert (tmp_path / "formatted.log").read_text() == (
+        "INFO|wstunnel.test-fast|Kept          pkg=WStunsrv n=1\n"
+        "INFO|wstunnel.test-fast|Dropped       pkg=WStunsrv n=2\n"
+    )
+    assert (tmp_path / "filtered.log").read_text() == "INFO Kept          pkg=WStunsrv n=1\n"
+    assert (tmp_path / "plain.log").read_text() == (
+        "INFO Kept          pkg=WStunsrv n=1\nINFO Dropped       pkg=WStunsrv n=2\n"
+    )

@@ -6,20 +6,26 @@ Every event is one line: ``LEVEL EVENT  key=value ...`` with the original's even
 else in this module knows about secrets, so passing a Token is the one rule for callers.
 
 The structured fields ride along on each ``logging.LogRecord`` (``record.wstunnel_fields``) so a
-handler such as journald's can send them as fields of their own.
+handler such as journald's can send them as fields of their own. wstunnel's own handlers also
+take events without a LogRecord (``emit_event``): the request path logs a few lines per request,
+and the logging module's machinery cost more than rendering and writing them.
 """
 
 from __future__ import annotations
 
+import codecs
+import io
 import logging
 import logging.handlers
 import os
-import re
+import socket
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from wstunnel.tokens import Token
 
 EVENT_WIDTH = 14
 _LEVEL_NAMES = {
@@ -32,46 +38,104 @@ _LEVEL_NAMES = {
 SYSLOG_SOCKET = "/dev/log"
 
 
-# Characters that make a value need quotes (besides unprintable ones and being empty).
-_NEEDS_QUOTES = re.compile(r'[ ="\\]')
-
-
 def _render_value(value: Any) -> str:
-    # Every request logs a few lines of mostly ints, short strs and bytes: those are checked first,
-    # by exact type (a bool is an int, and a Token or an enum must take the str() path below).
+    # Every request logs a few lines of mostly strs, ints, bytes and Tokens: those are checked
+    # first, by exact type (a bool is an int, and an enum or a subclass must take the generic path).
     kind = type(value)
-    if kind is int:
-        return str(value)
     if kind is str:
         text = value
+    elif kind is int:
+        return str(value)
+    elif kind is bytes:
+        text = value.decode("utf-8", "replace")
+    elif kind is Token:
+        text = str(value)  # the Token's own redacted form, never its secret
+    elif value is None:
+        return ""
+    elif isinstance(value, bool):
+        return "true" if value else "false"
+    elif isinstance(value, int | float):
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
     else:
-        if value is None:
-            return ""
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int | float):
-            return f"{value:.3f}" if isinstance(value, float) else str(value)
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
         text = str(value)
-    if not text:
-        return ""
-    if _NEEDS_QUOTES.search(text) is not None or not text.isprintable():
-        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-        escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
-        # Any other unprintable character (a terminal escape, NUL, a lone surrogate left by a
-        # surrogateescape-decoded header) as \xNN/\uNNNN: it could forge output, and a surrogate
-        # cannot even be encoded, so the handler would drop the whole line.
-        escaped = "".join(
-            ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in escaped
-        )
-        return f'"{escaped}"'
-    return text
+    # A value needs quotes when it holds a space, '=', '"', '\\' or an unprintable character.
+    # Four `in` tests beat one regex search on the short values of the request lines.
+    if text.isprintable() and " " not in text and "=" not in text and '"' not in text and "\\" not in text:
+        return text  # the empty string too: printable, nothing to quote
+    return _quoted(text)
+
+
+def _quoted(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    # Any other unprintable character (a terminal escape, NUL, a lone surrogate left by a
+    # surrogateescape-decoded header) as \xNN/\uNNNN: it could forge output, and a surrogate
+    # cannot even be encoded, so the handler would drop the whole line.
+    escaped = "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in escaped
+    )
+    return f'"{escaped}"'
+
+
+# "key=" for each field name seen: a trailing underscore lets callers use keywords as keys
+# (try_=1 logs "try=1"). Field names are literals in the code, so the cache stays small; the
+# bound only guards against a caller that makes names up from data.
+_KEY_PREFIXES: dict[str, str] = {}
+_MAX_CACHED = 512
+
+
+def _key_prefix(key: str) -> str:
+    prefix = _KEY_PREFIXES.get(key)
+    if prefix is None:
+        prefix = key.rstrip("_") + "="
+        if len(_KEY_PREFIXES) < _MAX_CACHED:
+            _KEY_PREFIXES[key] = prefix
+    return prefix
+
+
+# Rendered Tokens by id(), about 100 ns a line less (str() of a Token is two Python calls).
+# Each entry holds its Token, so the id cannot go to another object while cached; the Tokens
+# are those of live tunnels anyway, and the bound clears the rest.
+_TOKEN_TEXTS: dict[int, tuple[Token, str]] = {}
 
 
 def format_fields(fields: Mapping[str, Any]) -> str:
-    # A trailing underscore lets callers use keywords as keys: try_=1 logs "try=1".
-    return " ".join([f"{key.rstrip('_')}={_render_value(value)}" for key, value in fields.items()])
+    # _render_value inlined for the request lines' common types: a function call per field was
+    # a good part of the cost of a line. Anything else still goes through _render_value.
+    parts: list[str] = []
+    append = parts.append
+    for key, value in fields.items():
+        kind = type(value)
+        if kind is int:
+            text = str(value)
+        else:
+            if kind is str:
+                text = value
+            elif kind is bytes:
+                text = value.decode("utf-8", "replace")
+            elif kind is Token:
+                # A tunnel's one Token object is on each line of each of its requests.
+                cached = _TOKEN_TEXTS.get(id(value))
+                if cached is not None and cached[0] is value:
+                    append((_KEY_PREFIXES.get(key) or _key_prefix(key)) + cached[1])
+                    continue
+                # str(): the Token's own redacted form, never its secret.
+                rendered = _render_value(str(value))
+                if len(_TOKEN_TEXTS) >= _MAX_CACHED:
+                    _TOKEN_TEXTS.clear()
+                _TOKEN_TEXTS[id(value)] = (value, rendered)
+                append((_KEY_PREFIXES.get(key) or _key_prefix(key)) + rendered)
+                continue
+            else:
+                append((_KEY_PREFIXES.get(key) or _key_prefix(key)) + _render_value(value))
+                continue
+            if not (text.isprintable() and " " not in text and "=" not in text and '"' not in text
+                    and "\\" not in text):
+                text = _quoted(text)
+        append((_KEY_PREFIXES.get(key) or _key_prefix(key)) + text)
+    return " ".join(parts)
 
 
 def format_event(event: str, fields: Mapping[str, Any]) -> str:
@@ -79,6 +143,10 @@ def format_event(event: str, fields: Mapping[str, Any]) -> str:
     rendered = format_fields(fields)
     # Pad to EVENT_WIDTH but always keep one space: "WS   RECONNECT" is itself 14 characters.
     return f"{event:<{EVENT_WIDTH - 1}} {rendered}".rstrip() if rendered else event
+
+
+def _event_column(event: str) -> str:
+    return f"{event:<{EVENT_WIDTH - 1}} "
 
 
 # What logging records when it does not look for the caller (logging.Logger._log's own default).
@@ -91,32 +159,80 @@ class EventLogger:
     def __init__(self, pkg: str, logger: logging.Logger | None = None) -> None:
         self.pkg = pkg
         self._logger = logger or logging.getLogger("wstunnel")
+        self._pkg_rendered_for: str | None = None
+        self._pkg_text = ""
+        self._heads: dict[str, str] = {}
 
     def log(self, level: int, event: str, /, **fields: Any) -> None:
+        self._log(level, event, fields)
+
+    def _log(self, level: int, event: str, fields: dict[str, Any]) -> None:
         logger = self._logger
         if not logger.isEnabledFor(level):
             return
+        # The fast path skips LogRecord, Logger.handle and Formatter.format, which together cost
+        # more than the line's rendering and write: allowed only when nothing but wstunnel's own
+        # handlers would see the record (each makes itself a record if it has a filter or some
+        # other formatter). Anything else (pytest's capture handlers, a handler a test adds, a
+        # propagating logger) gets records as before.
+        handlers = logger.handlers
+        # (A field named pkg replaces the logger's own in place: the record path knows how.)
+        if handlers and not logger.propagate and not logger.filters and "pkg" not in fields:
+            for handler in handlers:
+                if handler.__class__ not in _EVENT_HANDLERS:
+                    break
+            else:
+                if self.pkg is not self._pkg_rendered_for:
+                    self._set_pkg()
+                # format_event(event, {"pkg": pkg, **fields}), without copying the fields.
+                head = self._heads.get(event) or self._head(event)
+                text = f"{head} {format_fields(fields)}" if fields else head
+                created = time.time()
+                for handler in handlers:
+                    if level >= handler.level:
+                        handler.emit_event(self, level, created, event, fields, text)  # type: ignore[attr-defined]
+                return
+        logger.handle(self.make_record(level, event, fields))
+
+    def _set_pkg(self) -> None:
+        self._pkg_text = _key_prefix("pkg") + _render_value(self.pkg)
+        self._pkg_rendered_for = self.pkg
+        self._heads = {}
+
+    def _head(self, event: str) -> str:
+        """ "EVENT         pkg=..." for this event, made once per EventLogger and event."""
+        head = _event_column(event) + self._pkg_text
+        if len(self._heads) < _MAX_CACHED:
+            self._heads[event] = head
+        return head
+
+    def make_record(
+        self, level: int, event: str, fields: Mapping[str, Any], created: float | None = None
+    ) -> logging.LogRecord:
+        """The LogRecord of one event, for handlers other than wstunnel's own."""
+        logger = self._logger
         all_fields = {"pkg": self.pkg, **fields}
-        # makeRecord and handle are what Logger.log does, minus findCaller: it walks the stack
-        # for a file name and line no line of ours shows, and cost about a third of each log
-        # call on the request path. The line shows the event and its fields, nothing else.
+        # makeRecord is what Logger.log does, minus findCaller: it walks the stack for a file
+        # name and line no line of ours shows. The line shows the event and its fields only.
         record = logger.makeRecord(
             logger.name, level, _NO_CALLER[0], _NO_CALLER[1], format_event(event, all_fields), (),
             None, _NO_CALLER[2], {"wstunnel_event": event, "wstunnel_fields": all_fields},
         )
-        logger.handle(record)
+        if created is not None:
+            record.created = created
+        return record
 
     def debug(self, event: str, /, **fields: Any) -> None:
-        self.log(logging.DEBUG, event, **fields)
+        self._log(logging.DEBUG, event, fields)
 
     def info(self, event: str, /, **fields: Any) -> None:
-        self.log(logging.INFO, event, **fields)
+        self._log(logging.INFO, event, fields)
 
     def warning(self, event: str, /, **fields: Any) -> None:
-        self.log(logging.WARNING, event, **fields)
+        self._log(logging.WARNING, event, fields)
 
     def error(self, event: str, /, **fields: Any) -> None:
-        self.log(logging.ERROR, event, **fields)
+        self._log(logging.ERROR, event, fields)
 
 
 class LineFormatter(logging.Formatter):
@@ -125,25 +241,132 @@ class LineFormatter(logging.Formatter):
     def __init__(self, *, timestamps: bool) -> None:
         super().__init__()
         self.timestamps = timestamps
-        # The stamp has whole seconds only: made once a second, not once a line.
+        # The stamp has whole seconds only: made once a second, not once a line, and so is each
+        # level's "STAMP LEVEL " line start.
         self._stamp_second = -1
         self._stamp = ""
+        self._starts: dict[int, str] = {}
 
     def format(self, record: logging.LogRecord) -> str:
         line = f"{_LEVEL_NAMES.get(record.levelno, record.levelname)} {record.getMessage()}"
         if record.exc_info and record.levelno >= logging.ERROR:
             line += " exc=" + _render_value(self.formatException(record.exc_info))
         if self.timestamps:
-            second = int(record.created)
-            if second != self._stamp_second:
-                self._stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.gmtime(second))
-                self._stamp_second = second
+            self._set_second(int(record.created))
             line = f"{self._stamp} {line}"
         return line
 
+    def event_line(self, level: int, created: float, text: str) -> str:
+        """What format() makes of a record of this level, time and message (no exc)."""
+        if self.timestamps and int(created) != self._stamp_second:
+            self._set_second(int(created))
+        return (self._starts.get(level) or self._start(level)) + text
 
-class ReopenableFileHandler(logging.FileHandler):
+    def _start(self, level: int) -> str:
+        """"STAMP LEVEL " (or "LEVEL "), the start of each line of this level this second."""
+        name = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
+        start = self._starts[level] = f"{self._stamp} {name} " if self.timestamps else f"{name} "
+        return start
+
+    def _set_second(self, second: int) -> None:
+        if second != self._stamp_second:
+            self._stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.gmtime(second))
+            self._stamp_second = second
+            self._starts = {}
+
+
+_STATELESS_CODECS = frozenset({"utf-8", "ascii", "iso8859-1"})
+
+
+def _write_rest(fd: int, data: bytes, written: int) -> None:
+    """The rest of a line a pipe or a full disk took only part of."""
+    while written < len(data):
+        data = data[written:]
+        written = os.write(fd, data)
+
+
+class _DirectWrites:
+    """EventLogger's fast path for a handler with a stream: one os.write per line.
+
+    TextIOWrapper.write plus flush cost about as much as the write system call itself, and
+    the line goes to the OS before the call returns either way. Streams that are not plain
+    files, pipes or terminals (pytest's capture, io.StringIO) get write and flush as before.
+    """
+
+    stream: Any
+    lock: Any
+    formatter: Any
+    terminator: str
+    # A shared stream (stderr) is flushed first, so whatever else went through it (a print,
+    # logging's traceback of a failed emit) comes out in order, and a closed stream raises.
+    # A log file's stream is the handler's own, and Handler.emit flushes after each record.
+    _flush_first = True
+    _direct_stream: Any = object()  # no stream yet, and not None: delay=True leaves that
+    _direct_fd: int | None = None
+    _direct_encoding = "utf-8"
+    _direct_errors = "strict"
+
+    def emit_event(
+        self, source: EventLogger, level: int, created: float, event: str,
+        fields: Mapping[str, Any], text: str,
+    ) -> None:
+        formatter = self.formatter
+        if formatter.__class__ is not LineFormatter or self.filters:
+            self.handle(source.make_record(level, event, fields, created))  # type: ignore[attr-defined]
+            return
+        with self.lock:
+            try:
+                stream = self.stream
+                if stream is not self._direct_stream:
+                    stream = self._direct_to(stream)
+                    if stream is None:
+                        return
+                # LineFormatter.event_line plus the terminator, in one string.
+                if formatter.timestamps and int(created) != formatter._stamp_second:
+                    formatter._set_second(int(created))
+                start = formatter._starts.get(level) or formatter._start(level)
+                line = f"{start}{text}{self.terminator}"
+                fd = self._direct_fd
+                if fd is None:
+                    stream.write(line)
+                    stream.flush()
+                    return
+                if self._flush_first:
+                    stream.flush()
+                data = line.encode(self._direct_encoding, self._direct_errors)
+                written = os.write(fd, data)
+                if written != len(data):
+                    _write_rest(fd, data, written)
+            except RecursionError:  # as StreamHandler.emit: no handleError for these
+                raise
+            except Exception:
+                self.handleError(source.make_record(level, event, fields, created))  # type: ignore[attr-defined]
+
+    def _direct_to(self, stream: Any) -> Any:
+        """Takes a new stream (or opens a file handler's): the one to write to, or None."""
+        self._direct_fd = None
+        # Only codecs that encode a line the same alone as in a stream: no BOM (utf-8-sig,
+        # utf-16), no state. POSIX streams do not translate "\n", so that needs no check.
+        if type(stream) is io.TextIOWrapper and codecs.lookup(stream.encoding).name in _STATELESS_CODECS:
+            try:
+                self._direct_fd = stream.fileno()
+            except (OSError, ValueError):
+                pass
+            else:
+                self._direct_encoding, self._direct_errors = stream.encoding, stream.errors
+        # Holding the stream keeps its id from going to another stream with another fd.
+        self._direct_stream = stream
+        return stream
+
+
+class LineStreamHandler(_DirectWrites, logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr's handler: logging.StreamHandler plus the fast path of EventLogger."""
+
+
+class ReopenableFileHandler(_DirectWrites, logging.FileHandler):
     """A log file that ``reopen()`` closes and opens again, for logrotate's SIGHUP."""
+
+    _flush_first = False
 
     def reopen(self) -> None:
         self.acquire()
@@ -153,6 +376,13 @@ class ReopenableFileHandler(logging.FileHandler):
             self.stream = self._open()
         finally:
             self.release()
+
+    def _direct_to(self, stream: Any) -> Any:
+        if stream is None:  # delay=True, or closed: FileHandler.emit opens it then too
+            if self.mode == "w" and self._closed:  # type: ignore[attr-defined]
+                return None
+            stream = self.stream = self._open()
+        return super()._direct_to(stream)
 
 
 _SYSLOG_PRIORITIES = {
@@ -169,11 +399,14 @@ _JOURNAL_FIELD_NAMES = {"token": "WSTUNNEL_TOKEN", "id": "WSTUNNEL_REQUEST_ID",
 
 def journal_fields(record: logging.LogRecord) -> dict[str, str]:
     """The structured journal fields of one record (besides MESSAGE and PRIORITY)."""
+    return _journal_fields(getattr(record, "wstunnel_event", None), getattr(record, "wstunnel_fields", {}))
+
+
+def _journal_fields(event: str | None, all_fields: Mapping[str, Any]) -> dict[str, str]:
     fields: dict[str, str] = {}
-    event = getattr(record, "wstunnel_event", None)
     if event:
         fields["WSTUNNEL_EVENT"] = " ".join(event.split())
-    for key, value in getattr(record, "wstunnel_fields", {}).items():
+    for key, value in all_fields.items():
         if value is None or value == "":
             continue
         name = key.rstrip("_")
@@ -207,6 +440,77 @@ class JournalHandler(logging.Handler):
             )
         except Exception:
             self.handleError(record)
+
+    def emit_event(
+        self, source: EventLogger, level: int, created: float, event: str,
+        fields: Mapping[str, Any], text: str,
+    ) -> None:
+        formatter = self.formatter
+        if formatter.__class__ is not LineFormatter or self.filters:
+            self.handle(source.make_record(level, event, fields, created))
+            return
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self._send(
+                    formatter.event_line(level, created, text),  # type: ignore[union-attr]
+                    PRIORITY=str(_SYSLOG_PRIORITIES.get(level, 6)),
+                    SYSLOG_IDENTIFIER=self.identifier,
+                    **_journal_fields(event, {"pkg": source.pkg, **fields}),
+                )
+            except Exception:
+                self.handleError(source.make_record(level, event, fields, created))
+
+
+class SyslogLineHandler(logging.handlers.SysLogHandler):
+    """logging's SysLogHandler plus the fast path of EventLogger, same datagrams."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._send_line(self.format(record), record.levelname)
+        except Exception:
+            self.handleError(record)
+
+    def emit_event(
+        self, source: EventLogger, level: int, created: float, event: str,
+        fields: Mapping[str, Any], text: str,
+    ) -> None:
+        formatter = self.formatter
+        if formatter.__class__ is not LineFormatter or self.filters:
+            self.handle(source.make_record(level, event, fields, created))
+            return
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self._send_line(formatter.event_line(level, created, text),  # type: ignore[union-attr]
+                                logging.getLevelName(level))
+            except Exception:
+                self.handleError(source.make_record(level, event, fields, created))
+
+    def _send_line(self, message: str, level_name: str) -> None:
+        # CPython 3.11's SysLogHandler.emit from its format() on: one copy for both paths.
+        if self.ident:
+            message = self.ident + message
+        if self.append_nul:
+            message += "\000"
+        prio = f"<{self.encodePriority(self.facility, self.mapPriority(level_name))}>"
+        data = prio.encode("utf-8") + message.encode("utf-8")
+        if not self.socket:
+            self.createSocket()
+        if self.unixsocket:
+            try:
+                self.socket.send(data)
+            except OSError:
+                self.socket.close()
+                self._connect_unixsocket(self.address)  # type: ignore[attr-defined]
+                self.socket.send(data)
+        elif self.socktype == socket.SOCK_DGRAM:
+            self.socket.sendto(data, self.address)
+        else:
+            self.socket.sendall(data)
+
+
+# The handler classes whose emit_event EventLogger calls instead of building a LogRecord: exact
+# classes, as a subclass may have changed what emit() does.
+_EVENT_HANDLERS = frozenset({LineStreamHandler, ReopenableFileHandler, JournalHandler, SyslogLineHandler})
 
 
 def under_journald(environ: Mapping[str, str] | None = None) -> bool:
@@ -242,7 +546,7 @@ def configure(
     logger.propagate = False
     handler: logging.Handler
     if syslog_tag:
-        handler = logging.handlers.SysLogHandler(
+        handler = SyslogLineHandler(
             address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON
         )
         # "tag[pid]: " as syslog(3) and the original's Go log/syslog write it, so lines read
@@ -256,7 +560,7 @@ def configure(
         handler = JournalHandler(name)
         handler.setFormatter(LineFormatter(timestamps=False))  # the journal keeps the time
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = LineStreamHandler(sys.stderr)
         handler.setFormatter(LineFormatter(timestamps=True))
     logger.addHandler(handler)
     return logger
