@@ -444,27 +444,37 @@ def _raw_headers(event: h11.Request | h11.Response | h11.InformationalResponse |
 # version, anything that does not match) goes to h11 as before, so the results and the error
 # messages stay h11's. tests/test_framing_v2.py checks both paths agree.
 try:
-    from h11._readers import header_field_re as _FIELD_RE
+    from h11._abnf import header_field as _FIELD_GRAMMAR
     from h11._readers import request_line_re as _REQUEST_LINE_RE
     from h11._readers import status_line_re as _STATUS_LINE_RE
 except ImportError:  # pragma: no cover - a future h11 moved them: every head takes h11's path
-    _FIELD_RE = _REQUEST_LINE_RE = _STATUS_LINE_RE = None
+    _FIELD_GRAMMAR = _REQUEST_LINE_RE = _STATUS_LINE_RE = None
+# Every field line of a head at once, with h11's grammar for one (its groups made plain): one
+# regex call for the block instead of one per line (a third of the fast path's cost). Once the
+# block matches, each line is ``name:`` then the value between optional blanks, so partition and
+# strip find exactly what h11's groups would.
+_FIELDS_RE = (
+    re.compile(b"(?:" + re.sub(r"\(\?P<[a-z_]+>", "(?:", _FIELD_GRAMMAR).encode("ascii")
+               + rb"\r\n)*")
+    if _FIELD_GRAMMAR is not None else None
+)
 # h11 rewrites a Content-Length it accepts only when it is a list ("5, 5") or has more than its
 # 20 digits allowed; a plain short number passes through unchanged.
 _PLAIN_LENGTH_RE = re.compile(rb"[0-9]{1,18}")
 
 
-def _fast_fields(lines: list[bytes], *, request: bool) -> Headers | None:
-    """The header fields of ``lines`` as h11 would return them, or None to leave the head to h11."""
-    if _FIELD_RE is None:  # pragma: no cover
+def _fast_fields(block: bytes, *, request: bool) -> Headers | None:
+    """The header fields of ``block`` (field lines, each ending with CRLF) as h11 would return
+    them, or None to leave the head to h11."""
+    if _FIELDS_RE is None:  # pragma: no cover
+        return None
+    if block and _FIELDS_RE.fullmatch(block) is None:
         return None
     headers: Headers = []
     hosts = lengths = 0
-    for line in lines:
-        match = _FIELD_RE.fullmatch(line)
-        if match is None:
-            return None
-        name, value = match.group("field_name", "field_value")
+    for line in block.split(_CRLF)[:-1]:
+        name, _, value = line.partition(b":")
+        value = value.strip(b" \t")
         size = len(name)  # only three names matter, and only their lengths are checked per line
         if size == 4 and name.lower() == b"host":
             hosts += 1
@@ -484,11 +494,11 @@ def _fast_request_head(head: bytes) -> tuple[bytes, bytes, Headers] | None:
     """``parse_request_head``'s answer for a checked (``_check_head``) plain head, or None."""
     if _REQUEST_LINE_RE is None:  # pragma: no cover
         return None
-    lines = head[: -len(_BLANK_LINE)].split(_CRLF)
-    match = _REQUEST_LINE_RE.fullmatch(lines[0])
+    start, _, block = head[: -len(_CRLF)].partition(_CRLF)
+    match = _REQUEST_LINE_RE.fullmatch(start)
     if match is None or match.group("http_version") != b"1.1":
         return None
-    headers = _fast_fields(lines[1:], request=True)
+    headers = _fast_fields(block, request=True)
     if headers is None:
         return None
     return match.group("method"), match.group("target"), headers
@@ -498,14 +508,14 @@ def _fast_response_head(head: bytes) -> tuple[int, bytes, Headers] | None:
     """``parse_response_head``'s answer for a checked (``_check_head``) plain head, or None."""
     if _STATUS_LINE_RE is None:  # pragma: no cover
         return None
-    lines = head[: -len(_BLANK_LINE)].split(_CRLF)
-    match = _STATUS_LINE_RE.fullmatch(lines[0])
+    start, _, block = head[: -len(_CRLF)].partition(_CRLF)
+    match = _STATUS_LINE_RE.fullmatch(start)
     if match is None or match.group("http_version") != b"1.1":
         return None
     status = int(match.group("status_code"))
     if status < 100:
         return None  # h11 has no event for it: its error message it is
-    headers = _fast_fields(lines[1:], request=False)
+    headers = _fast_fields(block, request=False)
     if headers is None:
         return None
     return status, match.group("reason") or b"", headers
