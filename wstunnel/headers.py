@@ -40,12 +40,19 @@ def without(headers: Iterable[tuple[bytes, bytes]], names: Iterable[bytes]) -> H
 
 def without_hop_by_hop(headers: Iterable[tuple[bytes, bytes]], *extra: bytes) -> Headers:
     """Drop hop-by-hop headers, those named in ``Connection``, and ``extra`` names."""
-    headers = list(headers)
+    # One pass, one lower() a header: every request and response goes through here twice.
+    drop = HOP_BY_HOP.union(extra) if extra else HOP_BY_HOP
+    kept: Headers = []
     named: set[bytes] = set()
     for key, value in headers:
-        if key.lower() == b"connection":
+        lower = key.lower()
+        if lower == b"connection":
             named.update(part.strip().lower() for part in value.split(b","))
-    return without(headers, HOP_BY_HOP | named | set(extra))
+        elif lower not in drop:
+            kept.append((key, value))
+    if named - drop:  # "Connection: keep-alive" names nothing that is not dropped already
+        return without(kept, named)
+    return kept
 
 
 def parse_basic(authorization: bytes | None) -> tuple[bytes, bytes]:
