@@ -211,8 +211,16 @@ class ClientSessionV2:
     async def _handle(self, stream: _Stream) -> None:
         with stream.scope:
             try:
-                async with self.limiter:
+                # A free slot is taken without the checkpoint (one more trip through trio's
+                # scheduler per request) that ``async with limiter`` makes; a busy one is waited for.
+                try:
+                    self.limiter.acquire_nowait()
+                except trio.WouldBlock:
+                    await self.limiter.acquire()
+                try:
                     await self._answer(stream)
+                finally:
+                    self.limiter.release()
             except StreamClosedError:
                 pass  # the server reset the stream while we were answering
             finally:
