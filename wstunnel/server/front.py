@@ -37,6 +37,8 @@ SMALL_BODY = 64 * 1024
 # response in the client's receive buffer before the client has read it.
 LINGER_TIMEOUT = 2.0
 LINGER_BYTES = 4 * 1024 * 1024
+# A streamed response's pieces are gathered into one write up to about this size.
+SEND_BATCH = 64 * 1024
 # Once one side of an upgraded (101) connection has ended, how long the other side gets to follow.
 PIPE_LINGER = 5.0
 
@@ -230,6 +232,10 @@ class BodySource(Protocol):
         """The next chunk; None at the end; ResponseAborted if the body will never be complete."""
         ...
 
+    def receive_nowait(self) -> bytes | None:
+        """Like ``receive``, without waiting: trio.WouldBlock when no chunk has come yet."""
+        ...
+
     def consumed(self, amount: int) -> None:
         """``amount`` bytes were written to the HTTP client: the source may let more come."""
         ...
@@ -311,6 +317,64 @@ def _reason(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
         return b""
+
+
+class _Batch:
+    """The bytes of a streamed response that go out in its next write, and their accounts."""
+
+    def __init__(self, conn: h11.Connection, response: StreamingResponse, length: int | None
+                 ) -> None:
+        self.conn = conn
+        self.response = response
+        # The declared Content-Length (0 for a bodyless response); None for a chunked (or
+        # HTTP/1.0, ended by closing) body.
+        self.length = length
+        self.out: list[bytes] = []
+        self.size = 0  # body bytes in ``out``
+        self.uncredited = 0  # bytes taken from the body, credited once written
+        self.done = length == 0  # the end of the message is in ``out``, or already written
+
+    def add(self, chunk: bytes | None) -> None:
+        """One chunk from the body source (None: its end)."""
+        if chunk is None:
+            self._end()
+            return
+        self.uncredited += len(chunk)
+        self.out.append(self.conn.send(h11.Data(data=chunk)))
+        self.size += len(chunk)
+        if self.length is not None and self.response.sent_bytes + self.size >= self.length:
+            # Whole: the client may reuse the connection without waiting for the stream's END.
+            self._end()
+
+    def take_ready(self) -> None:
+        """Add what the body source has without waiting, up to about SEND_BATCH bytes."""
+        body = self.response.body
+        while not self.done and self.size < SEND_BATCH:
+            try:
+                chunk = body.receive_nowait()
+            except trio.WouldBlock:
+                return
+            self.add(chunk)
+
+    def _end(self) -> None:
+        # Trailers only where chunked coding carries them (h11 refuses them elsewhere).
+        chunked = self.length is None and self.conn.their_http_version == b"1.1"
+        trailers = self.response.body.trailers if chunked else []
+        self.out.append(self.conn.send(h11.EndOfMessage(headers=trailers)))
+        self.done = True
+
+    async def write(self, stream: trio.abc.SendStream) -> None:
+        data = b"".join(self.out)
+        self.out.clear()
+        if data:
+            await stream.send_all(data)
+        self.response.sent_bytes += self.size
+        self.size = 0
+        # Credit goes back only once the bytes are in the client's socket: a slow client
+        # slows its own stream, nothing else.
+        if self.uncredited:
+            self.response.body.consumed(self.uncredited)
+            self.uncredited = 0
 
 
 class HttpConnection:
@@ -560,7 +624,8 @@ class HttpConnection:
             raise trio.BrokenResourceError from None
 
     async def _send_streaming(self, response: StreamingResponse, *, head_only: bool = False) -> None:
-        """Send the head now and each body chunk as it comes.
+        """Send the head at once, with what of the body is there already, then each chunk as it
+        comes.
 
         A ``Content-Length`` from the backend is kept (h11 then refuses a body of another size,
         which aborts the connection); without one h11 uses chunked coding. A body that cannot be
@@ -582,24 +647,35 @@ class HttpConnection:
         await self._start_response()
         if self.draining() or self._body_unread():
             headers.append((b"Connection", b"close"))
+        body = response.body
+        conn = self.conn
+        # The head, the body chunks already there and the end go out in one write: one syscall
+        # and one wakeup of the client instead of one per piece. Only what is ready is taken, so
+        # the head of a slow body (server-sent events) still goes out at once.
+        batch = _Batch(conn, response, length)
         try:
-            await self._send(h11.Response(
+            batch.out.append(conn.send(h11.Response(
                 status_code=response.status, headers=headers, reason=response.reason
-            ))
-            while length is None or response.sent_bytes < length:
+            )))
+            if not batch.done:
+                # The tunnel delivers a small body's DATA right behind its HEAD, but the task
+                # reading the tunnel may not have run since the HEAD woke us: one scheduling
+                # pass (no wait for I/O) lets it hand over what it has. The head still goes
+                # out now whatever the body does.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            while True:
+                try:
+                    batch.take_ready()
+                except (h11.LocalProtocolError, ResponseAborted):
+                    # The client gets what came before the failure, as it would unbatched.
+                    await batch.write(self.stream)
+                    raise
+                await batch.write(self.stream)
+                if batch.done:
+                    return
                 with trio.fail_after(response.idle_timeout):
-                    chunk = await response.body.receive()
-                if chunk is None:
-                    break
-                if not bodyless:
-                    await self._send(h11.Data(data=chunk))
-                    response.sent_bytes += len(chunk)
-                # Credit goes back only once the bytes are in the client's socket: a slow
-                # client slows its own stream, nothing else.
-                response.body.consumed(len(chunk))
-            # Trailers only where chunked coding carries them (h11 refuses them elsewhere).
-            chunked = length is None and self.conn.their_http_version == b"1.1"
-            await self._send(h11.EndOfMessage(headers=response.body.trailers if chunked else []))
+                    chunk = await body.receive()
+                batch.add(chunk)
         except (h11.LocalProtocolError, ResponseAborted, trio.TooSlowError):
             # The body is wrong (not its Content-Length), broken or stalled: drop the socket.
             raise trio.BrokenResourceError from None
