@@ -268,3 +268,31 @@ async def test_keep_alive_serves_the_next_request_after_a_batched_response() -> 
         await client.aclose()
     assert [bytes(e.data) for e in first + second if isinstance(e, h11.Data)] == [b"one", b"two"]
     assert len(server.writes) == 2
+
+
+async def test_stalled_body_drops_the_connection_after_the_idle_timeout() -> None:
+    client, server, parser = _pair()
+    body = FakeBody(b"first")
+    response = _response(body)
+    response.idle_timeout = 0.2
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_serve, server, response)
+        await client.send_all(GET)
+        with trio.fail_after(2):
+            events = await _read_response(client, parser, until=h11.Data)
+            assert bytes(events[-1].data) == b"first"  # type: ignore[attr-defined]
+            start = trio.current_time()
+            assert await client.receive_some(65536) == b""  # closed, with no last chunk
+            assert trio.current_time() - start >= 0.15
+    assert body.closed
+
+
+async def test_header_look_ups_take_the_first_value_whatever_the_case() -> None:
+    request = IncomingRequest(
+        method=b"GET", target=b"/", peer="127.0.0.1",
+        headers=[(b"Host", b"a"), (b"X-Token", b"first"), (b"x-token", b"second")],
+    )
+    assert request.header(b"x-token") == b"first"
+    assert request.header(b"host") == b"a"
+    assert request.header(b"content-length") is None
+    assert request.declared_length() == 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import h11
@@ -52,12 +52,18 @@ class IncomingRequest:
     body: bytes = b""
     # Set instead of ``body`` when the body is streamed: the body still on the socket.
     body_source: RequestBody | None = None
+    # Lowercased name -> first value, built at the first look-up: the server looks up several
+    # headers per request (framing, upgrade, token, forwarding...), each a scan otherwise.
+    _index: dict[bytes, bytes] | None = field(default=None, repr=False, compare=False)
 
     def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
+        """The first value of the header ``name`` (lowercase); ``headers`` must not change."""
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for key, value in self.headers:
+                index.setdefault(key.lower(), value)
+        return index.get(name)
 
     @property
     def path(self) -> bytes:
@@ -319,6 +325,16 @@ def _reason(status: int) -> bytes:
         return b""
 
 
+async def _next_chunk(response: StreamingResponse) -> bytes | None:
+    """The body's next chunk (None at its end); TooSlowError after ``idle_timeout`` without one.
+
+    A bare cancel scope: trio.fail_after's generator-based context manager costs as much again.
+    """
+    with trio.CancelScope(deadline=trio.current_time() + response.idle_timeout):
+        return await response.body.receive()
+    raise trio.TooSlowError
+
+
 class _Batch:
     """The bytes of a streamed response that go out in its next write, and their accounts."""
 
@@ -422,17 +438,19 @@ class HttpConnection:
         while True:
             timeout = self.limits.header_timeout if first else KEEPALIVE_TIMEOUT
             first = False
+            request = None
             try:
-                with trio.fail_after(timeout):
+                # A bare cancel scope: trio.fail_after costs as much again, once per request.
+                with trio.CancelScope(deadline=trio.current_time() + timeout) as waiting:
                     request = await self._read_head()
-            except trio.TooSlowError:
-                if self.conn.their_state is h11.SEND_BODY or self._has_partial_head():
-                    await self._send_error(408, "Request head not received in time")
-                return
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
                 text = "Request headers too large" if status == 431 else "Malformed request"
                 await self._send_error(status, text)
+                return
+            if waiting.cancelled_caught:
+                if self.conn.their_state is h11.SEND_BODY or self._has_partial_head():
+                    await self._send_error(408, "Request head not received in time")
                 return
             if request is None:
                 return
@@ -647,7 +665,6 @@ class HttpConnection:
         await self._start_response()
         if self.draining() or self._body_unread():
             headers.append((b"Connection", b"close"))
-        body = response.body
         conn = self.conn
         # The head, the body chunks already there and the end go out in one write: one syscall
         # and one wakeup of the client instead of one per piece. Only what is ready is taken, so
@@ -673,9 +690,7 @@ class HttpConnection:
                 await batch.write(self.stream)
                 if batch.done:
                     return
-                with trio.fail_after(response.idle_timeout):
-                    chunk = await body.receive()
-                batch.add(chunk)
+                batch.add(await _next_chunk(response))
         except (h11.LocalProtocolError, ResponseAborted, trio.TooSlowError):
             # The body is wrong (not its Content-Length), broken or stalled: drop the socket.
             raise trio.BrokenResourceError from None
