@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import h11
@@ -37,6 +37,8 @@ SMALL_BODY = 64 * 1024
 # response in the client's receive buffer before the client has read it.
 LINGER_TIMEOUT = 2.0
 LINGER_BYTES = 4 * 1024 * 1024
+# A streamed response's pieces are gathered into one write up to about this size.
+SEND_BATCH = 64 * 1024
 # Once one side of an upgraded (101) connection has ended, how long the other side gets to follow.
 PIPE_LINGER = 5.0
 
@@ -50,12 +52,18 @@ class IncomingRequest:
     body: bytes = b""
     # Set instead of ``body`` when the body is streamed: the body still on the socket.
     body_source: RequestBody | None = None
+    # Lowercased name -> first value, built at the first look-up: the server looks up several
+    # headers per request (framing, upgrade, token, forwarding...), each a scan otherwise.
+    _index: dict[bytes, bytes] | None = field(default=None, repr=False, compare=False)
 
     def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
+        """The first value of the header ``name`` (lowercase); ``headers`` must not change."""
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for key, value in self.headers:
+                index.setdefault(key.lower(), value)
+        return index.get(name)
 
     @property
     def path(self) -> bytes:
@@ -230,6 +238,10 @@ class BodySource(Protocol):
         """The next chunk; None at the end; ResponseAborted if the body will never be complete."""
         ...
 
+    def receive_nowait(self) -> bytes | None:
+        """Like ``receive``, without waiting: trio.WouldBlock when no chunk has come yet."""
+        ...
+
     def consumed(self, amount: int) -> None:
         """``amount`` bytes were written to the HTTP client: the source may let more come."""
         ...
@@ -313,6 +325,74 @@ def _reason(status: int) -> bytes:
         return b""
 
 
+async def _next_chunk(response: StreamingResponse) -> bytes | None:
+    """The body's next chunk (None at its end); TooSlowError after ``idle_timeout`` without one.
+
+    A bare cancel scope: trio.fail_after's generator-based context manager costs as much again.
+    """
+    with trio.CancelScope(deadline=trio.current_time() + response.idle_timeout):
+        return await response.body.receive()
+    raise trio.TooSlowError
+
+
+class _Batch:
+    """The bytes of a streamed response that go out in its next write, and their accounts."""
+
+    def __init__(self, conn: h11.Connection, response: StreamingResponse, length: int | None
+                 ) -> None:
+        self.conn = conn
+        self.response = response
+        # The declared Content-Length (0 for a bodyless response); None for a chunked (or
+        # HTTP/1.0, ended by closing) body.
+        self.length = length
+        self.out: list[bytes] = []
+        self.size = 0  # body bytes in ``out``
+        self.uncredited = 0  # bytes taken from the body, credited once written
+        self.done = length == 0  # the end of the message is in ``out``, or already written
+
+    def add(self, chunk: bytes | None) -> None:
+        """One chunk from the body source (None: its end)."""
+        if chunk is None:
+            self._end()
+            return
+        self.uncredited += len(chunk)
+        self.out.append(self.conn.send(h11.Data(data=chunk)))
+        self.size += len(chunk)
+        if self.length is not None and self.response.sent_bytes + self.size >= self.length:
+            # Whole: the client may reuse the connection without waiting for the stream's END.
+            self._end()
+
+    def take_ready(self) -> None:
+        """Add what the body source has without waiting, up to about SEND_BATCH bytes."""
+        body = self.response.body
+        while not self.done and self.size < SEND_BATCH:
+            try:
+                chunk = body.receive_nowait()
+            except trio.WouldBlock:
+                return
+            self.add(chunk)
+
+    def _end(self) -> None:
+        # Trailers only where chunked coding carries them (h11 refuses them elsewhere).
+        chunked = self.length is None and self.conn.their_http_version == b"1.1"
+        trailers = self.response.body.trailers if chunked else []
+        self.out.append(self.conn.send(h11.EndOfMessage(headers=trailers)))
+        self.done = True
+
+    async def write(self, stream: trio.abc.SendStream) -> None:
+        data = b"".join(self.out)
+        self.out.clear()
+        if data:
+            await stream.send_all(data)
+        self.response.sent_bytes += self.size
+        self.size = 0
+        # Credit goes back only once the bytes are in the client's socket: a slow client
+        # slows its own stream, nothing else.
+        if self.uncredited:
+            self.response.body.consumed(self.uncredited)
+            self.uncredited = 0
+
+
 class HttpConnection:
     """Serves the requests of one TCP connection until it closes or turns into a tunnel."""
 
@@ -358,17 +438,19 @@ class HttpConnection:
         while True:
             timeout = self.limits.header_timeout if first else KEEPALIVE_TIMEOUT
             first = False
+            request = None
             try:
-                with trio.fail_after(timeout):
+                # A bare cancel scope: trio.fail_after costs as much again, once per request.
+                with trio.CancelScope(deadline=trio.current_time() + timeout) as waiting:
                     request = await self._read_head()
-            except trio.TooSlowError:
-                if self.conn.their_state is h11.SEND_BODY or self._has_partial_head():
-                    await self._send_error(408, "Request head not received in time")
-                return
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
                 text = "Request headers too large" if status == 431 else "Malformed request"
                 await self._send_error(status, text)
+                return
+            if waiting.cancelled_caught:
+                if self.conn.their_state is h11.SEND_BODY or self._has_partial_head():
+                    await self._send_error(408, "Request head not received in time")
                 return
             if request is None:
                 return
@@ -560,7 +642,8 @@ class HttpConnection:
             raise trio.BrokenResourceError from None
 
     async def _send_streaming(self, response: StreamingResponse, *, head_only: bool = False) -> None:
-        """Send the head now and each body chunk as it comes.
+        """Send the head at once, with what of the body is there already, then each chunk as it
+        comes.
 
         A ``Content-Length`` from the backend is kept (h11 then refuses a body of another size,
         which aborts the connection); without one h11 uses chunked coding. A body that cannot be
@@ -582,24 +665,32 @@ class HttpConnection:
         await self._start_response()
         if self.draining() or self._body_unread():
             headers.append((b"Connection", b"close"))
+        conn = self.conn
+        # The head, the body chunks already there and the end go out in one write: one syscall
+        # and one wakeup of the client instead of one per piece. Only what is ready is taken, so
+        # the head of a slow body (server-sent events) still goes out at once.
+        batch = _Batch(conn, response, length)
         try:
-            await self._send(h11.Response(
+            batch.out.append(conn.send(h11.Response(
                 status_code=response.status, headers=headers, reason=response.reason
-            ))
-            while length is None or response.sent_bytes < length:
-                with trio.fail_after(response.idle_timeout):
-                    chunk = await response.body.receive()
-                if chunk is None:
-                    break
-                if not bodyless:
-                    await self._send(h11.Data(data=chunk))
-                    response.sent_bytes += len(chunk)
-                # Credit goes back only once the bytes are in the client's socket: a slow
-                # client slows its own stream, nothing else.
-                response.body.consumed(len(chunk))
-            # Trailers only where chunked coding carries them (h11 refuses them elsewhere).
-            chunked = length is None and self.conn.their_http_version == b"1.1"
-            await self._send(h11.EndOfMessage(headers=response.body.trailers if chunked else []))
+            )))
+            if not batch.done:
+                # The tunnel delivers a small body's DATA right behind its HEAD, but the task
+                # reading the tunnel may not have run since the HEAD woke us: one scheduling
+                # pass (no wait for I/O) lets it hand over what it has. The head still goes
+                # out now whatever the body does.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            while True:
+                try:
+                    batch.take_ready()
+                except (h11.LocalProtocolError, ResponseAborted):
+                    # The client gets what came before the failure, as it would unbatched.
+                    await batch.write(self.stream)
+                    raise
+                await batch.write(self.stream)
+                if batch.done:
+                    return
+                batch.add(await _next_chunk(response))
         except (h11.LocalProtocolError, ResponseAborted, trio.TooSlowError):
             # The body is wrong (not its Content-Length), broken or stalled: drop the socket.
             raise trio.BrokenResourceError from None

@@ -78,6 +78,17 @@ class _StreamBody:
         assert isinstance(item, bytes)
         return item
 
+    def receive_nowait(self) -> bytes | None:
+        stream = self._stream
+        try:
+            item = stream.chunks.receive_nowait()  # trio.WouldBlock: nothing buffered yet
+        except trio.EndOfChannel:
+            raise ResponseAborted(stream.aborted or "stream aborted") from None
+        if item is _END:
+            return None
+        assert isinstance(item, bytes)
+        return item
+
     @property
     def trailers(self) -> Headers:
         return self._stream.trailers
