@@ -674,12 +674,7 @@ class HttpConnection:
             batch.out.append(conn.send(h11.Response(
                 status_code=response.status, headers=headers, reason=response.reason
             )))
-            if not batch.done:
-                # The tunnel delivers a small body's DATA right behind its HEAD, but the task
-                # reading the tunnel may not have run since the HEAD woke us: one scheduling
-                # pass (no wait for I/O) lets it hand over what it has. The head still goes
-                # out now whatever the body does.
-                await trio.lowlevel.cancel_shielded_checkpoint()
+            first = True
             while True:
                 try:
                     batch.take_ready()
@@ -687,6 +682,15 @@ class HttpConnection:
                     # The client gets what came before the failure, as it would unbatched.
                     await batch.write(self.stream)
                     raise
+                if first and not batch.done:
+                    # A small body's DATA usually comes in the HEAD's own tunnel message, and
+                    # is here already; else the task reading the tunnel may not have run since
+                    # the HEAD woke us: one scheduling pass (no wait for I/O) lets it hand over
+                    # what it has. The head still goes out now whatever the body does.
+                    first = False
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    continue
+                first = False
                 await batch.write(self.stream)
                 if batch.done:
                     return
