@@ -122,10 +122,10 @@ class FrameOutbox:
     """Encoded v2 frames on their way to the transport, in the order they were put.
 
     ``put`` never waits (framing_v2's ordering rule: a frame goes out right after the V2Connection
-    call that made it, with no checkpoint between); one writer task takes them with
-    ``next_message``: one frame a message, or, on a batching tunnel, every frame waiting (up to
-    MAX_BATCH_SIZE) in one message. Unbounded: what waits here is bounded by the peer's windows
-    (DATA) or tiny (heads, WINDOW, RESET).
+    call that made it, with no checkpoint between); one writer task (``pump``) sends them as
+    messages (``next_message``): one frame a message, or, on a batching tunnel, every frame
+    waiting (up to MAX_BATCH_SIZE) in one message. Unbounded: what waits here is bounded by the
+    peer's windows (DATA) or tiny (heads, WINDOW, RESET).
     """
 
     def __init__(self, *, batched: bool) -> None:
@@ -145,6 +145,14 @@ class FrameOutbox:
         """No more frames; the writer still gets those already put, then None."""
         self._closed = True
         self._ready.unpark_all()
+
+    async def pump(self, transport: MessageTransport) -> None:
+        """The writer task: send what is put, in order, until closed (or the transport is)."""
+        while (message := await self.next_message()) is not None:
+            try:
+                await transport.send_message(message)
+            except ConnectionClosed:
+                return  # the receive loop sees the close too, and ends the tunnel
 
     async def next_message(self) -> bytes | None:
         """The next message to send, waiting for a frame; None once closed and drained."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import trio
-import trio_websocket
 
 from wstunnel import framing
 from wstunnel import framing_v2 as v2
@@ -127,13 +126,9 @@ class ClientSessionV2:
             self._outbox.put(v2.encode_frame(frame))
 
     async def _write_frames(self) -> None:
-        while (message := await self._outbox.next_message()) is not None:
-            try:
-                await self.ws.send_message(message)
-            except trio_websocket.ConnectionClosed:
-                # The receive loop sees the close too and ends the session with one error,
-                # not a group of two the session could not describe.
-                return
+        # It returns on ConnectionClosed: the receive loop sees the close too and ends the
+        # session with one error, not a group of two the session could not describe.
+        await self._outbox.pump(self.ws)
 
     async def _send_data(self, stream: _Stream, chunk: bytes, *, end_stream: bool = False) -> None:
         view = memoryview(chunk)

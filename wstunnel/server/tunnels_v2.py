@@ -191,11 +191,7 @@ class TunnelConnectionV2(TunnelConnection):
             self._outbox.put(v2.encode_frame(frame))
 
     async def _write_frames(self) -> None:
-        while (message := await self._outbox.next_message()) is not None:
-            try:
-                await self.ws.send_message(message)
-            except trio_websocket.ConnectionClosed:
-                return
+        await self._outbox.pump(self.ws)
 
     async def _send_requests(self) -> None:
         """Take what waits in the queue (requests are handed to us directly while we have room
