@@ -270,6 +270,45 @@ async def test_keep_alive_serves_the_next_request_after_a_batched_response() -> 
     assert len(server.writes) == 2
 
 
+@pytest.mark.parametrize("method, status", [(b"GET", 204), (b"GET", 304), (b"HEAD", 200)])
+async def test_keep_alive_serves_the_next_request_after_a_bodyless_response(
+    method: bytes, status: int
+) -> None:
+    """A bodyless response ends with its head, for h11 too: the connection stays usable."""
+    client, server = trio.testing.memory_stream_pair()
+    recording = Recording(server)
+    answered: list[bytes] = []
+
+    async def respond(request: IncomingRequest) -> StreamingResponse:
+        answered.append(request.method)
+        headers = [(b"Content-Length", b"5")] if method == b"HEAD" else []
+        return StreamingResponse(status=status, reason=b"X", headers=headers,
+                                 body=FakeBody(None))
+
+    async def take_tunnel(request: IncomingRequest, stream: object) -> None:
+        raise AssertionError("not a tunnel")
+
+    connection = HttpConnection(
+        recording, "127.0.0.1", LIMITS,  # type: ignore[arg-type]
+        respond=respond, is_tunnel=lambda request: False,
+        take_tunnel=take_tunnel,  # type: ignore[arg-type]
+        draining=lambda: False,
+    )
+    parser = h11.Connection(h11.CLIENT)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve)
+            for _ in range(2):
+                request = h11.Request(method=method, target="/x", headers=[("Host", "example")])
+                await client.send_all(parser.send(request) + parser.send(h11.EndOfMessage()))
+                events = await _read_response(client, parser)
+                assert [type(e) for e in events] == [h11.Response, h11.EndOfMessage]
+                assert isinstance(events[0], h11.Response) and events[0].status_code == status
+                parser.start_next_cycle()
+            await client.aclose()
+    assert answered == [method, method]
+
+
 async def test_stalled_body_drops_the_connection_after_the_idle_timeout() -> None:
     client, server, parser = _pair()
     body = FakeBody(b"first")

@@ -348,7 +348,14 @@ class _Batch:
         self.out: list[bytes] = []
         self.size = 0  # body bytes in ``out``
         self.uncredited = 0  # bytes taken from the body, credited once written
-        self.done = length == 0  # the end of the message is in ``out``, or already written
+        self.done = False  # the end of the message is in ``out``, or already written
+
+    def head(self, response: h11.Response) -> None:
+        """The response head; a bodyless response ends with it (h11 must see its end too, or
+        it would not let the connection serve another request)."""
+        self.out.append(self.conn.send(response))
+        if self.length == 0:
+            self._end()
 
     def add(self, chunk: bytes | None) -> None:
         """One chunk from the body source (None: its end)."""
@@ -671,9 +678,9 @@ class HttpConnection:
         # the head of a slow body (server-sent events) still goes out at once.
         batch = _Batch(conn, response, length)
         try:
-            batch.out.append(conn.send(h11.Response(
+            batch.head(h11.Response(
                 status_code=response.status, headers=headers, reason=response.reason
-            )))
+            ))
             first = True
             while True:
                 try:
