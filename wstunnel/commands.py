@@ -164,6 +164,10 @@ def run_client(argv: Sequence[str]) -> int:
 
 
 def _run(main: Callable[[], Awaitable[None]]) -> None:
+    # What exists now (modules, settings, logging) lives as long as the process: out of the
+    # cyclic collector's sight, its full collections walk only what serving creates (srv: GC
+    # time 0.34 -> 0.24 s, cli 0.15 -> 0.05 s in 5 s of 1 KiB GETs at -c32).
+    gc.freeze()
     try:
         trio.run(main)
     except BaseExceptionGroup as group:
