@@ -4,7 +4,7 @@ when a streamed body's credit goes back."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import h11
 import pytest
@@ -89,20 +89,26 @@ def _response(body: FakeBody, headers: Headers | None = None) -> StreamingRespon
     return StreamingResponse(status=200, reason=b"OK", headers=headers or [], body=body)
 
 
-async def _serve(server: Recording, response: StreamingResponse) -> None:
-    async def respond(request: IncomingRequest) -> StreamingResponse:
-        return response
+def _connection(stream: Recording,
+                respond: Callable[[IncomingRequest], Awaitable[StreamingResponse]]) -> HttpConnection:
+    """The front's connection on ``stream``, answering with ``respond`` (never a tunnel)."""
 
     async def take_tunnel(request: IncomingRequest, stream: object) -> None:
         raise AssertionError("not a tunnel")
 
-    connection = HttpConnection(
-        server, "127.0.0.1", LIMITS,  # type: ignore[arg-type]
+    return HttpConnection(
+        stream, "127.0.0.1", LIMITS,  # type: ignore[arg-type]
         respond=respond, is_tunnel=lambda request: False,
         take_tunnel=take_tunnel,  # type: ignore[arg-type]
         draining=lambda: False,
     )
-    await connection.serve()
+
+
+async def _serve(server: Recording, response: StreamingResponse) -> None:
+    async def respond(request: IncomingRequest) -> StreamingResponse:
+        return response
+
+    await _connection(server, respond).serve()
 
 
 async def _read_response(client: trio.abc.Stream, parser: h11.Connection,
@@ -248,15 +254,7 @@ async def test_keep_alive_serves_the_next_request_after_a_batched_response() -> 
     async def respond(request: IncomingRequest) -> StreamingResponse:
         return _response(bodies.pop(0), [(b"Content-Length", b"3")])
 
-    async def take_tunnel(request: IncomingRequest, stream: object) -> None:
-        raise AssertionError("not a tunnel")
-
-    connection = HttpConnection(
-        server, "127.0.0.1", LIMITS,  # type: ignore[arg-type]
-        respond=respond, is_tunnel=lambda request: False,
-        take_tunnel=take_tunnel,  # type: ignore[arg-type]
-        draining=lambda: False,
-    )
+    connection = _connection(server, respond)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection.serve)
         await client.send_all(GET + GET)  # pipelined
@@ -285,15 +283,7 @@ async def test_keep_alive_serves_the_next_request_after_a_bodyless_response(
         return StreamingResponse(status=status, reason=b"X", headers=headers,
                                  body=FakeBody(None))
 
-    async def take_tunnel(request: IncomingRequest, stream: object) -> None:
-        raise AssertionError("not a tunnel")
-
-    connection = HttpConnection(
-        recording, "127.0.0.1", LIMITS,  # type: ignore[arg-type]
-        respond=respond, is_tunnel=lambda request: False,
-        take_tunnel=take_tunnel,  # type: ignore[arg-type]
-        draining=lambda: False,
-    )
+    connection = _connection(recording, respond)
     parser = h11.Connection(h11.CLIENT)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:

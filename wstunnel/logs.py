@@ -419,7 +419,32 @@ def _journal_fields(event: str | None, all_fields: Mapping[str, Any]) -> dict[st
     return fields
 
 
-class JournalHandler(logging.Handler):
+class _WholeLines(logging.Handler):
+    """EventLogger's fast path for handlers that send each line as one message (journald,
+    syslog): the line as LineFormatter makes it, to ``_send_event``; any other formatter or a
+    filter takes the record path."""
+
+    def emit_event(
+        self, source: EventLogger, level: int, created: float, event: str,
+        fields: Mapping[str, Any], text: str,
+    ) -> None:
+        formatter = self.formatter
+        if type(formatter) is not LineFormatter or self.filters:
+            self.handle(source.make_record(level, event, fields, created))
+            return
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self._send_event(formatter.event_line(level, created, text), level, event,
+                                 source, fields)
+            except Exception:
+                self.handleError(source.make_record(level, event, fields, created))
+
+    def _send_event(self, line: str, level: int, event: str, source: EventLogger,
+                    fields: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class JournalHandler(_WholeLines):
     """Each line to journald, same text as MESSAGE, plus the structured fields."""
 
     def __init__(self, identifier: str) -> None:
@@ -441,27 +466,17 @@ class JournalHandler(logging.Handler):
         except Exception:
             self.handleError(record)
 
-    def emit_event(
-        self, source: EventLogger, level: int, created: float, event: str,
-        fields: Mapping[str, Any], text: str,
-    ) -> None:
-        formatter = self.formatter
-        if formatter.__class__ is not LineFormatter or self.filters:
-            self.handle(source.make_record(level, event, fields, created))
-            return
-        with self.lock:  # type: ignore[union-attr]
-            try:
-                self._send(
-                    formatter.event_line(level, created, text),  # type: ignore[union-attr]
-                    PRIORITY=str(_SYSLOG_PRIORITIES.get(level, 6)),
-                    SYSLOG_IDENTIFIER=self.identifier,
-                    **_journal_fields(event, {"pkg": source.pkg, **fields}),
-                )
-            except Exception:
-                self.handleError(source.make_record(level, event, fields, created))
+    def _send_event(self, line: str, level: int, event: str, source: EventLogger,
+                    fields: Mapping[str, Any]) -> None:
+        self._send(
+            line,
+            PRIORITY=str(_SYSLOG_PRIORITIES.get(level, 6)),
+            SYSLOG_IDENTIFIER=self.identifier,
+            **_journal_fields(event, {"pkg": source.pkg, **fields}),
+        )
 
 
-class SyslogLineHandler(logging.handlers.SysLogHandler):
+class SyslogLineHandler(_WholeLines, logging.handlers.SysLogHandler):
     """logging's SysLogHandler plus the fast path of EventLogger, same datagrams."""
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -470,20 +485,9 @@ class SyslogLineHandler(logging.handlers.SysLogHandler):
         except Exception:
             self.handleError(record)
 
-    def emit_event(
-        self, source: EventLogger, level: int, created: float, event: str,
-        fields: Mapping[str, Any], text: str,
-    ) -> None:
-        formatter = self.formatter
-        if formatter.__class__ is not LineFormatter or self.filters:
-            self.handle(source.make_record(level, event, fields, created))
-            return
-        with self.lock:  # type: ignore[union-attr]
-            try:
-                self._send_line(formatter.event_line(level, created, text),  # type: ignore[union-attr]
-                                logging.getLevelName(level))
-            except Exception:
-                self.handleError(source.make_record(level, event, fields, created))
+    def _send_event(self, line: str, level: int, event: str, source: EventLogger,
+                    fields: Mapping[str, Any]) -> None:
+        self._send_line(line, logging.getLevelName(level))
 
     def _send_line(self, message: str, level_name: str) -> None:
         # CPython 3.11's SysLogHandler.emit from its format() on: one copy for both paths.
