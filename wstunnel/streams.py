@@ -80,14 +80,20 @@ class ChunkQueue(Generic[T]):
             raise trio.EndOfChannel
         raise trio.WouldBlock
 
-    async def receive(self) -> T:
-        while not self._items:
-            if self._closed:
-                raise trio.EndOfChannel
+    def ready(self) -> bool:
+        """``receive_nowait`` would not raise WouldBlock: a chunk is there, or the end."""
+        return bool(self._items) or self._closed
+
+    async def wait(self) -> None:
+        """Until ``ready()``; at once, without a checkpoint, if it is."""
+        while not self._items and not self._closed:
             if self._waiting is None:
                 self._waiting = trio.lowlevel.ParkingLot()
             await self._waiting.park()
-        return self._items.popleft()
+
+    async def receive(self) -> T:
+        await self.wait()
+        return self.receive_nowait()
 
     def __aiter__(self) -> ChunkQueue[T]:
         return self

@@ -72,15 +72,8 @@ class _StreamBody:
         self._closed = False
 
     async def receive(self) -> bytes | None:
-        stream = self._stream
-        try:
-            item = await stream.chunks.receive()
-        except trio.EndOfChannel:
-            raise ResponseAborted(stream.aborted or "stream aborted") from None
-        if item is _END:
-            return None
-        assert isinstance(item, bytes)
-        return item
+        await self._stream.chunks.wait()
+        return self.receive_nowait()
 
     def receive_nowait(self) -> bytes | None:
         stream = self._stream
