@@ -219,6 +219,26 @@ def test_counts_move_after_requests(harness: Harness) -> None:
     assert token[:8] not in after.text
 
 
+def test_tunnelled_requests_leave_no_cyclic_garbage(harness: Harness) -> None:
+    """Each request's objects are freed as it ends, not left in reference cycles for the
+    collector (a stream that kept its request once answered made ~30 objects of garbage a
+    request, 4 % of the server's CPU under load)."""
+    server = harness.server()
+    token = harness.new_token()
+    harness.client(server, token)
+
+    def collected() -> float:
+        families = parse(scrape(server).text)
+        return sum(families["python_gc_objects_collected_total"].samples.values())
+
+    with httpx.Client(base_url=server.url, headers={"X-Token": token}, timeout=30) as http:
+        assert http.get("/bytes?size=1000").status_code == 200  # connections and pools made
+        before = collected()
+        for _ in range(400):
+            assert http.get("/bytes?size=1000").status_code == 200
+    assert collected() - before < 400  # 15,673 with that cycle
+
+
 def test_only_loopback_and_trusted_proxies_get_metrics(harness: Harness) -> None:
     server = harness.server("-trusted-proxies", "127.0.0.1")
     refused = scrape(server, **{"X-Forwarded-For": "10.1.2.3"})
