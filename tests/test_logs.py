@@ -785,15 +785,13 @@ def test_fast_journal_messages_are_the_record_path_messages(
 
 
 def test_each_token_renders_as_its_own_prefix_however_many_come_and_go() -> None:
-    # Rendered Tokens are cached by id(): a new Token must never show an old one's text, and
-    # the cache must not grow without bound.
+    # Many short-lived Tokens, each only ever shown as its own prefix.
     for number in range(3 * logs._MAX_CACHED):
         prefix = f"{number:08d}"
         token = Token(prefix + "-the-rest-is-secret")
         assert logs.format_fields({"token": token}) == f"token={prefix}..."
         assert logs.format_fields({"token": token, "again": token}) == f"token={prefix}... again={prefix}..."
         del token
-    assert len(logs._TOKEN_TEXTS) <= logs._MAX_CACHED
 
 
 def test_own_handlers_with_other_formatters_or_filters_get_records(

@@ -272,12 +272,17 @@ def protocols(server: Server, token: str) -> list[str]:
     return []
 
 
-def rss_mib(pid: int) -> float:
+def proc_status_mib(pid: int, field: str) -> float:
+    """A memory figure of /proc/PID/status (VmRSS, VmHWM, ...), in MiB."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise ValueError(f"no VmRSS for {pid}")
+    raise ValueError(f"no {field} for {pid}")
+
+
+def rss_mib(pid: int) -> float:
+    return proc_status_mib(pid, "VmRSS")
 
 
 # -- negotiation ----------------------------------------------------------------------------------
@@ -535,11 +540,7 @@ def test_unreachable_backend_is_502_over_v2(harness: Harness) -> None:
 
 def peak_rss_mib(pid: int) -> float:
     """The process's peak resident memory since it started (VmHWM)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise ValueError(f"no VmHWM for {pid}")
+    return proc_status_mib(pid, "VmHWM")
 
 
 def upload_body(size: int) -> Iterator[bytes]:

@@ -136,6 +136,7 @@ from wstunnel.framing import MAX_HEAD_SIZE
 from wstunnel.headers import Headers, get
 
 __all__ = [
+    "BATCH_ENTRY_OVERHEAD",
     "BATCH_SUBPROTOCOL",
     "END_STREAM",
     "HEADER_SIZE",
@@ -197,6 +198,8 @@ MAX_MESSAGE_SIZE = HEADER_SIZE + max(MAX_HEAD_SIZE, MAX_FRAME_PAYLOAD)
 # The largest batched message; the largest frame and its length always fit.
 MAX_BATCH_SIZE = 1024 * 1024
 _ENTRY_LENGTH = struct.Struct(">I")
+# What each frame adds to a batched message: its length.
+BATCH_ENTRY_OVERHEAD = _ENTRY_LENGTH.size
 
 _HEADER = struct.Struct(">BBI")
 _WINDOW = struct.Struct(">I")

@@ -95,12 +95,6 @@ def _key_prefix(key: str) -> str:
     return prefix
 
 
-# Rendered Tokens by id(), about 100 ns a line less (str() of a Token is two Python calls).
-# Each entry holds its Token, so the id cannot go to another object while cached; the Tokens
-# are those of live tunnels anyway, and the bound clears the rest.
-_TOKEN_TEXTS: dict[int, tuple[Token, str]] = {}
-
-
 def format_fields(fields: Mapping[str, Any]) -> str:
     # _render_value inlined for the request lines' common types: a function call per field was
     # a good part of the cost of a line. Anything else still goes through _render_value.
@@ -115,20 +109,7 @@ def format_fields(fields: Mapping[str, Any]) -> str:
                 text = value
             elif kind is bytes:
                 text = value.decode("utf-8", "replace")
-            elif kind is Token:
-                # A tunnel's one Token object is on each line of each of its requests.
-                cached = _TOKEN_TEXTS.get(id(value))
-                if cached is not None and cached[0] is value:
-                    append((_KEY_PREFIXES.get(key) or _key_prefix(key)) + cached[1])
-                    continue
-                # str(): the Token's own redacted form, never its secret.
-                rendered = _render_value(str(value))
-                if len(_TOKEN_TEXTS) >= _MAX_CACHED:
-                    _TOKEN_TEXTS.clear()
-                _TOKEN_TEXTS[id(value)] = (value, rendered)
-                append((_KEY_PREFIXES.get(key) or _key_prefix(key)) + rendered)
-                continue
-            else:
+            else:  # a Token among others: _render_value shows its redacted form only
                 append((_KEY_PREFIXES.get(key) or _key_prefix(key)) + _render_value(value))
                 continue
             if not (text.isprintable() and " " not in text and "=" not in text and '"' not in text
@@ -159,8 +140,7 @@ class EventLogger:
     def __init__(self, pkg: str, logger: logging.Logger | None = None) -> None:
         self.pkg = pkg
         self._logger = logger or logging.getLogger("wstunnel")
-        self._pkg_rendered_for: str | None = None
-        self._pkg_text = ""
+        self._pkg_text = _key_prefix("pkg") + _render_value(pkg)
         self._heads: dict[str, str] = {}
 
     def log(self, level: int, event: str, /, **fields: Any) -> None:
@@ -182,8 +162,6 @@ class EventLogger:
                 if handler.__class__ not in _EVENT_HANDLERS:
                     break
             else:
-                if self.pkg is not self._pkg_rendered_for:
-                    self._set_pkg()
                 # format_event(event, {"pkg": pkg, **fields}), without copying the fields.
                 head = self._heads.get(event) or self._head(event)
                 text = f"{head} {format_fields(fields)}" if fields else head
@@ -193,11 +171,6 @@ class EventLogger:
                         handler.emit_event(self, level, created, event, fields, text)  # type: ignore[attr-defined]
                 return
         logger.handle(self.make_record(level, event, fields))
-
-    def _set_pkg(self) -> None:
-        self._pkg_text = _key_prefix("pkg") + _render_value(self.pkg)
-        self._pkg_rendered_for = self.pkg
-        self._heads = {}
 
     def _head(self, event: str) -> str:
         """ "EVENT         pkg=..." for this event, made once per EventLogger and event."""

@@ -80,12 +80,8 @@ class ChunkQueue(Generic[T]):
             raise trio.EndOfChannel
         raise trio.WouldBlock
 
-    def ready(self) -> bool:
-        """``receive_nowait`` would not raise WouldBlock: a chunk is there, or the end."""
-        return bool(self._items) or self._closed
-
     async def wait(self) -> None:
-        """Until ``ready()``; at once, without a checkpoint, if it is."""
+        """Until a chunk or the end is there; at once, without a checkpoint, if it is."""
         while not self._items and not self._closed:
             if self._waiting is None:
                 self._waiting = trio.lowlevel.ParkingLot()

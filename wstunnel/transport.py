@@ -25,9 +25,16 @@ from wstunnel import framing_v2 as v2
 from wstunnel import pollbody
 
 TRANSPORTS = ("websocket", "longpoll")
+# trio-websocket's reads from the socket, both ends.
+WS_RECEIVE_SIZE = 64 * 1024
+# Received v2 messages trio-websocket may hold before the tunnel code takes them: one wake-up of
+# ours then handles a burst instead of one message. What the peer may send is bounded anyway
+# (the v2 windows; a v1 server's queue).
+WS_MESSAGE_QUEUE = 64
 
 __all__ = [
-    "TRANSPORTS", "Activity", "CloseReason", "ConnectionClosed", "FrameOutbox", "MessageTransport",
+    "TRANSPORTS", "WS_MESSAGE_QUEUE", "WS_RECEIVE_SIZE", "Activity", "CloseReason",
+    "ConnectionClosed", "FrameOutbox", "MessageTransport",
     "PingableTransport", "PolledMessages",
 ]
 
@@ -164,8 +171,8 @@ class FrameOutbox:
         if not self.batched:
             return frames.popleft()
         batch = [frames.popleft()]
-        size = len(batch[0]) + 4
-        while frames and size + len(frames[0]) + 4 <= v2.MAX_BATCH_SIZE:
+        size = len(batch[0]) + v2.BATCH_ENTRY_OVERHEAD
+        while frames and size + len(frames[0]) + v2.BATCH_ENTRY_OVERHEAD <= v2.MAX_BATCH_SIZE:
             batch.append(frames.popleft())
-            size += len(batch[-1]) + 4
+            size += len(batch[-1]) + v2.BATCH_ENTRY_OVERHEAD
         return v2.pack_batch(batch)

@@ -31,13 +31,9 @@ from wstunnel.headers import basic_credentials
 from wstunnel.logs import EventLogger
 from wstunnel.service import ServiceNotifier
 from wstunnel.tokens import Token
-from wstunnel.transport import PingableTransport
+from wstunnel.transport import WS_MESSAGE_QUEUE, WS_RECEIVE_SIZE, PingableTransport
 
 VERSION_HEADER = b"X-Wstunnel-Version"
-WS_RECEIVE_SIZE = 64 * 1024
-# Received messages trio-websocket may hold before we take them: one wake-up of ours then handles
-# a burst instead of one message. The server bounds what it sends (its queue, the v2 windows).
-WS_MESSAGE_QUEUE = 64
 # Refusals long-poll would get just as well (a password, a brake, a restart, a proxy that cannot
 # reach the server): a fallback would only double the dials of every client of a busy or
 # restarting server, and leave them on long-poll for websocket_retry once it is back.

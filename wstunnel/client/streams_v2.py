@@ -114,7 +114,9 @@ class ClientSessionV2:
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_frames)
+                # The writer returns on ConnectionClosed: the receive loop sees the close too and
+                # ends the session with one error, not a group of two it could not describe.
+                nursery.start_soon(self._outbox.pump, self.ws)
                 await self._receive_frames(nursery)
         finally:
             self._outbox.close()
@@ -124,11 +126,6 @@ class ClientSessionV2:
     def _emit(self, *frames: v2.Frame) -> None:
         for frame in frames:
             self._outbox.put(v2.encode_frame(frame))
-
-    async def _write_frames(self) -> None:
-        # It returns on ConnectionClosed: the receive loop sees the close too and ends the
-        # session with one error, not a group of two the session could not describe.
-        await self._outbox.pump(self.ws)
 
     async def _send_data(self, stream: _Stream, chunk: bytes, *, end_stream: bool = False) -> None:
         view = memoryview(chunk)

@@ -37,11 +37,9 @@ from wstunnel.server.tunnels import Failure, QueueFull, Registry, Rendezvous, Tu
 from wstunnel.server.tunnels_v2 import TunnelConnectionV2
 from wstunnel.streams import ActivityStream
 from wstunnel.tokens import MIN_LENGTH, Token
+from wstunnel.transport import WS_MESSAGE_QUEUE, WS_RECEIVE_SIZE
 
 VERSION_HEADER = b"X-Wstunnel-Version"
-WS_RECEIVE_SIZE = 64 * 1024
-# Received v2 messages trio-websocket may hold before we take them (it reads ahead up to this).
-WS_MESSAGE_QUEUE = 64
 TOKEN_PREFIX = b"/_token/"
 # A reload cannot move the listening socket or the pid file; these wait for a restart.
 RESTART_ONLY_SETTINGS = ("host", "port", "pidfile")

@@ -681,23 +681,15 @@ class HttpConnection:
             batch.head(h11.Response(
                 status_code=response.status, headers=headers, reason=response.reason
             ))
-            first = True
+            await self._take_ready(batch)
+            if not batch.done:
+                # A small body's DATA usually comes in the HEAD's own tunnel message, and is
+                # here already; else the task reading the tunnel may not have run since the
+                # HEAD woke us: one scheduling pass (no wait for I/O) lets it hand over what it
+                # has. The head still goes out now whatever the body does.
+                await trio.lowlevel.cancel_shielded_checkpoint()
             while True:
-                try:
-                    batch.take_ready()
-                except (h11.LocalProtocolError, ResponseAborted):
-                    # The client gets what came before the failure, as it would unbatched.
-                    await batch.write(self.stream)
-                    raise
-                if first and not batch.done:
-                    # A small body's DATA usually comes in the HEAD's own tunnel message, and
-                    # is here already; else the task reading the tunnel may not have run since
-                    # the HEAD woke us: one scheduling pass (no wait for I/O) lets it hand over
-                    # what it has. The head still goes out now whatever the body does.
-                    first = False
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                    continue
-                first = False
+                await self._take_ready(batch)
                 await batch.write(self.stream)
                 if batch.done:
                     return
@@ -705,6 +697,15 @@ class HttpConnection:
         except (h11.LocalProtocolError, ResponseAborted, trio.TooSlowError):
             # The body is wrong (not its Content-Length), broken or stalled: drop the socket.
             raise trio.BrokenResourceError from None
+
+    async def _take_ready(self, batch: _Batch) -> None:
+        """What of the body is there already, into ``batch``; if the body turns out broken, the
+        client still gets what came before, as it would unbatched, and the error goes on."""
+        try:
+            batch.take_ready()
+        except (h11.LocalProtocolError, ResponseAborted):
+            await batch.write(self.stream)
+            raise
 
     async def _pipe(self, response: StreamingResponse) -> None:
         """Send the 101, then carry raw bytes both ways until both sides have closed."""

@@ -142,7 +142,7 @@ class TunnelConnectionV2(TunnelConnection):
 
     def _start_tasks(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        nursery.start_soon(self._write_frames)
+        nursery.start_soon(self._outbox.pump, self.ws)
 
     async def _receive(self) -> None:
         await self._receive_frames()
@@ -186,9 +186,6 @@ class TunnelConnectionV2(TunnelConnection):
         """Queue frames for the writer, in order and without a checkpoint."""
         for frame in frames:
             self._outbox.put(v2.encode_frame(frame))
-
-    async def _write_frames(self) -> None:
-        await self._outbox.pump(self.ws)
 
     async def _send_requests(self) -> None:
         """Take what waits in the queue (requests are handed to us directly while we have room
