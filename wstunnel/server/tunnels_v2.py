@@ -239,11 +239,18 @@ class TunnelConnectionV2(TunnelConnection):
         if pending.body_source is not None:
             self._nursery.start_soon(self._send_streamed_body, stream, pending.body_source)
         elif request.body:
-            self._nursery.start_soon(self._send_body, stream, request.body)
+            # What the windows take goes now, right behind the HEAD (a small body: all of it, in
+            # the same message); a task waits for credit for the rest.
+            frames, taken = self.conn.data_frames(stream_id, request.body, end_stream=True)
+            self._emit(*frames)
+            if taken < len(request.body):
+                self._nursery.start_soon(self._send_body, stream,
+                                         memoryview(request.body)[taken:])
 
-    async def _send_body(self, stream: _Stream, whole: bytes) -> None:
-        """The request body, whole in memory here, as DATA within the client's windows."""
-        body = memoryview(whole)
+    async def _send_body(self, stream: _Stream, rest: memoryview) -> None:
+        """The rest of a request body that is whole in memory here, as DATA within the client's
+        windows."""
+        body = rest
         offset = 0
         with stream.scope:
             try:
