@@ -15,9 +15,9 @@ class ActivityStream(trio.abc.Stream):
     """A stream that first replays ``prefix``, then reads ``inner``, noting when bytes arrive.
 
     The HTTP front has already read (and parsed) the WebSocket handshake when it learns that a
-    connection is a tunnel; replaying those bytes lets trio-websocket read the handshake itself.
-    ``last_receive`` lets the server close a tunnel that has sent nothing for ``wstimeout``:
-    pings count as activity although trio-websocket answers them internally.
+    connection is a tunnel; replaying those bytes lets ``wstunnel.websocket.accept`` read the
+    handshake itself. ``last_receive`` lets the server close a tunnel that has sent nothing for
+    ``wstimeout``: pings count as activity although the WebSocket layer answers them itself.
     """
 
     def __init__(self, inner: trio.abc.Stream, prefix: bytes = b"") -> None:

@@ -1,10 +1,10 @@
 """What the tunnel code above the transport needs from it: whole messages, in order, both ways.
 
-Two transports satisfy :class:`MessageTransport`: a ``trio_websocket.WebSocketConnection`` (as it
-is) and the HTTPS long-poll session of either end (``wstunnel.server.longpoll`` and
-``wstunnel.client.longpoll``). So the protocol v2 code (``TunnelConnectionV2`` on the server,
-``ClientSessionV2`` on the client), and with it queueing, retries, ids, logging, status and metrics,
-runs unchanged over either.
+Two transports satisfy :class:`MessageTransport`: a WebSocket (``wstunnel.websocket``, with
+trio-websocket's contract) and the HTTPS long-poll session of either end
+(``wstunnel.server.longpoll`` and ``wstunnel.client.longpoll``). So the protocol v2 code
+(``TunnelConnectionV2`` on the server, ``ClientSessionV2`` on the client), and with it queueing,
+retries, ids, logging, status and metrics, runs unchanged over either.
 
 The contract, as trio-websocket defines it: ``get_message`` returns the next message and
 ``send_message`` queues one, and both raise ``trio_websocket.ConnectionClosed`` (carrying a
@@ -19,22 +19,18 @@ from collections import deque
 from typing import Protocol
 
 import trio
-from trio_websocket import CloseReason, ConnectionClosed
+from trio_websocket import CloseReason, ConnectionClosed, HandshakeError
 
 from wstunnel import framing_v2 as v2
 from wstunnel import pollbody
 
 TRANSPORTS = ("websocket", "longpoll")
-# trio-websocket's reads from the socket, both ends.
+# A WebSocket's reads from the socket, both ends.
 WS_RECEIVE_SIZE = 64 * 1024
-# Received v2 messages trio-websocket may hold before the tunnel code takes them: one wake-up of
-# ours then handles a burst instead of one message. What the peer may send is bounded anyway
-# (the v2 windows; a v1 server's queue).
-WS_MESSAGE_QUEUE = 64
 
 __all__ = [
-    "TRANSPORTS", "WS_MESSAGE_QUEUE", "WS_RECEIVE_SIZE", "Activity", "CloseReason",
-    "ConnectionClosed", "FrameOutbox", "MessageTransport",
+    "TRANSPORTS", "WS_RECEIVE_SIZE", "Activity", "CloseReason",
+    "ConnectionClosed", "FrameOutbox", "HandshakeError", "MessageTransport",
     "PingableTransport", "PolledMessages",
 ]
 

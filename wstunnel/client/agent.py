@@ -19,7 +19,7 @@ import httpx
 import trio
 import trio_websocket
 
-from wstunnel import __version__, daemon, framing
+from wstunnel import __version__, daemon, framing, websocket
 from wstunnel import framing_v2 as v2
 from wstunnel.client import dial, longpoll
 from wstunnel.client import proxy as proxies
@@ -31,7 +31,7 @@ from wstunnel.headers import basic_credentials
 from wstunnel.logs import EventLogger
 from wstunnel.service import ServiceNotifier
 from wstunnel.tokens import Token
-from wstunnel.transport import WS_MESSAGE_QUEUE, WS_RECEIVE_SIZE, PingableTransport
+from wstunnel.transport import WS_RECEIVE_SIZE, PingableTransport
 
 VERSION_HEADER = b"X-Wstunnel-Version"
 # Refusals long-poll would get just as well (a password, a brake, a restart, a proxy that cannot
@@ -188,14 +188,14 @@ class TunnelClient:
                     self.address, proxy=self.proxy,
                     source_ports=self.settings.source_ports, context=self.context,
                 )
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery, stream, self.address.host_header, self.address.resource,
+                ws = await websocket.connect(
+                    stream, self.address.host_header, self.address.resource,
                     extra_headers=self._handshake_headers(),
                     # v2 if the server picks it (batched if it knows how); an original server
                     # picks none and we speak v1.
                     subprotocols=[v2.BATCH_SUBPROTOCOL, v2.SUBPROTOCOL],
                     max_message_size=self.settings.max_body_size + framing.MAX_HEAD_SIZE,
-                    receive_buffer_size=WS_RECEIVE_SIZE, message_queue_size=WS_MESSAGE_QUEUE,
+                    receive_size=WS_RECEIVE_SIZE,
                 )
             local = tcp.socket.getsockname()
             await self._run_connected(nursery, ws, backend, url, local=f"{local[0]}:{local[1]}")
@@ -233,7 +233,7 @@ class TunnelClient:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 if self.stopping:
-                    # close() is mid-handshake; the reader task must live to read the reply.
+                    # close() is mid-close-handshake: let it read the reply before we hang up.
                     await self._goodbye_said.wait()
                 await ws.aclose()
             self._ws = None

@@ -14,9 +14,8 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import trio
-import trio_websocket
 
-from wstunnel import __version__, daemon, framing
+from wstunnel import __version__, daemon, framing, websocket
 from wstunnel import framing_v2 as v2
 from wstunnel.config import ServerSettings, password_pairs
 from wstunnel.headers import Headers, without_hop_by_hop
@@ -37,7 +36,7 @@ from wstunnel.server.tunnels import Failure, QueueFull, Registry, Rendezvous, Tu
 from wstunnel.server.tunnels_v2 import TunnelConnectionV2
 from wstunnel.streams import ActivityStream
 from wstunnel.tokens import MIN_LENGTH, Token
-from wstunnel.transport import WS_MESSAGE_QUEUE, WS_RECEIVE_SIZE
+from wstunnel.transport import WS_RECEIVE_SIZE, HandshakeError
 
 VERSION_HEADER = b"X-Wstunnel-Version"
 TOKEN_PREFIX = b"/_token/"
@@ -434,63 +433,54 @@ class TunnelServer:
                              headers=[(b"Retry-After", b"1")])
             return
         version = (request.header(VERSION_HEADER.lower()) or b"").decode("latin-1") or "unknown"
-        # Our cli offers v2 and then gets it (batched if it offers that). Its messages are small
-        # (a frame, or a batch of at most 1 MiB), so the reader may run ahead of us by several of
-        # them: one wake-up carries a burst. A v1 message can be a whole body, so a v1 tunnel keeps
-        # trio-websocket's queue of one.
+        # Our cli offers v2 and then gets it (batched if it offers that); an original client
+        # offers nothing and gets v1, whose message can be a whole body.
         offered = _offered_subprotocols(request)
         subprotocol = next((name for name in (v2.BATCH_SUBPROTOCOL, v2.SUBPROTOCOL)
                             if name.encode() in offered), None)
         offers_v2 = subprotocol is not None
         if subprotocol == v2.BATCH_SUBPROTOCOL:
-            max_message, message_queue = v2.MAX_BATCH_SIZE, WS_MESSAGE_QUEUE
+            max_message = v2.MAX_BATCH_SIZE
         elif offers_v2:
-            max_message, message_queue = v2.MAX_MESSAGE_SIZE, WS_MESSAGE_QUEUE
+            max_message = v2.MAX_MESSAGE_SIZE
         else:
             max_message = self.settings.max_body_size + framing.MAX_HEAD_SIZE + framing.ID_DIGITS
-            message_queue = 1
-        async with trio.open_nursery() as nursery:
-            self._handshakes += 1
-            try:
-                with trio.fail_after(self.settings.header_timeout):
-                    handshake = await trio_websocket.wrap_server_stream(
-                        nursery, stream, max_message_size=max_message,
-                        receive_buffer_size=WS_RECEIVE_SIZE, message_queue_size=message_queue,
-                    )
-                    # Our cli offers protocol v2 (batched, then plain: older ones offer only
-                    # plain); an original client offers nothing and gets v1.
-                    ws = await handshake.accept(
-                        subprotocol=subprotocol,
-                        extra_headers=[(VERSION_HEADER, __version__.encode())],
-                    )
-            finally:
-                self._handshakes -= 1
-            del handshake  # it holds the upgrade request's parsed headers, like wsproto did
-            _shed_handshake_state(ws)
-            rendezvous = self.registered(token)
-            connection: TunnelConnection
-            if offers_v2:
-                connection = TunnelConnectionV2(
-                    rendezvous, ws, stream, addr=addr, client_version=version,
-                    transport="websocket", wstimeout=self.settings.wstimeout, log=self.log,
-                    httptimeout=self.settings.httptimeout,
-                    max_streams=self.settings.max_streams_per_tunnel,
-                    batched=subprotocol == v2.BATCH_SUBPROTOCOL,
+        self._handshakes += 1
+        try:
+            with trio.fail_after(self.settings.header_timeout):
+                ws = await websocket.accept(
+                    stream, subprotocol=subprotocol,
+                    extra_headers=[(VERSION_HEADER, __version__.encode())],
+                    max_message_size=max_message, receive_size=WS_RECEIVE_SIZE,
                 )
-            else:
-                connection = TunnelConnection(
-                    rendezvous, ws, stream, addr=addr, client_version=version,
-                    transport="websocket", wstimeout=self.settings.wstimeout, log=self.log,
-                )
-            self.log.info("WS   NEW", token=token, addr=addr, version=version,
-                          protocol=connection.protocol, clients=len(rendezvous.connections) + 1)
-            try:
-                await connection.serve()
-            finally:
-                reason = connection.closing_reason or (ws.closed.reason if ws.closed else None)
-                self.log.info("WS   CLOSE", token=token, addr=addr, reason=reason)
-                await connection.close()
-                nursery.cancel_scope.cancel()
+        except HandshakeError as exc:
+            self.log.warning("WS   REFUSE", token=token, addr=addr, err=str(exc))
+            return
+        finally:
+            self._handshakes -= 1
+        rendezvous = self.registered(token)
+        connection: TunnelConnection
+        if offers_v2:
+            connection = TunnelConnectionV2(
+                rendezvous, ws, stream, addr=addr, client_version=version,
+                transport="websocket", wstimeout=self.settings.wstimeout, log=self.log,
+                httptimeout=self.settings.httptimeout,
+                max_streams=self.settings.max_streams_per_tunnel,
+                batched=subprotocol == v2.BATCH_SUBPROTOCOL,
+            )
+        else:
+            connection = TunnelConnection(
+                rendezvous, ws, stream, addr=addr, client_version=version,
+                transport="websocket", wstimeout=self.settings.wstimeout, log=self.log,
+            )
+        self.log.info("WS   NEW", token=token, addr=addr, version=version,
+                      protocol=connection.protocol, clients=len(rendezvous.connections) + 1)
+        try:
+            await connection.serve()
+        finally:
+            reason = connection.closing_reason or (ws.closed.reason if ws.closed else None)
+            self.log.info("WS   CLOSE", token=token, addr=addr, reason=reason)
+            await connection.close()
 
     def admit(self, request: IncomingRequest, addr: str) -> Token | Refusal:
         """The checks every tunnel opening passes, whatever its transport: the token (in
@@ -536,25 +526,6 @@ def _offered_subprotocols(request: IncomingRequest) -> list[bytes]:
     offered = b",".join(value for name, value in request.headers
                         if name.lower() == b"sec-websocket-protocol")
     return [part.strip() for part in offered.split(b",")]
-
-
-def _shed_handshake_state(ws: trio_websocket.WebSocketConnection) -> None:
-    """Let go of what only the opening handshake needed, for the tunnel's lifetime.
-
-    wsproto keeps its handshake machinery after the WebSocket is open: an h11 connection (state
-    machine, sets, dicts, receive buffer) and the parsed upgrade request. Nothing reads them once
-    the connection is open (WSConnection hands every later send and receive to its Connection), and
-    with 10,000 idle tunnels they were about 1.3 KiB of each tunnel's ~40 KiB (RSS per tunnel,
-    2,000 co-hosted idle clients). Private attributes of wsproto, hence every guard: with a wsproto
-    that names them otherwise this does nothing.
-    """
-    connection = getattr(ws, "_wsproto", None)
-    handshake = getattr(connection, "handshake", None)
-    if getattr(connection, "connection", None) is None or handshake is None:
-        return  # not open (or not the wsproto we know): the handshake may still be in use
-    for name in ("_h11_connection", "_initiating_request"):
-        if hasattr(handshake, name):
-            setattr(handshake, name, None)
 
 
 def _front_limits(settings: ServerSettings) -> FrontLimits:

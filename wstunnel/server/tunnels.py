@@ -410,9 +410,9 @@ class TunnelConnection:
                     deadline: float = math.inf) -> bool:
         """Close with a Close frame; a second caller waits for the first one's handshake.
 
-        trio-websocket ends get_message() as soon as the Close frame is out, so serve() returns
-        while the peer's answer is still on its way; the caller that then tears the connection
-        down must wait here, or it cancels the reader that would have received that answer.
+        get_message() ends once our Close frame is out, so serve() returns while the peer's
+        answer is still on its way; the caller that then tears the connection down must wait
+        here, or it cancels the aclose() that is reading that answer.
 
         The wait for the answer ends after CLOSE_TIMEOUT, or earlier at ``deadline`` (trio
         clock; a stopping server shares one among all its tunnels), and the socket is closed
