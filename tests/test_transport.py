@@ -6,7 +6,7 @@ import trio
 import trio.testing
 
 from wstunnel import framing_v2 as v2
-from wstunnel.transport import FrameOutbox
+from wstunnel.transport import EARLY_SEND_FRAMES, FrameOutbox
 
 
 def frames(count: int, size: int = 10) -> list[bytes]:
@@ -66,3 +66,88 @@ async def test_the_writer_waits_for_a_frame_and_ends_after_close() -> None:
             outbox.close()
             outbox.put(b"c" * 6)  # after close: dropped, as the tunnel is gone
     assert got == [b"a" * 6, b"b" * 6, None]
+
+
+class RecordingTransport:
+    """Records messages; each send waits until ``release`` allows it (to hold one in flight)."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[bytes]] = []
+        self.senders: list[str] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.release = trio.Event()
+        self.release.set()
+
+    async def send_message(self, message: str | bytes) -> None:
+        assert isinstance(message, bytes)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await self.release.wait()
+            await trio.lowlevel.checkpoint()
+            self.sent.append([bytes(entry) for entry in v2.unpack_batch(message)])
+            self.senders.append(trio.lowlevel.current_task().name)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_batchs_worth_is_sent_early_by_the_task_that_filled_it() -> None:
+    outbox = FrameOutbox(batched=True)
+    transport = RecordingTransport()
+    sent = frames(EARLY_SEND_FRAMES)
+    for frame in sent[:-1]:
+        outbox.put(frame)
+    await outbox.send_early(transport)  # type: ignore[arg-type]
+    assert transport.sent == []  # one short: left for the writer
+    outbox.put(sent[-1])
+    await outbox.send_early(transport)  # type: ignore[arg-type]
+    assert transport.sent == [sent]
+    assert transport.senders == [trio.lowlevel.current_task().name]
+
+
+async def test_a_plain_v2_outbox_never_sends_early() -> None:
+    outbox = FrameOutbox(batched=False)
+    transport = RecordingTransport()
+    for frame in frames(EARLY_SEND_FRAMES * 2):
+        outbox.put(frame)
+    await outbox.send_early(transport)  # type: ignore[arg-type]
+    assert transport.sent == []
+
+
+async def test_one_message_on_its_way_at_a_time_and_the_order_kept() -> None:
+    outbox = FrameOutbox(batched=True)
+    transport = RecordingTransport()
+    transport.release = trio.Event()  # the writer's first message stays on its way
+    sent = frames(3 * EARLY_SEND_FRAMES + 1)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.pump, transport, name="writer")
+            outbox.put(sent[0])
+            await trio.testing.wait_all_tasks_blocked()
+            assert transport.in_flight == 1
+            for frame in sent[1:EARLY_SEND_FRAMES + 1]:
+                outbox.put(frame)
+            await outbox.send_early(transport)  # type: ignore[arg-type]
+            assert transport.in_flight == 1  # not while the writer's message is on its way
+            transport.release.set()
+            await trio.testing.wait_all_tasks_blocked()
+            for frame in sent[EARLY_SEND_FRAMES + 1:]:
+                outbox.put(frame)
+            await outbox.send_early(transport)  # type: ignore[arg-type]
+            await trio.testing.wait_all_tasks_blocked()
+            outbox.close()
+    assert transport.most_in_flight == 1
+    assert [frame for message in transport.sent for frame in message] == sent
+    assert transport.senders[0] == "writer" and len(transport.sent) == 3
+
+
+async def test_an_early_send_finishes_even_if_its_caller_is_cancelled() -> None:
+    outbox = FrameOutbox(batched=True)
+    transport = RecordingTransport()
+    for frame in frames(EARLY_SEND_FRAMES):
+        outbox.put(frame)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await outbox.send_early(transport)  # type: ignore[arg-type]
+    assert transport.sent == [frames(EARLY_SEND_FRAMES)]

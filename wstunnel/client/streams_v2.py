@@ -223,6 +223,9 @@ class ClientSessionV2:
                                                           v2.StreamState.HALF_CLOSED_LOCAL):
                     self._emit(*self.conn.reset(stream.id, v2.ErrorCode.CANCEL,
                                                 "request body not taken"))
+        # Its last frames are out of our hands: with many requests in flight, often the last of
+        # a batch's worth.
+        await self._outbox.send_early(self.ws)
 
     async def _answer(self, stream: _Stream) -> None:
         request = framing.Request(stream.method, stream.target, stream.headers, b"")

@@ -244,6 +244,8 @@ class Rendezvous:
             raise
         timeout = deadline - trio.current_time()
         try:
+            if pending.holder is not None:
+                await pending.holder.send_early()
             while True:
                 with trio.move_on_at(deadline):
                     await pending.done.wait()
@@ -435,6 +437,9 @@ class TunnelConnection:
 
     # v1 connections only take requests from the queue; v2 ones take them directly, too.
     takes_directly = False
+
+    async def send_early(self) -> None:
+        """After ``start_now``: send what waits if it is a batch's worth (v2 batching)."""
 
     def can_start_now(self) -> bool:
         """Whether ``start_now`` would take a request now."""

@@ -203,6 +203,9 @@ class TunnelConnectionV2(TunnelConnection):
                 continue
             self.start_now(pending)
 
+    async def send_early(self) -> None:
+        await self._outbox.send_early(self.ws)
+
     def can_start_now(self) -> bool:
         return (self._nursery is not None and not self._closing
                 and len(self.streams) < self.max_streams)
