@@ -1,11 +1,14 @@
-"""The brute-force brake and tunnel passwords, without sockets: a clock we move by hand."""
+"""The brute-force brake, tunnel passwords and handshake turns, without sockets: clocks we move
+by hand (trio's MockClock for the turns)."""
 
 from __future__ import annotations
 
 import pytest
+import trio
+import trio.testing
 
 from wstunnel.headers import basic_credentials, parse_basic
-from wstunnel.server.guard import FailureBrake, PasswordBook
+from wstunnel.server.guard import WAITERS_PER_SLOT, FailureBrake, HandshakeTurns, PasswordBook
 from wstunnel.tokens import Token
 
 
@@ -91,3 +94,71 @@ def test_passwords_admit_only_the_right_basic_credentials() -> None:
 )
 def test_parse_basic(header: bytes | None, expected: tuple[bytes, bytes]) -> None:
     assert parse_basic(header) == expected
+
+
+async def test_handshake_turns_wait_in_order_and_pass_straight_on() -> None:
+    turns = HandshakeTurns(2)
+    assert await turns.acquire() and await turns.acquire()
+    got: list[int] = []
+
+    async def wait_for_turn(index: int) -> None:
+        assert await turns.acquire()
+        got.append(index)
+
+    async with trio.open_nursery() as nursery:
+        for index in range(3):
+            nursery.start_soon(wait_for_turn, index)
+            await trio.testing.wait_all_tasks_blocked()
+        assert got == [] and turns.in_progress == 2
+        turns.release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [0] and turns.in_progress == 2  # handed over, never free for a newcomer
+        turns.release()
+        turns.release()
+    assert got == [0, 1, 2]
+    for _ in range(2):
+        turns.release()
+    assert turns.in_progress == 0
+
+
+async def test_handshake_turns_refuse_beyond_the_waiters_and_after_the_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    turns = HandshakeTurns(1, wait=5.0)
+    assert await turns.acquire()
+    outcomes: list[bool] = []
+
+    async def wait_for_turn() -> None:
+        outcomes.append(await turns.acquire())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(WAITERS_PER_SLOT):
+            nursery.start_soon(wait_for_turn)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not await turns.acquire()  # the line is full: refused at once
+        start = trio.current_time()
+    assert outcomes == [False] * WAITERS_PER_SLOT  # nobody finished within the wait
+    assert trio.current_time() - start == pytest.approx(5.0)
+    turns.release()
+    assert turns.in_progress == 0 and await turns.acquire()
+
+
+async def test_a_lowered_limit_lets_handshakes_in_progress_drain_first() -> None:
+    turns = HandshakeTurns(3)
+    for _ in range(3):
+        assert await turns.acquire()
+    turns.limit = 1  # a reload
+    got: list[bool] = []
+
+    async def wait_for_turn() -> None:
+        got.append(await turns.acquire())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_for_turn)
+        await trio.testing.wait_all_tasks_blocked()
+        turns.release()
+        turns.release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [] and turns.in_progress == 1
+        turns.release()
+    assert got == [True] and turns.in_progress == 1

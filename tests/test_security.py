@@ -76,6 +76,28 @@ def test_failed_handshakes_count_too(harness: Harness) -> None:
     wait_until(lambda: "HTTP 429" in refused.process.output(), what="the braked client's 429")
 
 
+def test_handshakes_over_the_limit_wait_their_turn_instead_of_a_503(harness: Harness) -> None:
+    server = harness.server("-max-handshakes", "1")
+    tokens = [harness.new_token() for _ in range(40)]
+
+    def handshake(token: str) -> bytes:
+        request = (
+            b"GET /_tunnel HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            b"Origin: " + token.encode() + b"\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            sock.sendall(request)
+            return sock.recv(65536).split(b" ", 2)[1]
+
+    # Forty at once against one handshake at a time: before, most were told 503 and had to
+    # come back later; now they queue (up to HANDSHAKE_WAIT) and all get in.
+    with ThreadPoolExecutor(len(tokens)) as pool:
+        statuses = list(pool.map(handshake, tokens))
+    assert statuses == [b"101"] * len(tokens)
+    assert "too many handshakes" not in server.process.output()
+
+
 def test_queued_bytes_per_token_are_capped(harness: Harness) -> None:
     server = harness.server("-max-queued-bytes", "100000", "-max-requests-per-tunnel", "50")
     token = harness.new_token()

@@ -117,7 +117,9 @@ class ServerSettings(_Common):
         30, ge=0, description="unknown tokens/failed handshakes per address before 429 (0: no limit)"
     )
     failure_window: float = Field(60.0, gt=0, description="window of failure_limit, seconds")
-    max_handshakes: int = Field(64, ge=1, description="tunnel handshakes in progress at once")
+    max_handshakes: int = Field(
+        64, ge=1, description="tunnel handshakes in progress at once; more wait their turn"
+    )
     max_queued_bytes: int = Field(
         256 * MiB, ge=1024, description="request bytes queued per token before 503"
     )

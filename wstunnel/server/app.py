@@ -30,7 +30,7 @@ from wstunnel.server.front import (
     StreamingResponse,
     simple_response,
 )
-from wstunnel.server.guard import BASIC_REALM, FailureBrake, PasswordBook
+from wstunnel.server.guard import BASIC_REALM, FailureBrake, HandshakeTurns, PasswordBook
 from wstunnel.server.longpoll import LongPoll
 from wstunnel.server.tunnels import Failure, QueueFull, Registry, Rendezvous, TunnelConnection
 from wstunnel.server.tunnels_v2 import TunnelConnectionV2
@@ -76,7 +76,7 @@ class TunnelServer:
         self.brake = FailureBrake(limit=settings.failure_limit, window=settings.failure_window,
                                   clock=trio.current_time)
         self.passwords = _password_book(settings)
-        self._handshakes = 0
+        self.handshakes = HandshakeTurns(settings.max_handshakes)
         self._awaited: dict[Token, trio.Event] = {}
         self.limits = _front_limits(settings)
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
@@ -146,6 +146,7 @@ class TunnelServer:
         self.registry.resize(self.settings.max_requests_per_tunnel, self.settings.max_queued_bytes)
         self.brake.limit = self.settings.failure_limit
         self.brake.window = self.settings.failure_window
+        self.handshakes.limit = self.settings.max_handshakes
         self.passwords = _password_book(self.settings)
         self.registry.token_idle_timeout = self.settings.token_idle_timeout
         self.limits = _front_limits(self.settings)
@@ -427,11 +428,6 @@ class TunnelServer:
             await _raw_reply(stream, admitted.status, admitted.text, headers=admitted.headers)
             return
         token = admitted
-        if self._handshakes >= self.settings.max_handshakes:
-            self.log.warning("WS   REFUSE", token=token, addr=addr, err="too many handshakes")
-            await _raw_reply(stream, 503, "Too many tunnel handshakes at once",
-                             headers=[(b"Retry-After", b"1")])
-            return
         version = (request.header(VERSION_HEADER.lower()) or b"").decode("latin-1") or "unknown"
         # Our cli offers v2 and then gets it (batched if it offers that); an original client
         # offers nothing and gets v1, whose message can be a whole body.
@@ -445,8 +441,15 @@ class TunnelServer:
             max_message = v2.MAX_MESSAGE_SIZE
         else:
             max_message = self.settings.max_body_size + framing.MAX_HEAD_SIZE + framing.ID_DIGITS
-        self._handshakes += 1
+        if not await self.handshakes.acquire():
+            self.log.warning("WS   REFUSE", token=token, addr=addr, err="too many handshakes")
+            await _raw_reply(stream, 503, "Too many tunnel handshakes at once",
+                             headers=[(b"Retry-After", b"1")])
+            return
         try:
+            if self.draining:  # it began while we waited for our turn
+                await _raw_reply(stream, 503, "Server shutting down")
+                return
             with trio.fail_after(self.settings.header_timeout):
                 ws = await websocket.accept(
                     stream, subprotocol=subprotocol,
@@ -457,7 +460,7 @@ class TunnelServer:
             self.log.warning("WS   REFUSE", token=token, addr=addr, err=str(exc))
             return
         finally:
-            self._handshakes -= 1
+            self.handshakes.release()
         rendezvous = self.registered(token)
         connection: TunnelConnection
         if offers_v2:

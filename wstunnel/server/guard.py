@@ -1,4 +1,5 @@
-"""Who may try what: tunnel passwords and the brute-force brake on token guessing.
+"""Who may try what: tunnel passwords, the brute-force brake on token guessing, and the turns of
+tunnel handshakes.
 
 A token is a bearer secret, so an address that keeps presenting unknown tokens or failing
 handshakes is guessing. :class:`FailureBrake` counts such failures per client address in a
@@ -14,10 +15,15 @@ import hmac
 import math
 from collections.abc import Callable, Iterable
 
+import trio
+
 from wstunnel.headers import parse_basic
 from wstunnel.tokens import Token
 
 BASIC_REALM = b'Basic realm="wstunnel", charset="UTF-8"'
+# How long a handshake waits for its turn, and how many may wait per handshake slot.
+HANDSHAKE_WAIT = 5.0
+WAITERS_PER_SLOT = 128
 
 
 class FailureBrake:
@@ -100,3 +106,39 @@ class PasswordBook:
         user_ok = hmac.compare_digest(user, token.reveal().encode("utf-8", "surrogateescape"))
         password_ok = hmac.compare_digest(password, expected)
         return user_ok and password_ok
+
+
+class HandshakeTurns:
+    """At most ``limit`` tunnel handshakes in progress at once; the next ones wait their turn, in
+    order of arrival, for at most ``wait`` seconds and at most ``limit * WAITERS_PER_SLOT`` of
+    them; beyond that, or after the wait, the caller refuses (503 with Retry-After).
+
+    Refusing everything over the limit at once sent a herd of returning clients (a server restart
+    with thousands of tunnels) away to their exponential backoff, most of them several times:
+    10,000 tunnels took 41 s to come back, the server busy a fraction of it. A wait costs one
+    connection already accepted and its task; the turns go at the pace the server handshakes.
+    """
+
+    def __init__(self, limit: int, *, wait: float = HANDSHAKE_WAIT) -> None:
+        self.limit = limit  # may change on reload
+        self.wait = wait
+        self.in_progress = 0
+        self._waiting = trio.lowlevel.ParkingLot()
+
+    async def acquire(self) -> bool:
+        """A turn (True), at once or after waiting; False if refused. Pair with ``release``."""
+        if self.in_progress < self.limit and not self._waiting:
+            self.in_progress += 1
+            return True
+        if len(self._waiting) >= self.limit * WAITERS_PER_SLOT:
+            return False
+        with trio.move_on_after(self.wait):
+            await self._waiting.park()  # woken with a finished handshake's turn handed over
+            return True
+        return False
+
+    def release(self) -> None:
+        if self._waiting and self.in_progress <= self.limit:
+            self._waiting.unpark()  # the turn passes straight to the next in line
+        else:
+            self.in_progress -= 1
