@@ -693,7 +693,11 @@ def test_server_restart_with_many_clients_spreads_reconnections(harness: Harness
     # Jitter: the delays drawn differ (all equal without it). The actual redial times also show
     # it, but they bunch whenever the busy machine starves the one process hosting every client.
     assert delay_share <= 0.4
-    assert arrival_peak <= count * 0.5
+    # The server takes the herd at its own pace: handshakes beyond max_handshakes wait their turn
+    # (server/guard.py, HandshakeTurns) instead of being sent back to their backoff, so the
+    # handshakes follow the redials (their peak is printed above) and none is refused. (The
+    # refusals used to spread the arrivals further, at the cost of all being back later.)
+    assert "too many handshakes" not in restarted.process.output()
     assert back_secs <= cap + margin
 
 
