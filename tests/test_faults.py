@@ -658,6 +658,11 @@ def test_server_restart_with_many_clients_spreads_reconnections(harness: Harness
 
     wait_until(all_back, timeout=cap + margin + 30, what=f"all {count} clients back")
     back_secs = time.time() - up_wall
+    # The server counts a tunnel once it has sent the 101; the client logs CONNECTED once it has
+    # read it, and the one process hosting every client may be a moment behind.
+    wait_until(lambda: len({prefix for _, prefix, _ in
+                            _events(log, "WS   CONNECTED", after=killed_wall)}) == count,
+               timeout=30, what=f"all {count} clients' CONNECTED lines")
 
     dials = _events(log, "WS   DIAL", after=killed_wall)
     connected = _events(log, "WS   CONNECTED", after=killed_wall)
