@@ -123,16 +123,15 @@ class WebSocket:
 
     async def _handle_events(self) -> None:
         for event in self._connection.events():
-            kind = type(event)
-            if kind is BytesMessage or kind is TextMessage:
-                await self._on_message_part(event)  # type: ignore[arg-type]
-            elif kind is Ping:
+            if isinstance(event, BytesMessage | TextMessage):
+                await self._on_message_part(event)
+            elif isinstance(event, Ping):
                 if self._connection.state is OPEN:
-                    await self._send_quietly(self._connection.send(event.response()))  # type: ignore[attr-defined]
-            elif kind is Pong:
-                self._on_pong(bytes(event.payload))  # type: ignore[attr-defined]
-            elif kind is CloseConnection:
-                await self._on_close(event)  # type: ignore[arg-type]
+                    await self._send_quietly(self._connection.send(event.response()))
+            elif isinstance(event, Pong):
+                self._on_pong(bytes(event.payload))
+            elif isinstance(event, CloseConnection):
+                await self._on_close(event)
 
     async def _on_message_part(self, event: BytesMessage | TextMessage) -> None:
         if self._closed is not None:
