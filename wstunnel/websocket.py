@@ -59,8 +59,8 @@ class WebSocket:
 
     __slots__ = (
         "_closed", "_connection", "_is_server", "_max_message_size", "_message_size", "_messages",
-        "_parts", "_peer_closed", "_pings", "_read_done", "_reading", "_receive_size", "_send_turn",
-        "_sending", "_stream", "subprotocol",
+        "_parts", "_peer_closed", "_pings", "_read_done", "_reading", "_receive_size", "_send_lock",
+        "_stream", "subprotocol",
     )
 
     def __init__(self, stream: trio.abc.Stream, connection: Connection, *,
@@ -79,8 +79,7 @@ class WebSocket:
         self._pings: OrderedDict[bytes, trio.Event] = OrderedDict()
         self._reading = False
         self._read_done = trio.lowlevel.ParkingLot()  # aclose waits here while another reads
-        self._sending = False
-        self._send_turn = trio.lowlevel.ParkingLot()  # senders waiting for the one sending
+        self._send_lock = trio.Lock()  # hands itself to the next waiting sender, in order
 
     @property
     def closed(self) -> CloseReason | None:
@@ -166,30 +165,25 @@ class WebSocket:
 
     async def _on_close(self, event: CloseConnection) -> None:
         state = self._connection.state
-        if state is ConnectionState.REMOTE_CLOSING:
-            # The peer closes: answer (RFC 6455 5.5.1); send_message fails from now on.
-            self._closed = CloseReason(event.code, event.reason or None)
-            await self._send_quietly(self._connection.send(event.response()))
-        elif state is OPEN:
+        if state is OPEN:
             # wsproto found the peer's frames bad (ParseFailed): we close, with its code.
             await self._fail(event.code, event.reason)
             return
-        elif self._closed is None:
-            # The stream ended without a Close (1006), or, after our Close, its reply.
-            self._closed = CloseReason(event.code, event.reason or None)
+        # The peer closes (send_message fails from now on), or, after our Close, its reply came,
+        # or the stream ended without a Close (1006).
+        self._closing(event.code, event.reason or None)
+        if state is ConnectionState.REMOTE_CLOSING:
+            await self._send_quietly(self._connection.send(event.response()))  # RFC 6455 5.5.1
         self._peer_closed = True
-        self._wake_pings()
         if self._is_server:
             # "the server SHOULD initiate a TCP Close immediately" (RFC 6455 7.1.1)
             await self._close_stream()
 
     async def _fail(self, code: int, reason: str | None) -> None:
         """We end the WebSocket over what the peer sent: Close with ``code``, then hang up."""
-        if self._closed is None:
-            self._closed = CloseReason(code, reason)
+        self._closing(code, reason)
         if self._connection.state is OPEN:
             await self._send_quietly(self._connection.send(CloseConnection(code, reason)))
-        self._wake_pings()
         await self._close_stream()
 
     # -- sending ----------------------------------------------------------------------------
@@ -220,22 +214,18 @@ class WebSocket:
 
     async def _send(self, data: bytes | bytearray) -> None:
         """Write ``data`` whole, after any send under way (in the order they asked)."""
-        if self._sending:
-            await self._send_turn.park()  # the sender before us hands the turn over
-        else:
-            self._sending = True
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()  # nobody sending: no pass through the scheduler first
+        except trio.WouldBlock:
+            await lock.acquire()
         try:
             await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            if self._closed is None:
-                self._closed = CloseReason(ABNORMAL_CLOSURE, None)
-            self._wake_pings()
+            self._closing(ABNORMAL_CLOSURE, None)
             raise ConnectionClosed(self._closed) from None
         finally:
-            if self._send_turn:
-                self._send_turn.unpark()
-            else:
-                self._sending = False
+            lock.release()
 
     async def _send_quietly(self, data: bytes | bytearray) -> None:
         """A control frame the protocol owes: if the stream is gone, the close says enough."""
@@ -247,8 +237,7 @@ class WebSocket:
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         """Close: send Close, wait (at most CLOSE_TIMEOUT) for the reply, hang up. Idempotent."""
         if self._closed is None:
-            self._closed = CloseReason(code, reason)
-            self._wake_pings()
+            self._closing(code, reason)
             if self._connection.state is OPEN:
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._send_quietly(self._connection.send(CloseConnection(code, reason)))
@@ -266,7 +255,10 @@ class WebSocket:
         with contextlib.suppress(trio.BrokenResourceError):  # already gone: closed either way
             await self._stream.aclose()
 
-    def _wake_pings(self) -> None:
+    def _closing(self, code: int, reason: str | None) -> None:
+        """Closed from now on (the first reason given stays); pings waiting for a pong end."""
+        if self._closed is None:
+            self._closed = CloseReason(code, reason)
         for pong in self._pings.values():
             pong.set()
 

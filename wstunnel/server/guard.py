@@ -120,25 +120,38 @@ class HandshakeTurns:
     """
 
     def __init__(self, limit: int, *, wait: float = HANDSHAKE_WAIT) -> None:
-        self.limit = limit  # may change on reload
+        # trio's limiter hands a returned token straight to the next waiter, in order, and keeps
+        # newcomers behind those waiting; a lowered limit lets the handshakes in progress drain.
+        self._slots = trio.CapacityLimiter(limit)
+        self._turns: list[object] = []  # held now; turns are alike, so release() returns any
         self.wait = wait
-        self.in_progress = 0
-        self._waiting = trio.lowlevel.ParkingLot()
+
+    @property
+    def limit(self) -> int:
+        return int(self._slots.total_tokens)
+
+    @limit.setter
+    def limit(self, limit: int) -> None:  # a reload
+        self._slots.total_tokens = limit
+
+    @property
+    def in_progress(self) -> int:
+        return self._slots.borrowed_tokens
 
     async def acquire(self) -> bool:
         """A turn (True), at once or after waiting; False if refused. Pair with ``release``."""
-        if self.in_progress < self.limit and not self._waiting:
-            self.in_progress += 1
-            return True
-        if len(self._waiting) >= self.limit * WAITERS_PER_SLOT:
-            return False
-        with trio.move_on_after(self.wait):
-            await self._waiting.park()  # woken with a finished handshake's turn handed over
-            return True
-        return False
+        turn = object()
+        try:
+            self._slots.acquire_on_behalf_of_nowait(turn)  # no checkpoint: the handshake's I/O is one
+        except trio.WouldBlock:
+            if self._slots.statistics().tasks_waiting >= self.limit * WAITERS_PER_SLOT:
+                return False
+            with trio.move_on_after(self.wait) as waited:
+                await self._slots.acquire_on_behalf_of(turn)
+            if waited.cancelled_caught:
+                return False
+        self._turns.append(turn)
+        return True
 
     def release(self) -> None:
-        if self._waiting and self.in_progress <= self.limit:
-            self._waiting.unpark()  # the turn passes straight to the next in line
-        else:
-            self.in_progress -= 1
+        self._slots.release_on_behalf_of(self._turns.pop())
