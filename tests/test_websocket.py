@@ -13,6 +13,9 @@ import trio
 import trio.testing
 import trio_websocket
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
+from wsproto.connection import ConnectionType
+from wsproto.events import AcceptConnection, BytesMessage, Request
+from wsproto.handshake import H11Handshake
 
 from wstunnel import websocket
 from wstunnel.websocket import WebSocket
@@ -346,3 +349,29 @@ async def test_the_server_answers_a_request_that_is_no_upgrade_with_400() -> Non
             await stream.aclose()
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert failures and "upgrade" in str(failures[0]).lower()
+
+
+async def test_a_message_in_the_same_read_as_the_101_is_delivered_at_once() -> None:
+    """A server may send its first frame right behind the 101 (ours sends a waiting request as
+    soon as the tunnel is registered): both can arrive in one read, and the message must not
+    wait for the next bytes."""
+    done = trio.Event()
+
+    async def accept_and_send_at_once(stream: trio.SocketStream) -> None:
+        handshake = H11Handshake(ConnectionType.SERVER)
+        while not any(isinstance(event, Request) for event in handshake.events()):
+            handshake.receive_data(await stream.receive_some(65536))
+        opening = handshake.send(AcceptConnection())
+        connection = handshake.connection
+        assert connection is not None
+        await stream.send_all(opening + connection.send(BytesMessage(b"right behind the 101")))
+        await done.wait()  # and nothing more on the socket
+        await stream.aclose()
+
+    with trio.fail_after(10):
+        async with tcp_server(accept_and_send_at_once) as port:
+            ws = await dial(port)
+            with trio.fail_after(2):
+                assert await ws.get_message() == b"right behind the 101"
+            done.set()
+            await ws.aclose()

@@ -266,6 +266,14 @@ class WebSocket:
 # -- opening handshakes -------------------------------------------------------------------------
 
 
+async def _opened(ws: WebSocket) -> WebSocket:
+    """Frames that came in the same read as the handshake (a server may send the first request
+    right behind its 101) are in wsproto already: take them now, or they would wait for the
+    next bytes on the socket."""
+    await ws._handle_events()
+    return ws
+
+
 async def accept(stream: trio.abc.Stream, *, subprotocol: str | None, extra_headers: Headers,
                  max_message_size: int, receive_size: int) -> WebSocket:
     """Server side: read the upgrade request from ``stream`` and accept it with ``subprotocol``.
@@ -291,8 +299,8 @@ async def accept(stream: trio.abc.Stream, *, subprotocol: str | None, extra_head
     ))
     connection = handshake.connection
     assert connection is not None  # open once the AcceptConnection is sent
-    return WebSocket(stream, connection, subprotocol=subprotocol,
-                     max_message_size=max_message_size, receive_size=receive_size)
+    return await _opened(WebSocket(stream, connection, subprotocol=subprotocol,
+                                   max_message_size=max_message_size, receive_size=receive_size))
 
 
 async def connect(stream: trio.abc.Stream, host: str, resource: str, *,
@@ -325,8 +333,10 @@ async def connect(stream: trio.abc.Stream, host: str, resource: str, *,
             if isinstance(event, AcceptConnection):
                 connection = handshake.connection
                 assert connection is not None
-                return WebSocket(stream, connection, subprotocol=event.subprotocol,
-                                 max_message_size=max_message_size, receive_size=receive_size)
+                return await _opened(WebSocket(
+                    stream, connection, subprotocol=event.subprotocol,
+                    max_message_size=max_message_size, receive_size=receive_size,
+                ))
             if isinstance(event, RejectConnection):
                 if not event.has_body:
                     raise ConnectionRejected(event.status_code, tuple(event.headers), None)
