@@ -35,7 +35,7 @@ Workloads (``--only`` takes these names, or the groups ``get``, ``download``, ``
   off``) writes ``SSE_EVENTS`` events ``SSE_GAP`` s apart; the time from each write to its arrival
   at the HTTP client (one clock: both ends are threads of this process): p50 and max (issue 5:
   under 20 ms).
-- ``idle-N`` for each N of ``--idle``: a fresh server, N tunnels from tests/many_clients.py (the
+- ``idle-N`` for each N of ``--idle``: a fresh server, N tunnels from tests/support/many_clients.py (the
   real TunnelClient, co-hosted in one process): server memory per tunnel (VmRSS growth / N),
   client memory per tunnel, then the server is restarted (SIGTERM, start again on its port) and
   the time until all N are back is taken from when it listens again (clients' backoff cap:
@@ -87,7 +87,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-MANY_CLIENTS = ROOT / "tests" / "many_clients.py"
+MANY_CLIENTS = ROOT / "tests" / "support" / "many_clients.py"
 KiB, MiB = 1024, 1024 * 1024
 T = TypeVar("T")
 

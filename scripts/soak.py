@@ -39,7 +39,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-BACKEND = ROOT / "tests" / "backend_app.py"
+BACKEND = ROOT / "tests" / "support" / "backend_app.py"
 
 
 def free_port() -> int:

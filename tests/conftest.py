@@ -5,13 +5,32 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Harness
+from tests.support.harness import Harness
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "both_transports: run once with the clients' default transport (the WebSocket) "
+                   "and once more with every client on HTTPS long-poll")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("both_transports") is not None:
+        metafunc.parametrize("transport", [None, "longpoll"], ids=["websocket", "longpoll"])
 
 
 @pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
+def transport() -> str | None:
+    """The transport the harness gives clients that name none; None: the harness's default."""
+    return None
+
+
+@pytest.fixture
+def harness(tmp_path: Path, transport: str | None) -> Iterator[Harness]:
     """Processes for one test; all stopped at the end, and their logs searched for tokens."""
     h = Harness(tmp_path)
+    if transport is not None:
+        h.transport = transport
     try:
         yield h
     finally:

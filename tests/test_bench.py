@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ROOT
+from tests.support.harness import ROOT
 
 BENCH = ROOT / "scripts" / "bench"
 WORKLOADS = ["get-c1", "get-c32", "get-c128", "download-small", "download-large", "upload-small",

@@ -8,7 +8,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.harness import PYTHON, Harness, environ, free_port, wait_until
+import pytest
+
+from tests.support.harness import PYTHON, Harness, environ, free_port, wait_until
 
 
 def _cmdline(pid: int) -> str:
@@ -39,6 +41,7 @@ def test_token_from_environment_and_config_file(harness: Harness) -> None:
     assert server.get("/file", file_token).status_code == 200
 
 
+@pytest.mark.both_transports
 def test_x_host_must_match_the_whole_regexp(harness: Harness) -> None:
     server = harness.server()
     token = harness.new_token()
@@ -64,6 +67,7 @@ def test_default_server_used_when_x_host_absent_even_with_regexp(harness: Harnes
     assert server.get("/echo", token, headers={"X-Host": backend.url}).status_code == 403
 
 
+@pytest.mark.both_transports
 def test_statusfile_and_pidfile(harness: Harness) -> None:
     server = harness.server()
     token = harness.new_token()
@@ -98,6 +102,7 @@ def test_client_reconnects_with_backoff_when_server_comes_late(harness: Harness)
     assert server.get("/late", token).status_code == 200
 
 
+@pytest.mark.both_transports
 def test_client_drops_a_silent_server_and_comes_back(harness: Harness) -> None:
     server = harness.server()
     token = harness.new_token()
@@ -113,6 +118,7 @@ def test_client_drops_a_silent_server_and_comes_back(harness: Harness) -> None:
     assert "pong" in client.process.output().lower() or "timeout" in client.process.output().lower()
 
 
+@pytest.mark.both_transports
 def test_server_closes_a_silent_tunnel_after_wstimeout(harness: Harness) -> None:
     server = harness.server("-wstimeout", "3")
     token = harness.new_token()
@@ -126,6 +132,7 @@ def test_server_closes_a_silent_tunnel_after_wstimeout(harness: Harness) -> None
     server.wait_clients(token, 1, timeout=60)
 
 
+@pytest.mark.both_transports
 def test_client_sigterm_closes_tunnel_and_exits_zero(harness: Harness) -> None:
     server = harness.server()
     token = harness.new_token()

@@ -1,6 +1,6 @@
 """End to end: how ``wstunnel cli`` reaches the server (HTTP CONNECT proxy, TLS, source ports).
 
-Real processes only: a tinyproxy, a TLS terminator (tests/tls_terminator.py) in front of the
+Real processes only: a tinyproxy, a TLS terminator (tests/support/tls_terminator.py) in front of the
 server, and sockets held by the test to fill the client's source-port range.
 """
 
@@ -10,35 +10,35 @@ import contextlib
 import random
 import re
 import secrets
-import shutil
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import trustme
 
-from tests.harness import PYTHON, ROOT, Client, Harness, Process, Server, environ, free_port, wait_until
+from tests.support.fronts import (
+    PROXY_PASSWORD,
+    PROXY_USER,
+    Tinyproxy,
+    TlsFront,
+    needs_tinyproxy,
+    start_tinyproxy,
+    start_tls_front,
+)
+from tests.support.harness import (
+    Client,
+    Harness,
+    Server,
+    environ,
+    free_port,
+    wait_until,
+)
 
-TINYPROXY = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
-PROXY_USER = "tunneluser"
-# Distinctive enough that finding it in a log can only mean it leaked.
-PROXY_PASSWORD = "pw-" + secrets.token_hex(8)
 WRONG_PASSWORD = "bad-" + secrets.token_hex(8)
 # Retry quickly: the reconnect delay is then 0.5..1 s.
 FAST_RETRY = ("-reconnect-max-delay", "1")
 
-needs_tinyproxy = pytest.mark.skipif(not Path(TINYPROXY).exists(), reason="tinyproxy not installed")
-
-
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def _listening(process: Process, port: int) -> bool:
-    assert process.alive(), f"{process.name} exited early:\n{process.output()}"
-    with socket.create_connection(("127.0.0.1", port), timeout=1):
-        return True
 
 
 def _tunnel_works(server: Server, token: str) -> None:
@@ -75,87 +75,20 @@ def _assert_never_registered(server: Server, client: Client) -> None:
     assert not any(_event(line, "CONNECTED") for line in client.process.output().splitlines())
 
 
-@dataclass
-class Tinyproxy:
-    process: Process
-    port: int
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def url(self, user: str | None = PROXY_USER, password: str = PROXY_PASSWORD) -> str:
-        credentials = f"{user}:{password}@" if user is not None else ""
-        return f"http://{credentials}127.0.0.1:{self.port}"
-
-    def connects_to(self, port: int) -> int:
-        return self.log().count(f"CONNECT 127.0.0.1:{port} HTTP/1.1")
-
-
 @pytest.fixture
 def tinyproxy(harness: Harness, tmp_path: Path) -> Iterator[tuple[Server, Tinyproxy]]:
     """A server, and a tinyproxy (Basic auth) that allows CONNECT to that server's port only."""
     server = harness.server()
-    port = free_port()
-    log_path = tmp_path / "tinyproxy-own.log"
-    conf = tmp_path / "tinyproxy.conf"
-    conf.write_text(
-        f"Port {port}\n"
-        "Listen 127.0.0.1\n"
-        "Timeout 120\n"
-        "MaxClients 20\n"
-        "Syslog Off\n"
-        f'LogFile "{log_path}"\n'
-        "LogLevel Info\n"
-        f'PidFile "{tmp_path / "tinyproxy.pid"}"\n'
-        f"BasicAuth {PROXY_USER} {PROXY_PASSWORD}\n"
-        # With any ConnectPort line, CONNECT is allowed to the listed ports only.
-        f"ConnectPort {server.port}\n"
-    )
-    process = harness.start("tinyproxy", [TINYPROXY, "-d", "-c", str(conf)])
-    wait_until(lambda: _listening(process, port), what="tinyproxy to listen")
-    proxy = Tinyproxy(process, port, log_path)
+    proxy = start_tinyproxy(harness, tmp_path, server.port)
     yield server, proxy
     for token in harness.tokens:
         assert token not in proxy.log(), "a whole token in the tinyproxy log"
     assert PROXY_PASSWORD not in proxy.log()
 
 
-def _issue_certificate(directory: Path) -> tuple[Path, Path]:
-    """A CA and a certificate for ``localhost`` / 127.0.0.1: (CA PEM, key + chain PEM)."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    ca_pem, chain_pem = directory / "ca.pem", directory / "localhost.pem"
-    ca.cert_pem.write_to_path(str(ca_pem))
-    cert.private_key_and_cert_chain_pem.write_to_path(str(chain_pem))
-    return ca_pem, chain_pem
-
-
-@dataclass
-class TlsFront:
-    server: Server
-    port: int
-    ca_pem: Path
-
-    @property
-    def url(self) -> str:
-        return f"wss://localhost:{self.port}"
-
-
 @pytest.fixture
 def tls_front(harness: Harness, tmp_path: Path) -> TlsFront:
     return start_tls_front(harness, tmp_path)
-
-
-def start_tls_front(harness: Harness, tmp_path: Path) -> TlsFront:
-    """A server behind tests/tls_terminator.py, whose certificate is signed by a trustme CA."""
-    server = harness.server()
-    ca_pem, chain_pem = _issue_certificate(tmp_path)
-    port = free_port()
-    process = harness.start("tls", [PYTHON, str(ROOT / "tests" / "tls_terminator.py"),
-                                    str(port), str(server.port), str(chain_pem)])
-    wait_until(lambda: _listening(process, port), timeout=10, what="the TLS terminator to listen")
-    return TlsFront(server, port, ca_pem)
 
 
 def _local_range_start() -> int:

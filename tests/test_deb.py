@@ -7,7 +7,7 @@ with ``dpkg-deb``), so that the upgrade meets both conffile cases: a file the ad
 edited, which ``--force-confold`` keeps (the new one goes to ``.dpkg-dist``), and one left as
 shipped, which dpkg replaces without asking.
 
-One throwaway Debian 12 container with a real systemd (tests/systemd_container.py) takes the
+One throwaway Debian 12 container with a real systemd (tests/support/systemd_container.py) takes the
 package through its life, one test per step, in file order; a step whose predecessor failed is
 skipped. Nothing of the checkout is bound into the container: the package brings everything.
 Like the other container tests these need root and a working systemd-nspawn; elsewhere they are
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT, wait_until
-from tests.systemd_container import Container, Unavailable, booted, preflight
+from tests.support.harness import ROOT, wait_until
+from tests.support.systemd_container import Container, Unavailable, booted, preflight
 from wstunnel import __version__
 
 BUILD_DEB = ROOT / "scripts" / "build-deb"

@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import netns
-from tests.harness import PYTHON, ROOT, Backend, Client, Harness, Server, free_port, wait_until
+from tests.support import netns
+from tests.support.harness import PYTHON, ROOT, Backend, Client, Harness, Server, free_port, wait_until
 from wstunnel.config import ServerSettings
 
 # The server's restart grace at its default, where it has one: the harness turns it off, but
@@ -622,7 +622,7 @@ def _peak(times: list[float], width: float) -> int:
 
 def start_many_clients(harness: Harness, server: Server, backend: Backend, prefix: str,
                        count: int, cap: float) -> tuple[list[str], Path]:
-    """``count`` real TunnelClients co-hosted by tests/many_clients.py, tokens ``<prefix>NNNNN…``
+    """``count`` real TunnelClients co-hosted by tests/support/many_clients.py, tokens ``<prefix>NNNNN…``
     (backoff capped at ``cap`` s): their tokens, and the helper's own event log."""
     tokens = [f"{prefix}{i:05d}" + secrets.token_urlsafe(18) for i in range(count)]
     harness.tokens.update(tokens)
@@ -630,7 +630,7 @@ def start_many_clients(harness: Harness, server: Server, backend: Backend, prefi
     token_file.touch(0o600)
     token_file.write_text("".join(t + "\n" for t in tokens))
     log = harness.directory / "many-clients.log"
-    harness.start("many", [PYTHON, str(ROOT / "tests" / "many_clients.py"), server.ws_url,
+    harness.start("many", [PYTHON, str(ROOT / "tests" / "support" / "many_clients.py"), server.ws_url,
                            backend.url, str(token_file), str(log), "-reconnect-max-delay", f"{cap:g}"])
     return tokens, log
 

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio_websocket
 
-from tests.harness import Harness, Server, raw_exchange, wait_until
+from tests.support.harness import Harness, Server, raw_exchange, wait_until
 
 
 def _status(reply: bytes) -> int:

@@ -1,10 +1,10 @@
 """The HTTPS long-poll transport end to end: real servers, clients, nginx and tinyproxy on loopback.
 
-The first block re-runs a representative part of the core matrix (tests/test_server.py,
-tests/test_client.py) with ``-transport longpoll``: this module's ``harness`` fixture makes every
-client it starts use long-poll. (``WSTUNNEL_TEST_TRANSPORT=longpoll pytest tests/test_server.py``
-runs a whole module that way.) The rest is what only long-poll has: its endpoints and their checks,
-sessions that stop polling, auto fallback behind a proxy that refuses upgrades, and proxies.
+A representative part of the core matrix (tests/test_server.py, tests/test_client.py) runs over
+long-poll too: those tests carry the ``both_transports`` mark (tests/conftest.py), and
+``WSTUNNEL_TEST_TRANSPORT=longpoll pytest tests/test_server.py`` runs a whole module that way. This
+module holds what only long-poll has: its endpoints and their checks, sessions that stop polling,
+auto fallback behind a proxy that refuses upgrades, and proxies.
 """
 
 from __future__ import annotations
@@ -20,48 +20,28 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import test_client as core_client
-from tests import test_server as core_server
-from tests.harness import Client, Harness, Process, Server, free_port, wait_until
-from tests.nginx_frontend import (
+from tests.support.fronts import (
+    PROXY_PASSWORD,
+    Tinyproxy,
+    TlsFront,
+    listening,
+    needs_tinyproxy,
+    start_tinyproxy,
+    start_tls_front,
+)
+from tests.support.harness import Client, Harness, Process, Server, free_port, wait_until
+from tests.support.nginx_frontend import (
     SHIPPED_UPSTREAM,
     SITE,
     Certificates,
+    choose_tokens,
     issue_certificates,
     nginx_argv,
+    placement,
     render_site,
+    start_cluster,
     write_config,
 )
-from tests.test_client_dial import (
-    PROXY_PASSWORD,
-    TINYPROXY,
-    Tinyproxy,
-    TlsFront,
-    _listening,
-    needs_tinyproxy,
-    start_tls_front,
-)
-from tests.test_nginx import _choose_tokens, _placement, start_cluster
-
-# The core matrix again, over long-poll (see this module's harness fixture). Not here: tests of the
-# WebSocket itself, and those that kill a client and expect the server to notice at once; a dead
-# long-poll client is noticed after wstimeout (test_a_client_that_stops_polling_... below).
-test_core_x_token = core_server.test_request_with_x_token_reaches_backend_without_the_token
-test_core_token_in_path = core_server.test_token_in_path_percent_encoded_with_query_kept
-test_core_post_and_binary = core_server.test_post_body_and_binary_response_pass_through
-test_core_chunked_redirect_gzip = core_server.test_backend_chunked_redirect_and_gzip_are_passed_through
-test_core_backend_unreachable = core_server.test_backend_unreachable_is_502
-test_core_http_timeout = core_server.test_http_timeout_is_504_and_request_leaves_the_queue
-test_core_queue_across_restart = (
-    core_server.test_queue_while_tunnel_down_then_served_by_restarted_client)
-test_core_two_clients_share_one_token = core_server.test_two_clients_share_one_token
-test_core_response_over_cap = core_server.test_response_body_over_client_cap_is_502_and_tunnel_survives
-test_core_graceful_stop = core_server.test_graceful_stop_finishes_in_flight_request_and_removes_pidfile
-test_core_x_host_regexp = core_client.test_x_host_must_match_the_whole_regexp
-test_core_statusfile_and_pidfile = core_client.test_statusfile_and_pidfile
-test_core_client_drops_a_silent_server = core_client.test_client_drops_a_silent_server_and_comes_back
-test_core_server_closes_silent_tunnel = core_client.test_server_closes_a_silent_tunnel_after_wstimeout
-test_core_client_sigterm = core_client.test_client_sigterm_closes_tunnel_and_exits_zero
 
 OPEN = "/_tunnel/poll/open"
 POLL = "/_tunnel/poll"
@@ -108,7 +88,7 @@ def _new_session(harness: Harness, server: Server, token: str) -> str:
 
 
 def _bytes_sha256(size: int) -> str:
-    """The digest of tests/backend_app.py's /bytes?size=N body."""
+    """The digest of tests/support/backend_app.py's /bytes?size=N body."""
     return hashlib.sha256(bytes(i % 251 for i in range(size))).hexdigest()
 
 
@@ -326,7 +306,7 @@ def _run_nginx(harness: Harness, directory: Path, shipped: Path, certs: Certific
                        upstreams=[(SHIPPED_UPSTREAM, f"server 127.0.0.1:{server.port};")])
     conf = write_config(directory, site)
     process = harness.start("nginx", nginx_argv(directory, conf))
-    wait_until(lambda: _listening(process, tls_port), timeout=10, what="nginx to listen")
+    wait_until(lambda: listening(process, tls_port), timeout=10, what="nginx to listen")
     return process
 
 
@@ -400,11 +380,11 @@ def test_longpoll_sessions_stay_on_their_instance_behind_the_cluster_config(
     must all reach the instance that holds the session, the one its token's requests reach."""
     certs, servers, nginx = start_cluster(harness, tmp_path)
     with httpx.Client(base_url=nginx.https_url, verify=certs.client_context(), timeout=30) as http:
-        owners = _choose_tokens(harness, http, servers, count=len(servers))
+        owners = choose_tokens(harness, http, servers, count=len(servers))
         for token in owners:
             harness.client(nginx.wss_url, token, "-certfile", str(certs.ca_pem), wait=False)
         expected = {token[:8] + "...": [(owner, 1)] for token, owner in owners.items()}
-        wait_until(lambda: _placement(servers) == expected, timeout=30,
+        wait_until(lambda: placement(servers) == expected, timeout=30,
                    what="every long-poll client registered on its token's instance")
         for token in owners:
             for n in range(3):  # several polls and posts per session, all on one instance
@@ -415,21 +395,6 @@ def test_longpoll_sessions_stay_on_their_instance_behind_the_cluster_config(
 
 
 # ---------------------------------------------------------------------------------- proxies
-
-
-def _start_tinyproxy(harness: Harness, directory: Path, connect_port: int) -> Tinyproxy:
-    """tinyproxy with Basic auth: CONNECT to ``connect_port`` only; plain requests forwarded."""
-    port = free_port()
-    log_path = directory / "tinyproxy-own.log"
-    conf = directory / "tinyproxy.conf"
-    conf.write_text(
-        f"Port {port}\nListen 127.0.0.1\nTimeout 120\nMaxClients 20\nSyslog Off\n"
-        f'LogFile "{log_path}"\nLogLevel Info\nPidFile "{directory / "tinyproxy.pid"}"\n'
-        f"BasicAuth tunneluser {PROXY_PASSWORD}\nConnectPort {connect_port}\n"
-    )
-    process = harness.start("tinyproxy", [TINYPROXY, "-d", "-c", str(conf)])
-    wait_until(lambda: _listening(process, port), what="tinyproxy to listen")
-    return Tinyproxy(process, port, log_path)
 
 
 @pytest.fixture
@@ -450,7 +415,7 @@ def checked_proxy_logs(harness: Harness) -> Iterator[list[Tinyproxy]]:
 def test_longpoll_over_https_through_a_connect_proxy(
         harness: Harness, tls_front: TlsFront, tmp_path: Path,
         checked_proxy_logs: list[Tinyproxy]) -> None:
-    proxy = _start_tinyproxy(harness, tmp_path, tls_front.port)
+    proxy = start_tinyproxy(harness, tmp_path, tls_front.port)
     checked_proxy_logs.append(proxy)
     token = harness.new_token("lpconnect-")
     harness.client(tls_front.url, token, "-certfile", str(tls_front.ca_pem), "-proxy", proxy.url(),
@@ -466,7 +431,7 @@ def test_longpoll_over_https_through_a_connect_proxy(
 def test_longpoll_over_http_through_a_forwarding_proxy(
         harness: Harness, tmp_path: Path, checked_proxy_logs: list[Tinyproxy]) -> None:
     server = harness.server()
-    proxy = _start_tinyproxy(harness, tmp_path, free_port())  # CONNECT to nothing useful
+    proxy = start_tinyproxy(harness, tmp_path, free_port())  # CONNECT to nothing useful
     checked_proxy_logs.append(proxy)
     token = harness.new_token("lpforward-")
     harness.client(server, token, "-proxy", proxy.url())

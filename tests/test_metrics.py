@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from tests.harness import Harness, Server
+from tests.support.harness import Harness, Server
 from wstunnel.server.metrics import DURATION_BUCKETS, Gauges, Histogram, Metrics
 from wstunnel.server.tunnels import Registry
 from wstunnel.tokens import Token

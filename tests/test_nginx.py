@@ -28,18 +28,22 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import Client, Harness, Server, wait_until
-from tests.nginx_frontend import (
+from tests.support.harness import Client, Harness, Server, wait_until
+from tests.support.nginx_frontend import (
     CLUSTER_SITE,
     NGINX,
     SHIPPED_CLUSTER_PORTS,
     SHIPPED_UPSTREAM,
     SITE,
+    TRUST_NGINX,
     Certificates,
     Nginx,
     check_config,
+    choose_tokens,
     issue_certificates,
+    placement,
     render_site,
+    start_cluster,
     start_nginx,
 )
 from wstunnel.config import ClientSettings, ServerSettings
@@ -52,7 +56,6 @@ MiB = 1024 * 1024
 # The largest ping timeout of the client and tunnel timeout of the server (both clamped to 600 s).
 LONGEST_TUNNEL_SILENCE = 600.0
 RECONNECT_CAP = 2.0  # -reconnect-max-delay of the cluster's clients
-TRUST_NGINX = ("-trusted-proxies", "127.0.0.1")
 
 
 # ------------------------------------------------------------------------ the shipped files, read
@@ -379,59 +382,6 @@ def test_large_bodies_pass(frontend: Frontend) -> None:
 # ------------------------------------------------------------------------------------ the cluster
 
 
-def _owners_by_log(servers: list[Server], token: str) -> list[int]:
-    """The servers that logged a request for ``token`` (by its 8-character prefix)."""
-    marker = f"token={token[:8]}..."
-    owners = [i for i, server in enumerate(servers) if marker in server.process.output()]
-    assert len(owners) <= 1, f"{marker} on servers {owners}"
-    return owners
-
-
-def start_cluster(harness: Harness, tmp_path: Path) -> tuple[Certificates, list[Server], Nginx]:
-    """A backend, one server per upstream of the shipped cluster file, and nginx built from it."""
-    certs = issue_certificates(tmp_path)
-    harness.backend()
-    servers = [harness.server(*TRUST_NGINX) for _ in SHIPPED_CLUSTER_PORTS]
-    nginx = start_nginx(harness, tmp_path / "nginx", CLUSTER_SITE, certs, [
-        (f"server 127.0.0.1:{shipped} ", f"server 127.0.0.1:{server.port} ")
-        for shipped, server in zip(SHIPPED_CLUSTER_PORTS, servers, strict=True)
-    ])
-    return certs, servers, nginx
-
-
-def _choose_tokens(harness: Harness, http: httpx.Client, servers: list[Server],
-                   count: int) -> dict[str, int]:
-    """``count`` tokens, each with the instance nginx hashes it to, every instance with some.
-
-    Where a token lands depends on the instances' ports, which change from run to run; asking
-    nginx (a request for an unknown token, logged by the instance that got it) and picking
-    tokens to fill every instance makes the spread certain instead of merely likely.
-    """
-    per_instance = -(-count // len(servers))
-    chosen: dict[str, int] = {}
-    for n in range(count * 10):
-        if len(chosen) == count:
-            break
-        token = harness.new_token(f"nginx{n:03d}")  # the prefix, 8 characters, names it in logs
-        assert http.get("/probe", headers={"X-Token": token}).status_code == 404
-        # (a list, as instance 0 would not do for wait_until)
-        [owner] = wait_until(lambda token=token: _owners_by_log(servers, token), timeout=10,
-                             what="the instance that got the probe to log it")
-        if sum(1 for o in chosen.values() if o == owner) < per_instance:
-            chosen[token] = owner
-    assert len(chosen) == count, "could not spread the tokens over every instance"
-    return chosen
-
-
-def _placement(servers: list[Server]) -> dict[str, list[tuple[int, int]]]:
-    """token prefix -> [(instance, clients)] for every instance that knows the token."""
-    placement: dict[str, list[tuple[int, int]]] = {}
-    for index, server in enumerate(servers):
-        for tunnel in server.status()["tunnels"]:
-            placement.setdefault(tunnel["token"], []).append((index, len(tunnel["clients"])))
-    return placement
-
-
 def _completed(servers: list[Server]) -> dict[str, list[tuple[int, int]]]:
     """token prefix -> [(instance, completed requests)]."""
     done: dict[str, list[tuple[int, int]]] = {}
@@ -461,7 +411,7 @@ def test_cluster_spreads_tokens_and_survives_a_restart(harness: Harness, tmp_pat
     started = time.monotonic()
     certs, servers, nginx = start_cluster(harness, tmp_path)
     with httpx.Client(base_url=nginx.https_url, verify=certs.client_context(), timeout=30) as http:
-        owners = _choose_tokens(harness, http, servers, count=20)
+        owners = choose_tokens(harness, http, servers, count=20)
         tokens = list(owners)
         markers = {token: f"t{i:02d}" for i, token in enumerate(tokens)}
         clients = {
@@ -471,7 +421,7 @@ def test_cluster_spreads_tokens_and_survives_a_restart(harness: Harness, tmp_pat
         }
         # Each tunnel (hashed by its Origin header) on the instance its requests are hashed to.
         expected = {token[:8] + "...": [(owners[token], 1)] for token in tokens}
-        wait_until(lambda: _placement(servers) == expected, timeout=60,
+        wait_until(lambda: placement(servers) == expected, timeout=60,
                    what="every client registered on its token's instance")
         registered = time.monotonic()
 
@@ -495,7 +445,7 @@ def test_cluster_spreads_tokens_and_survives_a_restart(harness: Harness, tmp_pat
         assert http.get("/echo/down", headers={"X-Token": moved[0]}).status_code == 502
         servers[victim] = harness.server(*TRUST_NGINX, port=servers[victim].port)
         restarted = time.monotonic()
-        wait_until(lambda: _placement(servers) == expected, timeout=5 * RECONNECT_CAP,
+        wait_until(lambda: placement(servers) == expected, timeout=5 * RECONNECT_CAP,
                    what=f"the {len(moved)} clients of the restarted instance back on it")
         back_after = time.monotonic() - restarted
         for token in tokens:

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import PYTHON, ROOT, Harness, environ, free_port
+from tests.support.harness import PYTHON, ROOT, Harness, environ, free_port
 
 EX_CONFIG = 78
 

@@ -23,8 +23,8 @@ from trio_websocket import (
     serve_websocket,
 )
 
-from tests.harness import Harness, Server
-from tests.test_wire_compat import (
+from tests.support.harness import Harness, Server
+from tests.support.wire import (
     call,
     next_request,
     ok,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.harness import Harness, wait_until
+from tests.support.harness import Harness, wait_until
 
 
 def _passwords_file(harness: Harness, text: str) -> Path:

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.harness import PYTHON, Harness, Server, free_port, raw_exchange, wait_until
+from tests.support.harness import PYTHON, Harness, Server, free_port, raw_exchange, wait_until
 
 
 def status_line(response: bytes) -> bytes:
@@ -35,6 +35,7 @@ def test_health_check_is_exact(harness: Harness) -> None:
     assert response.content == b"WSTUNSRV RUNNING\n"
 
 
+@pytest.mark.both_transports
 def test_request_with_x_token_reaches_backend_without_the_token(harness: Harness) -> None:
     server = harness.server()
     token = harness.new_token()
@@ -50,6 +51,7 @@ def test_request_with_x_token_reaches_backend_without_the_token(harness: Harness
     assert forwarded == "127.0.0.1"
 
 
+@pytest.mark.both_transports
 def test_token_in_path_percent_encoded_with_query_kept(harness: Harness) -> None:
     server = harness.server()
     token = harness.new_token("my_b!g_$secret!!")
@@ -62,6 +64,7 @@ def test_token_in_path_percent_encoded_with_query_kept(harness: Harness) -> None
     assert bare.text == "backend page /\n"
 
 
+@pytest.mark.both_transports
 def test_post_body_and_binary_response_pass_through(harness: Harness) -> None:
     server = harness.server()
     token = harness.new_token()
@@ -74,6 +77,7 @@ def test_post_body_and_binary_response_pass_through(harness: Harness) -> None:
     assert blob.content == bytes(i % 251 for i in range(300000))
 
 
+@pytest.mark.both_transports
 def test_backend_chunked_redirect_and_gzip_are_passed_through(harness: Harness) -> None:
     server = harness.server()
     token = harness.new_token()
@@ -111,6 +115,7 @@ def test_error_table_without_tunnel(harness: Harness, path: str, headers: dict[s
     assert server.get("/_health_check").status_code == 200
 
 
+@pytest.mark.both_transports
 def test_backend_unreachable_is_502(harness: Harness) -> None:
     server = harness.server()
     token = harness.new_token()
@@ -119,6 +124,7 @@ def test_backend_unreachable_is_502(harness: Harness) -> None:
     assert response.status_code == 502
 
 
+@pytest.mark.both_transports
 def test_http_timeout_is_504_and_request_leaves_the_queue(harness: Harness) -> None:
     server = harness.server("-httptimeout", "1")
     token = harness.new_token()
@@ -132,6 +138,7 @@ def test_http_timeout_is_504_and_request_leaves_the_queue(harness: Harness) -> N
     assert server.get("/fast", token).status_code == 200
 
 
+@pytest.mark.both_transports
 def test_queue_while_tunnel_down_then_served_by_restarted_client(harness: Harness) -> None:
     server = harness.server("-max-requests-per-tunnel", "2")
     token = harness.new_token()
@@ -179,6 +186,7 @@ def test_non_idempotent_request_in_flight_fails_fast_with_502(harness: Harness) 
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.both_transports
 def test_two_clients_share_one_token(harness: Harness) -> None:
     server = harness.server()
     token = harness.new_token()
@@ -300,6 +308,7 @@ def test_request_body_over_cap_is_413_and_tunnel_survives(harness: Harness) -> N
     assert server.get("/echo", token, method="POST", content=b"x" * 1000).status_code == 200
 
 
+@pytest.mark.both_transports
 def test_response_body_over_client_cap_is_502_and_tunnel_survives(harness: Harness) -> None:
     server = harness.server()
     token = harness.new_token()
@@ -309,6 +318,7 @@ def test_response_body_over_client_cap_is_502_and_tunnel_survives(harness: Harne
     assert server.clients(token) == 1
 
 
+@pytest.mark.both_transports
 def test_graceful_stop_finishes_in_flight_request_and_removes_pidfile(harness: Harness) -> None:
     pidfile = harness.directory / "srv.pid"
     server = harness.server("-pidfile", str(pidfile), "-shutdown-grace", "10")

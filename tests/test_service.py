@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.harness import Harness, environ, wait_until
+from tests.support.harness import Harness, environ, wait_until
 from wstunnel.service import ServiceNotifier
 
 

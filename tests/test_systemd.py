@@ -1,6 +1,6 @@
 """The systemd units and the shipped configuration files, tested for real.
 
-A real systemd boots in a throwaway Debian 12 root filesystem (tests/systemd_container.py);
+A real systemd boots in a throwaway Debian 12 root filesystem (tests/support/systemd_container.py);
 the project comes in as the checkout and its virtualenv, bound read-only. Inside it the units
 run as shipped: ``systemctl start wstunsrv`` and ``wstuncli@demo``, a request curled through the
 tunnel, the structured journal fields read back, reload, a configuration error (status 78, no
@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ROOT, wait_until
-from tests.systemd_container import Container, Unavailable, booted, preflight
+from tests.support.harness import ROOT, wait_until
+from tests.support.systemd_container import Container, Unavailable, booted, preflight
 from wstunnel.config import ClientSettings, ServerSettings, load_settings
 from wstunnel.errors import ConfigError
 

@@ -27,8 +27,8 @@ import pytest
 import trio
 import trio_websocket
 
-from tests.harness import Harness, Server, free_port, wait_until
-from tests.test_wire_compat import (
+from tests.support.harness import Harness, Server, free_port, wait_until
+from tests.support.wire import (
     answer_forever,
     call,
     exchange,

@@ -125,7 +125,7 @@ def default_ssl_context(verify: ssl.SSLContext | bool = True) -> ssl.SSLContext:
 @functools.cache
 def _shared_context(verify: bool) -> ssl.SSLContext:
     """One per process: loading the CA store costs ~15 ms and ~800 KiB per context, which
-    processes hosting many tunnel clients (tests/many_clients.py, the benchmark) paid per client.
+    processes hosting many tunnel clients (tests/support/many_clients.py, the benchmark) paid per client.
     Nothing changes a context once it is built, so sharing it is safe."""
     if verify:
         context = ssl.create_default_context(cafile=certifi.where())

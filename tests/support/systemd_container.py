@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.harness import wait_until
+from tests.support.harness import wait_until
 
 SUITE = "bookworm"
 # procps for /bin/kill (the units' ExecReload=); the rest is what the issue's proven route used.

@@ -1,6 +1,6 @@
 """A small TLS terminator for the end-to-end tests, run as its own process.
 
-    python tests/tls_terminator.py LISTEN_PORT TARGET_PORT CERT_CHAIN_PEM
+    python tests/support/tls_terminator.py LISTEN_PORT TARGET_PORT CERT_CHAIN_PEM
 
 Accepts TLS on 127.0.0.1:LISTEN_PORT with the private key and certificate chain in
 CERT_CHAIN_PEM, and relays the decrypted bytes to 127.0.0.1:TARGET_PORT in both directions. When

@@ -1,6 +1,6 @@
 """Many real tunnel clients in one process, for the server-restart test with hundreds of clients.
 
-    python tests/many_clients.py TUNNEL_URL BACKEND_URL TOKEN_FILE LOG_FILE [-reconnect-max-delay S]
+    python tests/support/many_clients.py TUNNEL_URL BACKEND_URL TOKEN_FILE LOG_FILE [-reconnect-max-delay S]
 
 A thousand ``wstunnel cli`` processes do not fit on a small machine, so this runs one
 :class:`~wstunnel.client.agent.TunnelClient` per token (one token a line in TOKEN_FILE, which keeps

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import trustme
 
-from tests.harness import ROOT, Harness, Process, free_port, wait_until
+from tests.support.harness import ROOT, Harness, Process, Server, free_port, wait_until
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 SHIPPED = ROOT / "nginx"
@@ -30,6 +31,8 @@ CLUSTER_SITE = SHIPPED / "wstunnel-cluster.conf"
 # The placeholders of the shipped files, as they stand there.
 SHIPPED_UPSTREAM = "server 127.0.0.1:8080;"
 SHIPPED_CLUSTER_PORTS = (8081, 8082, 8083)
+# The servers behind nginx believe its X-Forwarded-For.
+TRUST_NGINX = ("-trusted-proxies", "127.0.0.1")
 
 MAIN_CONF = """\
 daemon off;
@@ -173,3 +176,59 @@ def start_nginx(harness: Harness, directory: Path, shipped: Path, certs: Certifi
     for port in (http_port, tls_port):
         wait_until(lambda port=port: _accepting(process, port), timeout=10, what="nginx to listen")
     return Nginx(process, directory, http_port, tls_port, certs, site_text)
+
+
+# -- the shipped cluster file: three instances, tokens spread by nginx's hash ------------------
+
+
+def owners_by_log(servers: list[Server], token: str) -> list[int]:
+    """The servers that logged a request for ``token`` (by its 8-character prefix)."""
+    marker = f"token={token[:8]}..."
+    owners = [i for i, server in enumerate(servers) if marker in server.process.output()]
+    assert len(owners) <= 1, f"{marker} on servers {owners}"
+    return owners
+
+
+def start_cluster(harness: Harness, tmp_path: Path) -> tuple[Certificates, list[Server], Nginx]:
+    """A backend, one server per upstream of the shipped cluster file, and nginx built from it."""
+    certs = issue_certificates(tmp_path)
+    harness.backend()
+    servers = [harness.server(*TRUST_NGINX) for _ in SHIPPED_CLUSTER_PORTS]
+    nginx = start_nginx(harness, tmp_path / "nginx", CLUSTER_SITE, certs, [
+        (f"server 127.0.0.1:{shipped} ", f"server 127.0.0.1:{server.port} ")
+        for shipped, server in zip(SHIPPED_CLUSTER_PORTS, servers, strict=True)
+    ])
+    return certs, servers, nginx
+
+
+def choose_tokens(harness: Harness, http: httpx.Client, servers: list[Server],
+                   count: int) -> dict[str, int]:
+    """``count`` tokens, each with the instance nginx hashes it to, every instance with some.
+
+    Where a token lands depends on the instances' ports, which change from run to run; asking
+    nginx (a request for an unknown token, logged by the instance that got it) and picking
+    tokens to fill every instance makes the spread certain instead of merely likely.
+    """
+    per_instance = -(-count // len(servers))
+    chosen: dict[str, int] = {}
+    for n in range(count * 10):
+        if len(chosen) == count:
+            break
+        token = harness.new_token(f"nginx{n:03d}")  # the prefix, 8 characters, names it in logs
+        assert http.get("/probe", headers={"X-Token": token}).status_code == 404
+        # (a list, as instance 0 would not do for wait_until)
+        [owner] = wait_until(lambda token=token: owners_by_log(servers, token), timeout=10,
+                             what="the instance that got the probe to log it")
+        if sum(1 for o in chosen.values() if o == owner) < per_instance:
+            chosen[token] = owner
+    assert len(chosen) == count, "could not spread the tokens over every instance"
+    return chosen
+
+
+def placement(servers: list[Server]) -> dict[str, list[tuple[int, int]]]:
+    """token prefix -> [(instance, clients)] for every instance that knows the token."""
+    placement: dict[str, list[tuple[int, int]]] = {}
+    for index, server in enumerate(servers):
+        for tunnel in server.status()["tunnels"]:
+            placement.setdefault(tunnel["token"], []).append((index, len(tunnel["clients"])))
+    return placement

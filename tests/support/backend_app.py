@@ -1,6 +1,6 @@
 """A real HTTP/1.1 backend for the end-to-end tests, run as its own process.
 
-    python tests/backend_app.py PORT
+    python tests/support/backend_app.py PORT
 
 Endpoints: ``/echo`` (the request as JSON), ``/status/N``, ``/slow?secs=S``, ``/bytes?size=N``,
 ``/redirect``, ``/gzip`` (a body gzip-encoded on the wire), ``/chunked`` (Transfer-Encoding

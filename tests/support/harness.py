@@ -24,7 +24,8 @@ from typing import TypeVar
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+SUPPORT = ROOT / "tests" / "support"
 PYTHON = sys.executable
 T = TypeVar("T")
 
@@ -186,7 +187,7 @@ class Harness:
     def backend(self) -> Backend:
         if self._backend is None:
             port = free_port()
-            process = self.start("backend", [PYTHON, str(ROOT / "tests" / "backend_app.py"), str(port)])
+            process = self.start("backend", [PYTHON, str(SUPPORT / "backend_app.py"), str(port)])
             backend = Backend(process, port)
             wait_until(lambda: httpx.get(f"{backend.url}/", timeout=2).status_code == 200,
                        what="the test backend")

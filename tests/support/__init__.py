@@ -1,0 +1,2 @@
+"""What the tests share: the process harness, stand-ins for peers, fronts (proxies, TLS, nginx),
+network namespaces and the systemd container. Test modules import from here, never from each other."""
