@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from wstunnel import framing_v2 as v2
+from wstunnel import v2
 from wstunnel.transport import EARLY_SEND_FRAMES, FrameOutbox
 
 

@@ -38,8 +38,8 @@ from tests.support.wire import (
     start_server,
     wait_clients,
 )
-from wstunnel import framing_v2 as v2
-from wstunnel.framing_v2 import BATCH_SUBPROTOCOL, SUBPROTOCOL
+from wstunnel import v2
+from wstunnel.v2 import BATCH_SUBPROTOCOL, SUBPROTOCOL
 
 MiB = 1024 * 1024
 BLOCK = random.Random(5).randbytes(64 * 1024)  # the /big body repeats it

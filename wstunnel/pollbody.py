@@ -20,8 +20,7 @@ import struct
 from collections import deque
 from collections.abc import Iterable
 
-from wstunnel import framing
-from wstunnel import framing_v2 as v2
+from wstunnel import framing, v2
 from wstunnel.errors import FramingError
 
 LENGTH = struct.Struct(">I")

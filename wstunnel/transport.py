@@ -21,8 +21,7 @@ from typing import Protocol
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, HandshakeError
 
-from wstunnel import framing_v2 as v2
-from wstunnel import pollbody
+from wstunnel import pollbody, v2
 
 TRANSPORTS = ("websocket", "longpoll")
 # A WebSocket's reads from the socket, both ends.

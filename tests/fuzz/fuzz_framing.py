@@ -14,7 +14,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from wstunnel import framing, framing_v2
+    from wstunnel import framing
+    from wstunnel import v2 as framing_v2
     from wstunnel.errors import FramingError
 
 

@@ -19,8 +19,7 @@ import httpx
 import trio
 import trio_websocket
 
-from wstunnel import __version__, daemon, framing, websocket
-from wstunnel import framing_v2 as v2
+from wstunnel import __version__, daemon, framing, v2, websocket
 from wstunnel.client import dial, longpoll
 from wstunnel.client import proxy as proxies
 from wstunnel.client.backend import Backend

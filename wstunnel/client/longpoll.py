@@ -25,8 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import trio
 
-from wstunnel import framing_v2 as v2
-from wstunnel import pollbody
+from wstunnel import pollbody, v2
 from wstunnel.client.proxy import Proxy
 from wstunnel.errors import DialError
 from wstunnel.headers import Headers

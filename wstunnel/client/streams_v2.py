@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from wstunnel import framing
-from wstunnel import framing_v2 as v2
+from wstunnel import framing, v2
 from wstunnel.client.backend import Backend, Refusal
 from wstunnel.client.origin import Response, UpgradedStream
 from wstunnel.errors import BackendError, FramingError, StreamClosedError, TunnelMessageError

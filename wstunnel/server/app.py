@@ -15,8 +15,7 @@ from urllib.parse import unquote_to_bytes
 
 import trio
 
-from wstunnel import __version__, daemon, framing, websocket
-from wstunnel import framing_v2 as v2
+from wstunnel import __version__, daemon, framing, v2, websocket
 from wstunnel.config import ServerSettings, password_pairs
 from wstunnel.headers import Headers, without_hop_by_hop
 from wstunnel.headers import get as get_header

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from wstunnel import framing, pollbody
-from wstunnel import framing_v2 as v2
+from wstunnel import framing, pollbody, v2
 from wstunnel.server.front import (
     BodyError,
     BodyTooLarge,

@@ -26,7 +26,7 @@ from typing import Any
 import trio
 import trio_websocket
 
-from wstunnel import framing_v2 as v2
+from wstunnel import v2
 from wstunnel.errors import FramingError, StreamClosedError
 from wstunnel.headers import Headers, without
 from wstunnel.server.front import (

@@ -1,4 +1,4 @@
-"""wstunnel.framing_v2: protocol v2's frames, heads and stream/flow-control state machine, no sockets."""
+"""wstunnel.v2: protocol v2's frames, heads and stream/flow-control state machine, no sockets."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis import event as event_note
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from wstunnel import framing_v2
+from wstunnel import v2
 from wstunnel.errors import (
     FramingError,
     HttpPayloadError,
@@ -25,7 +25,8 @@ from wstunnel.errors import (
     StreamClosedError,
     TunnelMessageError,
 )
-from wstunnel.framing_v2 import (
+from wstunnel.headers import Headers
+from wstunnel.v2 import (
     END_STREAM,
     INITIAL_STREAM_WINDOW,
     INITIAL_TUNNEL_WINDOW,
@@ -51,6 +52,7 @@ from wstunnel.framing_v2 import (
     V2Connection,
     Window,
     WindowUpdated,
+    _heads,  # the fast path and h11's, compared
     decode_frame,
     encode_frame,
     encode_trailers,
@@ -60,7 +62,6 @@ from wstunnel.framing_v2 import (
     request_head,
     response_head,
 )
-from wstunnel.headers import Headers
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -134,8 +135,8 @@ def header(type_: int, flags: int, stream: int) -> bytes:
 
 
 def test_module_exports_the_documented_constants() -> None:
-    assert framing_v2.SUBPROTOCOL == "wstunnel.v2"
-    assert framing_v2.HEADER_SIZE == 6
+    assert v2.SUBPROTOCOL == "wstunnel.v2"
+    assert v2.HEADER_SIZE == 6
     assert MAX_FRAME_PAYLOAD == 64 * 1024
     assert INITIAL_STREAM_WINDOW == 256 * 1024
     assert INITIAL_TUNNEL_WINDOW == 4 * 1024 * 1024
@@ -143,8 +144,8 @@ def test_module_exports_the_documented_constants() -> None:
     assert END_STREAM == 0x01
     assert [int(c) for c in ErrorCode] == [1, 2, 3, 4, 5, 6]
     assert ErrorCode.REFUSED.name == "REFUSED"
-    for name in framing_v2.__all__:
-        assert hasattr(framing_v2, name), name
+    for name in v2.__all__:
+        assert hasattr(v2, name), name
 
 
 def test_error_hierarchy() -> None:
@@ -490,18 +491,18 @@ def _outcome(parse: Callable[[bytes], object], head: bytes) -> object:
 def test_fast_head_parsing_agrees_with_h11(start: bytes, lines: list[bytes]) -> None:
     head = b"".join(line + b"\r\n" for line in [start, *lines]) + b"\r\n"
     assert _outcome(parse_request_head, head) == _outcome(
-        lambda h: framing_v2._check_head(h, "request") or framing_v2._h11_request_head(h), head
+        lambda h: _heads._check_head(h, "request") or _heads._h11_request_head(h), head
     )
     assert _outcome(parse_response_head, head) == _outcome(
-        lambda h: framing_v2._check_head(h, "response") or framing_v2._h11_response_head(h), head
+        lambda h: _heads._check_head(h, "response") or _heads._h11_response_head(h), head
     )
 
 
 def test_plain_heads_take_the_fast_path() -> None:
-    assert framing_v2._fast_request_head(b"GET /x HTTP/1.1\r\nHost: a\r\nX: 1\r\n\r\n") == (
+    assert _heads._fast_request_head(b"GET /x HTTP/1.1\r\nHost: a\r\nX: 1\r\n\r\n") == (
         b"GET", b"/x", [(b"Host", b"a"), (b"X", b"1")]
     )
-    assert framing_v2._fast_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n") == (
+    assert _heads._fast_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n") == (
         200, b"OK", [(b"Content-Length", b"2")]
     )
 
@@ -1431,11 +1432,11 @@ test_tunnel_model = TunnelMachine.TestCase
 
 def test_a_batch_unpacks_to_its_frames_and_they_decode_as_alone() -> None:
     frames = [Head(1, b"GET / HTTP/1.1\r\n\r\n"), Data(1, b"x" * 1000, end_stream=True),
-              framing_v2.Window(0, 5), framing_v2.Reset(3, 1, "gone")]
+              v2.Window(0, 5), v2.Reset(3, 1, "gone")]
     encoded = [encode_frame(frame) for frame in frames]
-    message = framing_v2.pack_batch(encoded)
+    message = v2.pack_batch(encoded)
     assert len(message) == sum(4 + len(part) for part in encoded)
-    entries = framing_v2.unpack_batch(message)
+    entries = v2.unpack_batch(message)
     assert [bytes(entry) for entry in entries] == encoded
     assert [decode_frame(entry) for entry in entries] == frames
     assert isinstance(decode_frame(entries[1]).data, bytes)  # type: ignore[union-attr]
@@ -1450,15 +1451,15 @@ def test_a_batch_unpacks_to_its_frames_and_they_decode_as_alone() -> None:
 ])
 def test_a_malformed_batch_is_a_tunnel_message_error(message: bytes, problem: str) -> None:
     with pytest.raises(TunnelMessageError, match=problem):
-        framing_v2.unpack_batch(message)
+        v2.unpack_batch(message)
 
 
 def test_a_text_batch_is_refused() -> None:
     with pytest.raises(TunnelMessageError, match="text message"):
-        framing_v2.unpack_batch("abc")
+        v2.unpack_batch("abc")
 
 
 def test_the_largest_frames_fit_a_batch() -> None:
-    largest = max(framing_v2.MAX_HEAD_SIZE, framing_v2.MAX_FRAME_PAYLOAD) + framing_v2.HEADER_SIZE
-    assert largest + 4 <= framing_v2.MAX_BATCH_SIZE
-    assert framing_v2.BATCH_SUBPROTOCOL == "wstunnel.v2.batch"
+    largest = max(v2.MAX_HEAD_SIZE, v2.MAX_FRAME_PAYLOAD) + v2.HEADER_SIZE
+    assert largest + 4 <= v2.MAX_BATCH_SIZE
+    assert v2.BATCH_SUBPROTOCOL == "wstunnel.v2.batch"

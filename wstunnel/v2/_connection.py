@@ -1,0 +1,568 @@
+"""One end of a protocol v2 tunnel, sans-I/O: every stream's state and both flow-control windows.
+
+``V2Connection`` builds the frames to send (``send_request``, ``send_response``, ``data_frames``,
+``send_end``, ``reset``, ``consumed``) and turns received messages into events (``receive``).
+Frames must reach the transport in the order the calls made them (put them on one outbound queue
+without a checkpoint in between), or a frame may follow the RESET that ended its stream.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from wstunnel.errors import HttpPayloadError, LocalProtocolError, ProtocolError, StreamClosedError
+from wstunnel.headers import get
+from wstunnel.v2._events import (
+    DataReceived,
+    Event,
+    RequestReceived,
+    ResponseReceived,
+    SendFrame,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from wstunnel.v2._frames import (
+    INITIAL_STREAM_WINDOW,
+    INITIAL_TUNNEL_WINDOW,
+    MAX_CODE,
+    MAX_FRAME_PAYLOAD,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    RESET_GRACE,
+    Data,
+    End,
+    Frame,
+    Head,
+    Reset,
+    Window,
+    decode_frame,
+)
+from wstunnel.v2._heads import (
+    encode_trailers,
+    parse_request_head,
+    parse_response_head,
+    parse_trailers,
+    request_head,
+    response_head,
+)
+
+# Statuses whose responses never carry a body, whatever their headers say.
+_BODYLESS_STATUSES = frozenset({204, 304})
+
+Role = Literal["server", "client"]
+
+
+class StreamState(enum.Enum):
+    IDLE = "idle"  # never opened
+    OPEN = "open"
+    HALF_CLOSED_LOCAL = "half-closed (local)"  # we ended our side; the peer may still send
+    HALF_CLOSED_REMOTE = "half-closed (remote)"  # the peer ended its side; we may still send
+    CLOSED = "closed"
+    RESET = "reset"
+
+
+class _Phase(enum.Enum):
+    HEAD = "before the final head"
+    BODY = "open"
+    ENDED = "ended"
+
+
+@dataclass(slots=True, eq=False)
+class _Stream:
+    id: int
+    sending: _Phase
+    receiving: _Phase
+    send_window: int
+    receive_window: int
+    unacked: int = 0  # consumed but not yet granted back
+    buffered: int = 0  # received but not yet consumed
+    upgrade: bool = False  # the request has Upgrade: a 101 may answer it
+    switched: bool = False  # a 101 answered it: DATA is the upgraded byte stream
+    head_request: bool = False  # a HEAD request: its response has no body
+    bodyless_response: bool = False
+
+
+@dataclass(slots=True)
+class _Gone:
+    """A reset stream, remembered for a while."""
+
+    code: int
+    peer_may_send: bool  # we reset it before the peer's END: its HEAD/DATA/END may still arrive
+
+
+class _OnStream:
+    """Name the stream in a malformed head's or trailers' error (a class: a generator-based
+    context manager costs a few microseconds, on every head)."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: int) -> None:
+        self.stream = stream
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: object) -> None:
+        if isinstance(error, HttpPayloadError):
+            raise HttpPayloadError(f"stream {self.stream}: {error}") from None
+
+
+
+
+def _wants_upgrade(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    return get(headers, b"upgrade") is not None
+
+
+class V2Connection:
+    """One end of a v2 tunnel: stream states and flow control, no I/O.
+
+    ``role`` is "server" for the side that receives HTTP requests and opens streams (``srv``),
+    "client" for the side that answers them (``cli``). The window sizes are the protocol's; both
+    ends must use the same, and only tests change them.
+
+    Methods that send return the frames to send, in order; ``receive`` returns events. A peer's
+    violation raises a FramingError (ProtocolError, TunnelMessageError or HttpPayloadError) and
+    leaves the connection as it was; close the tunnel. Sending what the protocol forbids raises
+    LocalProtocolError (a bug); sending on a stream that has ended or was reset raises
+    StreamClosedError (a race with the peer's RESET, usually).
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        stream_window: int = INITIAL_STREAM_WINDOW,
+        tunnel_window: int = INITIAL_TUNNEL_WINDOW,
+    ) -> None:
+        if role not in ("server", "client"):
+            raise ValueError(f"role must be 'server' or 'client', not {role!r}")
+        for window in (stream_window, tunnel_window):
+            if not 1 <= window <= MAX_WINDOW:
+                raise ValueError(f"window {window} out of range (1 to {MAX_WINDOW})")
+        self.role: Role = role
+        self._initial_stream_window = stream_window
+        self._initial_tunnel_window = tunnel_window
+        # Grant credit back once half a window is consumed: few WINDOW frames, and the sender still
+        # has at least the other half to keep sending while the grant travels.
+        self._stream_threshold = max(1, stream_window // 2)
+        self._tunnel_threshold = max(1, tunnel_window // 2)
+        self._send_window = tunnel_window
+        self._receive_window = tunnel_window
+        self._unacked = 0
+        self._buffered = 0
+        self._streams: dict[int, _Stream] = {}
+        self._last_id = 0  # the highest stream id opened so far (sent by a server, received by a client)
+        self._gone: OrderedDict[int, _Gone] = OrderedDict()
+
+    # -- queries --------------------------------------------------------------------------------
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet consumed, every stream together: at most the tunnel window."""
+        return self._buffered
+
+    def send_capacity(self, stream: int) -> int:
+        """How many body bytes ``stream`` may send now; 0 means wait for WindowUpdated."""
+        state = self._sendable(stream)
+        self._check_body_allowed(state, nonempty=True)
+        return min(state.send_window, self._send_window)
+
+    def stream_state(self, stream: int) -> StreamState:
+        """Where ``stream`` stands, as far as this side knows (RESET only while remembered)."""
+        state = self._streams.get(stream)
+        if state is None:
+            if stream > self._last_id or stream < 1:
+                return StreamState.IDLE
+            return StreamState.RESET if stream in self._gone else StreamState.CLOSED
+        sent, received = state.sending is _Phase.ENDED, state.receiving is _Phase.ENDED
+        if sent and received:
+            return StreamState.CLOSED  # ended both ways; kept until its buffered bytes are consumed
+        if sent:
+            return StreamState.HALF_CLOSED_LOCAL
+        return StreamState.HALF_CLOSED_REMOTE if received else StreamState.OPEN
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def send_request(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        *,
+        end_stream: bool = False,
+    ) -> tuple[int, Head]:
+        """Open a stream with a request (server side only): its new id and the HEAD to send."""
+        if self.role != "server":
+            raise LocalProtocolError("only the server side opens streams")
+        if self._last_id >= MAX_STREAM_ID:
+            raise LocalProtocolError("stream ids are used up: open a new tunnel")
+        headers = list(headers)
+        head = request_head(method, target, headers)
+        stream = self._last_id + 1
+        self._last_id = stream
+        self._streams[stream] = _Stream(
+            id=stream,
+            sending=_Phase.ENDED if end_stream else _Phase.BODY,
+            receiving=_Phase.HEAD,
+            send_window=self._initial_stream_window,
+            receive_window=self._initial_stream_window,
+            upgrade=_wants_upgrade(headers),
+            head_request=method == b"HEAD",
+        )
+        return stream, Head(stream, head, end_stream)
+
+    def send_response(
+        self,
+        stream: int,
+        status: int,
+        reason: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        *,
+        end_stream: bool = False,
+    ) -> Head:
+        """A response head (client side only): any 1xx first, then the final one (>= 200 or 101)."""
+        if self.role != "client":
+            raise LocalProtocolError("only the client side sends responses")
+        state = self._sendable(stream)
+        if state.sending is not _Phase.HEAD:
+            raise LocalProtocolError(f"stream {stream}: the final response head was already sent")
+        final = status >= 200 or status == 101
+        if not final and end_stream:
+            raise LocalProtocolError(f"stream {stream}: an informational response cannot end the stream")
+        if status == 101 and not state.upgrade:
+            raise LocalProtocolError(f"stream {stream}: 101 Switching Protocols to a request without Upgrade")
+        head = response_head(status, reason, headers)
+        if final:
+            self._final_response(state, status, end_stream=end_stream, sent=True)
+        return Head(stream, head, end_stream)
+
+    def data_frames(
+        self, stream: int, data: bytes | bytearray | memoryview, *, end_stream: bool = False
+    ) -> tuple[list[Data], int]:
+        """DATA frames for as much of ``data`` as the windows allow, and how many bytes they took.
+
+        ``end_stream`` applies only once all of ``data`` fits; until then call again with the rest
+        after a WindowUpdated. Empty ``data`` with ``end_stream`` ends the stream at once.
+        """
+        state = self._sendable(stream)
+        self._check_body_allowed(state, nonempty=bool(data))
+        taken = min(len(data), state.send_window, self._send_window)
+        view = memoryview(data)[:taken]
+        frames = [
+            Data(stream, bytes(view[start : start + MAX_FRAME_PAYLOAD]))
+            for start in range(0, taken, MAX_FRAME_PAYLOAD)
+        ]
+        state.send_window -= taken
+        self._send_window -= taken
+        if end_stream and taken == len(data):
+            if frames:
+                frames[-1] = Data(stream, frames[-1].data, end_stream=True)
+            else:
+                frames.append(Data(stream, b"", end_stream=True))
+            state.sending = _Phase.ENDED
+            self._forget_if_done(state)
+        return frames, taken
+
+    def send_end(self, stream: int, trailers: Iterable[tuple[bytes, bytes]] = ()) -> End:
+        """End our side of ``stream``, with trailers if any."""
+        state = self._sendable(stream)
+        if state.sending is _Phase.HEAD:
+            raise LocalProtocolError(f"stream {stream}: END before the final response head")
+        block = encode_trailers(trailers)
+        state.sending = _Phase.ENDED
+        self._forget_if_done(state)
+        return End(stream, block)
+
+    def reset(self, stream: int, code: int, reason: str = "") -> list[Frame]:
+        """Abort ``stream`` both ways: the RESET to send (none if the stream is already closed),
+        and any WINDOW credit for its buffered bytes, which are dropped."""
+        if not 0 <= code <= MAX_CODE:
+            raise ValueError(f"RESET code {code} out of range")
+        state = self._streams.get(stream)
+        if state is None:
+            if stream < 1 or stream > self._last_id:
+                raise LocalProtocolError(f"stream {stream} was never opened")
+            return []  # closed or reset already: nothing left to abort
+        frames: list[Frame] = [Reset(stream, code, reason)]
+        del self._streams[stream]
+        frames += self._drop_buffered(state)
+        self._remember(stream, _Gone(code, peer_may_send=state.receiving is not _Phase.ENDED))
+        return frames
+
+    def consumed(self, stream: int, amount: int) -> list[Window]:
+        """The application took ``amount`` received bytes of ``stream``: WINDOW frames to send.
+
+        Bytes of a stream that was reset meanwhile are ignored: they were released with it.
+        """
+        if amount < 0:
+            raise ValueError(f"consumed a negative amount ({amount})")
+        state = self._streams.get(stream)
+        if state is None:
+            if 1 <= stream <= self._last_id:
+                return []
+            raise LocalProtocolError(f"stream {stream} was never opened")
+        if amount > state.buffered:
+            raise LocalProtocolError(
+                f"stream {stream}: consumed {amount} bytes, but only {state.buffered} are buffered"
+            )
+        state.buffered -= amount
+        self._buffered -= amount
+        frames: list[Window] = []
+        if state.receiving is not _Phase.ENDED:  # no more DATA can come: no point in stream credit
+            state.unacked += amount
+            if state.unacked >= self._stream_threshold:
+                frames.append(Window(stream, state.unacked))
+                state.receive_window += state.unacked
+                state.unacked = 0
+        frames += self._credit_tunnel(amount)
+        self._forget_if_done(state)
+        return frames
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    def receive(self, message: bytes | bytearray | memoryview | str) -> list[Event]:
+        """The events one tunnel message brings; a FramingError if the peer broke the protocol."""
+        frame = decode_frame(message)
+        if isinstance(frame, Window):
+            return self._on_window(frame)
+        if isinstance(frame, Reset):
+            return self._on_reset(frame)
+        if isinstance(frame, Head):
+            if self.role == "client":
+                return self._on_request(frame)
+            return self._on_response(frame)
+        if isinstance(frame, Data):
+            return self._on_data(frame)
+        return self._on_end(frame)
+
+    def _on_window(self, frame: Window) -> list[Event]:
+        stream, increment = frame.stream, frame.increment
+        if stream == 0:
+            if self._send_window + increment > MAX_WINDOW:
+                raise ProtocolError(
+                    f"WINDOW of {increment} overflows the tunnel window ({self._send_window})"
+                )
+            self._send_window += increment
+            return [WindowUpdated(0, increment)]
+        state = self._streams.get(stream)
+        if state is None:
+            if stream > self._last_id:
+                raise ProtocolError(f"WINDOW frame on stream {stream}, which was never opened", stream)
+            return []  # the peer granted before it saw the stream close
+        if state.sending is _Phase.ENDED:
+            return []
+        if state.send_window + increment > MAX_WINDOW:
+            raise ProtocolError(
+                f"WINDOW of {increment} overflows the window of stream {stream} ({state.send_window})", stream
+            )
+        state.send_window += increment
+        return [WindowUpdated(stream, increment)]
+
+    def _on_reset(self, frame: Reset) -> list[Event]:
+        stream = frame.stream
+        state = self._streams.get(stream)
+        if state is None:
+            if stream > self._last_id:
+                raise ProtocolError(f"RESET frame on stream {stream}, which was never opened", stream)
+            return []  # it crossed our own END or RESET
+        del self._streams[stream]
+        events: list[Event] = [StreamReset(stream, frame.code, frame.reason)]
+        events += [SendFrame(window) for window in self._drop_buffered(state)]
+        self._remember(stream, _Gone(frame.code, peer_may_send=False))
+        return events
+
+    def _on_request(self, frame: Head) -> list[Event]:
+        stream = frame.stream
+        if stream in self._streams:
+            raise ProtocolError(f"second request HEAD on stream {stream}", stream)
+        if stream <= self._last_id:
+            raise ProtocolError(
+                f"request HEAD on stream {stream}: new stream ids must be above {self._last_id}", stream
+            )
+        with _OnStream(stream):
+            method, target, headers = parse_request_head(frame.head)
+        self._last_id = stream
+        self._streams[stream] = _Stream(
+            id=stream,
+            sending=_Phase.HEAD,
+            receiving=_Phase.ENDED if frame.end_stream else _Phase.BODY,
+            send_window=self._initial_stream_window,
+            receive_window=self._initial_stream_window,
+            upgrade=_wants_upgrade(headers),
+            head_request=method == b"HEAD",
+        )
+        events: list[Event] = [RequestReceived(stream, method, target, headers, frame.end_stream)]
+        if frame.end_stream:
+            events.append(StreamEnded(stream, []))
+        return events
+
+    def _on_response(self, frame: Head) -> list[Event]:
+        stream = frame.stream
+        if stream > self._last_id:
+            raise ProtocolError(f"HEAD frame on stream {stream}: only the server side opens streams", stream)
+        state = self._live(frame)
+        if state is None:
+            return []
+        if state.receiving is not _Phase.HEAD:
+            raise ProtocolError(f"HEAD frame on stream {stream} after the final response head", stream)
+        with _OnStream(stream):
+            status, reason, headers = parse_response_head(frame.head)
+        final = status >= 200 or status == 101
+        if not final and frame.end_stream:
+            raise ProtocolError(f"informational {status} response with END_STREAM on stream {stream}", stream)
+        if status == 101 and not state.upgrade:
+            raise ProtocolError(
+                f"101 Switching Protocols on stream {stream}, whose request has no Upgrade", stream
+            )
+        events: list[Event] = [ResponseReceived(stream, status, reason, headers, frame.end_stream)]
+        if final:
+            self._final_response(state, status, end_stream=frame.end_stream, sent=False)
+        if frame.end_stream:
+            events.append(StreamEnded(stream, []))
+        return events
+
+    def _on_data(self, frame: Data) -> list[Event]:
+        stream, size = frame.stream, len(frame.data)
+        state = self._live(frame)
+        if state is None:
+            # DATA the peer sent before it saw our RESET: it took from the tunnel window all the
+            # same, so check it and give the credit straight back.
+            if size > self._receive_window:
+                raise self._tunnel_overrun(stream, size)
+            self._receive_window -= size
+            return [SendFrame(window) for window in self._credit_tunnel(size)]
+        if state.receiving is _Phase.HEAD:
+            raise ProtocolError(f"DATA frame on stream {stream} before the final response head", stream)
+        if state.receiving is _Phase.ENDED:
+            raise ProtocolError(f"DATA frame on stream {stream} after the end of the stream", stream)
+        if size:
+            reason = self._body_forbidden(state, sending=False)
+            if reason:
+                raise ProtocolError(f"DATA frame on stream {stream}: {reason}", stream)
+        if size > state.receive_window:
+            raise ProtocolError(
+                f"DATA of {size} bytes on stream {stream} exceeds its window ({state.receive_window})", stream
+            )
+        if size > self._receive_window:
+            raise self._tunnel_overrun(stream, size)
+        state.receive_window -= size
+        self._receive_window -= size
+        state.buffered += size
+        self._buffered += size
+        events: list[Event] = []
+        if size:
+            events.append(DataReceived(stream, frame.data, frame.end_stream))
+        if frame.end_stream:
+            state.receiving = _Phase.ENDED
+            events.append(StreamEnded(stream, []))
+            self._forget_if_done(state)
+        return events
+
+    def _on_end(self, frame: End) -> list[Event]:
+        stream = frame.stream
+        state = self._live(frame)
+        if state is None:
+            return []
+        if state.receiving is _Phase.HEAD:
+            raise ProtocolError(f"END frame on stream {stream} before the final response head", stream)
+        if state.receiving is _Phase.ENDED:
+            raise ProtocolError(f"END frame on stream {stream} after the end of the stream", stream)
+        with _OnStream(stream):
+            trailers = parse_trailers(frame.trailers)
+        state.receiving = _Phase.ENDED
+        self._forget_if_done(state)
+        return [StreamEnded(stream, trailers)]
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _live(self, frame: Head | Data | End) -> _Stream | None:
+        """The open stream a HEAD, DATA or END from the peer is for, or None to ignore the frame."""
+        stream = frame.stream
+        state = self._streams.get(stream)
+        if state is not None:
+            return state
+        name = type(frame).__name__.upper()
+        if stream > self._last_id:
+            raise ProtocolError(f"{name} frame on stream {stream}, which was never opened", stream)
+        gone = self._gone.get(stream)
+        if gone is None or not gone.peer_may_send:
+            raise ProtocolError(f"{name} frame on closed stream {stream}", stream)
+        if isinstance(frame, End) or frame.end_stream:
+            gone.peer_may_send = False  # its side is over: anything after this is an error
+        return None
+
+
+    def _tunnel_overrun(self, stream: int, size: int) -> ProtocolError:
+        window = self._receive_window
+        message = f"DATA of {size} bytes on stream {stream} exceeds the tunnel window ({window})"
+        return ProtocolError(message, stream)
+
+    def _sendable(self, stream: int) -> _Stream:
+        state = self._streams.get(stream)
+        if state is None:
+            if stream < 1 or stream > self._last_id:
+                raise LocalProtocolError(f"stream {stream} was never opened")
+            gone = self._gone.get(stream)
+            if gone is not None:
+                raise StreamClosedError(f"stream {stream} was reset (code {gone.code})", stream, gone.code)
+            raise StreamClosedError(f"stream {stream} is closed", stream)
+        if state.sending is _Phase.ENDED:
+            raise StreamClosedError(f"stream {stream}: our side has ended", stream)
+        return state
+
+    def _body_forbidden(self, state: _Stream, *, sending: bool) -> str | None:
+        """Why body bytes may not flow this way on ``state`` now, or None if they may."""
+        requests = sending == (self.role == "server")  # does this direction carry the request?
+        if requests:
+            if state.upgrade and not state.switched:
+                return "body bytes on an upgrade request before its 101 Switching Protocols"
+        elif state.bodyless_response:
+            return "body bytes in a response to HEAD, or in a 204 or 304 response"
+        return None
+
+    def _check_body_allowed(self, state: _Stream, *, nonempty: bool) -> None:
+        if state.sending is _Phase.HEAD:
+            raise LocalProtocolError(f"stream {state.id}: DATA before the final response head")
+        if nonempty:
+            reason = self._body_forbidden(state, sending=True)
+            if reason:
+                raise LocalProtocolError(f"stream {state.id}: {reason}")
+
+    def _final_response(self, state: _Stream, status: int, *, end_stream: bool, sent: bool) -> None:
+        state.switched = status == 101
+        state.bodyless_response = state.head_request or status in _BODYLESS_STATUSES
+        phase = _Phase.ENDED if end_stream else _Phase.BODY
+        if sent:
+            state.sending = phase
+        else:
+            state.receiving = phase
+        self._forget_if_done(state)
+
+    def _credit_tunnel(self, amount: int) -> list[Window]:
+        self._unacked += amount
+        if self._unacked < self._tunnel_threshold:
+            return []
+        increment, self._unacked = self._unacked, 0
+        self._receive_window += increment
+        return [Window(0, increment)]
+
+    def _drop_buffered(self, state: _Stream) -> list[Window]:
+        """Release what a reset stream had buffered: the application will never consume it."""
+        dropped, state.buffered = state.buffered, 0
+        self._buffered -= dropped
+        return self._credit_tunnel(dropped) if dropped else []
+
+    def _forget_if_done(self, state: _Stream) -> None:
+        if state.sending is _Phase.ENDED and state.receiving is _Phase.ENDED and not state.buffered:
+            del self._streams[state.id]
+
+    def _remember(self, stream: int, gone: _Gone) -> None:
+        self._gone[stream] = gone
+        while len(self._gone) > RESET_GRACE:
+            self._gone.popitem(last=False)
