@@ -7,7 +7,8 @@ import trio
 import trio.testing
 
 from wstunnel.server.longpoll import PollSession, SequenceError, SessionGone
-from wstunnel.transport import SEND_HIGH_WATER, ConnectionClosed
+from wstunnel.tunnel.longpoll import SEND_HIGH_WATER
+from wstunnel.tunnel.transport import ConnectionClosed
 
 
 async def test_a_poll_returns_at_once_when_frames_wait_and_numbers_each_batch() -> None:

@@ -7,8 +7,8 @@ from collections import deque
 
 import pytest
 
-from wstunnel import pollbody
-from wstunnel.pollbody import PollBodyError
+from wstunnel.tunnel import pollbody
+from wstunnel.tunnel.pollbody import PollBodyError
 
 
 def test_round_trip_keeps_order_and_empty_messages() -> None:

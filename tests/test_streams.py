@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from wstunnel.streams import ChunkQueue
+from wstunnel.tunnel.chunks import ChunkQueue
 
 
 async def test_chunks_come_out_in_order_then_the_end() -> None:

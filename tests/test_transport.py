@@ -6,7 +6,7 @@ import trio
 import trio.testing
 
 from wstunnel import v2
-from wstunnel.transport import EARLY_SEND_FRAMES, FrameOutbox
+from wstunnel.tunnel.outbox import EARLY_SEND_FRAMES, FrameOutbox
 
 
 def frames(count: int, size: int = 10) -> list[bytes]:

@@ -1,4 +1,4 @@
-"""wstunnel.websocket against trio-websocket (the other end of every test), on loopback sockets:
+"""wstunnel.tunnel.websocket against trio-websocket (the other end of every test), on loopback sockets:
 both handshakes, messages both ways, pings, the close handshake from either side, size limits,
 refusals, and a peer that vanishes."""
 
@@ -17,8 +17,8 @@ from wsproto.connection import ConnectionType
 from wsproto.events import AcceptConnection, BytesMessage, Request
 from wsproto.handshake import H11Handshake
 
-from wstunnel import websocket
-from wstunnel.websocket import WebSocket
+from wstunnel.tunnel import websocket
+from wstunnel.tunnel.websocket import WebSocket
 
 LIMIT = 2 * 1024 * 1024
 RECEIVE = 64 * 1024

@@ -19,7 +19,7 @@ import httpx
 import trio
 import trio_websocket
 
-from wstunnel import __version__, daemon, framing, v2, websocket
+from wstunnel import __version__, daemon, framing, v2
 from wstunnel.client import dial, longpoll
 from wstunnel.client import proxy as proxies
 from wstunnel.client.backend import Backend
@@ -30,9 +30,10 @@ from wstunnel.headers import basic_credentials
 from wstunnel.logs import EventLogger
 from wstunnel.service import ServiceNotifier
 from wstunnel.tokens import Token
-from wstunnel.transport import WS_RECEIVE_SIZE, PingableTransport
+from wstunnel.tunnel import websocket
+from wstunnel.tunnel.longpoll import POLL_PATH
+from wstunnel.tunnel.transport import VERSION_HEADER, WS_RECEIVE_SIZE, PingableTransport
 
-VERSION_HEADER = b"X-Wstunnel-Version"
 # Refusals long-poll would get just as well (a password, a brake, a restart, a proxy that cannot
 # reach the server): a fallback would only double the dials of every client of a busy or
 # restarting server, and leave them on long-poll for websocket_retry once it is back.
@@ -201,7 +202,7 @@ class TunnelClient:
 
     async def _connect_longpoll(self, backend: Backend) -> None:
         base = longpoll.poll_base(self.settings.tunnel)
-        self.log.info("WS   DIAL", token=self.token, url=base + longpoll.POLL_SUFFIX,
+        self.log.info("WS   DIAL", token=self.token, url=base + POLL_PATH,
                       proxy=str(self.proxy) if self.proxy else None, transport="longpoll")
         if self._http is None:
             self._http = longpoll.http_client(proxy=self.proxy, context=self.context,
@@ -213,7 +214,7 @@ class TunnelClient:
                                                    request_timeout=self.settings.timeout)
             if self.settings.transport == "auto":
                 nursery.start_soon(self._retry_websocket_later, transport)
-            await self._run_connected(nursery, transport, backend, base + longpoll.POLL_SUFFIX,
+            await self._run_connected(nursery, transport, backend, base + POLL_PATH,
                                       session=transport.sid)
 
     async def _run_connected(self, nursery: trio.Nursery, ws: PingableTransport,

@@ -1,6 +1,6 @@
 """The client's end of the HTTPS long-poll transport (docs/longpoll.md has the endpoints).
 
-:class:`LongPollTransport` satisfies :class:`wstunnel.transport.MessageTransport` (and has the
+:class:`LongPollTransport` satisfies :class:`wstunnel.tunnel.transport.MessageTransport` (and has the
 ``ping`` the keepalive uses), so the unchanged protocol v2 session runs over it. Underneath, two
 tasks share one httpx client: the *poller* keeps exactly one ``GET /_tunnel/poll`` outstanding and
 hands the frames of each answer to ``get_message``; the *sender* posts whatever ``send_message``
@@ -18,31 +18,33 @@ ConnectionClosed and the agent dials again, exactly as after a dropped WebSocket
 from __future__ import annotations
 
 import contextlib
-import json
 import ssl
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import trio
 
-from wstunnel import pollbody, v2
+from wstunnel import v2
 from wstunnel.client.proxy import Proxy
 from wstunnel.errors import DialError
 from wstunnel.headers import Headers
 from wstunnel.tokens import Token
-from wstunnel.transport import CloseReason, ConnectionClosed, PolledMessages
+from wstunnel.tunnel import pollbody
+from wstunnel.tunnel.longpoll import (
+    ACK_HEADER,
+    OPEN_PATH,
+    POLL_PATH,
+    SEQ_HEADER,
+    SESSION_HEADER,
+    PolledMessages,
+    SessionOpened,
+)
+from wstunnel.tunnel.transport import CloseReason, ConnectionClosed
 
-OPEN_SUFFIX = "/_tunnel/poll/open"
-POLL_SUFFIX = "/_tunnel/poll"
-SESSION_HEADER = "X-Wstunnel-Session"
-SEQ_HEADER = "X-Wstunnel-Seq"
-ACK_HEADER = "X-Wstunnel-Ack"
 # A poll or a POST whose connection failed is sent again, this many times in all: numbered
 # batches make that safe, and some proxies drop a kept-alive connection just as it is reused.
 ATTEMPTS = 3
 RETRY_DELAY = 0.1  # seconds, times the attempt's number
-# The server holds a poll at most this long (it may say less when it opens the session).
-MAX_POLL_WAIT = 25.0
 # Codes for the CloseReason of a transport that broke, as a WebSocket would report them.
 ABNORMAL = 1006
 GOING_AWAY = 1001
@@ -85,19 +87,18 @@ async def connect(nursery: trio.Nursery, http: httpx.AsyncClient, base: str, *, 
     """Open a session (``headers`` carry the token and password as in the WebSocket handshake)
     and start its tasks."""
     try:
-        response = await http.post(base + OPEN_SUFFIX, content=b"",
+        response = await http.post(base + OPEN_PATH, content=b"",
                                    headers=[*headers, *_routing(token).items()])
     except httpx.HTTPError as exc:
         raise DialError(f"long-poll open failed: {type(exc).__name__}: {exc}") from None
     if response.status_code != 200:
         raise LongPollRefused(response.status_code, response.text.strip())
     try:
-        document = json.loads(response.content)
-        sid = str(document["session"])
-        wait = min(MAX_POLL_WAIT, float(document.get("poll_wait_secs", MAX_POLL_WAIT)))
-    except (ValueError, KeyError, TypeError):
+        opened = SessionOpened.decode(response.content)
+    except ValueError:
         raise DialError("long-poll open: the answer is not a session") from None
-    transport = LongPollTransport(http, base, sid, poll_wait=wait, timeout=request_timeout,
+    transport = LongPollTransport(http, base, opened.session, poll_wait=opened.poll_wait,
+                                  timeout=request_timeout,
                                   routing=_routing(token))
     nursery.start_soon(transport.run)
     return transport
@@ -121,7 +122,7 @@ class LongPollTransport(PolledMessages):
         super().__init__()
         self.http = http
         self._routing = routing or {}
-        self.url = base + POLL_SUFFIX
+        self.url = base + POLL_PATH
         self.sid = Token(sid)  # str() shows a prefix only
         self.poll_wait = poll_wait
         self.timeout = timeout

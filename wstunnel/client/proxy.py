@@ -17,7 +17,7 @@ import h11
 import trio
 
 from wstunnel.errors import ProxyError
-from wstunnel.streams import ActivityStream
+from wstunnel.tunnel.transport import ActivityStream
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")
 MAX_RESPONSE_HEAD = 64 * 1024

@@ -31,9 +31,10 @@ from wstunnel.errors import BackendError, FramingError, StreamClosedError, Tunne
 from wstunnel.headers import Headers, without_hop_by_hop
 from wstunnel.headers import get as get_header
 from wstunnel.logs import EventLogger
-from wstunnel.streams import ChunkQueue
 from wstunnel.tokens import Token
-from wstunnel.transport import FrameOutbox, MessageTransport
+from wstunnel.tunnel.chunks import ChunkQueue
+from wstunnel.tunnel.outbox import FrameOutbox
+from wstunnel.tunnel.transport import MessageTransport
 
 # Request body bytes handed to the backend client at once, at most: fewer, larger writes to the backend.
 FEED_SIZE = 256 * 1024

@@ -15,7 +15,7 @@ from urllib.parse import unquote_to_bytes
 
 import trio
 
-from wstunnel import __version__, daemon, framing, v2, websocket
+from wstunnel import __version__, daemon, framing, v2
 from wstunnel.config import ServerSettings, password_pairs
 from wstunnel.headers import Headers, without_hop_by_hop
 from wstunnel.headers import get as get_header
@@ -33,11 +33,10 @@ from wstunnel.server.guard import BASIC_REALM, FailureBrake, HandshakeTurns, Pas
 from wstunnel.server.longpoll import LongPoll
 from wstunnel.server.tunnels import Failure, QueueFull, Registry, Rendezvous, TunnelConnection
 from wstunnel.server.tunnels_v2 import TunnelConnectionV2
-from wstunnel.streams import ActivityStream
 from wstunnel.tokens import MIN_LENGTH, Token
-from wstunnel.transport import WS_RECEIVE_SIZE, HandshakeError
+from wstunnel.tunnel import websocket
+from wstunnel.tunnel.transport import VERSION_HEADER, WS_RECEIVE_SIZE, ActivityStream, HandshakeError
 
-VERSION_HEADER = b"X-Wstunnel-Version"
 TOKEN_PREFIX = b"/_token/"
 # A reload cannot move the listening socket or the pid file; these wait for a restart.
 RESTART_ONLY_SETTINGS = ("host", "port", "pidfile")

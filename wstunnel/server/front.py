@@ -25,7 +25,7 @@ import trio
 
 from wstunnel import framing
 from wstunnel.headers import Headers
-from wstunnel.streams import ActivityStream
+from wstunnel.tunnel.transport import ActivityStream
 
 RECEIVE_SIZE = 64 * 1024
 # How long an idle keep-alive connection may wait for its next request.

@@ -3,9 +3,9 @@
 For networks where a WebSocket cannot pass (proxies that strip ``Upgrade`` or cut long-lived
 connections), a client keeps its tunnel with ordinary, bounded HTTP requests instead; docs/longpoll.md
 specifies the endpoints. Each session is a :class:`PollSession`, which satisfies
-:class:`wstunnel.transport.MessageTransport`, so an unchanged
+:class:`wstunnel.tunnel.transport.MessageTransport`, so an unchanged
 :class:`~wstunnel.server.tunnels_v2.TunnelConnectionV2` serves it: long-poll always carries protocol
-v2 frames, one per message, with the length-prefixed body codec of :mod:`wstunnel.pollbody`.
+v2 frames, one per message, with the length-prefixed body codec of :mod:`wstunnel.tunnel.pollbody`.
 
 Liveness: the client is present while one of its requests is being served, and its silence is
 counted from the end of its last request; the connection's usual silence watch drops a session that
@@ -20,7 +20,6 @@ failure for the address's brake, like an unknown token.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from wstunnel import framing, pollbody, v2
+from wstunnel import framing, v2
 from wstunnel.server.front import (
     BodyError,
     BodyTooLarge,
@@ -38,21 +37,30 @@ from wstunnel.server.front import (
 )
 from wstunnel.server.tunnels_v2 import TunnelConnectionV2
 from wstunnel.tokens import Token
-from wstunnel.transport import CloseReason, PolledMessages
+from wstunnel.tunnel import pollbody
+from wstunnel.tunnel.longpoll import (
+    ACK_HEADER,
+    MAX_POLL_WAIT,
+    MAX_POST_BODY,
+    OPEN_PATH,
+    POLL_PATH,
+    SEQ_HEADER,
+    SESSION_HEADER,
+    PolledMessages,
+    SessionOpened,
+)
+from wstunnel.tunnel.transport import VERSION_HEADER, CloseReason
 
 if TYPE_CHECKING:
     from wstunnel.server.app import TunnelServer
 
-OPEN_PATH = b"/_tunnel/poll/open"
-POLL_PATH = b"/_tunnel/poll"
-SESSION_HEADER = b"x-wstunnel-session"
-SEQ_HEADER = b"x-wstunnel-seq"
-ACK_HEADER = b"x-wstunnel-ack"
-VERSION_HEADER = b"x-wstunnel-version"
-MAX_POLL_WAIT = 25.0
-MAX_MESSAGE = pollbody.MAX_MESSAGE
-# A client batches at most MAX_BATCH_BYTES, or one message alone when it is larger.
-MAX_POST_BODY = max(pollbody.MAX_BATCH_BYTES, MAX_MESSAGE + pollbody.LENGTH.size)
+# Request paths and header names as the HTTP front gives them: bytes, header names lowercase.
+_OPEN = OPEN_PATH.encode()
+_POLL = POLL_PATH.encode()
+_SESSION = SESSION_HEADER.lower().encode()
+_SEQ = SEQ_HEADER.lower().encode()
+_ACK = ACK_HEADER.lower().encode()
+_VERSION = VERSION_HEADER.lower()
 NO_CACHE = (b"Cache-Control", b"no-store")
 
 
@@ -179,15 +187,15 @@ class LongPoll:
 
     @staticmethod
     def handles(path: bytes) -> bool:
-        return path == POLL_PATH or path.startswith(POLL_PATH + b"/")
+        return path == _POLL or path.startswith(_POLL + b"/")
 
     async def respond(self, request: IncomingRequest) -> framing.Response:
         method, path = request.method, request.path
-        if path == OPEN_PATH:
+        if path == _OPEN:
             if method != b"POST":
                 return _not_allowed(b"POST")
             return await self._open(request)
-        if path != POLL_PATH:
+        if path != _POLL:
             return simple_response(404, "Unknown long-poll endpoint")
         if method not in (b"GET", b"POST", b"DELETE"):
             return _not_allowed(b"GET, POST, DELETE")
@@ -202,9 +210,9 @@ class LongPoll:
             return simple_response(404, "Unknown long-poll session")
         try:
             if method == b"GET":
-                return await self._poll(session, _number(request, ACK_HEADER))
+                return await self._poll(session, _number(request, _ACK))
             if method == b"POST":
-                return await self._receive(session, request, _number(request, SEQ_HEADER))
+                return await self._receive(session, request, _number(request, _SEQ))
             await session.aclose(1000, "client closed the session")
             return _no_content()
         except SessionGone as gone:
@@ -217,7 +225,7 @@ class LongPoll:
             return simple_response(400, f"Long-poll protocol error: {exc}")
 
     def _find(self, request: IncomingRequest) -> PollSession | None:
-        sid = request.header(SESSION_HEADER)
+        sid = request.header(_SESSION)
         if sid is None:
             return None
         return self.sessions.get(sid.decode("latin-1"))
@@ -229,7 +237,7 @@ class LongPoll:
         if not isinstance(admitted, Token):
             return simple_response(admitted.status, admitted.text, headers=admitted.headers)
         token = admitted
-        version = (request.header(VERSION_HEADER) or b"").decode("latin-1") or "unknown"
+        version = (request.header(_VERSION) or b"").decode("latin-1") or "unknown"
         sid = secrets.token_urlsafe(32)
         session = PollSession(sid)
         rendezvous = server.registered(token)
@@ -242,8 +250,7 @@ class LongPoll:
         self.sessions[sid] = session
         assert self._nursery is not None, "LongPoll.run() is not running"
         await self._nursery.start(self._serve, session, connection)
-        body = json.dumps({"session": sid, "poll_wait_secs": self.poll_wait(),
-                           "max_batch_bytes": pollbody.MAX_BATCH_BYTES}).encode()
+        body = SessionOpened(sid, self.poll_wait()).encode()
         return framing.Response(200, b"OK", [(b"Content-Type", b"application/json"), NO_CACHE], body)
 
     async def _serve(self, session: PollSession, connection: TunnelConnectionV2, *,
@@ -270,7 +277,7 @@ class LongPoll:
         seq, batch = await session.poll(self.poll_wait(), ack)
         return framing.Response(200, b"OK", [
             (b"Content-Type", b"application/octet-stream"), NO_CACHE,
-            (b"X-Wstunnel-Seq", b"%d" % seq),
+            (SEQ_HEADER.encode(), b"%d" % seq),
         ], pollbody.encode(batch))
 
     async def _receive(self, session: PollSession, request: IncomingRequest,
@@ -286,7 +293,7 @@ class LongPoll:
         if len(body) > MAX_POST_BODY:
             return _too_large()
         try:
-            messages = pollbody.decode(body, max_message=MAX_MESSAGE)
+            messages = pollbody.decode(body, max_message=pollbody.MAX_MESSAGE)
         except pollbody.PollBodyError as exc:
             raise ValueError(f"malformed body: {exc}") from None
         await session.deliver(seq, messages)

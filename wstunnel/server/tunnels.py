@@ -28,7 +28,7 @@ from wstunnel.errors import HttpPayloadError, TunnelMessageError
 from wstunnel.logs import EventLogger
 from wstunnel.server.front import BodyError, RequestBody, StreamingResponse
 from wstunnel.tokens import Token
-from wstunnel.transport import Activity, MessageTransport
+from wstunnel.tunnel.transport import Activity, MessageTransport
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_TRIES = 3

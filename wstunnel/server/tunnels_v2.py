@@ -38,8 +38,8 @@ from wstunnel.server.front import (
     StreamingResponse,
 )
 from wstunnel.server.tunnels import Failure, PendingRequest, TunnelConnection, _short_target
-from wstunnel.streams import ChunkQueue
-from wstunnel.transport import FrameOutbox
+from wstunnel.tunnel.chunks import ChunkQueue
+from wstunnel.tunnel.outbox import FrameOutbox
 
 _END = object()  # marks the end of a body in a stream's chunk channel
 
