@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import h11
 
+from wstunnel import http1
 from wstunnel.errors import HttpPayloadError, TunnelMessageError
 from wstunnel.headers import Headers, get, without
 
@@ -61,13 +62,6 @@ def split_message(message: bytes | str) -> tuple[int, bytes]:
     return int(prefix, 16), message[ID_DIGITS:]
 
 
-def _head(start_line: bytes, headers: Headers) -> list[bytes]:
-    parts = [start_line, b"\r\n"]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    return parts
-
-
 def encode_request(request_id: int, request: Request) -> bytes:
     """One tunnel message carrying ``request`` with a ``Content-Length`` body."""
     headers = without(request.headers, (b"content-length", b"transfer-encoding"))
@@ -77,10 +71,8 @@ def encode_request(request_id: int, request: Request) -> bytes:
         headers.insert(0, (b"Host", b""))
     if request.body or request.method not in (b"GET", b"HEAD", b"OPTIONS", b"DELETE"):
         headers.append((b"Content-Length", b"%d" % len(request.body)))
-    parts = [encode_id(request_id)]
-    parts += _head(b"%s %s HTTP/1.1" % (request.method, request.target), headers)
-    parts += (b"\r\n", request.body)
-    return b"".join(parts)
+    head = http1.head_bytes(http1.request_line(request.method, request.target), headers)
+    return b"".join((encode_id(request_id), head, request.body))
 
 
 def encode_response(request_id: int, response: Response, *, request_method: bytes) -> bytes:
@@ -98,10 +90,8 @@ def encode_response(request_id: int, response: Response, *, request_method: byte
         headers.append((b"Content-Length", b"%d" % len(response.body)))
         body = response.body
     reason = response.reason or b""
-    parts = [encode_id(request_id)]
-    parts += _head(b"HTTP/1.1 %d %s" % (response.status, reason), headers)
-    parts += (b"\r\n", body)
-    return b"".join(parts)
+    head = http1.head_bytes(http1.status_line(response.status, reason), headers)
+    return b"".join((encode_id(request_id), head, body))
 
 
 def _collect_body(conn: h11.Connection) -> tuple[bytes, bool]:

@@ -17,7 +17,6 @@ pooled: ``Connection: close``, read-until-close bodies, errors, a body left unre
 from __future__ import annotations
 
 import functools
-import re
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import certifi
 import h11
 import trio
 
+from wstunnel import http1
 from wstunnel.errors import (
     BackendError,
     BackendTimeout,
@@ -47,19 +47,6 @@ COALESCE_SIZE = 64 * 1024
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _RETRYABLE = (ReadError, WriteError, RemoteProtocolError)
 
-# h11's grammar (h11/_abnf.py), so that what we write and what the fast path reads are held to
-# exactly the rules h11 applies.
-_OWS = rb"[ \t]*"
-_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
-_FIELD_VCHAR = rb"[^\x00\s]"
-_FIELD_VALUE = rb"(?:" + _FIELD_VCHAR + rb"+(?:[ \t]+" + _FIELD_VCHAR + rb"+)*)?"
-_TOKEN_RE = re.compile(_TOKEN)
-_TARGET_RE = re.compile(rb"[\x21-\x7e]+")
-_FIELD_VALUE_RE = re.compile(_FIELD_VALUE)
-_HEADER_FIELD_RE = re.compile(rb"(" + _TOKEN + rb"):" + _OWS + rb"(" + _FIELD_VALUE + rb")" + _OWS)
-_STATUS_LINE_RE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ((?:[ \t]|" + _FIELD_VCHAR + rb")*))?")
-_CONTENT_LENGTH_RE = re.compile(rb"[0-9]+")
-_CONTENT_LENGTH_MAX_DIGITS = 20  # h11's: no larger body can be real
 _NO_BODY_STATUSES = frozenset({204, 304})
 # Request headers h11 needs to see to read the response right: keep-alive and protocol switches.
 _SLOW_PATH_HEADERS = frozenset({b"connection", b"upgrade"})
@@ -177,23 +164,21 @@ class _Outgoing:
     def __init__(self, target: Target, method: bytes, path: bytes, headers: Headers,
                  body: bytes | AsyncIterable[bytes]) -> None:
         request_target = target.prefix + path
-        if _TOKEN_RE.fullmatch(method) is None:
-            raise LocalRequestError("Illegal method characters")
-        if _TARGET_RE.fullmatch(request_target) is None:
-            raise LocalRequestError("Illegal target characters")
-        if _FIELD_VALUE_RE.fullmatch(target.host_header) is None:
-            raise LocalRequestError(f"Illegal header value {target.host_header!r}")
+        try:
+            http1.check_method(method)
+            http1.check_target(request_target)
+            http1.check_field(b"Host", target.host_header)
+            for name, value in headers:
+                http1.check_field(name, value)
+        except http1.HeadError as exc:
+            raise LocalRequestError(str(exc)) from None
         lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, request_target, target.host_header)]
         length: bytes | None = None
         special: Headers = []
         for name, value in headers:
-            if _TOKEN_RE.fullmatch(name) is None:
-                raise LocalRequestError(f"Illegal header name {name!r}")
-            if _FIELD_VALUE_RE.fullmatch(value) is None:
-                raise LocalRequestError(f"Illegal header value {value!r}")
             lower = name.lower()
             if lower == b"content-length":
-                value = _content_length(value)
+                value = http1.content_length(value)
                 if value is None:
                     raise LocalRequestError("bad Content-Length")
                 if length is not None:
@@ -236,17 +221,6 @@ class _Outgoing:
         return h
 
 
-def _content_length(value: bytes) -> bytes | None:
-    """A Content-Length value as h11 normalises it (``5, 5`` is 5), or None if it is bad."""
-    lengths = {part.strip() for part in value.split(b",")}
-    if len(lengths) != 1:
-        return None
-    value = lengths.pop()
-    if _CONTENT_LENGTH_RE.fullmatch(value) is None or len(value) > _CONTENT_LENGTH_MAX_DIGITS:
-        return None
-    return value
-
-
 class _Head:
     """A final response head (or a 101), from h11 or the fast path."""
 
@@ -268,30 +242,24 @@ def _fast_head(data: bytes, method: bytes) -> tuple[_Head, bool] | None:
     ``data``, framed by Content-Length (or bodyless), no obs-fold, no Transfer-Encoding; and
     whether it allows keep-alive. None for anything else, which h11 then reads (and rejects,
     if it is bad): this accepts only what h11 accepts, and means by it what h11 does."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
+    split = http1.split_head(data)
+    if split is None:
         return None
-    head = data[:end]
-    if head.count(b"\n") != head.count(b"\r\n"):
-        return None  # a bare LF: h11 splits lines on it
-    lines = head.split(b"\r\n")
-    match = _STATUS_LINE_RE.fullmatch(lines[0])
-    if match is None or match[1] != b"1.1":
+    start, block, end = split
+    line = http1.parse_status_line(start)
+    if line is None or line[0] != b"1.1" or line[1] < 200:
         return None
-    status = int(match[2])
-    if status < 200:
+    fields = http1.parse_fields(block)
+    if fields is None:
         return None
+    _version, status, reason = line
     headers: Headers = []
     length: bytes | None = None
     keep_alive = True
-    for line in lines[1:]:
-        field = _HEADER_FIELD_RE.fullmatch(line)
-        if field is None:
-            return None
-        name, value = field.groups()
+    for name, value in fields:
         lower = name.lower()
         if lower == b"content-length":
-            value = _content_length(value)
+            value = http1.content_length(value)
             if value is None or (length is not None and value != length):
                 return None
             if length is not None:
@@ -308,7 +276,7 @@ def _fast_head(data: bytes, method: bytes) -> tuple[_Head, bool] | None:
         return None  # read until close
     else:
         size = int(length)
-    return _Head(status, match[3] or b"", headers, b"1.1", size, data[end + 4:]), keep_alive
+    return _Head(status, reason, headers, b"1.1", size, data[end:]), keep_alive
 
 
 class UpgradedStream(trio.abc.Stream):

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import h11
 
+from wstunnel import http1
 from wstunnel.errors import HttpPayloadError
 from wstunnel.framing import MAX_HEAD_SIZE
 from wstunnel.headers import Headers, get
@@ -35,14 +36,6 @@ def _check_head(head: bytes, what: str) -> None:
         raise HttpPayloadError(f"HTTP {what} head must end at its first empty line (CRLF CRLF)")
 
 
-def _start_head(start_line: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    parts = [start_line, _CRLF]
-    for name, value in headers:
-        parts += (name, b": ", value, _CRLF)
-    parts.append(_CRLF)
-    return b"".join(parts)
-
-
 def _raw_headers(event: h11.Request | h11.Response | h11.InformationalResponse | h11.EndOfMessage) -> Headers:
     return [(bytes(k), bytes(v)) for k, v in event.headers.raw_items()]
 
@@ -50,25 +43,11 @@ def _raw_headers(event: h11.Request | h11.Response | h11.InformationalResponse |
 # The fast path for heads. Every request costs four head parses (each side checks the head it builds
 # by parsing it again, and the peer parses it), and a throwaway h11.Connection per parse made that
 # ~13 us for a request head and ~35 us for a response head: 10-20 % of each daemon's CPU per 1 KiB
-# GET. Plain heads are matched here with h11's own compiled grammar instead (~3-6 us); a head the
-# fast path is not sure about (Transfer-Encoding, an odd Content-Length, no single Host, another
-# version, anything that does not match) goes to h11 as before, so the results and the error
-# messages stay h11's. tests/test_v2_sansio.py checks both paths agree.
-try:
-    from h11._abnf import header_field as _FIELD_GRAMMAR
-    from h11._readers import request_line_re as _REQUEST_LINE_RE
-    from h11._readers import status_line_re as _STATUS_LINE_RE
-except ImportError:  # pragma: no cover - a future h11 moved them: every head takes h11's path
-    _FIELD_GRAMMAR = _REQUEST_LINE_RE = _STATUS_LINE_RE = None
-# Every field line of a head at once, with h11's grammar for one (its groups made plain): one
-# regex call for the block instead of one per line (a third of the fast path's cost). Once the
-# block matches, each line is ``name:`` then the value between optional blanks, so partition and
-# strip find exactly what h11's groups would.
-_FIELDS_RE = (
-    re.compile(b"(?:" + re.sub(r"\(\?P<[a-z_]+>", "(?:", _FIELD_GRAMMAR).encode("ascii")
-               + rb"\r\n)*")
-    if _FIELD_GRAMMAR is not None else None
-)
+# GET. Plain heads are read with wstunnel.http1 instead (~3-6 us); a head the fast path is not sure
+# about (Transfer-Encoding, an odd Content-Length, no single Host, another version, anything that
+# does not match) goes to h11 as before, so the results and the error messages stay h11's.
+# tests/test_v2_sansio.py checks both paths agree.
+
 # h11 rewrites a Content-Length it accepts only when it is a list ("5, 5") or has more than its
 # 20 digits allowed; a plain short number passes through unchanged.
 _PLAIN_LENGTH_RE = re.compile(rb"[0-9]{1,18}")
@@ -77,15 +56,11 @@ _PLAIN_LENGTH_RE = re.compile(rb"[0-9]{1,18}")
 def _fast_fields(block: bytes, *, request: bool) -> Headers | None:
     """The header fields of ``block`` (field lines, each ending with CRLF) as h11 would return
     them, or None to leave the head to h11."""
-    if _FIELDS_RE is None:  # pragma: no cover
+    headers = http1.parse_fields(block)
+    if headers is None:
         return None
-    if block and _FIELDS_RE.fullmatch(block) is None:
-        return None
-    headers: Headers = []
     hosts = lengths = 0
-    for line in block.split(_CRLF)[:-1]:
-        name, _, value = line.partition(b":")
-        value = value.strip(b" \t")
+    for name, value in headers:
         size = len(name)  # only three names matter, and only their lengths are checked per line
         if size == 4 and name.lower() == b"host":
             hosts += 1
@@ -95,7 +70,6 @@ def _fast_fields(block: bytes, *, request: bool) -> Headers | None:
                 return None
         elif size == 17 and name.lower() == b"transfer-encoding":
             return None  # h11 lowercases it and refuses codings other than chunked
-        headers.append((name, value))
     if request and hosts != 1:
         return None  # h11 refuses an HTTP/1.1 request without exactly one Host
     return headers
@@ -103,33 +77,29 @@ def _fast_fields(block: bytes, *, request: bool) -> Headers | None:
 
 def _fast_request_head(head: bytes) -> tuple[bytes, bytes, Headers] | None:
     """``parse_request_head``'s answer for a checked (``_check_head``) plain head, or None."""
-    if _REQUEST_LINE_RE is None:  # pragma: no cover
-        return None
     start, _, block = head[: -len(_CRLF)].partition(_CRLF)
-    match = _REQUEST_LINE_RE.fullmatch(start)
-    if match is None or match.group("http_version") != b"1.1":
+    line = http1.parse_request_line(start)
+    if line is None or line[2] != b"1.1":
         return None
     headers = _fast_fields(block, request=True)
     if headers is None:
         return None
-    return match.group("method"), match.group("target"), headers
+    return line[0], line[1], headers
 
 
 def _fast_response_head(head: bytes) -> tuple[int, bytes, Headers] | None:
     """``parse_response_head``'s answer for a checked (``_check_head``) plain head, or None."""
-    if _STATUS_LINE_RE is None:  # pragma: no cover
-        return None
     start, _, block = head[: -len(_CRLF)].partition(_CRLF)
-    match = _STATUS_LINE_RE.fullmatch(start)
-    if match is None or match.group("http_version") != b"1.1":
+    line = http1.parse_status_line(start)
+    if line is None or line[0] != b"1.1":
         return None
-    status = int(match.group("status_code"))
+    _version, status, reason = line
     if status < 100:
         return None  # h11 has no event for it: its error message it is
     headers = _fast_fields(block, request=False)
     if headers is None:
         return None
-    return status, match.group("reason") or b"", headers
+    return status, reason, headers
 
 
 def parse_request_head(head: bytes) -> tuple[bytes, bytes, Headers]:
@@ -196,7 +166,7 @@ def request_head(method: bytes, target: bytes, headers: Iterable[tuple[bytes, by
     headers = list(headers)
     if get(headers, b"host") is None:
         headers.insert(0, (b"Host", b""))
-    head = _start_head(b"%s %s HTTP/1.1" % (method, target), headers)
+    head = http1.head_bytes(http1.request_line(method, target), headers)
     try:
         parsed = parse_request_head(head)
     except HttpPayloadError as exc:
@@ -211,7 +181,7 @@ def response_head(status: int, reason: bytes, headers: Iterable[tuple[bytes, byt
     if not 100 <= status <= 999:
         raise ValueError(f"status {status} out of range")
     headers = list(headers)
-    head = _start_head(b"HTTP/1.1 %d %s" % (status, reason), headers)
+    head = http1.head_bytes(http1.status_line(status, reason), headers)
     try:
         parsed = parse_response_head(head)
     except HttpPayloadError as exc:
