@@ -269,8 +269,8 @@ def _read_response(sock: socket.socket) -> tuple[int, dict[str, str]]:
 
 @pytest.mark.xfail(not RESTART_GRACE, strict=True, reason=(
     "bug: a restarted server answers 404 'Tunnel not found' (no 5xx, nothing queued) to requests "
-    "for tokens whose clients are still in reconnect backoff (wstunnel/server/app.py "
-    "TunnelServer._exchange); with the failure brake, 30 such 404s also lock the address out, "
+    "for tokens whose clients are still in reconnect backoff (wstunnel/server/forwarding.py "
+    "Forwarder._exchange); with the failure brake, 30 such 404s also lock the address out, "
     "the tunnel client's own handshakes included (429 for failure_window)"
 ))
 def test_request_to_restarted_server_before_its_client_returns_is_not_404(harness: Harness) -> None:

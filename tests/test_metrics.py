@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.harness import Harness, Server
 from wstunnel.server.metrics import DURATION_BUCKETS, Gauges, Histogram, Metrics
-from wstunnel.server.tunnels import Registry
+from wstunnel.server.rendezvous import Registry
 from wstunnel.tokens import Token
 
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"

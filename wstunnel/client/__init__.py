@@ -1,5 +1,1 @@
-"""The tunnel client, ``wstunnel cli`` ("wstuncli")."""
-
-from wstunnel.client.agent import TunnelClient
-
-__all__ = ["TunnelClient"]
+"""The tunnel client, ``wstunnel cli`` ("wstuncli"): ``wstunnel.client.agent.TunnelClient``."""

@@ -23,9 +23,10 @@ from wstunnel import __version__, daemon, framing, v2
 from wstunnel.client import dial, longpoll
 from wstunnel.client import proxy as proxies
 from wstunnel.client.backend import Backend
-from wstunnel.client.streams_v2 import ClientSessionV2
+from wstunnel.client.session_v1 import ClientSessionV1
+from wstunnel.client.session_v2 import ClientSessionV2
 from wstunnel.config import ClientSettings
-from wstunnel.errors import DialError, HttpPayloadError, TunnelMessageError, sole_exception
+from wstunnel.errors import DialError, TunnelMessageError, sole_exception
 from wstunnel.headers import basic_credentials
 from wstunnel.logs import EventLogger
 from wstunnel.service import ServiceNotifier
@@ -312,12 +313,8 @@ class TunnelClient:
                 finally:
                     self._session_v2 = None
                 return
-            while True:
-                message = await ws.get_message()
-                request_id, payload = framing.split_message(message)
-                ticket = object()  # ids may repeat after a wrap; tickets never do
-                await self.limiter.acquire_on_behalf_of(ticket)
-                nursery.start_soon(self._handle, ws, backend, request_id, payload, ticket)
+            await ClientSessionV1(ws, backend, limiter=self.limiter, log=self.log,
+                                  token=self.token).run()
 
     async def _keepalive(self, ws: PingableTransport) -> None:
         interval = self.settings.timeout / 3
@@ -332,30 +329,6 @@ class TunnelClient:
                     write_statusfile(self.settings.statusfile)
                 except OSError as exc:
                     self.log.warning("STATUSFILE", err=str(exc))
-
-    async def _handle(self, ws: PingableTransport, backend: Backend,
-                      request_id: int, payload: bytes, ticket: object) -> None:
-        try:
-            try:
-                request = framing.parse_request(payload)
-            except HttpPayloadError as exc:
-                self.log.warning("WS   ERR", token=self.token, id=request_id, err=str(exc))
-                request = framing.Request(b"GET", b"/")
-                response = framing.Response(400, b"Bad Request", [], b"Malformed request\n")
-            else:
-                self.log.info("WS   RCV", token=self.token, id=request_id,
-                              verb=request.method, url=request.target[:200])
-                response = await backend.replay(request)
-            message = framing.encode_response(request_id, response, request_method=request.method)
-            self.log.info("WS   SND", token=self.token, id=request_id, status=response.status,
-                          len=len(message))
-            try:
-                await ws.send_message(message)
-            except trio_websocket.ConnectionClosed:
-                self.log.warning("WS   ERR", token=self.token, id=request_id,
-                                 err="tunnel closed before the response was sent")
-        finally:
-            self.limiter.release_on_behalf_of(ticket)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

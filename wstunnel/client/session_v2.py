@@ -1,6 +1,6 @@
 """The client's end of a protocol v2 tunnel: each request a stream, each response streamed back.
 
-The session's receive loop feeds a :class:`~wstunnel.framing_v2.V2Connection` and starts one
+The session's receive loop feeds a :class:`~wstunnel.v2.V2Connection` and starts one
 handler task per request (in the session's nursery, so a dying tunnel cancels them all). A handler
 replays the request against the backend at once, streaming both ways: the request body goes to
 the backend as its DATA arrives (credit goes back to the server only once the chunk was written to
@@ -14,8 +14,8 @@ An ``Upgrade`` request the backend answers with 101 becomes a byte pipe: the bac
 over the connection (``response.stream``) and DATA flows both ways, with the same flow control, until
 both sides have ended (or one has, and the other does not follow within PIPE_LINGER).
 
-Frames reach the WebSocket through one outbound channel drained by one writer task, each put on it
-without a checkpoint after the V2Connection call that made it (framing_v2's ordering rule).
+The frames, the windows and the receive loop are the shared :class:`~wstunnel.tunnel.endpoint.
+V2Endpoint`'s; this module is what the client does with its streams.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from wstunnel.headers import get as get_header
 from wstunnel.logs import EventLogger
 from wstunnel.tokens import Token
 from wstunnel.tunnel.chunks import ChunkQueue
-from wstunnel.tunnel.outbox import FrameOutbox
+from wstunnel.tunnel.endpoint import V2Endpoint
 from wstunnel.tunnel.transport import MessageTransport
 
 # Request body bytes handed to the backend client at once, at most: fewer, larger writes to the backend.
@@ -76,7 +76,7 @@ class _BodyFeed:
     async def __anext__(self) -> bytes:
         stream = self._stream
         if self._taken:
-            self._session.credit(stream, self._taken)
+            self._session.endpoint.credit(stream.id, self._taken)
             self._taken = 0
         try:
             parts = [await stream.chunks.receive()]
@@ -104,99 +104,64 @@ class ClientSessionV2:
         self.limiter = limiter
         self.log = log
         self.token = token
-        self.conn = v2.V2Connection("client")
+        self.endpoint = V2Endpoint("client", ws, self, batched=batched)
+        self.conn = self.endpoint.conn
         self.streams: dict[int, _Stream] = {}
-        self.batched = batched  # wstunnel.v2.batch: several frames a message
-        self._outbox = FrameOutbox(batched=batched)
-        # Replaced each time the server grants credit; a handler short of credit waits on it.
-        self._credit = trio.Event()
+        self._nursery: trio.Nursery | None = None  # the handlers', while run() runs
 
     async def run(self) -> None:
+        endpoint = self.endpoint
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 # The writer returns on ConnectionClosed: the receive loop sees the close too and
                 # ends the session with one error, not a group of two it could not describe.
-                nursery.start_soon(self._outbox.pump, self.ws)
-                await self._receive_frames(nursery)
+                nursery.start_soon(endpoint.run_writer)
+                while True:
+                    try:
+                        await endpoint.receive()  # ConnectionClosed ends the session
+                    except FramingError as exc:
+                        with trio.move_on_after(2):
+                            await self.ws.aclose(1002, "protocol error")
+                        raise TunnelMessageError(str(exc)) from None
         finally:
-            self._outbox.close()
+            endpoint.close()
 
-    # -- sending ------------------------------------------------------------------------------
+    # -- the endpoint's events (StreamHandler) ------------------------------------------------
 
-    def _emit(self, *frames: v2.Frame) -> None:
-        for frame in frames:
-            self._outbox.put(v2.encode_frame(frame))
+    def on_request(self, event: v2.RequestReceived) -> None:
+        assert self._nursery is not None
+        stream = _Stream(event.stream, event.method, event.target, event.headers,
+                         has_body=not event.end_stream)
+        self.streams[event.stream] = stream
+        self._nursery.start_soon(self._handle, stream)
 
-    async def _send_data(self, stream: _Stream, chunk: bytes, *, end_stream: bool = False) -> None:
-        view = memoryview(chunk)
-        offset = 0
-        while offset < len(view) or end_stream:
-            credit = self._credit
-            frames, taken = self.conn.data_frames(stream.id, view[offset:], end_stream=end_stream)
-            self._emit(*frames)
-            offset += taken
-            if end_stream and offset == len(view):
-                return
-            if not taken:
-                await credit.wait()
+    def on_response(self, event: v2.ResponseReceived) -> None:  # pragma: no cover
+        raise AssertionError("V2Connection gives a client no responses")
 
-    # -- receiving ----------------------------------------------------------------------------
-
-    async def _receive_frames(self, nursery: trio.Nursery) -> None:
-        while True:
-            message = await self.ws.get_message()  # ConnectionClosed ends the session
-            try:
-                for frame in v2.unpack_batch(message) if self.batched else (message,):
-                    for event in self.conn.receive(frame):
-                        self._on_event(event, nursery)
-            except FramingError as exc:
-                with trio.move_on_after(2):
-                    await self.ws.aclose(1002, "protocol error")
-                raise TunnelMessageError(str(exc)) from None
-
-    def _on_event(self, event: v2.Event, nursery: trio.Nursery) -> None:
-        if isinstance(event, v2.RequestReceived):
-            stream = _Stream(event.stream, event.method, event.target, event.headers,
-                             has_body=not event.end_stream)
-            self.streams[event.stream] = stream
-            nursery.start_soon(self._handle, stream)
-        elif isinstance(event, v2.DataReceived):
-            self._on_data(event)
-        elif isinstance(event, v2.StreamEnded):
-            stream = self.streams.get(event.stream)
-            if stream is not None:
-                stream.chunks.close()
-        elif isinstance(event, v2.StreamReset):
-            stream = self.streams.pop(event.stream, None)
-            if stream is not None:
-                stream.scope.cancel()  # closes the backend request, if any
-            self._wake_senders()
-        elif isinstance(event, v2.WindowUpdated):
-            self._wake_senders()
-        elif isinstance(event, v2.SendFrame):
-            self._emit(event.frame)
-
-    def _on_data(self, event: v2.DataReceived) -> None:
+    def on_data(self, event: v2.DataReceived) -> bool:
         stream = self.streams.get(event.stream)
         if stream is None:
-            # Its handler is gone and nobody will read this: the credit goes straight back.
-            self._emit(*self.conn.consumed(event.stream, len(event.data)))
-            return
+            return False  # its handler is gone and nobody will read this
         stream.size += len(event.data)
         # The backend's cap (a reload updates it); an upgraded connection is not one body.
         if stream.upgrade is None and stream.size > self.backend.max_body_size:
             self.streams.pop(stream.id, None)
             stream.scope.cancel()
-            self._emit(*self.conn.reset(stream.id, v2.ErrorCode.TOO_LARGE, "request body too large"))
-            return
+            self.endpoint.reset(stream.id, v2.ErrorCode.TOO_LARGE, "request body too large")
+            return True  # released with the stream
         stream.chunks.send_nowait(event.data)
+        return True
 
-    def _wake_senders(self) -> None:
-        self._credit.set()
-        self._credit = trio.Event()
+    def on_end(self, event: v2.StreamEnded) -> None:
+        stream = self.streams.get(event.stream)
+        if stream is not None:
+            stream.chunks.close()
 
-    def credit(self, stream: _Stream, amount: int) -> None:
-        self._emit(*self.conn.consumed(stream.id, amount))
+    def on_reset(self, event: v2.StreamReset) -> None:
+        stream = self.streams.pop(event.stream, None)
+        if stream is not None:
+            stream.scope.cancel()  # closes the backend request, if any
 
     # -- one request --------------------------------------------------------------------------
 
@@ -221,11 +186,11 @@ class ClientSessionV2:
                 # without it, or failed): stop it, which also gives back the credit it holds.
                 if self.conn.stream_state(stream.id) in (v2.StreamState.OPEN,
                                                           v2.StreamState.HALF_CLOSED_LOCAL):
-                    self._emit(*self.conn.reset(stream.id, v2.ErrorCode.CANCEL,
-                                                "request body not taken"))
+                    self.endpoint.reset(stream.id, v2.ErrorCode.CANCEL,
+                                        "request body not taken")
         # Its last frames are out of our hands: with many requests in flight, often the last of
         # a batch's worth.
-        await self._outbox.send_early(self.ws)
+        await self.endpoint.send_early()
 
     async def _answer(self, stream: _Stream) -> None:
         request = framing.Request(stream.method, stream.target, stream.headers, b"")
@@ -240,7 +205,7 @@ class ClientSessionV2:
                 head = self._response_head(stream, response)
                 bodyless = head.end_stream
                 cap = self.backend.max_body_size
-                self._emit(head)
+                self.endpoint.emit(head)
                 self.log.info("WS   SND", token=self.token, id=stream.id, status=response.status)
                 if bodyless:
                     return
@@ -249,23 +214,23 @@ class ClientSessionV2:
                     async for chunk in response:
                         size += len(chunk)
                         if size > cap:  # undeclared length: the head is gone, so abort
-                            self._emit(*self.conn.reset(stream.id, v2.ErrorCode.TOO_LARGE,
-                                                        "backend response larger than max_body_size"))
+                            self.endpoint.reset(stream.id, v2.ErrorCode.TOO_LARGE,
+                                                "backend response larger than max_body_size")
                             return
                         # The body's end already known: END_STREAM on this DATA, no END frame
                         # (unless trailers need one).
                         last = response.complete and not response.trailers
-                        await self._send_data(stream, chunk, end_stream=last)
+                        await self.endpoint.send_data(stream.id, chunk, end_stream=last)
                         if last:
                             return
                 except BackendError as exc:
                     # Mid-body: the head is gone already, so the only honest answer is an abort.
                     self.log.warning("WS   ERR", token=self.token, id=stream.id,
                                      err=f"backend response broken: {type(exc).__name__}")
-                    self._emit(*self.conn.reset(stream.id, v2.ErrorCode.BACKEND_ERROR,
-                                                "backend response broken"))
+                    self.endpoint.reset(stream.id, v2.ErrorCode.BACKEND_ERROR,
+                                        "backend response broken")
                     return
-                self._emit(self.conn.send_end(stream.id, _passable_trailers(response.trailers)))
+                self.endpoint.emit(self.conn.send_end(stream.id, _passable_trailers(response.trailers)))
         except Refusal as refusal:
             await self._send_whole(stream, refusal.response())
 
@@ -275,7 +240,7 @@ class ClientSessionV2:
         network = response.stream
         headers = [*without_hop_by_hop(response.headers),
                    (b"Upgrade", get_header(response.headers, b"upgrade") or b"")]
-        self._emit(self.conn.send_response(stream.id, 101, response.reason, headers))
+        self.endpoint.emit(self.conn.send_response(stream.id, 101, response.reason, headers))
         self.log.info("WS   SND", token=self.token, id=stream.id, status=101)
         async with trio.open_nursery() as pipe:
             pipe.start_soon(self._pipe_up, stream, network, pipe.cancel_scope)
@@ -284,13 +249,13 @@ class ClientSessionV2:
                     data = await network.receive_some(PIPE_READ_SIZE)
                     if not data:
                         break
-                    await self._send_data(stream, data)
+                    await self.endpoint.send_data(stream.id, data)
             except BackendError as exc:
-                self._emit(*self.conn.reset(stream.id, v2.ErrorCode.BACKEND_ERROR,
-                                            f"backend connection broken: {type(exc).__name__}"))
+                self.endpoint.reset(stream.id, v2.ErrorCode.BACKEND_ERROR,
+                                    f"backend connection broken: {type(exc).__name__}")
                 pipe.cancel_scope.cancel()
                 return
-            self._emit(self.conn.send_end(stream.id))
+            self.endpoint.emit(self.conn.send_end(stream.id))
             pipe.cancel_scope.deadline = min(pipe.cancel_scope.deadline,
                                              trio.current_time() + PIPE_LINGER)
 
@@ -300,10 +265,10 @@ class ClientSessionV2:
         try:
             async for chunk in stream.chunks:
                 await network.send_all(chunk)
-                self.credit(stream, len(chunk))
+                self.endpoint.credit(stream.id, len(chunk))
         except BackendError as exc:
-            self._emit(*self.conn.reset(stream.id, v2.ErrorCode.BACKEND_ERROR,
-                                        f"backend connection broken: {type(exc).__name__}"))
+            self.endpoint.reset(stream.id, v2.ErrorCode.BACKEND_ERROR,
+                                f"backend connection broken: {type(exc).__name__}")
             scope.cancel()
             return
         # The HTTP client's side is over; the backend's may follow, but not forever.
@@ -328,13 +293,13 @@ class ClientSessionV2:
         """A response we make ourselves (a refusal, a 502 before any backend head)."""
         headers = [*response.headers, (b"Content-Length", b"%d" % len(response.body))]
         bodyless = stream.method == b"HEAD"
-        self._emit(self.conn.send_response(stream.id, response.status, response.reason, headers,
+        self.endpoint.emit(self.conn.send_response(stream.id, response.status, response.reason, headers,
                                            end_stream=bodyless))
         self.log.info("WS   SND", token=self.token, id=stream.id, status=response.status)
         if bodyless:
             return
-        await self._send_data(stream, response.body)
-        self._emit(self.conn.send_end(stream.id))
+        await self.endpoint.send_data(stream.id, response.body)
+        self.endpoint.emit(self.conn.send_end(stream.id))
 
 
 # Fields that describe or frame the message, never trailers to pass on (RFC 9110 §6.5.1).

@@ -1,5 +1,1 @@
-"""The tunnel server, ``wstunnel srv`` ("wstunsrv")."""
-
-from wstunnel.server.app import TunnelServer
-
-__all__ = ["TunnelServer"]
+"""The tunnel server, ``wstunnel srv`` ("wstunsrv"): ``wstunnel.server.app.TunnelServer``."""

@@ -18,13 +18,23 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import h11
 import trio
 
-from wstunnel import framing
+from wstunnel import framing, http1
 from wstunnel.headers import Headers
+from wstunnel.server.messages import (
+    AnyResponse,
+    BodyBroken,
+    BodyError,
+    BodyTimeout,
+    BodyTooLarge,
+    ResponseAborted,
+    StreamingResponse,
+    UpgradeSink,
+    simple_response,
+)
 from wstunnel.tunnel.transport import ActivityStream
 
 RECEIVE_SIZE = 64 * 1024
@@ -86,29 +96,6 @@ class IncomingRequest:
     def body_size(self) -> int:
         """Body bytes received so far (all of them, once the request is over)."""
         return self.body_source.size if self.body_source is not None else len(self.body)
-
-
-class BodyError(Exception):
-    """The request body cannot be read to its end; ``status`` and ``text`` say what to answer."""
-
-    status = 400
-    text = "Malformed request body"
-
-
-class BodyTooLarge(BodyError):
-    status = 413
-    text = "Request body too large"
-
-
-class BodyTimeout(BodyError):
-    status = 408
-    text = "Request body not received in time"
-
-
-class BodyBroken(BodyError):
-    """The HTTP client went away (or broke the framing) in the middle of its body."""
-
-    text = "Request body incomplete"
 
 
 class RequestBody:
@@ -227,75 +214,9 @@ class FrontLimits:
     header_timeout: float
 
 
-class ResponseAborted(Exception):
-    """A streamed response body cannot be completed (the tunnel reset it or died)."""
-
-
-class BodySource(Protocol):
-    """Where a streamed response body comes from (a protocol v2 stream)."""
-
-    async def receive(self) -> bytes | None:
-        """The next chunk; None at the end; ResponseAborted if the body will never be complete."""
-        ...
-
-    def receive_nowait(self) -> bytes | None:
-        """Like ``receive``, without waiting: trio.WouldBlock when no chunk has come yet."""
-        ...
-
-    def consumed(self, amount: int) -> None:
-        """``amount`` bytes were written to the HTTP client: the source may let more come."""
-        ...
-
-    @property
-    def trailers(self) -> Headers:
-        """The body's trailer fields, once ``receive`` has returned None (usually none)."""
-        ...
-
-    def close(self) -> None:
-        """We are done with the body, whole or not: release it (cancel the stream if unfinished)."""
-        ...
-
-
-class UpgradeSink(Protocol):
-    """Where the HTTP client's bytes go once a 101 has switched the connection (a v2 stream)."""
-
-    async def send(self, data: bytes) -> None:
-        """Forward ``data``, waiting for credit; ResponseAborted if the other end is gone."""
-        ...
-
-    def end(self) -> None:
-        """The HTTP client closed its side."""
-        ...
-
-
-@dataclass(eq=False)
-class StreamingResponse:
-    """A response whose head is known and whose body arrives chunk by chunk."""
-
-    status: int
-    reason: bytes
-    headers: Headers
-    body: BodySource
-    # The longest wait for the next chunk: deadlines follow activity, not the transfer's size.
-    idle_timeout: float = math.inf
-    sent_bytes: int = 0
-    # Called once the body is over, sent whole or not (metrics count its bytes then).
-    on_finish: Callable[[StreamingResponse], None] | None = None
-    # For a 101: the way up. ``body`` is then the way down, the backend's bytes.
-    upgraded: UpgradeSink | None = None
-
-
-AnyResponse = framing.Response | StreamingResponse
 Responder = Callable[[IncomingRequest], Awaitable[AnyResponse]]
 TunnelTaker = Callable[[IncomingRequest, ActivityStream], Awaitable[None]]
 IsTunnel = Callable[[IncomingRequest], bool]
-
-
-def _serialize_head(request: IncomingRequest) -> bytes:
-    lines = [b"%s %s HTTP/1.1\r\n" % (request.method, request.target)]
-    lines += [b"%s: %s\r\n" % (name, value) for name, value in request.headers]
-    lines.append(b"\r\n")
-    return b"".join(lines)
 
 
 def _declared_length(headers: Headers) -> int | None:
@@ -304,25 +225,6 @@ def _declared_length(headers: Headers) -> int | None:
     if len(values) != 1 or not values[0].isdigit():
         return None
     return int(values[0])
-
-
-def simple_response(status: int, text: str, *, headers: Headers | None = None) -> framing.Response:
-    body = text.encode() if text.endswith("\n") or not text else (text + "\n").encode()
-    return framing.Response(
-        status=status,
-        reason=_reason(status),
-        headers=[(b"Content-Type", b"text/plain; charset=utf-8"), *(headers or [])],
-        body=body,
-    )
-
-
-def _reason(status: int) -> bytes:
-    from http import HTTPStatus
-
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
 
 
 async def _next_chunk(response: StreamingResponse) -> bytes | None:
@@ -505,7 +407,8 @@ class HttpConnection:
             if self.is_tunnel(request) and self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
                 # Bytes after the handshake (a first frame) belong to the WebSocket layer.
                 trailing, _closed = self.conn.trailing_data
-                replay = _serialize_head(request) + bytes(trailing)
+                replay = http1.head_bytes(http1.request_line(request.method, request.target),
+                                         request.headers) + bytes(trailing)
                 await self.take_tunnel(request, ActivityStream(self.stream, replay))
                 return
             response = await self.respond(request)

@@ -4,7 +4,7 @@ For networks where a WebSocket cannot pass (proxies that strip ``Upgrade`` or cu
 connections), a client keeps its tunnel with ordinary, bounded HTTP requests instead; docs/longpoll.md
 specifies the endpoints. Each session is a :class:`PollSession`, which satisfies
 :class:`wstunnel.tunnel.transport.MessageTransport`, so an unchanged
-:class:`~wstunnel.server.tunnels_v2.TunnelConnectionV2` serves it: long-poll always carries protocol
+:class:`~wstunnel.server.tunnel_v2.TunnelConnectionV2` serves it: long-poll always carries protocol
 v2 frames, one per message, with the length-prefixed body codec of :mod:`wstunnel.tunnel.pollbody`.
 
 Liveness: the client is present while one of its requests is being served, and its silence is
@@ -21,21 +21,20 @@ failure for the address's brake, like an unknown token.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
 
 import trio
 
 from wstunnel import framing, v2
-from wstunnel.server.front import (
-    BodyError,
-    BodyTooLarge,
-    IncomingRequest,
-    RequestBody,
-    simple_response,
-)
-from wstunnel.server.tunnels_v2 import TunnelConnectionV2
+from wstunnel.config import ServerSettings
+from wstunnel.logs import EventLogger
+from wstunnel.server.admission import Admission, Refusal
+from wstunnel.server.connection import TunnelConnection
+from wstunnel.server.front import IncomingRequest
+from wstunnel.server.handshake import client_version, new_connection
+from wstunnel.server.messages import BodyError, BodyTooLarge, RequestBodySource, simple_response
+from wstunnel.server.rendezvous import Registry
 from wstunnel.tokens import Token
 from wstunnel.tunnel import pollbody
 from wstunnel.tunnel.longpoll import (
@@ -49,10 +48,7 @@ from wstunnel.tunnel.longpoll import (
     PolledMessages,
     SessionOpened,
 )
-from wstunnel.tunnel.transport import VERSION_HEADER, CloseReason
-
-if TYPE_CHECKING:
-    from wstunnel.server.app import TunnelServer
+from wstunnel.tunnel.transport import CloseReason
 
 # Request paths and header names as the HTTP front gives them: bytes, header names lowercase.
 _OPEN = OPEN_PATH.encode()
@@ -60,7 +56,6 @@ _POLL = POLL_PATH.encode()
 _SESSION = SESSION_HEADER.lower().encode()
 _SEQ = SEQ_HEADER.lower().encode()
 _ACK = ACK_HEADER.lower().encode()
-_VERSION = VERSION_HEADER.lower()
 NO_CACHE = (b"Cache-Control", b"no-store")
 
 
@@ -173,12 +168,16 @@ class PollSession(PolledMessages):
 class LongPoll:
     """The ``/_tunnel/poll`` endpoints, and the sessions they serve."""
 
-    def __init__(self, server: TunnelServer) -> None:
-        self.server = server
+    def __init__(self, admission: Admission, registry: Registry, log: EventLogger, *,
+                 settings: Callable[[], ServerSettings]) -> None:
+        self.admission = admission
+        self.registry = registry
+        self.log = log
+        self._settings = settings  # the current ones: a reload replaces them
         self.sessions: dict[str, PollSession] = {}
         self._nursery: trio.Nursery | None = None
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the nursery the sessions run in: they outlive the requests that open them."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -199,14 +198,13 @@ class LongPoll:
             return simple_response(404, "Unknown long-poll endpoint")
         if method not in (b"GET", b"POST", b"DELETE"):
             return _not_allowed(b"GET, POST, DELETE")
-        addr = self.server.client_address(request)
-        wait = self.server.brake.retry_after(addr)
-        if wait is not None:
-            return simple_response(429, "Too many failed attempts from this address",
-                                   headers=[(b"Retry-After", b"%d" % wait)])
+        addr = self.admission.client_address(request)
+        refusal = self.admission.braked(addr)
+        if refusal is not None:
+            return refusal.response()
         session = self._find(request)
         if session is None:
-            self.server.brake.failed(addr)
+            self.admission.failed(addr)
             return simple_response(404, "Unknown long-poll session")
         try:
             if method == b"GET":
@@ -220,7 +218,7 @@ class LongPoll:
         except (SequenceError, ValueError) as exc:
             # Frames are missing one way or the other: the session cannot go on, as a WebSocket
             # with a broken frame cannot.
-            self.server.log.warning("WS   ERR", session=session.sid, err=str(exc))
+            self.log.warning("WS   ERR", session=session.sid, err=str(exc))
             await session.aclose(1002, "long-poll protocol error")
             return simple_response(400, f"Long-poll protocol error: {exc}")
 
@@ -231,21 +229,16 @@ class LongPoll:
         return self.sessions.get(sid.decode("latin-1"))
 
     async def _open(self, request: IncomingRequest) -> framing.Response:
-        server = self.server
-        addr = server.client_address(request)
-        admitted = server.admit(request, addr)
-        if not isinstance(admitted, Token):
-            return simple_response(admitted.status, admitted.text, headers=admitted.headers)
-        token = admitted
-        version = (request.header(_VERSION) or b"").decode("latin-1") or "unknown"
+        addr = self.admission.client_address(request)
+        admitted = self.admission.admit(request, addr)
+        if isinstance(admitted, Refusal):
+            return admitted.response()
         sid = secrets.token_urlsafe(32)
         session = PollSession(sid)
-        rendezvous = server.registered(token)
-        connection = TunnelConnectionV2(
-            rendezvous, session, session, addr=addr, client_version=version,
-            transport="longpoll", wstimeout=server.settings.wstimeout, log=server.log,
-            httptimeout=server.settings.httptimeout,
-            max_streams=server.settings.max_streams_per_tunnel,
+        connection = new_connection(
+            self.registry.register(admitted), session, session, self._settings(), self.log,
+            subprotocol=v2.SUBPROTOCOL, addr=addr, version=client_version(request),
+            transport="longpoll",
         )
         self.sessions[sid] = session
         assert self._nursery is not None, "LongPoll.run() is not running"
@@ -253,25 +246,16 @@ class LongPoll:
         body = SessionOpened(sid, self.poll_wait()).encode()
         return framing.Response(200, b"OK", [(b"Content-Type", b"application/json"), NO_CACHE], body)
 
-    async def _serve(self, session: PollSession, connection: TunnelConnectionV2, *,
-                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        log = self.server.log
-        rendezvous = connection.rendezvous
-        log.info("WS   NEW", token=connection.token, addr=connection.addr,
-                 version=connection.client_version, protocol=connection.protocol,
-                 clients=len(rendezvous.connections) + 1, transport="longpoll", session=session.sid)
-        task_status.started()
+    async def _serve(self, session: PollSession, connection: TunnelConnection, *,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            await connection.serve()
+            await connection.serve_logged(task_status=task_status, transport="longpoll",
+                                          session=session.sid)
         finally:
             self.sessions.pop(session.sid.reveal(), None)
-            reason = connection.closing_reason or (session.closed.reason if session.closed else None)
-            log.info("WS   CLOSE", token=connection.token, addr=connection.addr, reason=reason,
-                     transport="longpoll", session=session.sid)
-            await connection.close()
 
     def poll_wait(self) -> float:
-        return min(MAX_POLL_WAIT, self.server.settings.wstimeout / 2)
+        return min(MAX_POLL_WAIT, self._settings().wstimeout / 2)
 
     async def _poll(self, session: PollSession, ack: int | None) -> framing.Response:
         seq, batch = await session.poll(self.poll_wait(), ack)
@@ -310,7 +294,7 @@ def _number(request: IncomingRequest, name: bytes) -> int | None:
     return int(value)
 
 
-async def _read_bounded(source: RequestBody, limit: int) -> bytes:
+async def _read_bounded(source: RequestBodySource, limit: int) -> bytes:
     """The whole body, or BodyTooLarge as soon as it passes ``limit`` (a chunked one may)."""
     chunks: list[bytes] = []
     size = 0

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from wstunnel.server.tunnels import Registry
+from wstunnel.server.rendezvous import Registry
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 # Tunnelled requests range from a few milliseconds to minutes (httptimeout defaults to 20 min),

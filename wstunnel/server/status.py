@@ -8,12 +8,13 @@ scripts keep parsing it; details go only to loopback peers (or trusted proxies' 
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import trio
 
 from wstunnel import __version__
-from wstunnel.server.tunnels import Registry, seconds
+from wstunnel.server.rendezvous import Registry
 
 HEALTH_TEXT = "WSTUNSRV RUNNING\n"
 # What the original tells callers that are not on loopback; scripts may look for it.
@@ -90,6 +91,11 @@ def render_status(registry: Registry, *, started_at: float) -> str:
         "tunnels": tunnels,
     }
     return json.dumps(document, indent=2) + "\n"
+
+
+def seconds(value: float) -> float:
+    """Tenths of a second, rounded down, as the original prints idle times."""
+    return math.floor(value * 10) / 10
 
 
 def _iso(epoch: float) -> str:

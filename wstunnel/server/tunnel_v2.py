@@ -1,6 +1,6 @@
 """The server's end of a protocol v2 tunnel: requests go out as streams, responses stream back.
 
-A :class:`TunnelConnectionV2` pulls from the same :class:`~wstunnel.server.tunnels.Rendezvous`
+A :class:`TunnelConnectionV2` pulls from the same :class:`~wstunnel.server.rendezvous.Rendezvous`
 queue as v1 connections, so v1 and v2 clients of one token share its requests. Each request becomes
 a stream (HEAD, DATA within the peer's windows, END); the final response head finishes the
 PendingRequest with a :class:`~wstunnel.server.front.StreamingResponse` whose body is fed by the
@@ -12,8 +12,9 @@ Request bodies stream the same way the other way round: a body still on the HTTP
 of it, and a slow backend slows its HTTP client down (TCP backpressure) instead of filling memory.
 At most ``max_streams`` streams are open at once on one tunnel; further requests wait in the queue.
 
-Every frame goes through one outbound channel drained by one writer task, and frames are put on it
-without a checkpoint after the V2Connection call that made them (framing_v2's ordering rule).
+The frames, the windows and the receive loop are the shared :class:`~wstunnel.tunnel.endpoint.
+V2Endpoint`'s; this module is what the server does with its streams. Requests are also handed to
+it directly by the HTTP request's task (``start_now``) while it has room and nothing waits.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import ClassVar, Unpack
 
 import trio
 import trio_websocket
@@ -29,17 +30,19 @@ import trio_websocket
 from wstunnel import v2
 from wstunnel.errors import FramingError, StreamClosedError
 from wstunnel.headers import Headers, without
-from wstunnel.server.front import (
+from wstunnel.server.connection import ConnectionOptions, TunnelConnection, short_target
+from wstunnel.server.messages import (
     BodyError,
     BodyTimeout,
     BodyTooLarge,
-    RequestBody,
+    RequestBodySource,
     ResponseAborted,
     StreamingResponse,
 )
-from wstunnel.server.tunnels import Failure, PendingRequest, TunnelConnection, _short_target
+from wstunnel.server.rendezvous import Failure, PendingRequest, Rendezvous
 from wstunnel.tunnel.chunks import ChunkQueue
-from wstunnel.tunnel.outbox import FrameOutbox
+from wstunnel.tunnel.endpoint import V2Endpoint
+from wstunnel.tunnel.transport import Activity, MessageTransport
 
 _END = object()  # marks the end of a body in a stream's chunk channel
 
@@ -91,7 +94,7 @@ class _StreamBody:
         return self._stream.trailers
 
     def consumed(self, amount: int) -> None:
-        self._connection.credit(self._stream, amount)
+        self._connection.endpoint.credit(self._stream.id, amount)
 
     def close(self) -> None:
         if not self._closed:
@@ -108,56 +111,48 @@ class _UpgradedUpload:
 
     async def send(self, data: bytes) -> None:
         try:
-            await self._connection._send_data(self._stream.id, data)
+            await self._connection.endpoint.send_data(self._stream.id, data)
         except StreamClosedError:
             raise ResponseAborted(self._stream.aborted or "stream closed") from None
 
     def end(self) -> None:
-        connection = self._connection
         # Reset meanwhile: the pipe is over anyway.
         with contextlib.suppress(StreamClosedError):
-            connection._emit(*connection.conn.data_frames(self._stream.id, b"", end_stream=True)[0])
+            self._connection.endpoint.end(self._stream.id)
 
 
 class TunnelConnectionV2(TunnelConnection):
     """One v2 client's WebSocket: many concurrent streams, each with its own flow control."""
 
-    protocol = "v2"
-    takes_directly = True
+    protocol: ClassVar[str] = "v2"
 
-    def __init__(self, *args: Any, httptimeout: float = math.inf, max_streams: int = 256,
-                 batched: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, rendezvous: Rendezvous, ws: MessageTransport, stream: Activity, *,
+                 httptimeout: float = math.inf, max_streams: int = 256, batched: bool = False,
+                 **options: Unpack[ConnectionOptions]) -> None:
+        super().__init__(rendezvous, ws, stream, **options)
+        self.direct = self  # requests are handed to it too (start_now)
         self.httptimeout = httptimeout
         self.max_streams = max_streams
-        self.batched = batched  # wstunnel.v2.batch: several frames a message
         # Replaced each time a stream leaves self.streams; the sender waits on it at the cap.
         self._stream_left = trio.Event()
-        self.conn = v2.V2Connection("server")
+        self.endpoint = V2Endpoint("server", ws, self, batched=batched)
+        self.conn = self.endpoint.conn
         self.streams: dict[int, _Stream] = {}
-        self._outbox = FrameOutbox(batched=batched)
-        # Replaced each time the peer grants credit; a sender short of credit waits on it.
-        self._credit = trio.Event()
         self._nursery: trio.Nursery | None = None
 
-    def _start_tasks(self, nursery: trio.Nursery) -> None:
+    async def _run(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        nursery.start_soon(self._outbox.pump, self.ws)
-
-    async def _receive(self) -> None:
+        nursery.start_soon(self.endpoint.run_writer)
+        nursery.start_soon(self._send_requests)
         await self._receive_frames()
 
-    def _connection_lost(self) -> None:
-        self._outbox.close()
+    def _lost(self) -> None:
+        self.endpoint.close()
         for stream in list(self.streams.values()):
             self._abort(stream, "tunnel connection lost")
         self._fail_in_flight()
 
     # -- helpers used by the HTTP side -------------------------------------------------------
-
-    def credit(self, stream: _Stream, amount: int) -> None:
-        if amount:
-            self._emit(*self.conn.consumed(stream.id, amount))
 
     def _forget(self, stream_id: int) -> None:
         if self.streams.pop(stream_id, None) is not None:
@@ -170,7 +165,7 @@ class TunnelConnectionV2(TunnelConnection):
         stream.finished = True
         # Nothing to send if the stream is over both ways; but a response may end while our
         # request body is still going, and then the RESET stops that too.
-        self._emit(*self.conn.reset(stream.id, code, reason))
+        self.endpoint.reset(stream.id, code, reason)
         stream.scope.cancel()  # its request body need not go on
 
     def abandon(self, pending: PendingRequest) -> None:
@@ -181,11 +176,6 @@ class TunnelConnectionV2(TunnelConnection):
                 pending.holder = None
 
     # -- sending ------------------------------------------------------------------------------
-
-    def _emit(self, *frames: v2.Frame) -> None:
-        """Queue frames for the writer, in order and without a checkpoint."""
-        for frame in frames:
-            self._outbox.put(v2.encode_frame(frame))
 
     async def _send_requests(self) -> None:
         """Take what waits in the queue (requests are handed to us directly while we have room
@@ -204,7 +194,7 @@ class TunnelConnectionV2(TunnelConnection):
             self.start_now(pending)
 
     async def send_early(self) -> None:
-        await self._outbox.send_early(self.ws)
+        await self.endpoint.send_early()
 
     def can_start_now(self) -> bool:
         return (self._nursery is not None and not self._closing
@@ -234,10 +224,10 @@ class TunnelConnectionV2(TunnelConnection):
         self.in_flight[pending.id] = pending
         stream = _Stream(stream_id, pending, pending.id)
         self.streams[stream_id] = stream
-        self._emit(head)
+        self.endpoint.emit(head)
         self.log.info(
             "WS   SND", token=self.token, id=pending.id, stream=stream_id,
-            info=f"{pending.method.decode('latin-1')} {_short_target(request.target)}",
+            info=f"{pending.method.decode('latin-1')} {short_target(request.target)}",
         )
         if pending.body_source is not None:
             self._nursery.start_soon(self._send_streamed_body, stream, pending.body_source)
@@ -245,7 +235,7 @@ class TunnelConnectionV2(TunnelConnection):
             # What the windows take goes now, right behind the HEAD (a small body: all of it, in
             # the same message); a task waits for credit for the rest.
             frames, taken = self.conn.data_frames(stream_id, request.body, end_stream=True)
-            self._emit(*frames)
+            self.endpoint.emit(*frames)
             if taken < len(request.body):
                 self._nursery.start_soon(self._send_body, stream,
                                          memoryview(request.body)[taken:])
@@ -253,55 +243,27 @@ class TunnelConnectionV2(TunnelConnection):
     async def _send_body(self, stream: _Stream, rest: memoryview) -> None:
         """The rest of a request body that is whole in memory here, as DATA within the client's
         windows."""
-        body = rest
-        offset = 0
-        with stream.scope:
-            try:
-                while offset < len(body):
-                    credit = self._credit
-                    frames, taken = self.conn.data_frames(stream.id, body[offset:], end_stream=True)
-                    self._emit(*frames)
-                    offset += taken
-                    if not taken:
-                        await credit.wait()
-            except StreamClosedError:
-                pass  # reset meanwhile: nothing more to send
+        # Reset meanwhile: nothing more to send.
+        with stream.scope, contextlib.suppress(StreamClosedError):
+            await self.endpoint.send_data(stream.id, rest, end_stream=True)
 
-    async def _send_streamed_body(self, stream: _Stream, source: RequestBody) -> None:
+    async def _send_streamed_body(self, stream: _Stream, source: RequestBodySource) -> None:
         """The request body as the HTTP client sends it, read from its socket only while the
         stream has credit: the client's windows bound what waits here, and a backend that reads
         slowly slows the HTTP client down."""
         with stream.scope:
             try:
                 while True:
-                    await self._wait_credit(stream.id)
+                    await self.endpoint.wait_credit(stream.id)
                     chunk = await source.receive()
                     if chunk is None:
-                        self._emit(*self.conn.data_frames(stream.id, b"", end_stream=True)[0])
+                        self.endpoint.end(stream.id)
                         return
-                    await self._send_data(stream.id, chunk)
+                    await self.endpoint.send_data(stream.id, chunk)
             except StreamClosedError:
                 pass  # reset meanwhile: nothing more to send
             except BodyError as exc:
                 self._body_failed(stream, exc)
-
-    async def _wait_credit(self, stream_id: int) -> None:
-        while True:
-            credit = self._credit
-            if self.conn.send_capacity(stream_id) > 0:
-                return
-            await credit.wait()
-
-    async def _send_data(self, stream_id: int, chunk: bytes) -> None:
-        view = memoryview(chunk)
-        offset = 0
-        while offset < len(view):
-            credit = self._credit
-            frames, taken = self.conn.data_frames(stream_id, view[offset:])
-            self._emit(*frames)
-            offset += taken
-            if not taken:
-                await credit.wait()
 
     def _body_failed(self, stream: _Stream, exc: BodyError) -> None:
         """The HTTP client's body broke off, stalled or grew too large: the backend must not
@@ -312,7 +274,7 @@ class TunnelConnectionV2(TunnelConnection):
                       err=exc.text)
         self._forget(stream.id)
         stream.finished = True
-        self._emit(*self.conn.reset(stream.id, code, exc.text))
+        self.endpoint.reset(stream.id, code, exc.text)
         if stream.headed:
             stream.aborted = exc.text
             stream.chunks.close()
@@ -327,55 +289,47 @@ class TunnelConnectionV2(TunnelConnection):
     # -- receiving ----------------------------------------------------------------------------
 
     async def _receive_frames(self) -> None:
+        endpoint, rendezvous = self.endpoint, self.rendezvous
         while True:
             try:
-                message = await self.ws.get_message()
+                await endpoint.receive()
             except trio_websocket.ConnectionClosed:
                 return
-            self.rendezvous.touch()
-            try:
-                for frame in v2.unpack_batch(message) if self.batched else (message,):
-                    for event in self.conn.receive(frame):
-                        self._on_event(event)
             except FramingError as exc:
                 self.log.warning("WS   ERR", token=self.token, err=str(exc))
                 await self.close(1002, "protocol error")
                 return
+            rendezvous.touch()
 
-    def _on_event(self, event: v2.Event) -> None:
-        if isinstance(event, v2.WindowUpdated):
-            self._wake_senders()
-        elif isinstance(event, v2.SendFrame):
-            self._emit(event.frame)
-        elif isinstance(event, v2.ResponseReceived):
-            self._on_response(event)
-        elif isinstance(event, v2.DataReceived):
-            stream = self.streams.get(event.stream)
-            if stream is not None:
-                stream.chunks.send_nowait(event.data)
-            else:  # nobody will read it (a late frame): give the credit straight back
-                self._emit(*self.conn.consumed(event.stream, len(event.data)))
-        elif isinstance(event, v2.StreamEnded):
-            stream = self.streams.get(event.stream)
-            if stream is not None and stream.headed:
-                stream.finished = True
-                stream.trailers = list(event.trailers)
-                stream.chunks.send_nowait(_END)
-                stream.chunks.close()
-                self._forget(event.stream)
-        elif isinstance(event, v2.StreamReset):
-            stream = self.streams.get(event.stream)
-            if stream is not None:
-                stream.finished = True
-                self._abort(stream, f"reset by the tunnel client: {event.reason or event.code}",
-                            code=event.code)
-            self._wake_senders()
+    # -- the endpoint's events (StreamHandler) ------------------------------------------------
 
-    def _wake_senders(self) -> None:
-        self._credit.set()
-        self._credit = trio.Event()
+    def on_request(self, event: v2.RequestReceived) -> None:  # pragma: no cover
+        raise AssertionError("V2Connection gives a server no requests")
 
-    def _on_response(self, event: v2.ResponseReceived) -> None:
+    def on_data(self, event: v2.DataReceived) -> bool:
+        stream = self.streams.get(event.stream)
+        if stream is None:
+            return False  # nobody will read it (a late frame)
+        stream.chunks.send_nowait(event.data)
+        return True
+
+    def on_end(self, event: v2.StreamEnded) -> None:
+        stream = self.streams.get(event.stream)
+        if stream is not None and stream.headed:
+            stream.finished = True
+            stream.trailers = list(event.trailers)
+            stream.chunks.send_nowait(_END)
+            stream.chunks.close()
+            self._forget(event.stream)
+
+    def on_reset(self, event: v2.StreamReset) -> None:
+        stream = self.streams.get(event.stream)
+        if stream is not None:
+            stream.finished = True
+            self._abort(stream, f"reset by the tunnel client: {event.reason or event.code}",
+                        code=event.code)
+
+    def on_response(self, event: v2.ResponseReceived) -> None:
         stream = self.streams.get(event.stream)
         if stream is None or event.informational:
             return  # a 1xx tells the HTTP client nothing it needs; the final head follows
@@ -392,7 +346,7 @@ class TunnelConnectionV2(TunnelConnection):
             upgraded = _UpgradedUpload(self, stream) if event.status == 101 else None
             if pending.upgrade and upgraded is None and not event.end_stream:
                 # Not switched: the upgrade request had no body, so our side is over.
-                self._emit(*self.conn.data_frames(stream.id, b"", end_stream=True)[0])
+                self.endpoint.end(stream.id)
             pending.finish(StreamingResponse(
                 status=event.status, reason=event.reason, headers=event.headers,
                 body=_StreamBody(self, stream), idle_timeout=self.httptimeout, upgraded=upgraded,

@@ -1,0 +1,151 @@
+"""Requests for a token, forwarded through its tunnel: the token found, the request rewritten for
+the backend, queued on the token's rendez-vous, and its outcome logged, counted and answered.
+
+The log lines are the original's access log (SPEC §5): ``HTTP RCV`` when a request arrives,
+``HTTP RET`` with its status once it is answered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import unquote_to_bytes
+
+import trio
+
+from wstunnel import framing
+from wstunnel.config import ServerSettings
+from wstunnel.headers import get as get_header
+from wstunnel.headers import without_hop_by_hop
+from wstunnel.logs import EventLogger
+from wstunnel.server.admission import Admission, Refusal
+from wstunnel.server.front import IncomingRequest
+from wstunnel.server.messages import AnyResponse, StreamingResponse, simple_response
+from wstunnel.server.metrics import Metrics
+from wstunnel.server.rendezvous import Failure, QueueFull, Registry
+from wstunnel.tokens import Token
+
+TOKEN_PREFIX = b"/_token/"
+QUEUE_FULL = Refusal(503, "Too many requests queued for this tunnel", [(b"Retry-After", b"1")])
+
+
+def requested_token(request: IncomingRequest) -> tuple[Token, bytes] | Refusal:
+    """The token a request is for and the target the backend gets: from a ``/_token/<token>/``
+    path, else from ``X-Token``; a Refusal (400) when it has neither."""
+    if request.target.startswith(TOKEN_PREFIX):
+        raw_token, target = _split_token_path(request.target)
+        if not raw_token:
+            return Refusal(400, "Malformed /_token/ path")
+    else:
+        header = request.header(b"x-token")
+        if header is None or not header.strip():
+            return Refusal(400, "Missing X-Token header")
+        raw_token, target = header.strip(), request.target
+    return Token(raw_token.decode("utf-8", "surrogateescape")), target
+
+
+class Forwarder:
+    def __init__(self, registry: Registry, admission: Admission, metrics: Metrics,
+                 log: EventLogger, *, settings: Callable[[], ServerSettings], started_at: float
+                 ) -> None:
+        self.registry = registry
+        self.admission = admission
+        self.metrics = metrics
+        self.log = log
+        self._settings = settings  # the current ones: a reload replaces them
+        self._started_at = started_at
+
+    async def forward(self, request: IncomingRequest) -> AnyResponse:
+        """Answer ``request`` through its token's tunnel, or refuse it."""
+        found = requested_token(request)
+        if isinstance(found, Refusal):
+            return found.response()
+        token, target = found
+        refusal = self.admission.braked(self.admission.client_address(request))
+        if refusal is not None:
+            return refusal.response()
+        started = trio.current_time()
+        response = await self._exchange(request, token, target)
+        # One count per request for a token, however it was answered (404, 503, 504 included);
+        # a request whose HTTP client went away has no answer and is not counted. A streamed
+        # body is still to come: it is counted once the front has sent what it could of it.
+        if isinstance(response, StreamingResponse):
+            def observe(streamed: StreamingResponse) -> None:
+                self.metrics.observe(status=streamed.status, seconds=trio.current_time() - started,
+                                     request_bytes=request.body_size(),
+                                     response_bytes=streamed.sent_bytes)
+            response.on_finish = observe
+        else:
+            self.metrics.observe(status=response.status, seconds=trio.current_time() - started,
+                                 request_bytes=request.body_size(), response_bytes=len(response.body))
+        return response
+
+    async def _exchange(self, request: IncomingRequest, token: Token, target: bytes) -> AnyResponse:
+        settings = self._settings()
+        rendezvous = self.registry.get(token)
+        if rendezvous is None:
+            rendezvous = await self.registry.await_registration(
+                token, until=self._started_at + settings.restart_grace)
+        if rendezvous is None:
+            self.log.info("HTTP RET", token=token, status=404, url=_loggable(target),
+                          err="tunnel not found")
+            self.admission.failed(self.admission.client_address(request))
+            return simple_response(404, "Tunnel not found")
+        addr = self.admission.client_address(request)
+        headers = without_hop_by_hop(request.headers, b"x-token")
+        forwarded = get_header(headers, b"x-forwarded-for")
+        headers = [(k, v) for k, v in headers if k.lower() != b"x-forwarded-for"]
+        peer = request.peer.encode()
+        headers.append((b"X-Forwarded-For", forwarded + b", " + peer if forwarded else peer))
+        # A v2 stream carries no body before its 101: an upgrade request with one (a strange
+        # thing) goes as a plain request, its Upgrade header dropped with the hop-by-hop ones.
+        upgrade = request.is_websocket_upgrade() and not request.body and request.body_source is None
+        if upgrade:
+            # Hop-by-hop as they are, these two are what the tunnel client passes on.
+            headers += [(b"Connection", b"Upgrade"), (b"Upgrade", request.header(b"upgrade") or b"")]
+        try:
+            pending = rendezvous.new_request(
+                framing.Request(request.method, target, headers, request.body)
+            )
+        except QueueFull:
+            return self._queue_full(token)
+        pending.body_source = request.body_source
+        pending.upgrade = upgrade
+        self.log.info(
+            "HTTP RCV", token=token, id=pending.id, verb=request.method, url=_loggable(target),
+            addr=addr, **{"x-host": request.header(b"x-host") or b""}, try_="",
+        )
+        try:
+            deadline = trio.current_time() + settings.httptimeout
+            outcome = await rendezvous.exchange(pending, deadline=deadline)
+        except QueueFull:
+            return self._queue_full(token, request_id=pending.id)
+        if isinstance(outcome, Failure):
+            self.log.info("HTTP RET", token=token, id=pending.id, status=outcome.status,
+                          err=outcome.text)
+            return simple_response(outcome.status, outcome.text)
+        self.log.info("HTTP RET", token=token, id=pending.id, status=outcome.status)
+        return outcome
+
+    def _queue_full(self, token: Token, request_id: int | None = None) -> framing.Response:
+        self.log.warning("HTTP RET", token=token, id=request_id, status=503, err="queue full")
+        return QUEUE_FULL.response()
+
+
+def _split_token_path(target: bytes) -> tuple[bytes, bytes]:
+    """``/_token/<token>/<rest>?q`` -> (token, ``/<rest>?q``); the token may be percent-encoded."""
+    remainder = target[len(TOKEN_PREFIX):]
+    cut = len(remainder)
+    for separator in (b"/", b"?"):
+        found = remainder.find(separator)
+        if found >= 0:
+            cut = min(cut, found)
+    rest = remainder[cut:]
+    return unquote_to_bytes(remainder[:cut]), rest if rest.startswith(b"/") else b"/" + rest
+
+
+def _loggable(target: bytes) -> bytes:
+    """A request target fit for a log line: never a whole /_token/ secret, never huge."""
+    if target.startswith(TOKEN_PREFIX):
+        token, _, rest = target[len(TOKEN_PREFIX):].partition(b"/")
+        target = TOKEN_PREFIX + token[:8] + b".../" + rest
+    return target[:200]

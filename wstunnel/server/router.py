@@ -1,0 +1,81 @@
+"""Where a request goes: a built-in endpoint of the server, or a token's tunnel.
+
+The built-in endpoints answer from the server's own state: ``/_health_check`` and ``/_stats`` to
+anyone (``/_stats`` details to loopback callers only, as the original), ``/_status`` and
+``/_metrics`` to loopback and trusted proxies. Everything else is a request for a token, which the
+:class:`~wstunnel.server.forwarding.Forwarder` takes, unless the server is draining.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from wstunnel import framing
+from wstunnel.server import status
+from wstunnel.server.admission import SHUTTING_DOWN, Admission, Refusal, is_loopback
+from wstunnel.server.forwarding import Forwarder
+from wstunnel.server.front import IncomingRequest
+from wstunnel.server.messages import AnyResponse, simple_response
+from wstunnel.server.metrics import CONTENT_TYPE, Gauges, Metrics
+from wstunnel.server.rendezvous import Registry
+
+Endpoint = Callable[[IncomingRequest], framing.Response]
+# A draining server still answers its own endpoints; a tunnelled request is told to come back.
+DRAINING = Refusal(SHUTTING_DOWN.status, SHUTTING_DOWN.text, [(b"Retry-After", b"5")])
+
+
+class Router:
+    def __init__(self, registry: Registry, admission: Admission, metrics: Metrics,
+                 forwarder: Forwarder, *, started_at: float, draining: Callable[[], bool]) -> None:
+        self.registry = registry
+        self.admission = admission
+        self.metrics = metrics
+        self.forwarder = forwarder
+        self.started_at = started_at
+        self._draining = draining
+        self._endpoints: dict[bytes, Endpoint] = {
+            b"/_health_check": self._health_check,
+            b"/_stats": self._stats,
+            b"/_status": self._status,
+            b"/_metrics": self._metrics,
+            b"/_tunnel": self._tunnel_without_upgrade,
+        }
+
+    async def route(self, request: IncomingRequest) -> AnyResponse:
+        endpoint = self._endpoints.get(request.path)
+        if endpoint is not None:
+            return endpoint(request)
+        if self._draining():
+            return DRAINING.response()
+        return await self.forwarder.forward(request)
+
+    def _health_check(self, request: IncomingRequest) -> framing.Response:
+        return simple_response(200, status.HEALTH_TEXT)
+
+    def _stats(self, request: IncomingRequest) -> framing.Response:
+        detailed = is_loopback(self.admission.client_address(request))
+        return simple_response(200, status.render_stats(self.registry, detailed=detailed))
+
+    def _status(self, request: IncomingRequest) -> framing.Response:
+        # Token prefixes and client addresses are for operators, as /_stats details are.
+        if not self.admission.from_inside(request):
+            return simple_response(403, "Status is for localhost and trusted proxies only")
+        body = status.render_status(self.registry, started_at=self.started_at)
+        response = simple_response(200, body)
+        response.headers = [(b"Content-Type", b"application/json")]
+        return response
+
+    def _metrics(self, request: IncomingRequest) -> framing.Response:
+        # The counts tell outsiders how busy the server is.
+        if not self.admission.from_inside(request):
+            return simple_response(403, "Metrics are for localhost and trusted proxies only")
+        body = self.metrics.render(Gauges.of(self.registry),
+                                   uptime=trio.current_time() - self.started_at)
+        response = simple_response(200, body)
+        response.headers = [(b"Content-Type", CONTENT_TYPE)]
+        return response
+
+    def _tunnel_without_upgrade(self, request: IncomingRequest) -> framing.Response:
+        return simple_response(400, "The tunnel endpoint takes WebSocket upgrades only")
