@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TypeVar
 
 import trio
 
-from wstunnel import __version__, daemon, logs, ops
+from wstunnel import __version__, daemon, logs
 from wstunnel.config import ClientSettings, ServerSettings, add_flags, load_settings, parse_flags
 from wstunnel.errors import ConfigError, DialError, sole_exception
 from wstunnel.service import ServiceNotifier
@@ -61,8 +61,25 @@ def _hide_token_from_ps(argv: Sequence[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "wstunnel", "cli", *rest], environ)
 
 
+OPS_COMMANDS = ("token", "config", "status")
+
+
+def run_ops(command: str, argv: Sequence[str]) -> int:
+    """``wstunnel token|config|status ...``: the ops helper's exit status."""
+    # Imported here: each helper pulls in what only it needs (httpx, tomli-w).
+    from wstunnel.ops import configcheck, status, token
+    from wstunnel.ops.common import OpsError
+
+    mains = {"token": token.main, "config": configcheck.main, "status": status.main}
+    try:
+        return mains[command](list(argv))
+    except OpsError as exc:
+        print(f"wstunnel {command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 def run_server(argv: Sequence[str]) -> int:
-    from wstunnel.server import TunnelServer
+    from wstunnel.server.app import TunnelServer
 
     flags = parse_flags(_parser("wstunnel srv", ServerSettings), argv)
     settings = load_settings(ServerSettings, flags)
@@ -125,7 +142,7 @@ def _exit_now(code: int) -> NoReturn:
 
 
 def run_client(argv: Sequence[str]) -> int:
-    from wstunnel.client import TunnelClient
+    from wstunnel.client.agent import TunnelClient
 
     parser = _parser("wstunnel cli", ClientSettings)
     flags = parse_flags(parser, argv)
@@ -228,8 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_server(rest)
         if command == "cli":
             return run_client(rest)
-        if command in ops.COMMANDS:
-            return ops.run(command, rest)
+        if command in OPS_COMMANDS:
+            return run_ops(command, rest)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             print(f"wstunnel {command}: {line}", file=sys.stderr)

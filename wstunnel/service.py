@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 
 import trio
 from systemd import daemon as sd_daemon
@@ -56,7 +57,7 @@ class ServiceNotifier:
             await trio.sleep(self.watchdog_interval)
 
 
-def _watchdog_interval(env: dict[str, str] | os._Environ[str]) -> float | None:
+def _watchdog_interval(env: Mapping[str, str]) -> float | None:
     usec = env.get("WATCHDOG_USEC")
     pid = env.get("WATCHDOG_PID")
     if not usec or (pid and pid != str(os.getpid())):

@@ -3,45 +3,6 @@
 Each takes its own flags (Go style ``-flag`` and GNU style ``--flag``, like ``srv`` and ``cli``)
 and returns an exit status. A bad configuration file raises :class:`~wstunnel.errors.ConfigError`,
 which :func:`wstunnel.commands.main` turns into exit 78 as for the daemons; anything else that
-stops a helper is an :class:`OpsError` carrying its own exit status.
+stops a helper is an :class:`~wstunnel.ops.common.OpsError` carrying its own exit status;
+:func:`wstunnel.commands.main` dispatches to them.
 """
-
-from __future__ import annotations
-
-import argparse
-import sys
-from collections.abc import Sequence
-
-from wstunnel.errors import WStunnelError
-
-COMMANDS = ("token", "config", "status")
-EX_USAGE = 2  # what argparse itself exits with on a bad command line
-EX_FAILURE = 1
-
-
-class OpsError(WStunnelError):
-    """A helper cannot do what it was asked; the message is one line for the operator."""
-
-    def __init__(self, message: str, exit_code: int = EX_FAILURE) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """A parser taking ``-help`` as the daemons do (see commands._parser)."""
-    result = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                     add_help=False)
-    result.add_argument("-h", "-help", "--help", action="help", help="show the flags and exit")
-    return result
-
-
-def run(command: str, argv: Sequence[str]) -> int:
-    # Imported here: each helper pulls in what only it needs (httpx, tomli-w).
-    from wstunnel.ops import configcheck, status, token
-
-    mains = {"token": token.main, "config": configcheck.main, "status": status.main}
-    try:
-        return mains[command](list(argv))
-    except OpsError as exc:
-        print(f"wstunnel {command}: {exc}", file=sys.stderr)
-        return exc.exit_code

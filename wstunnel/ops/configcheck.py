@@ -19,7 +19,7 @@ import tomli_w
 
 from wstunnel.config import ClientSettings, ServerSettings, load_settings
 from wstunnel.errors import ConfigError
-from wstunnel.ops import parser
+from wstunnel.ops.common import parser
 from wstunnel.tokens import redact
 
 SERVER_FILE = Path("/etc/wstunnel/wstunsrv.toml")

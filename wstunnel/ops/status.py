@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from wstunnel.ops import OpsError, parser
+from wstunnel.ops.common import OpsError, parser
 from wstunnel.tokens import redact
 
 DEFAULT_URL = "http://127.0.0.1:8080"

@@ -24,7 +24,7 @@ import tomli_w
 from pydantic import ValidationError
 
 from wstunnel.config import ClientSettings
-from wstunnel.ops import EX_USAGE, OpsError, parser
+from wstunnel.ops.common import EX_USAGE, OpsError, parser
 
 CONFIG_DIR = Path("/etc/wstunnel/wstuncli.d")
 DEFAULT_GROUP = "wstunnel"
