@@ -18,14 +18,20 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from tests.support import reference
 from tests.support.harness import Backend, Harness, free_port, wait_until
 from tests.support.reference import OUR_SRV, PAIRINGS, Pairing, open_pairing, pending_requests
+from tests.support.wire import exchange, raw_v1_server
+from wstunnel import framing
+from wstunnel.server.tunnels import Failure, Rendezvous
+from wstunnel.tokens import Token
 
 MIB = 1024 * 1024
 
@@ -290,3 +296,36 @@ def test_requests_in_flight_when_the_original_client_dies(harness: Harness, bina
         retried = get.result(timeout=30)
     assert (retried.status_code, retried.text) == (200, "slow\n")
 
+
+# -- request ids --------------------------------------------------------------------------------
+
+
+async def test_the_original_client_reads_request_ids_only_up_to_7fff(
+        harness: Harness, binary: Path) -> None:
+    """Why our srv wraps its ids at 0x7fff: the original cli reads them into an int16."""
+    backend = await trio.to_thread.run_sync(harness.backend)
+    token = harness.new_token()
+    request = b"GET /echo HTTP/1.1\r\nHost: tunnel\r\n\r\n"
+    with trio.fail_after(60):
+        async with raw_v1_server() as raw:
+            client = await trio.to_thread.run_sync(
+                partial(reference.start_client, harness, binary, raw.url, token, backend=backend.url))
+            _handshake, ws = await raw.next_tunnel()
+            for request_id in (1, 0x7FFF):
+                assert (await exchange(ws, request_id, request)).status == 200
+            await ws.send_message(b"8000" + request)
+            await trio.to_thread.run_sync(partial(
+                wait_until, lambda: "integer overflow on token 8000" in client.process.output(),
+                what="the original cli to refuse id 8000"))
+    assert "WS   cannot read request ID" in client.process.output()
+
+
+async def test_our_server_assigns_ids_from_1_to_7fff_then_wraps() -> None:
+    rendezvous = Rendezvous(Token("unit-test-token-0123456789"), max_requests=1)
+    ids = []
+    for _ in range(0x7FFF + 2):
+        pending = rendezvous.new_request(framing.Request(b"GET", b"/"))
+        ids.append(pending.id)
+        pending.finish(Failure(504, "done"))
+        rendezvous.release(pending)
+    assert ids == [*range(1, 0x8000), 1, 2]

@@ -173,13 +173,13 @@ class Rendezvous:
         self.counters = RequestCounters()
         self.last_activity = trio.current_time()
         self.created_wall = trio.current_time()
-        self._ids = itertools.cycle(range(1, framing.MAX_ID + 1))
+        self._ids = itertools.cycle(range(1, framing.MAX_ASSIGNED_ID + 1))
         self._live: dict[int, PendingRequest] = {}
         self._turn = 0  # which connection _dispatch looks at first
 
     def new_request(self, request: framing.Request) -> PendingRequest:
-        """Give ``request`` the next free id (1, 2, ... 0xffff, 1, ...)."""
-        if len(self._live) >= framing.MAX_ID:
+        """Give ``request`` the next free id (1, 2, ... 0x7fff, 1, ...)."""
+        if len(self._live) >= framing.MAX_ASSIGNED_ID:
             raise QueueFull
         for request_id in self._ids:
             if request_id not in self._live:
