@@ -21,6 +21,10 @@ from wstunnel.headers import Headers, get, without
 
 ID_DIGITS = 4
 MAX_ID = 0xFFFF
+# The highest id a server may assign. The original client reads the four digits into a signed
+# 16-bit integer and drops the whole tunnel on "8000" and above (integer overflow), so ids stay
+# within 1..0x7fff (the original server itself wraps at 32000). Any id is accepted on receipt.
+MAX_ASSIGNED_ID = 0x7FFF
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 # Large enough for any sane request head; the body cap is enforced by the callers.
 MAX_HEAD_SIZE = 256 * 1024

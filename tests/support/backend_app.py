@@ -4,12 +4,16 @@
 
 Endpoints: ``/echo`` (the request as JSON), ``/status/N``, ``/slow?secs=S``, ``/bytes?size=N``,
 ``/redirect``, ``/gzip`` (a body gzip-encoded on the wire), ``/chunked`` (Transfer-Encoding
-chunked), anything else: a small text page naming the path.
+chunked), ``/sha256`` (the request body's SHA-256 in hex, its length in ``X-Body-Length``),
+``/garbage`` (bytes that are not HTTP, then close), ``/nul-header`` (a NUL byte in a header
+value: a lenient HTTP client passes it on, a strict parser refuses it), anything else: a small
+text page naming the path.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import sys
 import time
@@ -69,6 +73,14 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/bytes":
             size = int(query.get("size", ["1024"])[0])
             self._send(200, bytes(i % 251 for i in range(size)), "application/octet-stream")
+        elif url.path == "/sha256":
+            self._send(200, hashlib.sha256(body).hexdigest().encode(),
+                       extra={"X-Body-Length": str(len(body))})
+        elif url.path == "/garbage":
+            self.wfile.write(b"this is not HTTP\r\n\r\n")
+            self.close_connection = True
+        elif url.path == "/nul-header":
+            self._send(200, b"nul\n", extra={"X-Odd": "a\x00b"})
         elif url.path == "/redirect":
             self._send(302, b"moved\n", extra={"Location": "/echo"})
         elif url.path == "/gzip":

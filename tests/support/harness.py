@@ -72,6 +72,9 @@ class Process:
         self.name = name
         self.argv = argv
         self.log_path = log_path
+        # Text the token scan skips: only for a program not ours whose own defect it is (the
+        # original WStunnel prints a whole token; tests/support/reference.py says where).
+        self.tolerated_leak: re.Pattern[str] | None = None
         self._log = log_path.open("ab")
         self.popen = subprocess.Popen(
             argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -244,6 +247,8 @@ class Harness:
         leaks = []
         for process in self.processes:
             text = process.output() if process.log_path.exists() else ""
+            if process.tolerated_leak is not None:
+                text = process.tolerated_leak.sub("", text)
             leaks += [f"{process.log_path.name}: {t[:8]}..." for t in self.tokens if t in text]
         return leaks
 

@@ -231,7 +231,7 @@ class Rendezvous:
         self.counters = RequestCounters()
         self.last_activity = trio.current_time()
         self.created_wall = trio.current_time()
-        self._ids = itertools.cycle(range(1, framing.MAX_ID + 1))
+        self._ids = itertools.cycle(range(1, framing.MAX_ASSIGNED_ID + 1))
         self._live: dict[int, PendingRequest] = {}
         # The connections that take requests handed to them (v2), and how many only pull from
         # the queue (v1): while one of those is there, every request goes through the queue.
@@ -256,8 +256,8 @@ class Rendezvous:
             self._direct.remove(direct)
 
     def new_request(self, request: framing.Request) -> PendingRequest:
-        """Give ``request`` the next free id (1, 2, ... 0xffff, 1, ...)."""
-        if len(self._live) >= framing.MAX_ID:
+        """Give ``request`` the next free id (1, 2, ... 0x7fff, 1, ...)."""
+        if len(self._live) >= framing.MAX_ASSIGNED_ID:
             raise QueueFull
         for request_id in self._ids:
             if request_id not in self._live:
