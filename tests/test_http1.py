@@ -125,9 +125,9 @@ def test_response_heads_read_as_h11_reads_them(version: bytes, status: bytes, re
 @given(st.one_of(st.sampled_from([b"5", b"5, 5", b"5,6", b"", b" 7 ", b"0" * 20, b"0" * 21, b"1,,1"]),
                  pieces))
 def test_content_length_as_h11_reads_it(value: bytes) -> None:
+    if b"\r" in value or b"\n" in value:
+        return  # line ends inside the value: the field grammar's test, not this one
     head = b"HTTP/1.1 200 OK\r\nContent-Length: " + value + b"\r\n\r\n"
-    if head.count(b"\r\n\r\n") != 1:
-        return
     read = _h11_response(head)
     ours = http1.content_length(value.strip(b" \t"))
     if read is None:

@@ -37,28 +37,27 @@ HOP_BY_HOP = frozenset({
 
 
 @dataclass
-class ParsedRequest:
-    method: bytes
-    target: bytes
+class _Parsed:
     headers: Headers
     body: bytes
 
     def header(self, name: bytes) -> bytes | None:
         return first_header(self.headers, name)
+
+
+@dataclass
+class ParsedRequest(_Parsed):
+    method: bytes
+    target: bytes
 
     def names(self) -> set[bytes]:
         return {k.lower() for k, _ in self.headers}
 
 
 @dataclass
-class ParsedResponse:
+class ParsedResponse(_Parsed):
     status: int
     reason: bytes
-    headers: Headers
-    body: bytes
-
-    def header(self, name: bytes) -> bytes | None:
-        return first_header(self.headers, name)
 
 
 def first_header(headers: Headers, name: bytes) -> bytes | None:
@@ -70,14 +69,12 @@ def first_header(headers: Headers, name: bytes) -> bytes | None:
 
 def _drain_body(conn: h11.Connection) -> bytes:
     chunks: list[bytes] = []
-    while True:
+    event = conn.next_event()
+    while isinstance(event, h11.Data):
+        chunks.append(bytes(event.data))
         event = conn.next_event()
-        if isinstance(event, h11.Data):
-            chunks.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            return b"".join(chunks)
-        else:
-            raise AssertionError(f"HTTP body incomplete: {event!r}")  # noqa: TRY004 - a test failure
+    assert isinstance(event, h11.EndOfMessage), f"HTTP body incomplete: {event!r}"
+    return b"".join(chunks)
 
 
 def parse_request(payload: bytes) -> ParsedRequest:
@@ -90,7 +87,7 @@ def parse_request(payload: bytes) -> ParsedRequest:
     body = _drain_body(conn)
     assert conn.trailing_data[0] == b"", "bytes after the request in the tunnel message"
     headers = [(bytes(k), bytes(v)) for k, v in event.headers.raw_items()]
-    return ParsedRequest(bytes(event.method), bytes(event.target), headers, body)
+    return ParsedRequest(headers, body, bytes(event.method), bytes(event.target))
 
 
 def parse_response(payload: bytes, method: bytes = b"GET") -> ParsedResponse:
@@ -106,7 +103,7 @@ def parse_response(payload: bytes, method: bytes = b"GET") -> ParsedResponse:
     body = _drain_body(conn)
     assert conn.trailing_data[0] == b"", "bytes after the response in the tunnel message"
     headers = [(bytes(k), bytes(v)) for k, v in event.headers.raw_items()]
-    return ParsedResponse(event.status_code, bytes(event.reason), headers, body)
+    return ParsedResponse(headers, body, event.status_code, bytes(event.reason))
 
 
 def split_message(message: bytes | str) -> tuple[int, bytes]:

@@ -58,7 +58,7 @@ class Backoff:
     rng: random.Random = field(default_factory=random.Random)
 
     def next_delay(self) -> float:
-        ceiling = min(self.cap, self.initial * (2 ** min(self.attempts, 30)))
+        ceiling = min(self.cap, self.initial * 2.0 ** min(self.attempts, 30))
         self.attempts += 1
         return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
 

@@ -29,16 +29,8 @@ from wstunnel.client.proxy import Proxy
 from wstunnel.errors import DialError
 from wstunnel.headers import Headers
 from wstunnel.tokens import Token
+from wstunnel.tunnel import longpoll as wire
 from wstunnel.tunnel import pollbody
-from wstunnel.tunnel.longpoll import (
-    ACK_HEADER,
-    OPEN_PATH,
-    POLL_PATH,
-    SEQ_HEADER,
-    SESSION_HEADER,
-    PolledMessages,
-    SessionOpened,
-)
 from wstunnel.tunnel.transport import CloseReason, ConnectionClosed
 
 # A poll or a POST whose connection failed is sent again, this many times in all: numbered
@@ -87,14 +79,15 @@ async def connect(nursery: trio.Nursery, http: httpx.AsyncClient, base: str, *, 
     """Open a session (``headers`` carry the token and password as in the WebSocket handshake)
     and start its tasks."""
     try:
-        response = await http.post(base + OPEN_PATH, content=b"",
-                                   headers=[*headers, *_routing(token).items()])
+        routing = [(name.encode(), value.encode("utf-8", "surrogateescape"))
+                   for name, value in _routing(token).items()]
+        response = await http.post(base + wire.OPEN_PATH, content=b"", headers=[*headers, *routing])
     except httpx.HTTPError as exc:
         raise DialError(f"long-poll open failed: {type(exc).__name__}: {exc}") from None
     if response.status_code != 200:
         raise LongPollRefused(response.status_code, response.text.strip())
     try:
-        opened = SessionOpened.decode(response.content)
+        opened = wire.SessionOpened.decode(response.content)
     except ValueError:
         raise DialError("long-poll open: the answer is not a session") from None
     transport = LongPollTransport(http, base, opened.session, poll_wait=opened.poll_wait,
@@ -111,7 +104,7 @@ def _routing(token: Token) -> dict[str, str]:
     return {"X-Token": token.reveal()}
 
 
-class LongPollTransport(PolledMessages):
+class LongPollTransport(wire.PolledMessages):
     """One long-poll session, seen from the client (the poller fills the inbox; the sender
     waits on ``_frames_ready`` and posts the outbox batch by batch)."""
 
@@ -122,7 +115,7 @@ class LongPollTransport(PolledMessages):
         super().__init__()
         self.http = http
         self._routing = routing or {}
-        self.url = base + POLL_PATH
+        self.url = base + wire.POLL_PATH
         self.sid = Token(sid)  # str() shows a prefix only
         self.poll_wait = poll_wait
         self.timeout = timeout
@@ -138,7 +131,7 @@ class LongPollTransport(PolledMessages):
 
     @property
     def _headers(self) -> dict[str, str]:
-        return {**self._routing, SESSION_HEADER: self.sid.reveal()}
+        return {**self._routing, wire.SESSION_HEADER: self.sid.reveal()}
 
     # -- MessageTransport ---------------------------------------------------------------------
 
@@ -178,7 +171,7 @@ class LongPollTransport(PolledMessages):
         # Read timeout: the server's longest hold, plus the time any answer may take.
         timeout = httpx.Timeout(self.timeout, read=self.poll_wait + self.timeout)
         while self._closed is None:
-            headers = {**self._headers, ACK_HEADER: str(self._received_seq)}
+            headers = {**self._headers, wire.ACK_HEADER: str(self._received_seq)}
             try:
                 response = await self._send("GET", headers, b"", timeout)
             except httpx.HTTPError as exc:
@@ -187,7 +180,7 @@ class LongPollTransport(PolledMessages):
             if not self._accepted(response, 200, "poll"):
                 return
             try:
-                seq = int(response.headers.get(SEQ_HEADER, ""))
+                seq = int(response.headers.get(wire.SEQ_HEADER, ""))
                 messages = pollbody.decode(response.content, max_message=pollbody.MAX_MESSAGE)
             except (ValueError, pollbody.PollBodyError) as exc:
                 self._end(1002, f"malformed poll answer: {exc}")
@@ -226,7 +219,7 @@ class LongPollTransport(PolledMessages):
         if self._closed is not None:
             raise ConnectionClosed(self._closed)
         self._post_seq += 1
-        headers = {**self._headers, SEQ_HEADER: str(self._post_seq)}
+        headers = {**self._headers, wire.SEQ_HEADER: str(self._post_seq)}
         try:
             response = await self._send("POST", headers, body, httpx.Timeout(self.timeout))
         except httpx.HTTPError as exc:

@@ -178,9 +178,10 @@ class _Outgoing:
         for name, value in headers:
             lower = name.lower()
             if lower == b"content-length":
-                value = http1.content_length(value)
-                if value is None:
+                normalized = http1.content_length(value)
+                if normalized is None:
                     raise LocalRequestError("bad Content-Length")
+                value = normalized
                 if length is not None:
                     if value != length:
                         raise LocalRequestError("conflicting Content-Length headers")
@@ -259,9 +260,10 @@ def _fast_head(data: bytes, method: bytes) -> tuple[_Head, bool] | None:
     for name, value in fields:
         lower = name.lower()
         if lower == b"content-length":
-            value = http1.content_length(value)
-            if value is None or (length is not None and value != length):
+            normalized = http1.content_length(value)
+            if normalized is None or (length is not None and normalized != length):
                 return None
+            value = normalized
             if length is not None:
                 continue  # h11 keeps one of identical Content-Length headers
             length = value
@@ -296,7 +298,7 @@ class UpgradedStream(trio.abc.Stream):
             data, self._buffered = self._buffered[:size], self._buffered[size:]
             return data
         try:
-            return await self._connection.stream.receive_some(max_bytes)
+            return bytes(await self._connection.stream.receive_some(max_bytes))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ReadError(f"upgraded connection: {type(exc).__name__}") from None
 
@@ -399,6 +401,7 @@ class Response:
         The end of the body finishes the response at once, before its last bytes are handed
         out. Bytes past it leave the connection unfit for reuse (h11 would take them for the
         next response; they are junk or a pipelining bug)."""
+        assert self._length is not None  # the fast path's body only
         left = (self._length if self._remaining is None else self._remaining) - size
         if left > 0:
             return left
@@ -416,7 +419,7 @@ class Response:
             return  # h11 stays in its error state: the next __anext__ raises it
         if type(event) is h11.EndOfMessage:
             self._finish(list(event.headers.raw_items()))
-        elif event is not h11.NEED_DATA:
+        elif isinstance(event, h11.Event):  # not NEED_DATA: h11 says what came, the next call reads it
             self._peeked = event
 
     def _finish(self, trailers: Headers) -> None:
@@ -587,7 +590,8 @@ class OriginPool:
             raise RemoteProtocolError(str(exc)) from None
         if event is h11.NEED_DATA:
             return None
-        if type(event) is h11.ConnectionClosed:
+        if not isinstance(event, h11.Event) or type(event) is h11.ConnectionClosed:
+            # PAUSED: the exchange is over for h11, and nothing more will come for it.
             raise RemoteProtocolError("the backend closed the connection")
         return event
 
@@ -601,7 +605,8 @@ class OriginPool:
     @staticmethod
     async def receive(connection: _Connection) -> bytes:
         try:
-            data = await connection.stream.receive_some(READ_SIZE)
+            # bytes() of bytes is the same object: no copy but for an SSLStream's bytearray.
+            data = bytes(await connection.stream.receive_some(READ_SIZE))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ReadError(f"{type(exc).__name__}: {exc}") from None
         if data:

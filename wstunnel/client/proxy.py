@@ -96,7 +96,7 @@ async def traverse(stream: trio.abc.Stream, proxy: Proxy, host: str, port: int) 
             data = await stream.receive_some(MAX_RESPONSE_HEAD)
             if not data:
                 raise ProxyError(f"proxy {proxy} closed the connection during CONNECT")
-            conn.receive_data(data)
+            conn.receive_data(bytes(data))
             continue
         if isinstance(event, h11.InformationalResponse):
             continue

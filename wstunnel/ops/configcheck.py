@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import tomli_w
 
-from wstunnel.config import ClientSettings, ServerSettings, load_settings
+from wstunnel.config import ClientSettings, ServerSettings, Settings, load_settings
 from wstunnel.errors import ConfigError
 from wstunnel.ops.common import parser
 from wstunnel.tokens import redact
@@ -42,13 +42,15 @@ def main(argv: list[str]) -> int:
     args = top.parse_args(argv)
     path: Path = args.file
     kind_name = args.kind or ("client" if path.parent.name == CLIENT_DIRECTORY else "server")
-    settings = check_file(path, ClientSettings if kind_name == "client" else ServerSettings)
+    settings: ServerSettings | ClientSettings = (
+        check_file(path, ClientSettings) if kind_name == "client" else check_file(path, ServerSettings)
+    )
     print(f"# {path}: effective {kind_name} configuration (secrets redacted)")
     print(render(settings), end="")
     return 0
 
 
-def check_file(path: Path, model: type[ServerSettings] | type[ClientSettings]) -> Any:
+def check_file(path: Path, model: type[Settings]) -> Settings:
     try:
         with _without_environment(model.model_config.get("env_prefix", "")):
             return load_settings(model, {"config": str(path)})

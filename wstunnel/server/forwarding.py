@@ -8,6 +8,7 @@ The log lines are the original's access log (SPEC §5): ``HTTP RCV`` when a requ
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
 import trio
@@ -43,16 +44,14 @@ def requested_token(request: IncomingRequest) -> tuple[Token, bytes] | Refusal:
     return Token(raw_token.decode("utf-8", "surrogateescape")), target
 
 
+@dataclass(eq=False)
 class Forwarder:
-    def __init__(self, registry: Registry, admission: Admission, metrics: Metrics,
-                 log: EventLogger, *, settings: Callable[[], ServerSettings], started_at: float
-                 ) -> None:
-        self.registry = registry
-        self.admission = admission
-        self.metrics = metrics
-        self.log = log
-        self._settings = settings  # the current ones: a reload replaces them
-        self._started_at = started_at
+    registry: Registry
+    admission: Admission
+    metrics: Metrics
+    log: EventLogger
+    settings: Callable[[], ServerSettings] = field(kw_only=True)  # current: a reload swaps them
+    started_at: float = field(kw_only=True)
 
     async def forward(self, request: IncomingRequest) -> AnyResponse:
         """Answer ``request`` through its token's tunnel, or refuse it."""
@@ -80,11 +79,11 @@ class Forwarder:
         return response
 
     async def _exchange(self, request: IncomingRequest, token: Token, target: bytes) -> AnyResponse:
-        settings = self._settings()
+        settings = self.settings()
         rendezvous = self.registry.get(token)
         if rendezvous is None:
             rendezvous = await self.registry.await_registration(
-                token, until=self._started_at + settings.restart_grace)
+                token, until=self.started_at + settings.restart_grace)
         if rendezvous is None:
             self.log.info("HTTP RET", token=token, status=404, url=_loggable(target),
                           err="tunnel not found")

@@ -10,6 +10,7 @@ sessions elsewhere (``wstunnel.server.longpoll``) but builds its connections her
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import trio
 
@@ -57,16 +58,15 @@ def new_connection(rendezvous: Rendezvous, ws: MessageTransport, stream: Activit
     )
 
 
+@dataclass(eq=False)
 class TunnelAcceptor:
     """Takes ``/_tunnel`` WebSocket upgrades from the HTTP front."""
 
-    def __init__(self, admission: Admission, registry: Registry, log: EventLogger, *,
-                 settings: Callable[[], ServerSettings], draining: Callable[[], bool]) -> None:
-        self.admission = admission
-        self.registry = registry
-        self.log = log
-        self._settings = settings  # the current ones: a reload replaces them
-        self._draining = draining
+    admission: Admission
+    registry: Registry
+    log: EventLogger
+    settings: Callable[[], ServerSettings] = field(kw_only=True)  # current: a reload swaps them
+    draining: Callable[[], bool] = field(kw_only=True)
 
     async def take_tunnel(self, request: IncomingRequest, stream: ActivityStream) -> None:
         origin = request.header(b"origin")
@@ -84,7 +84,7 @@ class TunnelAcceptor:
             await _refuse(stream, admitted)
             return
         token = admitted
-        settings = self._settings()
+        settings = self.settings()
         subprotocol = _chosen_subprotocol(request)
         if subprotocol == v2.BATCH_SUBPROTOCOL:
             max_message = v2.MAX_BATCH_SIZE
@@ -99,7 +99,7 @@ class TunnelAcceptor:
                                           [(b"Retry-After", b"1")]))
             return
         try:
-            if self._draining():  # it began while we waited for our turn
+            if self.draining():  # it began while we waited for our turn
                 await _refuse(stream, SHUTTING_DOWN)
                 return
             with trio.fail_after(settings.header_timeout):

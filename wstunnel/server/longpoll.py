@@ -23,6 +23,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import trio
 
@@ -36,26 +37,16 @@ from wstunnel.server.handshake import client_version, new_connection
 from wstunnel.server.messages import BodyError, BodyTooLarge, RequestBodySource, simple_response
 from wstunnel.server.rendezvous import Registry
 from wstunnel.tokens import Token
+from wstunnel.tunnel import longpoll as wire
 from wstunnel.tunnel import pollbody
-from wstunnel.tunnel.longpoll import (
-    ACK_HEADER,
-    MAX_POLL_WAIT,
-    MAX_POST_BODY,
-    OPEN_PATH,
-    POLL_PATH,
-    SEQ_HEADER,
-    SESSION_HEADER,
-    PolledMessages,
-    SessionOpened,
-)
 from wstunnel.tunnel.transport import CloseReason
 
 # Request paths and header names as the HTTP front gives them: bytes, header names lowercase.
-_OPEN = OPEN_PATH.encode()
-_POLL = POLL_PATH.encode()
-_SESSION = SESSION_HEADER.lower().encode()
-_SEQ = SEQ_HEADER.lower().encode()
-_ACK = ACK_HEADER.lower().encode()
+_OPEN = wire.OPEN_PATH.encode()
+_POLL = wire.POLL_PATH.encode()
+_SESSION = wire.SESSION_HEADER.lower().encode()
+_SEQ = wire.SEQ_HEADER.lower().encode()
+_ACK = wire.ACK_HEADER.lower().encode()
 NO_CACHE = (b"Cache-Control", b"no-store")
 
 
@@ -67,7 +58,7 @@ class SequenceError(Exception):
     """A request's sequence number or acknowledgement cannot follow from what was exchanged."""
 
 
-class PollSession(PolledMessages):
+class PollSession(wire.PolledMessages):
     """One long-poll tunnel session: a message transport fed and drained by HTTP requests (a
     POST fills the inbox; a poll waits on ``_frames_ready`` and takes a batch of the outbox)."""
 
@@ -165,17 +156,16 @@ class PollSession(PolledMessages):
             self._last_request_end = trio.current_time()
 
 
+@dataclass(eq=False)
 class LongPoll:
     """The ``/_tunnel/poll`` endpoints, and the sessions they serve."""
 
-    def __init__(self, admission: Admission, registry: Registry, log: EventLogger, *,
-                 settings: Callable[[], ServerSettings]) -> None:
-        self.admission = admission
-        self.registry = registry
-        self.log = log
-        self._settings = settings  # the current ones: a reload replaces them
-        self.sessions: dict[str, PollSession] = {}
-        self._nursery: trio.Nursery | None = None
+    admission: Admission
+    registry: Registry
+    log: EventLogger
+    settings: Callable[[], ServerSettings] = field(kw_only=True)  # current: a reload swaps them
+    sessions: dict[str, PollSession] = field(init=False, default_factory=dict)
+    _nursery: trio.Nursery | None = field(init=False, default=None)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the nursery the sessions run in: they outlive the requests that open them."""
@@ -236,14 +226,14 @@ class LongPoll:
         sid = secrets.token_urlsafe(32)
         session = PollSession(sid)
         connection = new_connection(
-            self.registry.register(admitted), session, session, self._settings(), self.log,
+            self.registry.register(admitted), session, session, self.settings(), self.log,
             subprotocol=v2.SUBPROTOCOL, addr=addr, version=client_version(request),
             transport="longpoll",
         )
         self.sessions[sid] = session
         assert self._nursery is not None, "LongPoll.run() is not running"
         await self._nursery.start(self._serve, session, connection)
-        body = SessionOpened(sid, self.poll_wait()).encode()
+        body = wire.SessionOpened(sid, self.poll_wait()).encode()
         return framing.Response(200, b"OK", [(b"Content-Type", b"application/json"), NO_CACHE], body)
 
     async def _serve(self, session: PollSession, connection: TunnelConnection, *,
@@ -255,26 +245,26 @@ class LongPoll:
             self.sessions.pop(session.sid.reveal(), None)
 
     def poll_wait(self) -> float:
-        return min(MAX_POLL_WAIT, self._settings().wstimeout / 2)
+        return min(wire.MAX_POLL_WAIT, self.settings().wstimeout / 2)
 
     async def _poll(self, session: PollSession, ack: int | None) -> framing.Response:
         seq, batch = await session.poll(self.poll_wait(), ack)
         return framing.Response(200, b"OK", [
             (b"Content-Type", b"application/octet-stream"), NO_CACHE,
-            (SEQ_HEADER.encode(), b"%d" % seq),
+            (wire.SEQ_HEADER.encode(), b"%d" % seq),
         ], pollbody.encode(batch))
 
     async def _receive(self, session: PollSession, request: IncomingRequest,
                        seq: int | None) -> framing.Response:
         body = request.body
         if request.body_source is not None:  # over front.SMALL_BODY: still on the socket
-            if request.declared_length() > MAX_POST_BODY:
+            if request.declared_length() > wire.MAX_POST_BODY:
                 return _too_large()
             try:
-                body = await _read_bounded(request.body_source, MAX_POST_BODY)
+                body = await _read_bounded(request.body_source, wire.MAX_POST_BODY)
             except BodyError as exc:
                 return simple_response(exc.status, exc.text)
-        if len(body) > MAX_POST_BODY:
+        if len(body) > wire.MAX_POST_BODY:
             return _too_large()
         try:
             messages = pollbody.decode(body, max_message=pollbody.MAX_MESSAGE)
@@ -307,7 +297,7 @@ async def _read_bounded(source: RequestBodySource, limit: int) -> bytes:
 
 
 def _too_large() -> framing.Response:
-    return simple_response(413, f"Long-poll body over {MAX_POST_BODY} bytes")
+    return simple_response(413, f"Long-poll body over {wire.MAX_POST_BODY} bytes")
 
 
 def _no_content() -> framing.Response:

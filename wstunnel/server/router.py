@@ -9,6 +9,7 @@ anyone (``/_stats`` details to loopback callers only, as the original), ``/_stat
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import trio
 
@@ -26,16 +27,18 @@ Endpoint = Callable[[IncomingRequest], framing.Response]
 DRAINING = Refusal(SHUTTING_DOWN.status, SHUTTING_DOWN.text, [(b"Retry-After", b"5")])
 
 
+@dataclass(eq=False)
 class Router:
-    def __init__(self, registry: Registry, admission: Admission, metrics: Metrics,
-                 forwarder: Forwarder, *, started_at: float, draining: Callable[[], bool]) -> None:
-        self.registry = registry
-        self.admission = admission
-        self.metrics = metrics
-        self.forwarder = forwarder
-        self.started_at = started_at
-        self._draining = draining
-        self._endpoints: dict[bytes, Endpoint] = {
+    registry: Registry
+    admission: Admission
+    metrics: Metrics
+    forwarder: Forwarder
+    started_at: float = field(kw_only=True)
+    draining: Callable[[], bool] = field(kw_only=True)
+    _endpoints: dict[bytes, Endpoint] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._endpoints = {
             b"/_health_check": self._health_check,
             b"/_stats": self._stats,
             b"/_status": self._status,
@@ -47,7 +50,7 @@ class Router:
         endpoint = self._endpoints.get(request.path)
         if endpoint is not None:
             return endpoint(request)
-        if self._draining():
+        if self.draining():
             return DRAINING.response()
         return await self.forwarder.forward(request)
 

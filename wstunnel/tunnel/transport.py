@@ -79,7 +79,7 @@ class ActivityStream(trio.abc.Stream):
             size = len(self._prefix) if max_bytes is None else max_bytes
             data, self._prefix = self._prefix[:size], self._prefix[size:]
             return data
-        data = await self._inner.receive_some(max_bytes)
+        data = bytes(await self._inner.receive_some(max_bytes))  # no copy when it is bytes
         self.last_receive = trio.current_time()
         return data
 

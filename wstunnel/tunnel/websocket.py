@@ -114,7 +114,7 @@ class WebSocket:
             if self._connection.state is CLOSED:
                 self._peer_closed = True  # after our Close and its reply: nothing more to read
                 return
-            self._connection.receive_data(data or None)  # None: the stream ended
+            self._connection.receive_data(bytes(data) or None)  # None: the stream ended
             await self._handle_events()
         finally:
             self._reading = False
@@ -141,17 +141,18 @@ class WebSocket:
             await self._fail(MESSAGE_TOO_BIG,
                              f"Exceeded maximum message size: {self._max_message_size} bytes")
             return
+        data = event.data if isinstance(event.data, str) else bytes(event.data)
         if not event.message_finished:
-            self._parts.append(event.data)
+            self._parts.append(data)
             self._message_size = size
             return
         if self._parts:
-            self._parts.append(event.data)
+            self._parts.append(data)
             parts, self._parts, self._message_size = self._parts, [], 0
             joiner = b"" if isinstance(event, BytesMessage) else ""
             self._messages.append(joiner.join(parts))  # type: ignore[arg-type]
         else:
-            self._messages.append(event.data)
+            self._messages.append(data)
 
     def _on_pong(self, payload: bytes) -> None:
         """A pong answers its ping and every earlier one (a peer may answer several at once)."""
@@ -287,7 +288,7 @@ async def accept(stream: trio.abc.Stream, *, subprotocol: str | None, extra_head
         if not data:
             raise trio.BrokenResourceError("connection closed during the WebSocket handshake")
         try:
-            handshake.receive_data(data)
+            handshake.receive_data(bytes(data))
         except RemoteProtocolError as exc:
             if exc.event_hint is not None:
                 await stream.send_all(handshake.send(exc.event_hint))
@@ -326,7 +327,7 @@ async def connect(stream: trio.abc.Stream, host: str, resource: str, *,
                 raise ConnectionRejected(refusal.status_code, tuple(refusal.headers), bytes(body))
             raise trio.BrokenResourceError("connection closed during the WebSocket handshake")
         try:
-            handshake.receive_data(data)
+            handshake.receive_data(bytes(data))
         except RemoteProtocolError as exc:
             raise HandshakeError(f"bad WebSocket handshake response: {exc}") from None
         for event in handshake.events():

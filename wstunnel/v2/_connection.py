@@ -51,6 +51,12 @@ from wstunnel.v2._heads import (
     response_head,
 )
 
+__all__ = [
+    "Role",
+    "StreamState",
+    "V2Connection",
+]
+
 # Statuses whose responses never carry a body, whatever their headers say.
 _BODYLESS_STATUSES = frozenset({204, 304})
 

@@ -7,6 +7,17 @@ from dataclasses import dataclass, field
 from wstunnel.headers import Headers
 from wstunnel.v2._frames import Frame
 
+__all__ = [
+    "DataReceived",
+    "Event",
+    "RequestReceived",
+    "ResponseReceived",
+    "SendFrame",
+    "StreamEnded",
+    "StreamReset",
+    "WindowUpdated",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class RequestReceived:

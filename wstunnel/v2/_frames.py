@@ -16,6 +16,34 @@ from dataclasses import dataclass, field
 from wstunnel.errors import TunnelMessageError
 from wstunnel.framing import MAX_HEAD_SIZE
 
+__all__ = [
+    "BATCH_ENTRY_OVERHEAD",
+    "BATCH_SUBPROTOCOL",
+    "END_STREAM",
+    "HEADER_SIZE",
+    "INITIAL_STREAM_WINDOW",
+    "INITIAL_TUNNEL_WINDOW",
+    "MAX_BATCH_SIZE",
+    "MAX_FRAME_PAYLOAD",
+    "MAX_MESSAGE_SIZE",
+    "MAX_STREAM_ID",
+    "MAX_WINDOW",
+    "RESET_GRACE",
+    "SUBPROTOCOL",
+    "Data",
+    "End",
+    "ErrorCode",
+    "Frame",
+    "FrameType",
+    "Head",
+    "Reset",
+    "Window",
+    "decode_frame",
+    "encode_frame",
+    "pack_batch",
+    "unpack_batch",
+]
+
 SUBPROTOCOL = "wstunnel.v2"
 BATCH_SUBPROTOCOL = "wstunnel.v2.batch"
 HEADER_SIZE = 6

@@ -7,7 +7,8 @@ the head), so that a head is exactly the text its sender wrote. Parsed with h11'
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import h11
 
@@ -16,6 +17,16 @@ from wstunnel.errors import HttpPayloadError
 from wstunnel.framing import MAX_HEAD_SIZE
 from wstunnel.headers import Headers, get
 
+__all__ = [
+    "encode_trailers",
+    "parse_request_head",
+    "parse_response_head",
+    "parse_trailers",
+    "request_head",
+    "response_head",
+]
+
+T = TypeVar("T")
 _CRLF = b"\r\n"
 _BLANK_LINE = b"\r\n\r\n"
 
@@ -102,28 +113,40 @@ def _fast_response_head(head: bytes) -> tuple[int, bytes, Headers] | None:
     return status, reason, headers
 
 
+def _read_head(head: bytes, what: str, fast: Callable[[bytes], T | None],
+               slow: Callable[[bytes], T]) -> T:
+    """A head checked for v2's line rules, read on the fast path, or by h11 when it declines."""
+    head = bytes(head)
+    _check_head(head, what)
+    parsed = fast(head)
+    return parsed if parsed is not None else slow(head)
+
+
 def parse_request_head(head: bytes) -> tuple[bytes, bytes, Headers]:
     """``(method, target, headers)`` of a HEAD payload from the server; HttpPayloadError if malformed."""
-    head = bytes(head)
-    _check_head(head, "request")
-    parsed = _fast_request_head(head)
-    if parsed is not None:
-        return parsed
-    return _h11_request_head(head)
+    return _read_head(head, "request", _fast_request_head, _h11_request_head)
 
 
 def _h11_request_head(head: bytes) -> tuple[bytes, bytes, Headers]:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
+    event = _h11_head(conn, head, "request")
+    assert isinstance(event, h11.Request)
+    return bytes(event.method), bytes(event.target), _raw_headers(event)
+
+
+def _h11_head(conn: h11.Connection, head: bytes, what: str
+              ) -> h11.Request | h11.Response | h11.InformationalResponse:
+    """The head h11 reads from ``head``, as ``conn`` expects it; HttpPayloadError if malformed."""
     conn.receive_data(head)
     try:
         event = conn.next_event()
     except h11.RemoteProtocolError as exc:
-        raise HttpPayloadError(f"malformed HTTP request head: {exc}") from None
-    if not isinstance(event, h11.Request):
-        raise HttpPayloadError("incomplete HTTP request head")
+        raise HttpPayloadError(f"malformed HTTP {what} head: {exc}") from None
+    if not isinstance(event, h11.Request | h11.Response | h11.InformationalResponse):
+        raise HttpPayloadError(f"incomplete HTTP {what} head")
     if event.http_version != b"1.1":
-        raise HttpPayloadError(f"HTTP/{event.http_version.decode()} request head (HTTP/1.1 only)")
-    return bytes(event.method), bytes(event.target), _raw_headers(event)
+        raise HttpPayloadError(f"HTTP/{event.http_version.decode()} {what} head (HTTP/1.1 only)")
+    return event
 
 
 def parse_response_head(head: bytes) -> tuple[int, bytes, Headers]:
@@ -131,12 +154,7 @@ def parse_response_head(head: bytes) -> tuple[int, bytes, Headers]:
 
     Informational heads (1xx) parse too: each is a HEAD frame of its own.
     """
-    head = bytes(head)
-    _check_head(head, "response")
-    parsed = _fast_response_head(head)
-    if parsed is not None:
-        return parsed
-    return _h11_response_head(head)
+    return _read_head(head, "response", _fast_response_head, _h11_response_head)
 
 
 def _h11_response_head(head: bytes) -> tuple[int, bytes, Headers]:
@@ -145,15 +163,8 @@ def _h11_response_head(head: bytes) -> tuple[int, bytes, Headers]:
     # did is V2Connection's business.
     conn.send(h11.Request(method="GET", target="/", headers=[("Host", "t"), ("Upgrade", "x")]))
     conn.send(h11.EndOfMessage())
-    conn.receive_data(head)
-    try:
-        event = conn.next_event()
-    except h11.RemoteProtocolError as exc:
-        raise HttpPayloadError(f"malformed HTTP response head: {exc}") from None
-    if not isinstance(event, h11.Response | h11.InformationalResponse):
-        raise HttpPayloadError("incomplete HTTP response head")
-    if event.http_version != b"1.1":
-        raise HttpPayloadError(f"HTTP/{event.http_version.decode()} response head (HTTP/1.1 only)")
+    event = _h11_head(conn, head, "response")
+    assert isinstance(event, h11.Response | h11.InformationalResponse)  # a client reads no requests
     return event.status_code, bytes(event.reason), _raw_headers(event)
 
 
