@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 from wstunnel import commands
 from wstunnel.config import (
     ClientSettings,
+    FlagParser,
     ServerSettings,
     Settings,
     flag_name,
@@ -39,7 +39,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-def parser_for(model: type[ServerSettings] | type[ClientSettings]) -> argparse.ArgumentParser:
+def parser_for(model: type[ServerSettings] | type[ClientSettings]) -> FlagParser:
     name = "wstunnel srv" if model is ServerSettings else "wstunnel cli"
     return commands._parser(name, model)  # the parser the program itself uses
 
@@ -110,10 +110,10 @@ def test_multi_word_flags_use_dashes(argv: list[str]) -> None:
 
 def test_every_setting_has_both_flag_styles() -> None:
     for model in (ServerSettings, ClientSettings):
-        options = parser_for(model)._option_string_actions
+        parser = parser_for(model)
         for name in model.model_fields:
-            assert f"-{flag_name(name)}" in options, name
-            assert f"--{flag_name(name)}" in options, name
+            for option in (f"-{flag_name(name)}", f"--{flag_name(name)}"):
+                assert parse_flags(parser, [f"{option}=x"]) == {name: "x"}, option
 
 
 # "-por 8080" is not here: Python 3.11's argparse abbreviates single-dash long options even with
@@ -157,6 +157,18 @@ def test_a_flag_value_may_start_with_a_dash_like_go(style: str) -> None:
     assert settings.token.get_secret_value() == dashed
     assert settings.regexp == "-?x"
     assert settings.insecure is True
+
+
+@pytest.mark.parametrize("model", [ServerSettings, ClientSettings])
+def test_every_flag_but_the_booleans_takes_a_dashed_value(model: type[Settings]) -> None:
+    parser = parser_for(model)
+    for name, info in model.model_fields.items():
+        for option in (f"-{flag_name(name)}", f"--{flag_name(name)}"):
+            if info.annotation is bool:  # Go: a boolean never takes the next argument
+                assert parse_flags(parser, [option]) == {name: "true"}, option
+            else:
+                # even a value that is a flag of its own: the original reads -server -help so
+                assert parse_flags(parser, [option, "-help"]) == {name: "-help"}, option
 
 
 def test_a_flag_missing_its_value_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -417,6 +417,75 @@ def test_syslog_socket_is_looked_up_at_configure_time(
     )
 
 
+def _bind_datagram_socket(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(5)  # only guards against a hang: the datagram is sent before we read
+    return sock
+
+
+def test_syslog_follows_a_restarted_daemon(syslog_socket: socket.socket, tmp_path: Path) -> None:
+    # A restarted syslog daemon (or journald) binds a new socket at the same path: the next
+    # line finds the old one gone, connects again and is not lost.
+    configure(name="wstunsrv", syslog_tag="wstunsrv")
+    log = EventLogger("WStunsrv")
+    log.info("Before", n=1)
+    assert syslog_socket.recv(65536).endswith(b"INFO Before        pkg=WStunsrv n=1\x00")
+    syslog_socket.close()
+    path = tmp_path / "log"
+    path.unlink()
+    with _bind_datagram_socket(path) as restarted:
+        log.info("After", n=2)
+        logging.getLogger("wstunnel").warning("Through logging")  # the record path, same socket
+        assert restarted.recv(65536) == b"<30>wstunsrv[%d]: INFO After         pkg=WStunsrv n=2\x00" % (
+            os.getpid())
+        assert restarted.recv(65536) == b"<28>wstunsrv[%d]: WARN Through logging\x00" % os.getpid()
+
+
+def test_syslog_daemon_started_after_us_gets_the_next_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "log"
+    if len(os.fsencode(path)) > 100:
+        pytest.skip("temporary directory path too long for a unix socket")
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(path))
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+    configure(name="wstuncli", syslog_tag="wstuncli")  # no socket yet: as openlog(3), no error
+    log = EventLogger("WStuncli")
+    log.info("Lost", n=1)  # nobody to take it: reported on stderr, not raised
+    assert "--- Logging error ---" in capsys.readouterr().err
+    with _bind_datagram_socket(path) as late:
+        log.info("Kept", n=2)
+        assert late.recv(65536) == b"<30>wstuncli[%d]: INFO Kept          pkg=WStuncli n=2\x00" % os.getpid()
+
+
+def test_syslog_on_a_stream_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Some syslog-ng setups listen for streams on /dev/log: each message ends with its NUL.
+    path = tmp_path / "log"
+    if len(os.fsencode(path)) > 100:
+        pytest.skip("temporary directory path too long for a unix socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        listener.settimeout(5)
+        monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(path))
+        configure(name="wstunsrv", syslog_tag="wstunsrv")
+        connection, _ = listener.accept()
+        with connection:
+            connection.settimeout(5)
+            log = EventLogger("WStunsrv")
+            log.info("One", n=1)
+            log.error("Two", n=2)
+            expected = b"<30>wstunsrv[%d]: INFO One           pkg=WStunsrv n=1\x00" % os.getpid() + (
+                b"<27>wstunsrv[%d]: EROR Two           pkg=WStunsrv n=2\x00" % os.getpid())
+            received = b""
+            while len(received) < len(expected):
+                chunk = connection.recv(65536)
+                assert chunk, "the handler hung up"
+                received += chunk
+            assert received == expected
+
+
 def test_journal_fields_carry_the_token_prefix_id_status_and_event(
     captured: tuple[EventLogger, ListHandler],
 ) -> None:
@@ -640,6 +709,49 @@ def test_fast_path_after_close_and_reopen(tmp_path: Path, private_logger: loggin
     assert path.read_text() == "INFO Two           pkg=WStunsrv\nINFO Three         pkg=WStunsrv\n"
 
 
+def test_a_closed_write_mode_file_stays_closed_as_in_filehandler(
+    tmp_path: Path, private_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FileHandler opens a "w" file again after close() only if it never was closed: the fast
+    # path and the record path both drop the lines, rather than truncate the file anew.
+    for way in ("records", "fast"):
+        path = tmp_path / f"{way}.log"
+        handler = ReopenableFileHandler(path, mode="w", encoding="utf-8")
+        handler.setFormatter(LineFormatter(timestamps=False))
+        if way == "records":
+            handler.addFilter(_always)
+        _add(private_logger, handler)
+        log = EventLogger("WStunsrv", private_logger)
+        with monkeypatch.context() as patch:
+            if way == "fast":
+                _no_records(private_logger, patch)
+            log.info("Kept")
+            handler.close()
+            log.info("Dropped")
+        private_logger.removeHandler(handler)
+        assert path.read_text() == "INFO Kept          pkg=WStunsrv\n", way
+
+
+def test_reopen_keeps_the_old_file_when_the_new_one_cannot_be_opened(
+    tmp_path: Path, private_logger: logging.Logger
+) -> None:
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    path = directory / "wstunsrv.log"
+    handler = ReopenableFileHandler(path, encoding="utf-8")
+    handler.setFormatter(LineFormatter(timestamps=False))
+    _add(private_logger, handler)
+    log = EventLogger("WStunsrv", private_logger)
+    log.info("One")
+    rotated = tmp_path / "rotated.log"
+    path.rename(rotated)
+    directory.rmdir()  # (not a permission: the tests may run as root)
+    with pytest.raises(FileNotFoundError):
+        reopen_files(private_logger)
+    log.info("Two")
+    assert rotated.read_text() == "INFO One           pkg=WStunsrv\nINFO Two           pkg=WStunsrv\n"
+
+
 def test_foreign_handlers_still_get_records(tmp_path: Path, private_logger: logging.Logger) -> None:
     path = tmp_path / "wstunsrv.log"
     own = ReopenableFileHandler(path, encoding="utf-8")
@@ -663,6 +775,24 @@ def test_foreign_handlers_still_get_records(tmp_path: Path, private_logger: logg
     log.info("HTTP RET", token=TOKEN, id=5, status=200)
     assert path.read_text().splitlines() == [line, line, line.replace("id=3", "id=4"),
                                              line.replace("id=3", "id=5")]
+
+
+def test_a_handler_swapped_in_place_is_seen(tmp_path: Path, private_logger: logging.Logger) -> None:
+    # EventLogger checks the handlers again only when the list changes: a change that keeps
+    # the list and its length still counts.
+    own = ReopenableFileHandler(tmp_path / "own.log", encoding="utf-8")
+    own.setFormatter(LineFormatter(timestamps=False))
+    foreign = ListHandler(LineFormatter(timestamps=False))
+    _add(private_logger, own)
+    log = EventLogger("WStunsrv", private_logger)
+    log.info("First")
+    private_logger.handlers[0] = foreign
+    log.info("Second")
+    private_logger.handlers[0] = own
+    log.info("Third")
+    assert foreign.lines == ["INFO Second        pkg=WStunsrv"]
+    assert (tmp_path / "own.log").read_text().splitlines() == [
+        "INFO First         pkg=WStunsrv", "INFO Third         pkg=WStunsrv"]
 
 
 def test_propagating_loggers_and_subclasses_take_the_record_path(

@@ -482,3 +482,27 @@ def test_one_server_instance_per_port(running: Demo) -> None:
         assert running.through_tunnel() == running.page  # the main server is untouched
     finally:
         c.systemctl("stop", *instances, check=False)
+
+
+def test_syslog_lines_reach_journald_through_dev_log(demo: Demo) -> None:
+    # -syslog sends each line as one datagram to /dev/log, journald's syslog socket here: the
+    # entry keeps the tag, the pid, the daemon facility and the level, and the line unchanged.
+    c = demo.c
+    tag = f"wstsyslog{secrets.token_hex(3)}"
+    unit = f"{tag}.service"
+    c.run("systemd-run", f"--unit={unit}", "/usr/bin/wstunnel", "srv", "-syslog", tag,
+          "-host", "127.0.0.1", "-port", "0")
+    try:
+        def listening() -> dict[str, Any] | None:
+            lines = [e for e in c.journal(f"SYSLOG_IDENTIFIER={tag}") if "Listening" in str(e["MESSAGE"])]
+            return lines[0] if lines else None
+
+        entry = wait_until(listening, timeout=30, what="the Listening line through /dev/log")
+        assert re.fullmatch(r"INFO Listening +pkg=WStunsrv port=\d+ host=127\.0\.0\.1",
+                            str(entry["MESSAGE"])), entry["MESSAGE"]
+        assert entry["_TRANSPORT"] == "syslog"
+        assert entry["SYSLOG_FACILITY"] == "3"
+        assert entry["PRIORITY"] == "6"
+        assert entry["SYSLOG_PID"] == entry["_PID"] == str(_main_pid(c, unit))
+    finally:
+        c.systemctl("stop", unit, check=False)

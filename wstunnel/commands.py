@@ -6,7 +6,6 @@ on any bad value, before a port is bound), set up logging, then hand over to the
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import logging
@@ -18,7 +17,14 @@ from typing import Any, NoReturn, TypeVar
 import trio
 
 from wstunnel import __version__, daemon, logs
-from wstunnel.config import ClientSettings, ServerSettings, add_flags, load_settings, parse_flags
+from wstunnel.config import (
+    ClientSettings,
+    FlagParser,
+    ServerSettings,
+    add_flags,
+    load_settings,
+    parse_flags,
+)
 from wstunnel.errors import ConfigError, DialError, sole_exception
 from wstunnel.service import ServiceNotifier
 
@@ -29,10 +35,8 @@ CLIENT_STOP_GRACE = 3.0
 SettingsT = TypeVar("SettingsT", ServerSettings, ClientSettings)
 
 
-def _parser(prog: str, model: type[ServerSettings] | type[ClientSettings]) -> argparse.ArgumentParser:
-    # Go programs answer -help; argparse alone would read it as -h with a stray "elp".
-    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, add_help=False)
-    parser.add_argument("-h", "-help", "--help", action="help", help="show the flags and exit")
+def _parser(prog: str, model: type[ServerSettings] | type[ClientSettings]) -> FlagParser:
+    parser = FlagParser(prog)
     add_flags(parser, model)
     return parser
 

@@ -14,16 +14,17 @@ and the logging module's machinery cost more than rendering and writing them.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import io
 import logging
-import logging.handlers
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from wstunnel.tokens import Token
 
@@ -130,7 +131,8 @@ def _event_column(event: str) -> str:
     return f"{event:<{EVENT_WIDTH - 1}} "
 
 
-# What logging records when it does not look for the caller (logging.Logger._log's own default).
+# What a LogRecord holds when logging is not asked to look for the caller (Logger.findCaller's
+# answer when it finds none).
 _NO_CALLER = ("(unknown file)", 0, "(unknown function)")
 
 
@@ -142,6 +144,10 @@ class EventLogger:
         self._logger = logger or logging.getLogger("wstunnel")
         self._pkg_text = _key_prefix("pkg") + _render_value(pkg)
         self._heads: dict[str, str] = {}
+        # logger.handlers as last seen, and the same handlers as ours if each one is (else
+        # None): the fast path's test, made again only when the logger's handlers change. One
+        # attribute, so a thread never sees the one pair half replaced.
+        self._handlers_checked: tuple[list[logging.Handler], tuple[EventHandler, ...] | None] = ([], None)
 
     def log(self, level: int, event: str, /, **fields: Any) -> None:
         self._log(level, event, fields)
@@ -156,20 +162,20 @@ class EventLogger:
         # other formatter). Anything else (pytest's capture handlers, a handler a test adds, a
         # propagating logger) gets records as before.
         handlers = logger.handlers
+        seen, own = self._handlers_checked
+        if handlers != seen:  # handlers compare as themselves, not by value
+            own = _as_own_handlers(handlers)
+            self._handlers_checked = (list(handlers), own)
         # (A field named pkg replaces the logger's own in place: the record path knows how.)
-        if handlers and not logger.propagate and not logger.filters and "pkg" not in fields:
-            for handler in handlers:
-                if handler.__class__ not in _EVENT_HANDLERS:
-                    break
-            else:
-                # format_event(event, {"pkg": pkg, **fields}), without copying the fields.
-                head = self._heads.get(event) or self._head(event)
-                text = f"{head} {format_fields(fields)}" if fields else head
-                created = time.time()
-                for handler in handlers:
-                    if level >= handler.level:
-                        handler.emit_event(self, level, created, event, fields, text)  # type: ignore[attr-defined]
-                return
+        if own and not logger.propagate and not logger.filters and "pkg" not in fields:
+            # format_event(event, {"pkg": pkg, **fields}), without copying the fields.
+            head = self._heads.get(event) or self._head(event)
+            text = f"{head} {format_fields(fields)}" if fields else head
+            created = time.time()
+            for handler in own:
+                if level >= handler.level:
+                    handler.emit_event(self, level, created, event, fields, text)
+            return
         logger.handle(self.make_record(level, event, fields))
 
     def _head(self, event: str) -> str:
@@ -248,6 +254,26 @@ class LineFormatter(logging.Formatter):
             self._starts = {}
 
 
+class EventHandler(logging.Handler):
+    """A handler of ours that EventLogger hands events to without a LogRecord.
+
+    EventLogger calls ``emit_event`` instead of ``handle`` only on the exact classes in
+    ``_EVENT_HANDLERS``, and only when no other handler would see the record. A handler that
+    cannot take the event as it comes (a filter, some other formatter) makes itself a record
+    with ``source.make_record`` and goes logging's own way.
+    """
+
+    # Handler.__init__ always makes one (createLock); typeshed allows None for subclasses
+    # that override createLock, which ours do not.
+    lock: threading.RLock
+
+    def emit_event(
+        self, source: EventLogger, level: int, created: float, event: str,
+        fields: Mapping[str, Any], text: str,
+    ) -> None:
+        raise NotImplementedError
+
+
 _STATELESS_CODECS = frozenset({"utf-8", "ascii", "iso8859-1"})
 
 
@@ -258,7 +284,7 @@ def _write_rest(fd: int, data: bytes, written: int) -> None:
         written = os.write(fd, data)
 
 
-class _DirectWrites:
+class _DirectWrites(EventHandler):
     """EventLogger's fast path for a handler with a stream: one os.write per line.
 
     TextIOWrapper.write plus flush cost about as much as the write system call itself, and
@@ -266,15 +292,15 @@ class _DirectWrites:
     files, pipes or terminals (pytest's capture, io.StringIO) get write and flush as before.
     """
 
+    # The stream of the StreamHandler this is mixed into: TextIO, or a FileHandler's
+    # TextIOWrapper, None until its file is open.
     stream: Any
-    lock: Any
-    formatter: Any
     terminator: str
     # A shared stream (stderr) is flushed first, so whatever else went through it (a print,
     # logging's traceback of a failed emit) comes out in order, and a closed stream raises.
     # A log file's stream is the handler's own, and Handler.emit flushes after each record.
     _flush_first = True
-    _direct_stream: Any = object()  # no stream yet, and not None: delay=True leaves that
+    _direct_stream: object = object()  # no stream yet, and not None: delay=True leaves that
     _direct_fd: int | None = None
     _direct_encoding = "utf-8"
     _direct_errors = "strict"
@@ -285,7 +311,7 @@ class _DirectWrites:
     ) -> None:
         formatter = self.formatter
         if formatter.__class__ is not LineFormatter or self.filters:
-            self.handle(source.make_record(level, event, fields, created))  # type: ignore[attr-defined]
+            self.handle(source.make_record(level, event, fields, created))
             return
         with self.lock:
             try:
@@ -313,9 +339,9 @@ class _DirectWrites:
             except RecursionError:  # as StreamHandler.emit: no handleError for these
                 raise
             except Exception:
-                self.handleError(source.make_record(level, event, fields, created))  # type: ignore[attr-defined]
+                self.handleError(source.make_record(level, event, fields, created))
 
-    def _direct_to(self, stream: Any) -> Any:
+    def _direct_to(self, stream: TextIO | None) -> TextIO | None:
         """Takes a new stream (or opens a file handler's): the one to write to, or None."""
         self._direct_fd = None
         # Only codecs that encode a line the same alone as in a stream: no BOM (utf-8-sig,
@@ -326,13 +352,13 @@ class _DirectWrites:
             except (OSError, ValueError):
                 pass
             else:
-                self._direct_encoding, self._direct_errors = stream.encoding, stream.errors
+                self._direct_encoding, self._direct_errors = stream.encoding, stream.errors or "strict"
         # Holding the stream keeps its id from going to another stream with another fd.
         self._direct_stream = stream
         return stream
 
 
-class LineStreamHandler(_DirectWrites, logging.StreamHandler):  # type: ignore[type-arg]
+class LineStreamHandler(_DirectWrites, logging.StreamHandler[TextIO]):
     """stderr's handler: logging.StreamHandler plus the fast path of EventLogger."""
 
 
@@ -341,20 +367,40 @@ class ReopenableFileHandler(_DirectWrites, logging.FileHandler):
 
     _flush_first = False
 
-    def reopen(self) -> None:
-        self.acquire()
-        try:
-            if self.stream:
-                self.stream.close()
-            self.stream = self._open()
-        finally:
-            self.release()
+    def __init__(self, filename: str | os.PathLike[str], mode: str = "a", encoding: str | None = None,
+                 delay: bool = False, errors: str | None = None) -> None:
+        super().__init__(filename, mode, encoding, delay, errors)
+        # What to open again, kept here: FileHandler's own copies and opener are undocumented.
+        # Absolute, as FileHandler makes it, so a chdir does not move the log.
+        self.path = os.path.abspath(filename)
+        self._open_mode, self._open_errors = mode, errors
+        self._open_encoding = io.text_encoding(encoding)
+        self._shut = False  # close() was called: FileHandler opens a "w" file only once
 
-    def _direct_to(self, stream: Any) -> Any:
+    def _open_file(self) -> io.TextIOWrapper:
+        # A text mode, as FileHandler's (a binary one could not take its lines either).
+        return cast(io.TextIOWrapper, open(self.path, self._open_mode, encoding=self._open_encoding,
+                                           errors=self._open_errors))
+
+    def reopen(self) -> None:
+        with self.lock:
+            # The new file first: if it cannot be opened, lines still go to the old one.
+            old = self.setStream(self._open_file())
+            if old is not None:
+                old.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self._shut = True
+            super().close()
+
+    def _direct_to(self, stream: TextIO | None) -> TextIO | None:
         if stream is None:  # delay=True, or closed: FileHandler.emit opens it then too
-            if self.mode == "w" and self._closed:  # type: ignore[attr-defined]
+            if self._open_mode == "w" and self._shut:
                 return None
-            stream = self.stream = self._open()
+            opened = self._open_file()
+            self.setStream(opened)
+            stream = opened
         return super()._direct_to(stream)
 
 
@@ -392,7 +438,7 @@ def _journal_fields(event: str | None, all_fields: Mapping[str, Any]) -> dict[st
     return fields
 
 
-class _WholeLines(logging.Handler):
+class _WholeLines(EventHandler):
     """EventLogger's fast path for handlers that send each line as one message (journald,
     syslog): the line as LineFormatter makes it, to ``_send_event``; any other formatter or a
     filter takes the record path."""
@@ -405,7 +451,7 @@ class _WholeLines(logging.Handler):
         if type(formatter) is not LineFormatter or self.filters:
             self.handle(source.make_record(level, event, fields, created))
             return
-        with self.lock:  # type: ignore[union-attr]
+        with self.lock:
             try:
                 self._send_event(formatter.event_line(level, created, text), level, event,
                                  source, fields)
@@ -449,8 +495,57 @@ class JournalHandler(_WholeLines):
         )
 
 
-class SyslogLineHandler(_WholeLines, logging.handlers.SysLogHandler):
-    """logging's SysLogHandler plus the fast path of EventLogger, same datagrams."""
+# RFC 3164 §4.1.1: the message starts "<PRI>", PRI = facility * 8 + severity; facility 3 is
+# "system daemons". Severities (RFC 5424 §6.2.1) by level name; a name of no standard level
+# ("Level 25") is a warning, as logging's own SysLogHandler maps it.
+LOG_DAEMON = 3
+_SYSLOG_SEVERITIES = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+_UNKNOWN_LEVEL_SEVERITY = 4
+
+
+class SyslogLineHandler(_WholeLines):
+    """Each line as one message to the local syslog socket: ``<PRI>tag[pid]: LINE`` and a NUL.
+
+    ``ident`` goes in front of every line ("wstunsrv[7808]: ", the TAG of RFC 3164 §4.1.3 as
+    syslog(3) writes it); the syslog daemon or journald adds the time and host. The trailing
+    NUL is what logging's SysLogHandler (which sent our lines before) appends, and on a stream
+    socket it is what ends a message.
+    """
+
+    def __init__(self, address: str, ident: str, facility: int = LOG_DAEMON) -> None:
+        super().__init__()
+        self.address = address
+        self.ident = ident
+        self.facility = facility
+        self._socket: socket.socket | None = None
+        self._heads: dict[str, bytes] = {}  # "<PRI>ident" by level name
+        # As openlog(3): no syslog daemon yet is no error; each line tries again.
+        with contextlib.suppress(OSError):
+            self._connect()
+
+    def _connect(self) -> socket.socket:
+        # /dev/log is a datagram socket under journald, rsyslog and most syslog-ngs; a few
+        # syslog-ng setups listen for streams there instead.
+        try:
+            sock = self._connected(socket.SOCK_DGRAM)
+        except OSError:
+            sock = self._connected(socket.SOCK_STREAM)
+        self._socket = sock
+        return sock
+
+    def _connected(self, kind: socket.SocketKind) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, kind)
+        try:
+            sock.connect(self.address)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _head(self, level_name: str) -> bytes:
+        severity = _SYSLOG_SEVERITIES.get(level_name, _UNKNOWN_LEVEL_SEVERITY)
+        head = self._heads[level_name] = f"<{self.facility * 8 + severity}>{self.ident}".encode()
+        return head
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -462,32 +557,40 @@ class SyslogLineHandler(_WholeLines, logging.handlers.SysLogHandler):
                     fields: Mapping[str, Any]) -> None:
         self._send_line(line, logging.getLevelName(level))
 
-    def _send_line(self, message: str, level_name: str) -> None:
-        # CPython 3.11's SysLogHandler.emit from its format() on: one copy for both paths.
-        if self.ident:
-            message = self.ident + message
-        if self.append_nul:
-            message += "\000"
-        prio = f"<{self.encodePriority(self.facility, self.mapPriority(level_name))}>"
-        data = prio.encode("utf-8") + message.encode("utf-8")
-        if not self.socket:
-            self.createSocket()
-        if self.unixsocket:
-            try:
-                self.socket.send(data)
-            except OSError:
-                self.socket.close()
-                self._connect_unixsocket(self.address)  # type: ignore[attr-defined]
-                self.socket.send(data)
-        elif self.socktype == socket.SOCK_DGRAM:
-            self.socket.sendto(data, self.address)
-        else:
-            self.socket.sendall(data)
+    def _send_line(self, line: str, level_name: str) -> None:
+        data = (self._heads.get(level_name) or self._head(level_name)) + line.encode() + b"\0"
+        sock = self._socket or self._connect()
+        try:
+            sock.sendall(data)
+        except OSError:
+            # The daemon restarted and its socket is a new one: connect again, once.
+            self._disconnect()
+            self._connect().sendall(data)
+
+    def _disconnect(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    def close(self) -> None:
+        with self.lock:
+            self._disconnect()
+            super().close()
 
 
 # The handler classes whose emit_event EventLogger calls instead of building a LogRecord: exact
 # classes, as a subclass may have changed what emit() does.
-_EVENT_HANDLERS = frozenset({LineStreamHandler, ReopenableFileHandler, JournalHandler, SyslogLineHandler})
+_EVENT_HANDLERS: frozenset[type[EventHandler]] = frozenset(
+    {LineStreamHandler, ReopenableFileHandler, JournalHandler, SyslogLineHandler}
+)
+
+
+def _as_own_handlers(handlers: list[logging.Handler]) -> tuple[EventHandler, ...] | None:
+    """``handlers`` if every one is of a class in _EVENT_HANDLERS (so EventLogger may skip the
+    LogRecord), else None."""
+    own = tuple(handler for handler in handlers
+                if isinstance(handler, EventHandler) and handler.__class__ in _EVENT_HANDLERS)
+    return own if len(own) == len(handlers) else None
 
 
 def under_journald(environ: Mapping[str, str] | None = None) -> bool:
@@ -516,19 +619,17 @@ def configure(
     when ``target`` is ``journal``), else stderr.
     """
     logger = logging.getLogger("wstunnel")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+    for earlier in list(logger.handlers):
+        logger.removeHandler(earlier)
+        earlier.close()
     logger.setLevel(level.upper())
     logger.propagate = False
     handler: logging.Handler
     if syslog_tag:
-        handler = SyslogLineHandler(
-            address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON
-        )
         # "tag[pid]: " as syslog(3) and the original's Go log/syslog write it, so lines read
         # "wstunsrv[7808]: INFO ..." as in the original's documentation.
-        handler.ident = f"{syslog_tag}[{os.getpid()}]: "
+        handler = SyslogLineHandler(SYSLOG_SOCKET, ident=f"{syslog_tag}[{os.getpid()}]: ",
+                                    facility=LOG_DAEMON)
         handler.setFormatter(LineFormatter(timestamps=False))
     elif logfile is not None:
         handler = ReopenableFileHandler(logfile, encoding="utf-8", delay=False)
