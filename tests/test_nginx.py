@@ -95,6 +95,10 @@ def test_shipped_directives(shipped: Path) -> None:
     # No body limit of nginx's own: the server streams bodies and says 413 itself past its cap.
     server_defaults = ServerSettings.model_fields
     assert tls.value("client_max_body_size") == ["0"]
+    # HTTP/2 for browsers loading many assets (scripts/nginx_http2.py measures it), with a body
+    # buffer that lets an HTTP/2 upload's window open wide enough to go as fast as HTTP/1.1.
+    assert all(listen.args[-2:] == ["ssl", "http2"] for listen in tls.all("listen"))
+    assert size_bytes(tls.value("client_body_buffer_size")[0]) >= MiB
     # Request heads as large as the server takes, in a single header line too.
     count, size = tls.value("large_client_header_buffers")
     assert size_bytes(size) >= server_defaults["max_header_size"].default and int(count) >= 2
