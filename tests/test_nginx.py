@@ -1,7 +1,9 @@
 """The nginx frontends we ship (``nginx/``), run for real with Debian's nginx.
 
 * The directives whose effect a test cannot wait for (timeouts of 20 minutes and more, buffering,
-  TLS settings) are read from the shipped files and checked against the server's own defaults.
+  TLS settings, upgrades on every path, body and head limits) are read from the shipped files and
+  checked against the server's own defaults. These need the files only: they run, and never
+  skip, without nginx or curl; the tests that run a binary skip, saying which, when it is absent.
 * ``wstunnel.conf``: ``wstunnel cli`` registers over ``wss://`` through nginx (``-certfile`` with
   a throwaway trustme CA); curl reaches the backend with ``X-Token`` and with ``/_token/`` paths;
   the server sees the real ``X-Forwarded-For`` chain; port 80 redirects; TLS 1.1 and weak ciphers
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -29,9 +30,12 @@ import httpx
 import pytest
 
 from tests.support.harness import Client, Harness, Server, wait_until
+from tests.support.nginx_config import Block, parse_nginx, seconds, size_bytes
 from tests.support.nginx_frontend import (
     CLUSTER_SITE,
-    NGINX,
+    CURL,
+    NEEDS_CURL,
+    NEEDS_NGINX,
     SHIPPED_CLUSTER_PORTS,
     SHIPPED_UPSTREAM,
     SITE,
@@ -48,10 +52,6 @@ from tests.support.nginx_frontend import (
 )
 from wstunnel.config import ClientSettings, ServerSettings
 
-pytestmark = pytest.mark.skipif(not Path(NGINX).exists() or shutil.which("curl") is None,
-                                reason="nginx or curl not installed (scripts/setup installs them)")
-
-CURL = shutil.which("curl") or "/usr/bin/curl"
 MiB = 1024 * 1024
 # The largest ping timeout of the client and tunnel timeout of the server (both clamped to 600 s).
 LONGEST_TUNNEL_SILENCE = 600.0
@@ -59,68 +59,6 @@ RECONNECT_CAP = 2.0  # -reconnect-max-delay of the cluster's clients
 
 
 # ------------------------------------------------------------------------ the shipped files, read
-
-
-@dataclass
-class Block:
-    """One nginx directive; ``children`` is its ``{ }`` block, if it has one."""
-
-    name: str
-    args: list[str]
-    children: list[Block] | None = None
-
-    def all(self, name: str) -> list[Block]:
-        return [child for child in self.children or [] if child.name == name]
-
-    def one(self, name: str) -> Block:
-        found = self.all(name)
-        assert len(found) == 1, f"expected one {name!r} in {self.name} {self.args}, found {len(found)}"
-        return found[0]
-
-    def value(self, name: str) -> list[str]:
-        return self.one(name).args
-
-    def headers(self) -> dict[str, str]:
-        return {b.args[0].lower(): b.args[1] for b in self.all("proxy_set_header")}
-
-
-_TOKEN = re.compile(r"""#[^\n]*|"((?:[^"\\]|\\.)*)"|'((?:[^'\\]|\\.)*)'|([{};])|([^\s{};"'#]+)""")
-
-
-def parse_nginx(text: str) -> Block:
-    """Just enough of nginx's syntax for our own files: directives, blocks, quotes, comments."""
-    root = Block("<file>", [], [])
-    stack, words = [root], []
-    for match in _TOKEN.finditer(text):
-        dq, sq, punct, bare = match.groups()
-        if match.group(0).startswith("#") and dq is None and sq is None:
-            continue
-        if punct == ";":
-            stack[-1].children.append(Block(words[0], words[1:]))  # type: ignore[union-attr]
-            words = []
-        elif punct == "{":
-            block = Block(words[0], words[1:], [])
-            stack[-1].children.append(block)  # type: ignore[union-attr]
-            stack.append(block)
-            words = []
-        elif punct == "}":
-            assert not words, f"unterminated directive {words}"
-            stack.pop()
-        else:
-            words.append(next(g for g in (dq, sq, bare) if g is not None))
-    assert len(stack) == 1 and not words, "unbalanced braces in the shipped file"
-    return root
-
-
-def _seconds(value: str) -> float:
-    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-    number, unit = re.fullmatch(r"(\d+)(ms|s|m|h|d)?", value).groups()  # type: ignore[union-attr]
-    return int(number) * units[unit or "s"]
-
-
-def _bytes(value: str) -> int:
-    number, unit = re.fullmatch(r"(\d+)([kKmMgG]?)", value).groups()  # type: ignore[union-attr]
-    return int(number) * {"": 1, "k": 1024, "m": MiB, "g": 1024 * MiB}[unit.lower()]
 
 
 def _servers(config: Block) -> tuple[Block, Block]:
@@ -154,9 +92,16 @@ def test_shipped_directives(shipped: Path) -> None:
     hsts = tls.value("add_header")
     assert hsts[0] == "Strict-Transport-Security" and hsts[-1] == "always"
     assert int(re.search(r"max-age=(\d+)", hsts[1]).group(1)) >= 180 * 86400  # type: ignore[union-attr]
-    # The body limit is the server's.
+    # No body limit of nginx's own: the server streams bodies and says 413 itself past its cap.
     server_defaults = ServerSettings.model_fields
-    assert _bytes(tls.value("client_max_body_size")[0]) == server_defaults["max_body_size"].default
+    assert tls.value("client_max_body_size") == ["0"]
+    # HTTP/2 for browsers loading many assets (scripts/nginx_http2.py measures it), with a body
+    # buffer that lets an HTTP/2 upload's window open wide enough to go as fast as HTTP/1.1.
+    assert all(listen.args[-2:] == ["ssl", "http2"] for listen in tls.all("listen"))
+    assert size_bytes(tls.value("client_body_buffer_size")[0]) >= MiB
+    # Request heads as large as the server takes, in a single header line too.
+    count, size = tls.value("large_client_header_buffers")
+    assert size_bytes(size) >= server_defaults["max_header_size"].default and int(count) >= 2
     assert tls.value("gzip") == ["off"]  # Debian's nginx.conf has it on
     # Plain HTTP only redirects.
     assert _location(plain, "/").value("return") == ["301", "https://$host$request_uri"]
@@ -167,30 +112,40 @@ def test_shipped_directives(shipped: Path) -> None:
         assert location.value("proxy_buffering") == ["off"], where
         assert location.value("proxy_request_buffering") == ["off"], where
         assert location.value("proxy_http_version") == ["1.1"], where
+        assert [d.args for d in location.all("proxy_ignore_client_abort")] in ([], [["off"]]), where
         headers = location.headers()
         assert headers["x-forwarded-for"] == "$proxy_add_x_forwarded_for", where
         assert headers["x-forwarded-proto"] == "$scheme", where
         assert headers["host"] == "$host", where
+        # WebSocket handshakes pass on every path (the tunnel's own, and a browser's to an app
+        # behind a tunnel): "Connection: upgrade" for them, nothing for other requests, which
+        # keep their kept-alive connection to the server.
+        assert headers["upgrade"] == "$http_upgrade", where
+        upgrade_map = maps[headers["connection"]]
+        assert upgrade_map.args[0] == "$http_upgrade", where
+        assert upgrade_map.value("default") == ["upgrade"] and upgrade_map.value("") == [""], where
+        assert len(upgrade_map.children or []) == 2, where
 
     tunnel = _location(tls, "=", "/_tunnel")
-    headers = tunnel.headers()
-    assert headers["upgrade"] == "$http_upgrade"
-    upgrade_map = maps[headers["connection"]]
-    assert upgrade_map.args[0] == "$http_upgrade" and upgrade_map.value("default") == ["upgrade"]
     # The tunnel must outlive the longest silence the client and the server allow it.
     for directive in ("proxy_read_timeout", "proxy_send_timeout"):
-        assert _seconds(tunnel.value(directive)[0]) >= 6 * LONGEST_TUNNEL_SILENCE
+        assert seconds(tunnel.value(directive)[0]) >= 6 * LONGEST_TUNNEL_SILENCE
     assert ClientSettings.model_fields["timeout"].default <= LONGEST_TUNNEL_SILENCE
 
-    # Requests: nginx waits longer than the server does, so the server's 504 reaches the client.
+    # Requests: nginx waits longer than the server does, so the server's 504 reaches the client;
+    # and a browser's WebSocket, which the server closes after httptimeout of silence, is never
+    # cut by nginx first.
     everything = _location(tls, "/")
-    assert _seconds(everything.value("proxy_read_timeout")[0]) > server_defaults["httptimeout"].default
+    for directive in ("proxy_read_timeout", "proxy_send_timeout"):
+        assert seconds(everything.value(directive)[0]) > server_defaults["httptimeout"].default
+    # Response heads of a web app with big cookies or policies (nginx's default: 4 KiB).
+    assert size_bytes(everything.value("proxy_buffer_size")[0]) >= 64 * 1024
 
     upstream_name = tunnel.value("proxy_pass")[0].removeprefix("http://")
     assert everything.value("proxy_pass") == tunnel.value("proxy_pass")
     upstream = next(u for u in config.all("upstream") if u.args == [upstream_name])
     # Idle upstream connections go before the server's keep-alive limit closes them.
-    assert _seconds(upstream.value("keepalive_timeout")[0]) < 75
+    assert seconds(upstream.value("keepalive_timeout")[0]) < 75
     if shipped == CLUSTER_SITE:
         assert upstream.value("hash") == ["$wstunnel_token", "consistent"]
         assert [s.args[1:] for s in upstream.all("server")] == [["max_fails=0"]] * 3
@@ -205,6 +160,7 @@ def test_both_files_share_the_tls_settings() -> None:
     assert _tls_settings(site)
 
 
+@NEEDS_NGINX
 @pytest.mark.parametrize("shipped", [SITE, CLUSTER_SITE], ids=lambda p: p.name)
 def test_nginx_accepts_the_shipped_file(tmp_path: Path, shipped: Path) -> None:
     certs = issue_certificates(tmp_path)
@@ -281,6 +237,8 @@ def frontend(harness: Harness, tmp_path: Path) -> Iterator[Frontend]:
     _no_token_in(nginx.logs(), harness)
 
 
+@NEEDS_NGINX
+@NEEDS_CURL
 def test_cli_registers_through_nginx_and_curl_gets_answers(frontend: Frontend) -> None:
     # The tunnel came through nginx: the server saw it from nginx's address.
     tunnel = next(t for t in frontend.server.status()["tunnels"] if t["token"] == frontend.token[:8] + "...")
@@ -305,6 +263,8 @@ def test_cli_registers_through_nginx_and_curl_gets_answers(frontend: Frontend) -
     assert (health.status, health.body) == (200, b"WSTUNSRV RUNNING\n")
 
 
+@NEEDS_NGINX
+@NEEDS_CURL
 def test_forwarded_for_chain(frontend: Frontend) -> None:
     # The HTTP client is 127.0.0.3 and claims to be 203.0.113.7: nginx appends the address it
     # saw, and the server, trusting nginx (127.0.0.1) only, takes that one as the client's.
@@ -321,6 +281,7 @@ def test_forwarded_for_chain(frontend: Frontend) -> None:
     assert re.search(r'\baddr="?127\.0\.0\.3\b', line), line
 
 
+@NEEDS_NGINX
 def test_plain_http_redirects_to_https(frontend: Frontend) -> None:
     answer = httpx.get(f"http://127.0.0.1:{frontend.nginx.http_port}/some/page?q=1",
                        headers={"Host": "localhost"}, timeout=10)
@@ -345,6 +306,7 @@ def _context(certs: Certificates, version: ssl.TLSVersion, ciphers: str | None =
     return context
 
 
+@NEEDS_NGINX
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
 def test_tls_versions_and_ciphers(frontend: Frontend) -> None:
     nginx, certs = frontend.nginx, frontend.nginx.certs
@@ -363,6 +325,8 @@ def test_tls_versions_and_ciphers(frontend: Frontend) -> None:
     assert weak.value.reason == "SSLV3_ALERT_HANDSHAKE_FAILURE", weak.value
 
 
+@NEEDS_NGINX
+@NEEDS_CURL
 def test_large_bodies_pass(frontend: Frontend) -> None:
     upload = frontend.nginx.directory / "upload.bin"
     sent = bytes(range(256)) * (4 * 1024)  # 1 MiB
@@ -407,6 +371,7 @@ def _markers_seen(client: Client) -> set[str]:
     return set(re.findall(r"\bWS +RCV .*url=/echo/(t\d\d)/", client.process.output()))
 
 
+@NEEDS_NGINX
 def test_cluster_spreads_tokens_and_survives_a_restart(harness: Harness, tmp_path: Path) -> None:
     started = time.monotonic()
     certs, servers, nginx = start_cluster(harness, tmp_path)

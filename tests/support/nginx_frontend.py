@@ -20,11 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 import trustme
 
 from tests.support.harness import ROOT, Harness, Process, Server, free_port, wait_until
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+CURL = shutil.which("curl") or "/usr/bin/curl"
+# Only tests that run a binary skip without it; those that read the shipped files never do.
+NEEDS_NGINX = pytest.mark.skipif(not Path(NGINX).exists(),
+                                 reason=f"{NGINX} not installed (scripts/setup installs nginx-light)")
+NEEDS_CURL = pytest.mark.skipif(not Path(CURL).exists(),
+                                reason=f"{CURL} not installed (scripts/setup installs curl)")
 SHIPPED = ROOT / "nginx"
 SITE = SHIPPED / "wstunnel.conf"
 CLUSTER_SITE = SHIPPED / "wstunnel-cluster.conf"
@@ -121,12 +128,17 @@ class Nginx:
 def render_site(shipped: Path, directory: Path, *, http_port: int, tls_port: int,
                 certs: Certificates, upstreams: Sequence[tuple[str, str]]) -> str:
     """The shipped site file with our ports, certificate, log paths and upstream servers."""
-    return substitute(shipped.read_text(), [
+    text = shipped.read_text()
+    # The TLS listener as shipped, with or without its http2 flag (kept as it is).
+    tls_listen = next(line.strip() for line in text.splitlines()
+                      if line.strip().startswith("listen 443 ssl"))
+    tls_listen = tls_listen[: tls_listen.index(";") + 1]
+    return substitute(text, [
         ("listen 80;", f"listen 127.0.0.1:{http_port};"),
-        ("listen 443 ssl;", f"listen 127.0.0.1:{tls_port} ssl;"),
+        (tls_listen, tls_listen.replace("listen 443 ", f"listen 127.0.0.1:{tls_port} ")),
         # One IPv4 address is enough here; the IPv6 lines are the same apart from the address.
         ("listen [::]:80;", "# (IPv6 listener removed by the test)"),
-        ("listen [::]:443 ssl;", "# (IPv6 listener removed by the test)"),
+        (tls_listen.replace("443", "[::]:443"), "# (IPv6 listener removed by the test)"),
         ("server_name tunnel.example.com;", "server_name localhost;"),
         ("/etc/letsencrypt/live/tunnel.example.com/fullchain.pem", str(certs.cert_pem)),
         ("/etc/letsencrypt/live/tunnel.example.com/privkey.pem", str(certs.key_pem)),
@@ -189,11 +201,12 @@ def owners_by_log(servers: list[Server], token: str) -> list[int]:
     return owners
 
 
-def start_cluster(harness: Harness, tmp_path: Path) -> tuple[Certificates, list[Server], Nginx]:
+def start_cluster(harness: Harness, tmp_path: Path,
+                  *server_flags: str) -> tuple[Certificates, list[Server], Nginx]:
     """A backend, one server per upstream of the shipped cluster file, and nginx built from it."""
     certs = issue_certificates(tmp_path)
     harness.backend()
-    servers = [harness.server(*TRUST_NGINX) for _ in SHIPPED_CLUSTER_PORTS]
+    servers = [harness.server(*TRUST_NGINX, *server_flags) for _ in SHIPPED_CLUSTER_PORTS]
     nginx = start_nginx(harness, tmp_path / "nginx", CLUSTER_SITE, certs, [
         (f"server 127.0.0.1:{shipped} ", f"server 127.0.0.1:{server.port} ")
         for shipped, server in zip(SHIPPED_CLUSTER_PORTS, servers, strict=True)
@@ -232,3 +245,67 @@ def placement(servers: list[Server]) -> dict[str, list[tuple[int, int]]]:
         for tunnel in server.status()["tunnels"]:
             placement.setdefault(tunnel["token"], []).append((index, len(tunnel["clients"])))
     return placement
+
+
+# -- one deployment or another, for tests that compare them ------------------------------------
+
+ROUTES = ("direct", "nginx", "cluster")
+
+
+@dataclass
+class Deployment:
+    """wstunnel srv reached directly ("direct"), through the shipped wstunnel.conf ("nginx"), or
+    through wstunnel-cluster.conf in front of three instances ("cluster")."""
+
+    route: str
+    servers: list[Server]
+    nginx: Nginx | None = None
+
+    @property
+    def url(self) -> str:
+        return self.nginx.https_url if self.nginx else self.servers[0].url
+
+    @property
+    def tunnel_url(self) -> str:
+        return self.nginx.wss_url if self.nginx else self.servers[0].ws_url
+
+    @property
+    def certs(self) -> Certificates | None:
+        return self.nginx.certs if self.nginx else None
+
+    def client_flags(self) -> list[str]:
+        return ["-certfile", str(self.nginx.certs.ca_pem)] if self.nginx else []
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """httpx's ``verify`` for :attr:`url`."""
+        return self.nginx.certs.client_context() if self.nginx else True
+
+    def connect(self, timeout: float = 20) -> socket.socket:
+        """A connection to :attr:`url` (TLS through nginx, offering HTTP/1.1 only), for requests
+        written by hand."""
+        port = self.nginx.tls_port if self.nginx else self.servers[0].port
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if not self.nginx:
+            return raw
+        return self.nginx.certs.client_context().wrap_socket(raw, server_hostname="localhost")
+
+    def clients(self, token: str) -> int:
+        return sum(server.clients(token) for server in self.servers)
+
+    def wait_clients(self, token: str, count: int, timeout: float = 30) -> None:
+        wait_until(lambda: self.clients(token) == count, timeout=timeout,
+                   what=f"{count} client(s) on the token, on any instance")
+
+
+def deploy(harness: Harness, directory: Path, route: str, *server_flags: str) -> Deployment:
+    """The backend, and wstunnel srv as ``route`` (one of :data:`ROUTES`) puts it."""
+    harness.backend()
+    if route == "cluster":
+        _, servers, nginx = start_cluster(harness, directory, *server_flags)
+        return Deployment(route, servers, nginx)
+    server = harness.server(*TRUST_NGINX, *server_flags)
+    if route == "direct":
+        return Deployment(route, [server])
+    nginx = start_nginx(harness, directory / "nginx", SITE, issue_certificates(directory),
+                        [(SHIPPED_UPSTREAM, f"server 127.0.0.1:{server.port};")])
+    return Deployment(route, [server], nginx)
