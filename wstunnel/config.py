@@ -22,7 +22,13 @@ from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from wstunnel.errors import ConfigError
 from wstunnel.tokens import MIN_LENGTH
@@ -80,7 +86,14 @@ class _Common(BaseSettings):
     max_body_size: int = Field(100 * MiB, ge=1024, description="largest body carried, in bytes")
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, **_others):  # type: ignore[override]
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Sources are merged by load_settings(), which must know where each value came from.
         return (init_settings,)
 
@@ -345,7 +358,7 @@ def load_settings(model: type[Settings], flags: Mapping[str, Any]) -> Settings:
     env_prefix = model.model_config.get("env_prefix", "")
 
     config_path = flags.get("config")
-    env_values = EnvSettingsSource(model)()  # type: ignore[arg-type]
+    env_values = EnvSettingsSource(model)()
     if config_path is None:
         config_path = env_values.get("config")
     if config_path is not None:

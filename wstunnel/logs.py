@@ -43,6 +43,7 @@ def _render_value(value: Any) -> str:
     # Every request logs a few lines of mostly strs, ints, bytes and Tokens: those are checked
     # first, by exact type (a bool is an int, and an enum or a subclass must take the generic path).
     kind = type(value)
+    text: str
     if kind is str:
         text = value
     elif kind is int:
