@@ -201,8 +201,7 @@ class Container:
     def run(self, *argv: str, input: str | None = None, timeout: float = 60.0,
             check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a command inside the container (all its namespaces, its root and cwd)."""
-        if self.nspawn.poll() is not None:
-            raise AssertionError(f"container {self.name} is gone: {_tail(self.log_path)}")
+        self._check_still_ours()
         command = ["nsenter", "-t", str(self.leader), "-a", "--", *argv]
         result = subprocess.run(command, input=input, capture_output=True, text=True,
                                 timeout=timeout, env=CONTAINER_ENV,
@@ -213,6 +212,25 @@ class Container:
                 f"stdout: {result.stdout}\nstderr: {result.stderr}"
             )
         return result
+
+    def _check_still_ours(self) -> None:
+        """Refuse to enter anything but this container: a command meant for it (``systemctl``,
+        ``rm -rf``) must never reach the host's own systemd or file systems.
+
+        systemd-nspawn still running (not reaped by us, so its PID is its own) with ``leader`` as
+        its child means ``leader`` is the container's PID 1, not a recycled PID of some host
+        process; that it sees another mount namespace than ours says the same once more.
+        """
+        if self.nspawn.poll() is not None:
+            raise AssertionError(f"container {self.name} is gone: {_tail(self.log_path)}")
+        try:
+            parent = int(Path(f"/proc/{self.leader}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            own_mounts = os.readlink(f"/proc/{self.leader}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        except (OSError, IndexError, ValueError):
+            parent, own_mounts = 0, False
+        if parent != self.nspawn.pid or not own_mounts:
+            raise AssertionError(f"container {self.name}: PID {self.leader} is no longer its "
+                                 f"systemd; not entering it: {_tail(self.log_path)}")
 
     def curl(self, url: str, *headers: str) -> str:
         argv = ["curl", "-sS", "--fail-with-body", "--max-time", "20"]
