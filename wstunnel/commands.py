@@ -23,13 +23,15 @@ from wstunnel.errors import ConfigError, DialError, sole_exception
 from wstunnel.service import ServiceNotifier
 
 EX_CONFIG = 78
+# What main() dispatches on (the shell completion offers the same words).
+COMMANDS = ("srv", "cli", "version", *ops.COMMANDS)
 TOKEN_VARIABLE = "WSTUNCLI_TOKEN"
 
 CLIENT_STOP_GRACE = 3.0
 SettingsT = TypeVar("SettingsT", ServerSettings, ClientSettings)
 
 
-def _parser(prog: str, model: type[ServerSettings] | type[ClientSettings]) -> argparse.ArgumentParser:
+def daemon_parser(prog: str, model: type[ServerSettings] | type[ClientSettings]) -> argparse.ArgumentParser:
     # Go programs answer -help; argparse alone would read it as -h with a stray "elp".
     parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, add_help=False)
     parser.add_argument("-h", "-help", "--help", action="help", help="show the flags and exit")
@@ -64,7 +66,7 @@ def _hide_token_from_ps(argv: Sequence[str]) -> None:
 def run_server(argv: Sequence[str]) -> int:
     from wstunnel.server import TunnelServer
 
-    flags = parse_flags(_parser("wstunnel srv", ServerSettings), argv)
+    flags = parse_flags(daemon_parser("wstunnel srv", ServerSettings), argv)
     settings = load_settings(ServerSettings, flags)
     _configure_logs("wstunsrv", settings)
     log = logs.EventLogger("WStunsrv")
@@ -127,7 +129,7 @@ def _exit_now(code: int) -> NoReturn:
 def run_client(argv: Sequence[str]) -> int:
     from wstunnel.client import TunnelClient
 
-    parser = _parser("wstunnel cli", ClientSettings)
+    parser = daemon_parser("wstunnel cli", ClientSettings)
     flags = parse_flags(parser, argv)
     # Validate before the re-exec, so an error names the -token flag the user typed and not
     # the environment variable the re-exec moves it to.
@@ -214,8 +216,7 @@ def _reload(log: logs.EventLogger, notifier: ServiceNotifier, model: type[Settin
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: wstunnel {srv|cli|version|status|token|config} [flags]"
-             "  (wstunnel srv -help for the flags)")
+    usage = f"usage: wstunnel {{{'|'.join(COMMANDS)}}} [flags]  (wstunnel srv -help for the flags)"
     if not args or args[0] in ("-h", "-help", "--help", "help"):
         print(usage)
         return 0 if args else 2
