@@ -11,7 +11,8 @@ each with a local apt repository so that apt resolves the packages as on a real 
 
 - ``server`` and ``client``, each in a network namespace of its own, joined by a veth pair
   (10.214.0.1 and 10.214.0.2): the server package alone, the client package alone tunnelling to
-  it, then both packages on the server machine; then remove and purge of each;
+  it, then both packages on the server machine; then remove and purge of each; then, on clean
+  machines, 0.1.0 upgraded the ways README names besides the one below;
 - ``upgrade``: 0.1.0 with an edited wstunsrv.toml and a running client, upgraded to the split
   packages the way the README says, then to a later build of them, then purged.
 
@@ -479,6 +480,35 @@ def test_remove_and_purge_on_the_machine_with_both(world: World) -> None:
         assert box.account() == account, "the group that may read the kept token files is gone"
         assert box.stat(f"{CLI_DIR}/{tunnel.name}.toml") == "root:wstunnel 640"
         box.apt("purge", "wstunnel-client")
+        _assert_nothing_left(box, account)
+
+
+def test_upgraded_alone_the_program_leaves_the_server_running_for_its_package(world: World) -> None:
+    """``apt upgrade`` on a 0.1.0 machine: what README and NEWS say happens, then the way back."""
+    box = world.server
+    with box.step("plain-upgrade", "purge-both"):
+        box.apt("install", f"wstunnel={OLD}")
+        before = wait_until(lambda: box.active(SRV), timeout=60, what=f"{SRV} of {OLD}")
+        edited = box.c.read(SRV_CONFIG) + f"{LOCAL_EDIT}\n"
+        box.c.write(SRV_CONFIG, edited)
+
+        out = box.apt("upgrade")
+        assert box.status("wstunnel") == f"ii {world.version}"
+        assert box.status("wstunnel-server") == "not installed"
+        assert "apt install wstunnel-server" in out, out
+        # Nobody owns the unit now; the daemon runs on, as it was.
+        assert box.state(SRV)["MainPID"] == before["MainPID"]
+        assert not box.exists("/lib/systemd/system/wstunsrv.service")
+        assert box.c.curl("http://127.0.0.1:8080/_health_check") == HEALTHY
+
+        box.apt("install", "wstunnel-server")
+        _restarted(box, SRV, before["MainPID"])
+        assert box.is_enabled(SRV) == "enabled"
+        assert box.c.read(SRV_CONFIG) == edited
+        assert box.verify(*PACKAGES[:2]) == [f"??5?????? c {SRV_CONFIG}"]
+        account = box.account()
+        assert account is not None
+        box.apt("purge", *PACKAGES[:2])
         _assert_nothing_left(box, account)
 
 
