@@ -41,7 +41,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def parser_for(model: type[ServerSettings] | type[ClientSettings]) -> FlagParser:
     name = "wstunnel srv" if model is ServerSettings else "wstunnel cli"
-    return commands._parser(name, model)  # the parser the program itself uses
+    return commands.daemon_parser(name, model)  # the parser the program itself uses
 
 
 def load(model: type[Settings], argv: Sequence[str]) -> Settings:

@@ -1,63 +1,60 @@
-"""The Debian package, tested for real: install, tunnel, upgrade, remove, purge.
+"""The Debian packages, tested for real: each role alone, both, the upgrade from 0.1.0, purge.
 
-``scripts/build-deb`` builds the package from this checkout twice: once at the version in
-debian/changelog and once with a higher version for the upgrade. The second one is then given a
-changed shipped ``wstunsrv.toml`` and ``example.toml.sample`` (one comment line each, repacked
-with ``dpkg-deb``), so that the upgrade meets both conffile cases: a file the administrator
-edited, which ``--force-confold`` keeps (the new one goes to ``.dpkg-dist``), and one left as
-shipped, which dpkg replaces without asking.
+``scripts/build-deb`` builds this checkout's three packages (``wstunnel``: the program, starts
+nothing; ``wstunnel-server``: wstunsrv; ``wstunnel-client``: wstuncli@NAME) and, from the frozen
+debian/ tree of release 0.1.0 (tests/data/debian-0.1.0), the single ``wstunnel`` package that
+0.1.0 machines have: one package with both daemons that starts wstunsrv wherever it goes. (Its
+Python code is this checkout's; what the upgrade tests is the packaging.)
 
-One throwaway Debian 12 container with a real systemd (tests/support/systemd_container.py) takes the
-package through its life, one test per step, in file order; a step whose predecessor failed is
-skipped. Nothing of the checkout is bound into the container: the package brings everything.
-Like the other container tests these need root and a working systemd-nspawn; elsewhere they are
-skipped with the reason; with WSTUNNEL_REQUIRE_CONTAINER_TESTS set that reason fails them instead.
+Three throwaway Debian 12 containers with a real systemd (tests/support/systemd_container.py),
+each with a local apt repository so that apt resolves the packages as on a real machine:
+
+- ``server`` and ``client``, each in a network namespace of its own, joined by a veth pair
+  (10.214.0.1 and 10.214.0.2): the server package alone, the client package alone tunnelling to
+  it, then both packages on the server machine; then remove and purge of each; then, on clean
+  machines, 0.1.0 upgraded the ways README names besides the one below;
+- ``upgrade``: 0.1.0 with an edited wstunsrv.toml and a running client, upgraded to the split
+  packages the way the README says, then to a later build of them, then purged.
+
+One test per step, in file order; a step whose predecessor failed is skipped. Nothing of the
+checkout is bound into the containers: the packages bring everything. Like the other container
+tests these need root and a working systemd-nspawn; elsewhere they are skipped with the reason;
+with WSTUNNEL_REQUIRE_CONTAINER_TESTS set that reason fails them instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support.harness import ROOT, wait_until
-from tests.support.systemd_container import Container, Unavailable, booted, preflight
+from tests.support.debpkg import OLD_DEBIAN, PACKAGES, Box, Build, Listener, changelog_version, repack
+from tests.support.harness import wait_until
+from tests.support.systemd_container import Unavailable, booted, linked_networks, preflight
 from wstunnel import __version__
+from wstunnel.completion import script
 
-BUILD_DEB = ROOT / "scripts" / "build-deb"
-BUILD_TIMEOUT = 600.0
-APT_TIMEOUT = 300.0
-DEBS_IN_BOX = "/srv/debs"  # world-readable, so apt's _apt user can read the files
 SRV = "wstunsrv.service"
-CLI = "wstuncli@demo.service"
 SRV_CONFIG = "/etc/wstunnel/wstunsrv.toml"
-SAMPLE = "/etc/wstunnel/wstuncli.d/example.toml.sample"
 CLI_DIR = "/etc/wstunnel/wstuncli.d"
-CLI_CONFIG = f"{CLI_DIR}/demo.toml"
-BACKEND_UNIT = "wst-backend.service"
+SAMPLE = f"{CLI_DIR}/example.toml.sample"
+COMPLETION = "/usr/share/bash-completion/completions/wstunnel"
 BACKEND_PORT = 9000
 LOCAL_EDIT = "max_requests_per_tunnel = 7  # local edit, kept across upgrades"
-V2_MARK = "# (changed in the upgrade package)"
-# Whose content changes with every run of the container, whatever the package does.
-NOISE = (
-    "/var/lib/dpkg/", "/var/lib/apt/", "/var/cache/apt/", "/var/cache/debconf/",
-    "/var/cache/ldconfig/", "/var/log/apt/", "/var/log/journal/", "/var/lib/systemd/",
-    "/run/systemd/", "/run/udev/", "/run/dbus/", "/run/user/", "/run/log/", "/tmp/",
-    "/srv/", "/var/log/dpkg.log", "/var/log/alternatives.log", "/etc/.pwd.lock",
-    "/run/lock/", "/var/tmp/", "/run/mount/", "/run/credentials/",
-)
+HEALTHY = "WSTUNSRV RUNNING\n"
+OLD = changelog_version(OLD_DEBIAN)  # 0.1.0: one package, both daemons
 
 
 def _unavailable(reason: str) -> None:
@@ -67,372 +64,459 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"systemd container unavailable: {reason}")
 
 
-def _changelog_version() -> str:
-    first = (ROOT / "debian" / "changelog").read_text().splitlines()[0]
-    match = re.match(r"wstunnel \(([^)\s]+)\)", first)
-    assert match, f"debian/changelog does not start with a wstunnel entry: {first!r}"
-    return match.group(1)
+@dataclass
+class Tunnel:
+    """A client made with ``wstunnel token new`` and the curl line it printed."""
 
+    name: str
+    token: str
+    curl: list[str]
+    page: str
 
-V1 = _changelog_version()
-V2 = f"{V1}+test1"  # sorts after V1 for dpkg: "+" > end of string
-
-
-class Build:
-    """``scripts/build-deb`` running in the background, in its own process group."""
-
-    def __init__(self, outdir: Path, version: str | None) -> None:
-        self.outdir = outdir
-        self.version = version or V1
-        self.log_path = outdir / "build.log"
-        outdir.mkdir(parents=True)
-        argv = [str(BUILD_DEB), "--outdir", str(outdir)]
-        if version:
-            argv += ["--version", version]
-        self.started = time.monotonic()
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def deb(self) -> Path:
-        """The built package, once the build has finished."""
-        try:
-            code = self.proc.wait(BUILD_TIMEOUT - (time.monotonic() - self.started))
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise AssertionError(f"scripts/build-deb took over {BUILD_TIMEOUT:g}s") from None
-        log = self.log_path.read_text(errors="replace")
-        assert code == 0, f"scripts/build-deb --version {self.version} exited {code}:\n{log[-4000:]}"
-        deb = self.outdir / f"wstunnel_{self.version}_amd64.deb"
-        assert deb.is_file(), f"no {deb.name} in {sorted(p.name for p in self.outdir.iterdir())}"
-        return deb
-
-    def stop(self) -> None:
-        """Stop the build if it still runs (build-deb's EXIT trap removes its scratch tree)."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-
-
-def _with_changed_conffiles(deb: Path, out: Path, work: Path) -> dict[str, str]:
-    """Repack ``deb`` as ``out`` with a comment line added to each conffile; their new text."""
-    tree = work / "tree"
-    subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True, timeout=120)
-    conffiles = (tree / "DEBIAN" / "conffiles").read_text().split()
-    assert sorted(conffiles) == [SAMPLE, SRV_CONFIG], conffiles
-    texts = {}
-    for name in conffiles:
-        path = tree / name.lstrip("/")
-        texts[name] = path.read_text() + f"\n{V2_MARK}\n"
-        path.write_text(texts[name])
-    # Conffiles are not in DEBIAN/md5sums (dpkg keeps their hashes itself): nothing to update.
-    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "-z1", "-b", str(tree), str(out)],
-                   check=True, timeout=300, capture_output=True)
-    shutil.rmtree(tree)
-    return texts
+    @property
+    def unit(self) -> str:
+        return f"wstuncli@{self.name}.service"
 
 
 @dataclass
-class Box:
-    """The container the package lives in, and what the steps learn along the way."""
-
-    c: Container
-    v2_build: Build
-    v2_work: Path
-    done: set[str] = field(default_factory=set)
-    before: set[str] = field(default_factory=set)
-    page: str = ""
-    token: str = ""
-    curl_argv: list[str] = field(default_factory=list)
-    uid: str = ""
-    gid: str = ""
-    timings: list[str] = field(default_factory=list)
-
-    @contextlib.contextmanager
-    def step(self, name: str, *needs: str) -> Iterator[None]:
-        """One step of the package's life; on failure the message carries the daemons' logs."""
-        missing = [need for need in needs if need not in self.done]
-        if missing:
-            pytest.skip(f"needs the step(s) {', '.join(missing)}, which did not pass")
-        started = time.monotonic()
-        try:
-            yield
-        except (AssertionError, subprocess.SubprocessError, OSError) as exc:
-            raise AssertionError(f"{exc}\n\n{self.diagnostics()}") from exc
-        self.done.add(name)
-        self.timings.append(f"{name} {time.monotonic() - started:.1f}s")
-
-    def diagnostics(self) -> str:
-        parts = ["--- diagnostics from the container ---"]
-        commands = [
-            ["systemctl", "--no-pager", "status", SRV, CLI, BACKEND_UNIT],
-            ["journalctl", "--no-pager", "-n", "80", "-u", SRV, "-u", CLI, "-u", BACKEND_UNIT],
-            ["sh", "-c", "grep -v 'Reading database' /var/log/apt/term.log | tail -n 40"],
-        ]
-        for argv in commands:
-            try:
-                result = self.c.run(*argv, check=False, timeout=30)
-                parts.append(f"$ {shlex.join(argv)}\n{result.stdout}{result.stderr}")
-            except (AssertionError, subprocess.SubprocessError, OSError) as exc:
-                parts.append(f"$ {shlex.join(argv)}\n(failed: {exc})")
-        return "\n".join(parts)
-
-    def apt(self, *args: str) -> str:
-        """``apt-get -y ARGS`` in /srv/debs, as an administrator would type it; its output."""
-        script = f"cd {DEBS_IN_BOX} && apt-get -y {shlex.join(args)}"
-        result = self.c.run("env", "DEBIAN_FRONTEND=noninteractive", "/bin/sh", "-ec", script,
-                            check=False, timeout=APT_TIMEOUT)
-        assert result.returncode == 0, (
-            f"apt-get {shlex.join(args)} exited {result.returncode}\n"
-            f"stdout: {result.stdout}\nstderr: {result.stderr}"
-        )
-        return result.stdout + result.stderr
-
-    def bring_in(self, deb: Path) -> str:
-        """Copy a package into the container's /srv/debs; its name there, as ./NAME."""
-        target = self.c.root / DEBS_IN_BOX.lstrip("/")
-        target.mkdir(mode=0o755, exist_ok=True)
-        shutil.copyfile(deb, target / deb.name)
-        (target / deb.name).chmod(0o644)
-        return f"./{deb.name}"
-
-    def files(self) -> set[str]:
-        """Every path on the container's own file systems (not /proc, /sys, /dev)."""
-        out = self.c.sh(
-            "find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -print; "
-            "find /run /tmp -xdev -print",
-            timeout=120,
-        )
-        return set(out.splitlines())
-
-    def state(self, unit: str) -> dict[str, str]:
-        return self.c.show(unit, "ActiveState", "SubState", "MainPID", "LoadState", "StatusText")
-
-    def active(self, unit: str) -> dict[str, str] | None:
-        state = self.state(unit)
-        return state if state["ActiveState"] == "active" and state["SubState"] == "running" else None
-
-    def curl(self, url: str, *headers: str) -> str:
-        return self.c.curl(url, *headers)
-
-    def through_tunnel(self) -> str:
-        """The curl line ``wstunnel token new`` printed, with the page's path on its URL."""
-        *argv, url = self.curl_argv
-        result = self.c.run(*argv, "-sS", "--fail-with-body", "--max-time", "20",
-                            url + "hello.txt", check=False, timeout=30)
-        if result.returncode != 0:
-            raise ValueError(f"{shlex.join(self.curl_argv)}: {result.returncode} "
-                             f"{result.stderr.strip()} {result.stdout!r}")
-        return result.stdout
-
-    def wait_for_tunnel(self, what: str) -> float:
-        started = time.monotonic()
-        wait_until(lambda: self.through_tunnel() == self.page, timeout=90, what=what)
-        return time.monotonic() - started
-
-    def stat(self, path: str) -> str:
-        return self.c.run("stat", "-c", "%U:%G %a", path).stdout.strip()
-
-    def exists(self, path: str) -> bool:
-        return self.c.run("sh", "-c", 'test -e "$1" || test -L "$1"', "sh", path,
-                          check=False).returncode == 0
-
-    def package_status(self) -> str:
-        result = self.c.run("dpkg-query", "-W", "-f=${db:Status-Abbrev} ${Version}", "wstunnel",
-                            check=False)
-        return " ".join(result.stdout.split()) if result.returncode == 0 else "not known to dpkg"
+class World:
+    server: Box
+    client: Box
+    upgrade: Box
+    debs: dict[str, Path]  # this checkout's packages
+    version: str  # theirs
+    build_log: str
+    server_address: str  # the server machine's address, as the client machine reaches it
+    work: Path
+    tunnels: dict[str, Tunnel]
 
 
 @pytest.fixture(scope="module")
-def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     reason = preflight()
-    if not reason and shutil.which("dpkg-deb") is None:
-        reason = "not a Debian machine (no dpkg-deb): scripts/build-deb needs Debian 12"
+    if not reason and shutil.which("dpkg-scanpackages") is None:
+        reason = "no dpkg-scanpackages (dpkg-dev): scripts/setup installs it"
     if reason:
         _unavailable(reason)
     work = tmp_path_factory.mktemp("deb")
-    # The first build runs while the container boots; the second, started when the first is
-    # done (so that only one of them installs missing build dependencies), while it installs.
-    v1_build = Build(work / "v1", None)
-    v2_build: Build | None = None
-    name = f"wst-deb-{os.getpid()}-{secrets.token_hex(3)}"
     started = time.monotonic()
+    # Both builds run while the containers boot.
+    builds = [Build(work / "new"), Build(work / "old", debian=OLD_DEBIAN, lintian=False)]
+    tag = f"{os.getpid()}-{secrets.token_hex(3)}"
     try:
-        with booted(name) as container:
-            v1 = v1_build.deb()
-            v2_build = Build(work / "v2", V2)
-            setup = Box(container, v2_build, work / "v2-repack")
-            setup.bring_in(v1)
-            setup.before = setup.files()
+        with contextlib.ExitStack() as stack:
+            link = stack.enter_context(linked_networks())
+            boxes = [Box(stack.enter_context(booted(f"wst-{role}-{tag}", network=network)))
+                     for role, network in (("server", link.namespaces[0]),
+                                           ("client", link.namespaces[1]), ("upgrade", None))]
+            for box in boxes:
+                box.before = box.files()
+            debs, old = builds[0].debs(), builds[1].debs()
+            assert sorted(old) == ["wstunnel"], sorted(old)
+            for box in boxes:
+                box.publish(*debs.values(), old["wstunnel"])
+            setup = World(*boxes, debs=debs, version=builds[0].version, build_log=builds[0].log(),
+                          server_address=link.addresses[0], work=work, tunnels={})
             yield setup
-            notes = [*container.notes, *setup.timings, f"{time.monotonic() - started:.0f}s in all"]
-            print(f"\nDebian package container {name}: {'; '.join(notes)}", file=sys.stderr)
+            for box in boxes:
+                notes = [*box.c.notes, *box.timings, *(f"{k}: {v}" for k, v in box.notes.items())]
+                print(f"\nDebian package container {box.c.name}: {'; '.join(notes)}", file=sys.stderr)
+            print(f"Debian package tests: {time.monotonic() - started:.0f}s in all", file=sys.stderr)
     except Unavailable as exc:
         _unavailable(str(exc))
     finally:
-        v1_build.stop()
-        if v2_build is not None:
-            v2_build.stop()
+        for build in builds:
+            build.stop()
 
 
-def test_install(box: Box) -> None:
-    c = box.c
-    with box.step("install"):
-        assert c.run("getent", "passwd", "wstunnel", check=False).returncode == 2, \
-            "the pristine root already has a wstunnel user"
-        out = box.apt("install", f"./wstunnel_{V1}_amd64.deb")
-        assert "Download is performed unsandboxed" not in out, out
-        assert box.package_status() == f"ii {V1}"
-        wait_until(lambda: box.active(SRV), timeout=60, what=f"{SRV} to be active after install")
-        assert c.systemctl("is-enabled", SRV, check=False).stdout.strip() == "enabled"
-        user = c.run("getent", "passwd", "wstunnel").stdout.strip().split(":")
-        assert user[5:] == ["/var/lib/wstunnel", "/usr/sbin/nologin"], user
-        assert int(user[2]) < 1000, f"not a system user: {user}"
-        box.uid, box.gid = user[2], user[3]
-        assert c.run("getent", "group", "wstunnel").stdout.split(":")[2] == user[3]
-        assert c.run("/usr/bin/wstunnel", "version").stdout.strip() == __version__
-        assert box.stat(CLI_DIR) == "root:wstunnel 750"
-        assert box.stat(SRV_CONFIG) == "root:root 644"
-        assert box.curl("http://127.0.0.1:8080/_health_check") == "WSTUNSRV RUNNING\n"
-        # The daemon runs the package's own environment, as the package's user.
-        pid = box.state(SRV)["MainPID"]
-        assert c.read(f"/proc/{pid}/cmdline").split("\0")[0] == "/usr/lib/wstunnel/bin/python"
-        status = dict(line.split(":", 1) for line in c.read(f"/proc/{pid}/status").splitlines())
-        assert status["Uid"].split()[0] == box.uid
-        # Nothing the package shipped differs from what dpkg recorded.
-        verify = c.run("dpkg", "--verify", "wstunnel", check=False)
-        assert verify.returncode == 0 and not verify.stdout.strip(), verify.stdout + verify.stderr
-
-
-def test_token_new_and_a_request_through_the_tunnel(box: Box) -> None:
-    c = box.c
-    with box.step("tunnel", "install"):
-        box.page = f"hello from the backend {secrets.token_hex(8)}\n"
-        c.run("install", "-d", "/srv/www")
-        c.write("/srv/www/hello.txt", box.page)
-        c.run("systemd-run", f"--unit={BACKEND_UNIT}", "--property=WorkingDirectory=/srv/www",
-              "/usr/bin/python3", "-m", "http.server", "--bind", "127.0.0.1", str(BACKEND_PORT))
-        wait_until(lambda: box.curl(f"http://127.0.0.1:{BACKEND_PORT}/hello.txt") == box.page,
-                   timeout=60, what="the backend in the container")
-
-        out = c.run("wstunnel", "token", "new", "demo", "--tunnel", "ws://127.0.0.1:8080",
+def _new_tunnel(box: Box, name: str, server: str) -> Tunnel:
+    """``wstunnel token new`` on ``box`` for its backend, then the two commands it prints."""
+    page = f"hello from {name} {secrets.token_hex(8)}\n"
+    box.start_backend(page, BACKEND_PORT)
+    out = box.c.run("wstunnel", "token", "new", name, "--tunnel", f"ws://{server}:8080",
                     "--server", f"http://127.0.0.1:{BACKEND_PORT}").stdout
-        curl_lines = [line.strip() for line in out.splitlines() if line.strip().startswith("curl ")]
-        assert len(curl_lines) == 1, out
-        box.curl_argv = shlex.split(curl_lines[0])
-        header = box.curl_argv[box.curl_argv.index("-H") + 1]
-        assert header.startswith("X-Token: "), curl_lines
-        box.token = header.removeprefix("X-Token: ")
-        assert box.curl_argv[-1] == "http://127.0.0.1:8080/", curl_lines
-        assert box.stat(CLI_CONFIG) == "root:wstunnel 640"
-        # The two commands it prints: start now, and at boot.
-        for command in ("systemctl start wstuncli@demo", "systemctl enable wstuncli@demo"):
-            assert command in out, out
-            c.run(*shlex.split(command))
-
-        box.timings.append(f"tunnel up in {box.wait_for_tunnel('the first request through the tunnel'):.1f}s")
-        assert box.state(CLI)["StatusText"].startswith("connected to ws://127.0.0.1:8080")
-        status = c.run("wstunnel", "status").stdout
-        assert ", 1 tunnel(s)" in status.splitlines()[0], status
-        assert re.search(rf"^{re.escape(box.token[:8])}\.\.\.\s+1\s", status, re.MULTILINE), status
-        assert box.token not in status
+    curl_lines = [line.strip() for line in out.splitlines() if line.strip().startswith("curl ")]
+    assert len(curl_lines) == 1, out
+    curl = shlex.split(curl_lines[0])
+    token = curl[curl.index("-H") + 1].removeprefix("X-Token: ")
+    assert curl[-1] == f"http://{server}:8080/", curl
+    assert box.stat(f"{CLI_DIR}/{name}.toml") == "root:wstunnel 640"
+    for command in (f"systemctl start wstuncli@{name}", f"systemctl enable wstuncli@{name}"):
+        assert command in out, out
+        box.c.run(*shlex.split(command))
+    tunnel = Tunnel(name, token, [*curl[:-1], curl[-1] + "hello.txt"], page)
+    _wait_for_tunnel(box, tunnel, f"the first request through wstuncli@{name}")
+    return tunnel
 
 
-def test_upgrade_keeps_local_config_and_restarts(box: Box) -> None:
-    c = box.c
-    with box.step("upgrade", "tunnel"):
-        shipped = c.read(SRV_CONFIG)
+def _wait_for_tunnel(box: Box, tunnel: Tunnel, what: str) -> None:
+    """The tunnel answers the curl line, run on ``box``."""
+    started = time.monotonic()
+    wait_until(lambda: box.curl(tunnel.curl) == tunnel.page, timeout=90, what=what)
+    box.timings.append(f"{what}: {time.monotonic() - started:.1f}s")
+
+
+def _ours(box: Box, listener: Listener) -> bool:
+    account = box.account()
+    return "wstunnel" in listener.command or (account is not None and listener.user == account[0])
+
+
+def _restarted(box: Box, unit: str, before: str) -> dict[str, str]:
+    state = wait_until(lambda: box.active(unit), timeout=60, what=f"{unit} to run")
+    assert state["MainPID"] != before, f"{unit} was not restarted (still PID {before})"
+    return state
+
+
+def _md5(text: str) -> str:
+    return hashlib.md5(text.encode()).hexdigest()  # what dpkg records for a conffile
+
+
+def _dangling_unit_links(box: Box) -> str:
+    return box.c.sh("find /etc/systemd/system -xtype l -name '*wstun*'", check=False).strip()
+
+
+def _assert_nothing_left(box: Box, uid_gid: tuple[str, str]) -> None:
+    for package in PACKAGES:
+        assert box.status(package) == "not installed", f"{package}: {box.status(package)}"
+    assert box.account() is None, "the wstunnel account is still there"
+    accounts = box.c.run("grep", "-l", "^wstunnel:", "/etc/passwd", "/etc/group", "/etc/shadow",
+                         "/etc/gshadow", "/etc/subuid", "/etc/subgid", check=False).stdout
+    assert accounts == "", f"the wstunnel account is still in {accounts.split()}"
+    assert box.owned_by(*uid_gid) == "", "files of the removed account are left"
+    units = box.c.sh("find /etc/systemd /lib/systemd /usr/lib/systemd /run/systemd "
+                     "-name '*wstun*'", check=False)
+    assert units == "", f"unit files or links left: {units}"
+    states = box.c.sh("find /var/lib/systemd/deb-systemd-helper-enabled "
+                      "/var/lib/systemd/deb-systemd-helper-masked -name '*wstun*'", check=False)
+    assert states == "", f"deb-systemd-helper still remembers: {states}"
+    box.c.systemctl("daemon-reload")
+    assert box.state(SRV)["LoadState"] == "not-found"
+    assert box.left_behind() == [], f"left behind after purge: {box.left_behind()}"
+
+
+# --- The packages as built ------------------------------------------------------------------
+
+
+def _contents(deb: Path) -> list[str]:
+    listing = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
+                             timeout=120, check=True).stdout
+    names = subprocess.run(["tar", "-t"], input=listing, capture_output=True, timeout=120,
+                           check=True).stdout.decode().split()
+    return [name.removeprefix(".") for name in names]
+
+
+def _conffiles(deb: Path) -> list[str]:
+    result = subprocess.run(["dpkg-deb", "--ctrl-tarfile", str(deb)], capture_output=True,
+                            timeout=60, check=True).stdout
+    text = subprocess.run(["tar", "-xO", "./conffiles"], input=result, capture_output=True,
+                          timeout=60, check=False).stdout.decode()
+    return text.split()
+
+
+def test_three_packages_each_with_its_role_and_lintian_clean(world: World) -> None:
+    debs = world.debs
+    assert sorted(debs) == sorted(PACKAGES)
+    assert "build-deb: lintian: no errors, no warnings" in world.build_log, world.build_log[-3000:]
+    runtime, server, client = (_contents(debs[name]) for name in PACKAGES)
+    assert {"/usr/bin/wstunnel", "/usr/lib/wstunnel/bin/wstunnel", COMPLETION,
+            "/usr/share/man/man1/wstunnel.1.gz"} <= set(runtime)
+    assert [name for name in runtime if "systemd" in name and "site-packages" not in name] == []
+    assert [name for name in runtime if name.startswith("/etc/") and not name.endswith("/")] == []
+    assert {"/lib/systemd/system/wstunsrv.service", "/lib/systemd/system/wstunsrv@.service",
+            SRV_CONFIG, "/usr/share/doc/wstunnel-server/examples/wstunnel.conf",
+            "/usr/share/doc/wstunnel-server/examples/wstunnel-cluster.conf"} <= set(server)
+    assert "/lib/systemd/system/wstuncli@.service" not in server
+    assert {"/lib/systemd/system/wstuncli@.service", SAMPLE} <= set(client)
+    assert [name for name in client if "wstunsrv" in name] == []
+    assert [_conffiles(debs[name]) for name in PACKAGES] == [[], [SRV_CONFIG], [SAMPLE]]
+    sizes = ", ".join(f"{path.name} {path.stat().st_size / 1024:.0f} KiB" for path in debs.values())
+    print(f"\nbuilt: {sizes}", file=sys.stderr)
+
+
+# --- Each role alone, then both -----------------------------------------------------------------
+
+
+def test_server_package_alone(world: World) -> None:
+    box = world.server
+    with box.step("server-alone"):
+        box.apt("install", "wstunnel-server")
+        assert [box.status(name) for name in PACKAGES] == [f"ii {world.version}"] * 2 + ["not installed"]
+        state = wait_until(lambda: box.active(SRV), timeout=60, what=f"{SRV} after install")
+        assert box.is_enabled(SRV) == "enabled"
+        assert box.c.curl("http://127.0.0.1:8080/_health_check") == HEALTHY
+        assert box.c.curl(f"http://{world.server_address}:8080/_health_check") == HEALTHY
+        assert box.c.run("/usr/bin/wstunnel", "version").stdout.strip() == __version__
+        # The daemon runs the package's own environment, as the package's user.
+        assert box.c.read(f"/proc/{state['MainPID']}/cmdline").split("\0")[0] == \
+            "/usr/lib/wstunnel/bin/python"
+        account = box.account()
+        assert account is not None
+        listening = box.listeners()
+        assert [(lst.address, lst.pid) for lst in listening] == [("0.0.0.0:8080", int(state["MainPID"]))]
+        assert listening[0].user == account[0]
+        # No client: no unit file, nothing enabled, no client directory.
+        unit_files = box.c.systemctl("list-unit-files", "--no-legend", "wstuncli*", check=False)
+        assert unit_files.stdout.strip() == "", unit_files.stdout
+        assert box.c.sh("ls /etc/systemd/system/*.wants | grep wstuncli || true").strip() == ""
+        assert not box.exists(CLI_DIR)
+        assert box.verify(*PACKAGES[:2]) == []
+
+
+def test_client_package_alone_tunnels_to_the_server(world: World) -> None:
+    box = world.client
+    with box.step("client-alone"):
+        if "server-alone" not in world.server.done:
+            pytest.skip("needs the server machine (test_server_package_alone did not pass)")
+        box.apt("install", "wstunnel-client")
+        assert [box.status(name) for name in PACKAGES] == [
+            f"ii {world.version}", "not installed", f"ii {world.version}"]
+        # Installed, nothing runs and nothing listens: no server, no client until a token file.
+        assert box.listeners() == [], box.c.run("ss", "-ltnp").stdout
+        units = box.c.systemctl("list-units", "--no-legend", "--all", "wstun*", check=False)
+        assert units.stdout.strip() == "", units.stdout
+        assert box.state(SRV)["LoadState"] == "not-found"
+        assert box.stat(CLI_DIR) == "root:wstunnel 750"
+
+        tunnel = _new_tunnel(box, "demo", world.server_address)
+        world.tunnels["client"] = tunnel
+        assert box.is_enabled(tunnel.unit) == "enabled"
+        # The token reaches the server machine only through its tunnel; asked there, it answers.
+        assert world.server.curl([*tunnel.curl[:-1], "http://127.0.0.1:8080/hello.txt"]) == tunnel.page
+        status = world.server.c.run("wstunnel", "status").stdout
+        assert re.search(rf"^{re.escape(tunnel.token[:8])}\.\.\.\s+1\s", status, re.MULTILINE), status
+        # Tunnelling, the client machine still listens on nothing of ours: only the backend.
+        listening = box.listeners()
+        assert [lst.address for lst in listening] == [f"127.0.0.1:{BACKEND_PORT}"], listening
+        assert not any(_ours(box, lst) for lst in listening), listening
+        assert box.verify(PACKAGES[0], PACKAGES[2]) == []
+
+
+def test_completion_is_found_by_bash_completion(world: World) -> None:
+    box = world.client
+    with box.step("completion", "client-alone"):
+        assert box.c.read(COMPLETION) == script(), "the package's completion is not this checkout's"
+        # What bash does on the first Tab after "wstunnel": bash-completion's loader finds the
+        # file by the command's name, then calls the function it registered.
+        program = ('. /usr/share/bash-completion/bash_completion\n'
+                   '_completion_loader wstunnel\n'
+                   'complete -p wstunnel\n'
+                   'COMP_WORDS=(wstunnel token new demo --tu); COMP_CWORD=4\n'
+                   '_wstunnel; echo "offered: ${COMPREPLY[*]}"\n')
+        out = box.c.run("bash", "--norc", "-c", program).stdout
+        assert "complete -F _wstunnel wstunnel" in out, out
+        assert "offered: --tunnel" in out, out
+
+
+def test_both_packages_on_one_machine(world: World) -> None:
+    box = world.server
+    with box.step("both", "server-alone"):
+        pid = box.state(SRV)["MainPID"]
+        box.apt("install", "wstunnel-client")
+        assert all(box.status(name).startswith("ii ") for name in PACKAGES)
+        assert box.state(SRV)["MainPID"] == pid, "installing the client restarted the server"
+        tunnel = _new_tunnel(box, "local", "127.0.0.1")
+        world.tunnels["server"] = tunnel
+        # One server, now with two tunnels: the other machine's is still there.
+        if "client" in world.tunnels:
+            _wait_for_tunnel(world.client, world.tunnels["client"], "the client machine's tunnel")
+        listening = box.listeners()
+        assert sorted(lst.address for lst in listening) == [
+            "0.0.0.0:8080", f"127.0.0.1:{BACKEND_PORT}"], listening
+        assert [lst.pid for lst in listening if lst.address == "0.0.0.0:8080"] == [int(pid)]
+
+
+# --- Upgrades -----------------------------------------------------------------------------------
+
+
+def test_upgrade_from_the_single_0_1_0_package(world: World) -> None:
+    box = world.upgrade
+    with box.step("upgrade"):
+        box.apt("install", f"wstunnel={OLD}")
+        assert box.status("wstunnel") == f"ii {OLD}"
+        wait_until(lambda: box.active(SRV), timeout=60, what=f"{SRV} of {OLD}")
+        tunnel = _new_tunnel(box, "demo", "127.0.0.1")
+        world.tunnels["upgrade"] = tunnel
+        shipped = box.c.read(SRV_CONFIG)
         assert "# max_requests_per_tunnel = 20\n" in shipped
         edited = shipped.replace("# max_requests_per_tunnel = 20\n", LOCAL_EDIT + "\n")
-        c.write(SRV_CONFIG, edited)
-        c.systemctl("reload", SRV)
-        demo_before = (c.read(CLI_CONFIG), box.stat(CLI_CONFIG))
-        pids = {unit: box.state(unit)["MainPID"] for unit in (SRV, CLI)}
+        box.c.write(SRV_CONFIG, edited)
+        box.c.systemctl("reload", SRV)
+        sample = box.c.read(SAMPLE)
+        demo = (box.c.read(f"{CLI_DIR}/demo.toml"), box.stat(f"{CLI_DIR}/demo.toml"))
+        pids = {unit: box.state(unit)["MainPID"] for unit in (SRV, tunnel.unit)}
+        account = box.account()
 
-        box.v2_work.mkdir()
-        # The checkout may have changed since the first build: what V2 ships is read from it.
-        v2 = box.v2_work / f"wstunnel_{V2}_amd64.deb"
-        v2_conffiles = _with_changed_conffiles(box.v2_build.deb(), v2, box.v2_work)
-        out = box.apt("install", "-o", "Dpkg::Options::=--force-confold", box.bring_in(v2))
-        # The question dpkg asks when both sides changed the file, answered by --force-confold.
-        assert re.search(rf"Configuration file '{SRV_CONFIG}'\n ==> Modified .*\n ==> Package "
-                         r"distributor has shipped an updated version\.\n ==> Using current old file",
-                         out), out
-        assert box.package_status() == f"ii {V2}"
-        changelog = c.run("sh", "-c", "zcat /usr/share/doc/wstunnel/changelog.gz").stdout
-        assert f"wstunnel ({V2})" in changelog.splitlines()[0], "the upgrade did not replace the files"
+        # As README says: the roles this machine has, in one step (0.1.0 had both).
+        out = box.apt("install", "wstunnel-server", "wstunnel-client")
+        assert [box.status(name) for name in PACKAGES] == [f"ii {world.version}"] * 3
+        assert "Configuration file" not in out, out  # no question asked, none needed
 
-        # The edited conffile: kept, the package's new version beside it; the untouched one: new.
-        assert c.read(SRV_CONFIG) == edited, f"local edit lost:\n{out}"
-        assert c.read(SRV_CONFIG + ".dpkg-dist") == v2_conffiles[SRV_CONFIG]
-        assert c.read(SAMPLE) == v2_conffiles[SAMPLE], "the unmodified conffile was not updated"
-        assert not box.exists(SAMPLE + ".dpkg-old") and not box.exists(SAMPLE + ".dpkg-dist")
-        assert (c.read(CLI_CONFIG), box.stat(CLI_CONFIG)) == demo_before
-        assert box.stat(CLI_DIR) == "root:wstunnel 750"
-        assert c.run("id", "-u", "wstunnel").stdout.strip() == box.uid
+        # The edited file stays as edited, and dpkg still knows the shipped one it came from.
+        assert box.c.read(SRV_CONFIG) == edited
+        assert box.c.read(SAMPLE) == sample
+        leftovers = box.c.sh("ls /etc/wstunnel /etc/wstunnel/wstuncli.d | grep -E 'dpkg-|ucf-' || true")
+        assert leftovers.strip() == "", leftovers
+        assert box.verify(*PACKAGES) == [f"??5?????? c {SRV_CONFIG}"]
+        assert box.conffiles("wstunnel-server") == [f"{SRV_CONFIG} {_md5(shipped)}"]
+        assert box.conffiles("wstunnel-client") == [f"{SAMPLE} {_md5(sample)}"]
+        owners = {path: box.owner(path) for path in (
+            SRV_CONFIG, "/lib/systemd/system/wstunsrv.service", "/lib/systemd/system/wstunsrv@.service",
+            SAMPLE, "/lib/systemd/system/wstuncli@.service", "/usr/bin/wstunnel", CLI_DIR)}
+        assert owners == {
+            SRV_CONFIG: "wstunnel-server", "/lib/systemd/system/wstunsrv.service": "wstunnel-server",
+            "/lib/systemd/system/wstunsrv@.service": "wstunnel-server", SAMPLE: "wstunnel-client",
+            "/lib/systemd/system/wstuncli@.service": "wstunnel-client",
+            "/usr/bin/wstunnel": "wstunnel", CLI_DIR: "wstunnel-client"}, owners
+        # dpkg keeps the program's old record of the moved files, marked obsolete, until its next
+        # upgrade; it never removes a file that another package owns now.
+        assert box.conffiles("wstunnel") == [f"{SRV_CONFIG} {_md5(shipped)} obsolete",
+                                             f"{SAMPLE} {_md5(sample)} obsolete"]
 
-        for unit in (SRV, CLI):
-            state = wait_until(lambda unit=unit: box.active(unit), timeout=60,
-                               what=f"{unit} to run again after the upgrade")
-            assert state["MainPID"] != pids[unit], f"{unit} was not restarted by the upgrade"
-        assert c.systemctl("is-enabled", SRV, check=False).stdout.strip() == "enabled"
-        box.timings.append(f"tunnel back {box.wait_for_tunnel('the tunnel after the upgrade'):.1f}s "
-                           "after the upgrade")
-        verify = c.run("dpkg", "--verify", "wstunnel", check=False).stdout
-        assert verify.splitlines() == [f"??5?????? c {SRV_CONFIG}"], verify
+        # Each daemon runs on, restarted by the package that now owns its unit.
+        for unit, pid in pids.items():
+            _restarted(box, unit, pid)
+        assert box.is_enabled(SRV) == "enabled"
+        assert box.is_enabled(tunnel.unit) == "enabled"
+        assert (box.c.read(f"{CLI_DIR}/demo.toml"), box.stat(f"{CLI_DIR}/demo.toml")) == demo
+        assert box.account() == account
+        assert _dangling_unit_links(box) == ""
+        _wait_for_tunnel(box, tunnel, "the tunnel after the upgrade from 0.1.0")
 
 
-def test_remove_stops_everything_and_keeps_config(box: Box) -> None:
-    c = box.c
-    with box.step("remove", "upgrade"):
-        box.apt("remove", "wstunnel")
-        assert box.package_status() == f"rc {V2}"
-        for unit in (SRV, CLI):
-            state = box.state(unit)
-            assert state["ActiveState"] == "inactive", f"{unit} still {state} after remove"
-        assert c.run("pgrep", "-u", "wstunnel", check=False).stdout == "", "wstunnel processes left"
-        for path in ("/usr/bin/wstunnel", "/usr/lib/wstunnel", "/lib/systemd/system/wstunsrv.service",
-                     "/lib/systemd/system/wstuncli@.service"):
-            assert not box.exists(path), f"{path} still there after remove"
-        assert c.read(SRV_CONFIG).count(LOCAL_EDIT) == 1
-        assert box.exists(CLI_CONFIG)
-        assert c.run("id", "-u", "wstunnel").stdout.strip() == box.uid
+def test_upgrade_to_a_later_build_restarts_what_each_package_owns(world: World) -> None:
+    box = world.upgrade
+    with box.step("upgrade-again", "upgrade"):
+        tunnel = world.tunnels["upgrade"]
+        version = f"{world.version}+test1"  # after it for dpkg
+        later = repack(world.debs, version, world.work / "later")
+        box.publish(*later.values())
+        edited = box.c.read(SRV_CONFIG)
+        pids = {unit: box.state(unit)["MainPID"] for unit in (SRV, tunnel.unit)}
+        box.apt("upgrade")
+        assert [box.status(name) for name in PACKAGES] == [f"ii {version}"] * 3
+        for unit, pid in pids.items():
+            _restarted(box, unit, pid)
+        assert box.c.read(SRV_CONFIG) == edited
+        assert box.verify(*PACKAGES) == [f"??5?????? c {SRV_CONFIG}"]
+        assert box.conffiles("wstunnel") == [], "the obsolete records outlived an upgrade"
+        _wait_for_tunnel(box, tunnel, "the tunnel after the second upgrade")
+
+
+# --- Remove and purge -------------------------------------------------------------------------
+
+
+def test_remove_and_purge_the_client_machine(world: World) -> None:
+    box = world.client
+    with box.step("purge-client", "client-alone"):
+        tunnel = world.tunnels["client"]
+        account = box.account()
+        assert account is not None
+        box.apt("remove", "wstunnel-client")
+        assert box.status("wstunnel-client").startswith("rc ")
+        assert box.state(tunnel.unit)["ActiveState"] == "inactive"
+        assert not box.exists("/lib/systemd/system/wstuncli@.service")
+        assert box.exists(f"{CLI_DIR}/{tunnel.name}.toml"), "remove took the token file"
+        assert box.status("wstunnel").startswith("ii ")
+        assert box.c.run("pgrep", "-u", "wstunnel", check=False).stdout == "", "daemons left"
+
+        box.apt("purge", "wstunnel-client")
+        assert not box.exists(CLI_DIR)
+        assert _dangling_unit_links(box) == ""
+        assert box.account() == account, "the program's account went with the client package"
+        box.apt("purge", "--autoremove", "wstunnel")
+        _assert_nothing_left(box, account)
+        box.c.systemctl("stop", "wst-backend.service")  # the next step counts what listens
+
+
+def test_client_machine_upgrade_from_0_1_0_stops_its_server(world: World) -> None:
+    """The issue's machine: 0.1.0 started a server on a client machine; the client package ends it."""
+    box = world.client
+    with box.step("client-machine-upgrade", "purge-client"):
+        box.apt("install", f"wstunnel={OLD}")
+        wait_until(lambda: box.active(SRV), timeout=60, what=f"{SRV} of {OLD}")
+        assert box.is_enabled(SRV) == "enabled"
+        assert [lst.address for lst in box.listeners()] == ["0.0.0.0:8080"]
+        account = box.account()
+        assert account is not None
+
+        out = box.apt("install", "wstunnel-client")
+        assert "stopped and disabled wstunsrv" in out, out
+        assert box.status("wstunnel-server") == "not installed"
+        assert box.state(SRV)["ActiveState"] == "inactive"
+        assert box.listeners() == [], box.c.run("ss", "-ltnp").stdout
+        assert _dangling_unit_links(box) == ""
+        box.c.systemctl("daemon-reload")
+        assert box.state(SRV)["LoadState"] == "not-found"
+
+        box.apt("purge", "wstunnel-client", "wstunnel")
+        _assert_nothing_left(box, account)
+
+
+def test_remove_and_purge_on_the_machine_with_both(world: World) -> None:
+    box = world.server
+    with box.step("purge-both", "both"):
+        tunnel = world.tunnels["server"]
+        account = box.account()
+        assert account is not None
+        box.apt("remove", "wstunnel-server")
+        assert box.status("wstunnel-server").startswith("rc ")
+        assert box.state(SRV)["ActiveState"] == "inactive"
+        assert box.c.read(SRV_CONFIG)
+        # The client is another package: it runs on (and waits for a server to come back).
+        assert box.active(tunnel.unit)
         with pytest.raises(ValueError):
-            box.curl("http://127.0.0.1:8080/_health_check")
+            box.c.curl("http://127.0.0.1:8080/_health_check")
 
+        box.apt("purge", "wstunnel-server")
+        assert not box.exists(SRV_CONFIG)
+        assert box.exists(f"{CLI_DIR}/{tunnel.name}.toml")
+        assert box.active(tunnel.unit)
 
-def test_purge_leaves_nothing_behind(box: Box) -> None:
-    c = box.c
-    with box.step("purge", "remove"):
+        box.apt("remove", "wstunnel-client")
+        assert box.state(tunnel.unit)["ActiveState"] == "inactive"
+        # The program purged while the client's token files are kept: their group stays.
         box.apt("purge", "wstunnel")
-        assert box.package_status() == "not known to dpkg"
-        assert "no packages found" in c.run("dpkg", "-l", "wstunnel", check=False).stderr
-        assert not box.exists("/etc/wstunnel"), c.sh("find /etc/wstunnel", check=False)
-        assert c.run("getent", "passwd", "wstunnel", check=False).returncode == 2
-        assert c.run("getent", "group", "wstunnel", check=False).returncode == 2
-        orphans = c.sh(f"find / -xdev \\( -path /proc -o -path /sys \\) -prune -o "
-                       f"\\( -uid {box.uid} -o -gid {box.gid} \\) -print", check=False)
-        assert orphans == "", f"files of the removed user: {orphans}"
-        units = c.sh("find /etc/systemd /lib/systemd /usr/lib/systemd /run/systemd "
-                     "-name '*wstun*'", check=False)
-        assert units == "", f"unit files or links left: {units}"
-        c.systemctl("daemon-reload")
-        load_state = box.state(SRV)["LoadState"]
-        assert load_state == "not-found", load_state
+        assert box.status("wstunnel-client").startswith("rc ")
+        assert box.account() == account, "the group that may read the kept token files is gone"
+        assert box.stat(f"{CLI_DIR}/{tunnel.name}.toml") == "root:wstunnel 640"
+        box.apt("purge", "wstunnel-client")
+        _assert_nothing_left(box, account)
 
-        accounts = c.run("grep", "-l", "^wstunnel:", "/etc/passwd", "/etc/group", "/etc/shadow",
-                         "/etc/gshadow", "/etc/subuid", "/etc/subgid", check=False).stdout
-        assert accounts == "", f"the wstunnel account is still in {accounts.split()}"
 
-        new = box.files() - box.before
-        ours = sorted(path for path in new if "wstun" in path and not path.startswith("/srv/"))
-        assert ours == [], f"left behind after purge: {ours}"
-        left = sorted(path for path in new if not path.startswith(NOISE) and path + "/" not in NOISE)
-        print(f"\nnew after install and purge (besides package manager, journal and systemd state): "
-              f"{left}", file=sys.stderr)
+def test_upgraded_alone_the_program_leaves_the_server_running_for_its_package(world: World) -> None:
+    """``apt upgrade`` on a 0.1.0 machine: what README and NEWS say happens, then the way back."""
+    box = world.server
+    with box.step("plain-upgrade", "purge-both"):
+        box.apt("install", f"wstunnel={OLD}")
+        before = wait_until(lambda: box.active(SRV), timeout=60, what=f"{SRV} of {OLD}")
+        edited = box.c.read(SRV_CONFIG) + f"{LOCAL_EDIT}\n"
+        box.c.write(SRV_CONFIG, edited)
+
+        out = box.apt("upgrade")
+        assert box.status("wstunnel") == f"ii {world.version}"
+        assert box.status("wstunnel-server") == "not installed"
+        assert "apt install wstunnel-server" in out, out
+        # Nobody owns the unit now; the daemon runs on, as it was.
+        assert box.state(SRV)["MainPID"] == before["MainPID"]
+        assert not box.exists("/lib/systemd/system/wstunsrv.service")
+        assert box.c.curl("http://127.0.0.1:8080/_health_check") == HEALTHY
+
+        box.apt("install", "wstunnel-server")
+        _restarted(box, SRV, before["MainPID"])
+        assert box.is_enabled(SRV) == "enabled"
+        assert box.c.read(SRV_CONFIG) == edited
+        assert box.verify(*PACKAGES[:2]) == [f"??5?????? c {SRV_CONFIG}"]
+        account = box.account()
+        assert account is not None
+        box.apt("purge", *PACKAGES[:2])
+        _assert_nothing_left(box, account)
+
+
+def test_purge_after_the_upgrades(world: World) -> None:
+    box = world.upgrade
+    with box.step("purge-upgraded", "upgrade"):
+        account = box.account()
+        assert account is not None
+        box.apt("purge", *PACKAGES)
+        _assert_nothing_left(box, account)
+        assert not box.exists("/etc/wstunnel")

@@ -4,6 +4,6 @@ The public surface is small: the two daemons are started through :func:`wstunnel
 (the ``wstunnel`` console script); everything else is an implementation module.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["__version__"]

@@ -29,13 +29,16 @@ from wstunnel.errors import ConfigError, DialError, sole_exception
 from wstunnel.service import ServiceNotifier
 
 EX_CONFIG = 78
+# What main() dispatches on (the shell completion offers the same words).
+OPS_COMMANDS = ("token", "config", "status")
+COMMANDS = ("srv", "cli", "version", *OPS_COMMANDS)
 TOKEN_VARIABLE = "WSTUNCLI_TOKEN"
 
 CLIENT_STOP_GRACE = 3.0
 SettingsT = TypeVar("SettingsT", ServerSettings, ClientSettings)
 
 
-def _parser(prog: str, model: type[ServerSettings] | type[ClientSettings]) -> FlagParser:
+def daemon_parser(prog: str, model: type[ServerSettings] | type[ClientSettings]) -> FlagParser:
     parser = FlagParser(prog)
     add_flags(parser, model)
     return parser
@@ -65,9 +68,6 @@ def _hide_token_from_ps(argv: Sequence[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "wstunnel", "cli", *rest], environ)
 
 
-OPS_COMMANDS = ("token", "config", "status")
-
-
 def run_ops(command: str, argv: Sequence[str]) -> int:
     """``wstunnel token|config|status ...``: the ops helper's exit status."""
     # Imported here: each helper pulls in what only it needs (httpx, tomli-w).
@@ -85,7 +85,7 @@ def run_ops(command: str, argv: Sequence[str]) -> int:
 def run_server(argv: Sequence[str]) -> int:
     from wstunnel.server.app import TunnelServer
 
-    flags = parse_flags(_parser("wstunnel srv", ServerSettings), argv)
+    flags = parse_flags(daemon_parser("wstunnel srv", ServerSettings), argv)
     settings = load_settings(ServerSettings, flags)
     _configure_logs("wstunsrv", settings)
     log = logs.EventLogger("WStunsrv")
@@ -148,7 +148,7 @@ def _exit_now(code: int) -> NoReturn:
 def run_client(argv: Sequence[str]) -> int:
     from wstunnel.client.agent import TunnelClient
 
-    parser = _parser("wstunnel cli", ClientSettings)
+    parser = daemon_parser("wstunnel cli", ClientSettings)
     flags = parse_flags(parser, argv)
     # Validate before the re-exec, so an error names the -token flag the user typed and not
     # the environment variable the re-exec moves it to.
@@ -235,8 +235,7 @@ def _reload(log: logs.EventLogger, notifier: ServiceNotifier, model: type[Settin
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: wstunnel {srv|cli|version|status|token|config} [flags]"
-             "  (wstunnel srv -help for the flags)")
+    usage = f"usage: wstunnel {{{'|'.join(COMMANDS)}}} [flags]  (wstunnel srv -help for the flags)"
     if not args or args[0] in ("-h", "-help", "--help", "help"):
         print(usage)
         return 0 if args else 2

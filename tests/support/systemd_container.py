@@ -32,8 +32,11 @@ from pathlib import Path
 from tests.support.harness import wait_until
 
 SUITE = "bookworm"
-# procps for /bin/kill (the units' ExecReload=); the rest is what the issue's proven route used.
-PACKAGES = ("systemd", "systemd-sysv", "dbus", "curl", "ca-certificates", "python3", "procps")
+# procps for /bin/kill (the units' ExecReload=); iproute2 for ss (what listens, in the package
+# tests); bash-completion to load wstunnel's completion as a shell would; the rest is what the
+# issue's proven route used.
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "curl", "ca-certificates", "python3", "procps",
+            "iproute2", "bash-completion")
 CACHE = Path(os.environ.get("WSTUNNEL_TEST_ROOTFS_CACHE", "/var/cache/wstunnel-tests"))
 MIRROR = os.environ.get("WSTUNNEL_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 STAMP = ".wstunnel-test-rootfs"
@@ -45,6 +48,10 @@ SHUTDOWN_TIMEOUT = 30.0
 # run left behind (see remove_leftovers).
 WORKDIR_PARENT = Path("/var/tmp")
 WORKDIR_PREFIX = "wstunnel-systemd-"
+# Network namespaces made for two containers to talk in (linked_networks), named after the
+# process that made them so that a later run can delete what a killed one left.
+LINK_PREFIX = "wstlink"
+LINK_ADDRESSES = ("10.214.0.1", "10.214.0.2")
 # Inside the container: a plain environment, not whatever the test runner has.
 CONTAINER_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -201,8 +208,7 @@ class Container:
     def run(self, *argv: str, input: str | None = None, timeout: float = 60.0,
             check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a command inside the container (all its namespaces, its root and cwd)."""
-        if self.nspawn.poll() is not None:
-            raise AssertionError(f"container {self.name} is gone: {_tail(self.log_path)}")
+        self._check_still_ours()
         command = ["nsenter", "-t", str(self.leader), "-a", "--", *argv]
         result = subprocess.run(command, input=input, capture_output=True, text=True,
                                 timeout=timeout, env=CONTAINER_ENV,
@@ -213,6 +219,25 @@ class Container:
                 f"stdout: {result.stdout}\nstderr: {result.stderr}"
             )
         return result
+
+    def _check_still_ours(self) -> None:
+        """Refuse to enter anything but this container: a command meant for it (``systemctl``,
+        ``rm -rf``) must never reach the host's own systemd or file systems.
+
+        systemd-nspawn still running (not reaped by us, so its PID is its own) with ``leader`` as
+        its child means ``leader`` is the container's PID 1, not a recycled PID of some host
+        process; that it sees another mount namespace than ours says the same once more.
+        """
+        if self.nspawn.poll() is not None:
+            raise AssertionError(f"container {self.name} is gone: {_tail(self.log_path)}")
+        try:
+            parent = int(Path(f"/proc/{self.leader}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            own_mounts = os.readlink(f"/proc/{self.leader}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        except (OSError, IndexError, ValueError):
+            parent, own_mounts = 0, False
+        if parent != self.nspawn.pid or not own_mounts:
+            raise AssertionError(f"container {self.name}: PID {self.leader} is no longer its "
+                                 f"systemd; not entering it: {_tail(self.log_path)}")
 
     def curl(self, url: str, *headers: str) -> str:
         argv = ["curl", "-sS", "--fail-with-body", "--max-time", "20"]
@@ -269,10 +294,12 @@ class Container:
         return [str(entry.get("MESSAGE", "")) for entry in self.journal(unit=unit, after=after)]
 
 
-def _start_nspawn(root: Path, name: str, binds: Sequence[Path],
+def _start_nspawn(root: Path, name: str, binds: Sequence[Path], network: Path | None,
                   log_path: Path) -> subprocess.Popen[bytes]:
+    # Either way the container has a network of its own, never the host's.
+    own_network = f"--network-namespace-path={network}" if network else "--private-network"
     argv = [
-        "systemd-nspawn", "--directory", str(root), "--boot", "--private-network",
+        "systemd-nspawn", "--directory", str(root), "--boot", own_network,
         "--register=no", "--keep-unit", "--machine", name, "--link-journal=no",
         *(f"--bind-ro={path}:{path}" for path in binds),
     ]
@@ -360,9 +387,61 @@ def _terminate_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _ip(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=30, check=False)
+    if check and result.returncode != 0:
+        raise Unavailable(f"ip {' '.join(argv)}: exit {result.returncode}: {result.stderr.strip()}")
+    return result
+
+
+def _remove_stale_links() -> None:
+    listed = _ip("netns", "list", check=False).stdout.split()
+    for name in listed:
+        owner = name.removeprefix(LINK_PREFIX)[:-1]
+        if name.startswith(LINK_PREFIX) and owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            _ip("netns", "del", name, check=False)
+
+
+@dataclass(frozen=True)
+class Link:
+    """Two network namespaces joined by a veth pair: one container's network each."""
+
+    namespaces: tuple[Path, Path]  # for booted(network=...)
+    addresses: tuple[str, str]  # the address each side has on the veth pair
+
+
 @contextlib.contextmanager
-def booted(name: str, binds: Sequence[Path] = ()) -> Iterator[Container]:
-    """A fresh copy of the cached root filesystem, booted; halted and deleted afterwards."""
+def linked_networks() -> Iterator[Link]:
+    """Two fresh network namespaces and a veth pair between them (made inside them: the host's
+    own network never sees it); deleted afterwards, which takes the pair with them."""
+    if shutil.which("ip") is None:
+        raise Unavailable("iproute2 (the ip command) is not installed; scripts/setup installs it")
+    _remove_stale_links()
+    pid = os.getpid()
+    names = (f"{LINK_PREFIX}{pid}a", f"{LINK_PREFIX}{pid}b")
+    interfaces = (f"wstl{pid}a", f"wstl{pid}b")  # at most 15 characters
+    try:
+        for name in names:
+            _ip("netns", "add", name)
+        _ip("-n", names[0], "link", "add", interfaces[0], "type", "veth",
+            "peer", "name", interfaces[1], "netns", names[1])
+        for name, interface, address in zip(names, interfaces, LINK_ADDRESSES, strict=True):
+            _ip("-n", name, "addr", "add", f"{address}/24", "dev", interface)
+            _ip("-n", name, "link", "set", interface, "up")
+            _ip("-n", name, "link", "set", "lo", "up")
+        yield Link((Path("/run/netns", names[0]), Path("/run/netns", names[1])), LINK_ADDRESSES)
+    finally:
+        for name in names:
+            _ip("netns", "del", name, check=False)
+
+
+@contextlib.contextmanager
+def booted(name: str, binds: Sequence[Path] = (), network: Path | None = None) -> Iterator[Container]:
+    """A fresh copy of the cached root filesystem, booted; halted and deleted afterwards.
+
+    ``network``: a network namespace to boot it in (see :func:`linked_networks`); without it the
+    container gets a private one with only a loopback.
+    """
     pristine = ensure_rootfs()
     remove_leftovers()
     nspawn: subprocess.Popen[bytes] | None = None
@@ -380,7 +459,7 @@ def booted(name: str, binds: Sequence[Path] = ()) -> Iterator[Container]:
             if root.resolve() == Path("/") or not _rootfs_ready(root):
                 raise RuntimeError(f"{root} is not a copy of the test root filesystem")
             started = time.monotonic()
-            nspawn = running = _start_nspawn(root, name, binds, log_path)
+            nspawn = running = _start_nspawn(root, name, binds, network, log_path)
             (workdir / "owner").write_text(f"{owner}{nspawn.pid}\n")
 
             def init_pid() -> int | None:

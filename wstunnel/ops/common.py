@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from wstunnel.errors import WStunnelError
 
@@ -18,8 +20,20 @@ class OpsError(WStunnelError):
         self.exit_code = exit_code
 
 
+@dataclass(frozen=True)
+class CommandLine:
+    """A helper's parser, and the parsers of its sub-commands by name (``token new``).
+
+    Each helper builds it in one function that its ``main`` parses with, so that what reads
+    the parsers from outside (the shell completion, wstunnel.completion) sees the real ones.
+    """
+
+    parser: argparse.ArgumentParser
+    actions: Mapping[str, argparse.ArgumentParser] = field(default_factory=dict)
+
+
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """A parser taking ``-help`` as the daemons do (see commands._parser)."""
+    """A parser taking ``-help`` as the daemons do (see commands.daemon_parser)."""
     result = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                      add_help=False)
     result.add_argument("-h", "-help", "--help", action="help", help="show the flags and exit")

@@ -19,14 +19,14 @@ import tomli_w
 
 from wstunnel.config import ClientSettings, ServerSettings, Settings, load_settings
 from wstunnel.errors import ConfigError
-from wstunnel.ops.common import parser
+from wstunnel.ops.common import CommandLine, parser
 from wstunnel.tokens import redact
 
 SERVER_FILE = Path("/etc/wstunnel/wstunsrv.toml")
 CLIENT_DIRECTORY = "wstuncli.d"
 
 
-def main(argv: list[str]) -> int:
+def command_line() -> CommandLine:
     top = parser("wstunnel config", "Check configuration files.")
     commands = top.add_subparsers(dest="action", metavar="check", required=True)
     check = commands.add_parser("check", add_help=False, allow_abbrev=False,
@@ -39,7 +39,11 @@ def main(argv: list[str]) -> int:
                       help=f"a client file (the default for files in {CLIENT_DIRECTORY}/)")
     kind.add_argument("-server", "--server", dest="kind", action="store_const", const="server",
                       help="a server file (the default elsewhere)")
-    args = top.parse_args(argv)
+    return CommandLine(top, {"check": check})
+
+
+def main(argv: list[str]) -> int:
+    args = command_line().parser.parse_args(argv)
     path: Path = args.file
     kind_name = args.kind or ("client" if path.parent.name == CLIENT_DIRECTORY else "server")
     settings: ServerSettings | ClientSettings = (

@@ -9,20 +9,24 @@ from typing import Any
 
 import httpx
 
-from wstunnel.ops.common import OpsError, parser
+from wstunnel.ops.common import CommandLine, OpsError, parser
 from wstunnel.tokens import redact
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 COLUMNS = ("TOKEN", "CLIENTS", "ADDRESSES", "VERSION", "PENDING", "COMPLETED", "ERRORED", "IDLE")
 
 
-def main(argv: list[str]) -> int:
+def command_line() -> CommandLine:
     top = parser("wstunnel status", "Show the tunnels of a running server.")
     top.add_argument("url", metavar="URL", nargs="?", default=DEFAULT_URL,
                      help=f"the server (default {DEFAULT_URL})")
     top.add_argument("-json", "--json", action="store_true", help="print /_status as received")
     top.add_argument("-timeout", "--timeout", type=float, default=10.0, help="seconds to wait")
-    args = top.parse_args(argv)
+    return CommandLine(top)
+
+
+def main(argv: list[str]) -> int:
+    args = command_line().parser.parse_args(argv)
     base = args.url if "://" in args.url else f"http://{args.url}"
     url = base.rstrip("/") + "/_status"
     try:

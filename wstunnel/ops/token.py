@@ -24,7 +24,7 @@ import tomli_w
 from pydantic import ValidationError
 
 from wstunnel.config import ClientSettings
-from wstunnel.ops.common import EX_USAGE, OpsError, parser
+from wstunnel.ops.common import EX_USAGE, CommandLine, OpsError, parser
 
 CONFIG_DIR = Path("/etc/wstunnel/wstuncli.d")
 DEFAULT_GROUP = "wstunnel"
@@ -38,7 +38,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 MAX_NAME = 255 - len(UNIT.format(name=""))
 
 
-def main(argv: list[str]) -> int:
+def command_line() -> CommandLine:
     top = parser("wstunnel token", "Make tunnel tokens.")
     commands = top.add_subparsers(dest="action", metavar="new", required=True)
     new = commands.add_parser("new", add_help=False, allow_abbrev=False,
@@ -52,7 +52,11 @@ def main(argv: list[str]) -> int:
                      help=f"where client files go (default {CONFIG_DIR})")
     new.add_argument("-group", "--group", default=DEFAULT_GROUP,
                      help=f"group that may read the file (default {DEFAULT_GROUP})")
-    args = top.parse_args(argv)
+    return CommandLine(top, {"new": new})
+
+
+def main(argv: list[str]) -> int:
+    args = command_line().parser.parse_args(argv)
     return new_tunnel(args.name, tunnel=args.tunnel, server=args.server, regexp=args.regexp,
                       config_dir=args.config_dir, group=args.group)
 
