@@ -171,3 +171,40 @@ def test_a_tuner_at_its_limits_has_nothing_to_probe() -> None:
     tuner = WindowTuner(server, WindowLimits(INITIAL_STREAM_WINDOW, INITIAL_TUNNEL_WINDOW))
     assert not tuner.can_grow()
     assert WindowTuner(server, WindowLimits()).can_grow()
+
+
+def test_later_streams_start_at_the_widest_window_the_tunnel_reached() -> None:
+    server, client, stream = open_download()
+    tuner = WindowTuner(server, WindowLimits(stream=4 * MiB, tunnel=64 * MiB))
+    for _ in range(3):
+        round_trip(tuner, client, server, stream, 64 * MiB)
+    assert server.start_window == tuner.widest_stream == 4 * MiB
+    # A new request: the server may grant its response that window with the request's HEAD
+    # (tunnel_v2 sends what widen gives right behind it)...
+    second, head = server.send_request(b"GET", b"/big", [(b"Host", b"h")], end_stream=True)
+    client.receive(v2.encode_frame(head))
+    server.receive(v2.encode_frame(client.send_response(second, 200, b"OK", [])))
+    assert server.widen(second, server.start_window) == [Window(second, 4 * MiB - INITIAL_STREAM_WINDOW)]
+    # ...and a stream that was not widened so gets it with its first DATA that is not its last.
+    third, head = server.send_request(b"GET", b"/big", [(b"Host", b"h")], end_stream=True)
+    client.receive(v2.encode_frame(head))
+    server.receive(v2.encode_frame(client.send_response(third, 200, b"OK", [])))
+    frames, _ = client.data_frames(third, b"x" * 1000)
+    events = server.receive(v2.encode_frame(frames[0]))
+    assert v2.SendFrame(Window(third, 4 * MiB - INITIAL_STREAM_WINDOW)) in events
+    # A response that is one DATA frame with END_STREAM is over: nothing to widen.
+    fourth, head = server.send_request(b"GET", b"/", [(b"Host", b"h")], end_stream=True)
+    client.receive(v2.encode_frame(head))
+    server.receive(v2.encode_frame(client.send_response(fourth, 200, b"OK", [])))
+    frames, _ = client.data_frames(fourth, b"small", end_stream=True)
+    assert not [e for e in server.receive(v2.encode_frame(frames[0])) if isinstance(e, v2.SendFrame)]
+
+
+def test_a_client_whose_windows_grew_widens_a_request_body_at_once() -> None:
+    server, client = V2Connection("server"), V2Connection("client")
+    client.start_window = 2 * MiB
+    stream, head = server.send_request(b"PUT", b"/up", [(b"Host", b"h")])
+    events = client.receive(v2.encode_frame(head))
+    assert v2.SendFrame(Window(stream, 2 * MiB - INITIAL_STREAM_WINDOW)) in events
+    _bodiless, head = server.send_request(b"GET", b"/", [(b"Host", b"h")], end_stream=True)
+    assert not [e for e in client.receive(v2.encode_frame(head)) if isinstance(e, v2.SendFrame)]

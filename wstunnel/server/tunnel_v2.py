@@ -235,7 +235,9 @@ class TunnelConnectionV2(TunnelConnection):
         self.in_flight[pending.id] = pending
         stream = _Stream(stream_id, pending, pending.id)
         self.streams[stream_id] = stream
-        self.endpoint.emit(head)
+        # On a tunnel whose transfers have widened their windows, the response may send that
+        # much at once, in the request's own message: a round trip sooner than from its first DATA.
+        self.endpoint.emit(head, *self.conn.widen(stream_id, self.conn.start_window))
         self.log.info(
             "WS   SND", token=self.token, id=pending.id, stream=stream_id,
             info=f"{pending.method.decode('latin-1')} {short_target(request.target)}",

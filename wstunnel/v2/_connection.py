@@ -459,6 +459,9 @@ class V2Connection:
         events: list[Event] = [RequestReceived(stream, method, target, headers, frame.end_stream)]
         if frame.end_stream:
             events.append(StreamEnded(stream, []))
+        elif self.start_window > self._initial_stream_window:
+            # A request body on a tunnel whose transfers widened their windows: all of that now.
+            events += [SendFrame(window) for window in self.widen(stream, self.start_window)]
         return events
 
     def _on_response(self, frame: Head) -> list[Event]:
