@@ -113,6 +113,9 @@ class WindowTuner:
         if frames:
             self.widened += 1
             if stream and size > self.widest_stream:
-                # The next transfer on this tunnel starts where this one got to.
+                # The next transfer on this tunnel starts where this one got to; and the tunnel
+                # window makes room for it and one more: a stream's window is of no use beyond
+                # the tunnel's, which would otherwise grow only once every stream together hit it.
                 self.widest_stream = self.conn.start_window = size
+                frames += self.conn.widen(0, min(self.limits.tunnel, 2 * size))
         return frames
