@@ -88,6 +88,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 MANY_CLIENTS = ROOT / "tests" / "support" / "many_clients.py"
+DELAY_RELAY = ROOT / "tests" / "support" / "delay_relay.py"
 KiB, MiB = 1024, 1024 * 1024
 T = TypeVar("T")
 
@@ -429,6 +430,7 @@ class Target:
     client: Proc | None = None
     count_source: str | None = None  # "metrics" or "stats", found on first use
     transport: str | None = None  # ours only: the cli's -transport (None: its default)
+    link_port: int = 0  # with --link-delay: the relay the cli dials instead of the server
 
     @property
     def tunnel(self) -> bool:
@@ -441,23 +443,25 @@ class Target:
     def headers(self) -> dict[str, str]:
         return {"X-Token": self.token} if self.tunnel else {}
 
-    def server_argv(self, port: int, max_body: int) -> list[str]:
+    def server_argv(self, port: int) -> list[str]:
         assert self.program is not None
         argv = [*self.program, "srv", "-port", str(port)]
         if self.ours:
             # Loopback only; room for every wrk connection's request (a queue bound, not a rate
             # limit: a 503 still means overload); one address sends every request and tunnel,
-            # so no failure limit; bodies up to the largest file.
+            # so no failure limit. Streamed bodies have no size limit by default; v1 bodies are
+            # not ours to carry here.
             argv += ["-host", "127.0.0.1", "-max-requests-per-tunnel", "4096",
-                     "-failure-limit", "0", "-max-body-size", str(max_body)]
+                     "-failure-limit", "0"]
         return argv
 
-    def client_argv(self, port: int, backend: str, max_body: int) -> tuple[list[str], dict[str, str]]:
+    def client_argv(self, port: int, backend: str) -> tuple[list[str], dict[str, str]]:
         assert self.program is not None
-        argv = [*self.program, "cli", "-tunnel", f"ws://127.0.0.1:{port}", "-server", backend]
+        argv = [*self.program, "cli", "-tunnel", f"ws://127.0.0.1:{self.link_port or port}",
+                "-server", backend]
         if self.ours:
             argv += ["-transport", self.transport] if self.transport else []
-            return [*argv, "-max-body-size", str(max_body)], child_env(WSTUNCLI_TOKEN=self.token)
+            return argv, child_env(WSTUNCLI_TOKEN=self.token)
         return [*argv, "-token", self.token], child_env()
 
     def pids(self) -> dict[str, int]:
@@ -466,9 +470,9 @@ class Target:
         return {"srv": self.server.pid, "cli": self.client.pid}
 
 
-def start_server(procs: Procs, target: Target, port: int, max_body: int, clock: Clock,
+def start_server(procs: Procs, target: Target, port: int, clock: Clock,
                  name: str = "srv") -> Proc:
-    proc = procs.start(f"{target.name}-{name}", target.server_argv(port, max_body))
+    proc = procs.start(f"{target.name}-{name}", target.server_argv(port))
 
     def healthy() -> bool:
         if not proc.alive():
@@ -479,10 +483,30 @@ def start_server(procs: Procs, target: Target, port: int, max_body: int, clock: 
     return proc
 
 
-def start_tunnel(procs: Procs, target: Target, backend: str, max_body: int, clock: Clock) -> None:
+def start_link(procs: Procs, name: str, target_port: int, delay_ms: float, clock: Clock) -> int:
+    """A relay on its own port that holds every byte ``delay_ms`` each way before passing it on
+    to ``target_port`` (tests/support/delay_relay.py): a long link on loopback. Its port."""
+    port = free_port()
+    proc = procs.start(f"{name}-link", [PYTHON, str(DELAY_RELAY), str(port), str(target_port),
+                                        str(delay_ms)])
+
+    def listening() -> bool:
+        if not proc.alive():
+            raise SystemExit(f"bench: the {name} relay exited:\n{proc.tail()}")
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+
+    wait_until(f"the {name} relay", listening, clock, 20)
+    return port
+
+
+def start_tunnel(procs: Procs, target: Target, backend: str, clock: Clock,
+                 link_delay: float = 0.0) -> None:
     target.port = free_port()
-    target.server = start_server(procs, target, target.port, max_body, clock)
-    argv, env = target.client_argv(target.port, backend, max_body)
+    target.server = start_server(procs, target, target.port, clock)
+    if link_delay:
+        target.link_port = start_link(procs, target.name, target.port, link_delay, clock)
+    argv, env = target.client_argv(target.port, backend)
     target.client = procs.start(f"{target.name}-cli", argv, env)
     client = target.client
 
@@ -733,8 +757,7 @@ def idle_run(procs: Procs, target: Target, count: int, backend: str, work: Path,
              clock: Clock) -> dict[str, Any]:
     """A fresh server, ``count`` co-hosted tunnels: memory per tunnel, then a server restart."""
     port = free_port()
-    max_body = 2 * max(cfg.sizes.values())
-    server = start_server(procs, target, port, max_body, clock, name=f"idle{count}-srv")
+    server = start_server(procs, target, port, clock, name=f"idle{count}-srv")
     url = f"http://127.0.0.1:{port}"
     wait_until("a settled server", lambda: connected_clients(target, url) == 0, clock, 10)
     time.sleep(0.5)
@@ -773,7 +796,7 @@ def idle_run(procs: Procs, target: Target, count: int, backend: str, work: Path,
         stopping = time.monotonic()
         procs.stop(server, first=cfg.restart_signal)
         stopped = time.monotonic()
-        server = start_server(procs, target, port, max_body, clock, name=f"idle{count}-srv-again")
+        server = start_server(procs, target, port, clock, name=f"idle{count}-srv-again")
         listening = time.monotonic()
         seen[0] = 0
         wait_until(f"{count} tunnels back", connected, clock, 60 + count / 20, interval=0.1)
@@ -792,17 +815,17 @@ def idle_run(procs: Procs, target: Target, count: int, backend: str, work: Path,
     return result
 
 
-def tokens_run(procs: Procs, target: Target, backend: str, work: Path, cfg: Settings,
+def tokens_run(procs: Procs, target: Target, backend: str, direct: str, work: Path, cfg: Settings,
                mixed: Path, clock: Clock) -> dict[str, Any]:
     tokens = [f"tok{i:04d}" + secrets.token_urlsafe(18) for i in range(cfg.tokens)]
     token_file = work / f"mixed-tokens-{target.name}"
     write_private(token_file, "".join(t + "\n" for t in tokens))
     clients: Proc | None = None
-    url = target.url if target.tunnel else backend
+    url = target.url if target.tunnel else direct
     try:
         if target.tunnel:
             clients = procs.start(f"{target.name}-tokens-clients", [
-                PYTHON, str(MANY_CLIENTS), f"ws://127.0.0.1:{target.port}", backend,
+                PYTHON, str(MANY_CLIENTS), f"ws://127.0.0.1:{target.link_port or target.port}", backend,
                 str(token_file), str(work / f"{target.name}-tokens-clients.events.log")])
             before = connected_clients(target, url)
             running = clients
@@ -959,6 +982,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="how idle-N stops the server before starting it again (TERM)")
     parser.add_argument("--reference", action="append", default=[], metavar="PATH",
                         help="another program with the srv/cli command line: one more column")
+    parser.add_argument("--link-delay", type=float, default=0.0, metavar="MS",
+                        help="a relay holding bytes MS ms each way between cli and srv, and the same "
+                             "relay on the direct path to nginx: a long link (0: none)")
     parser.add_argument("--json", type=Path, help="write every result here")
     parser.add_argument("--logs", type=Path, help="copy every process's log to this directory")
     parser.add_argument("--deadline", type=float, default=None,
@@ -1080,7 +1106,6 @@ def run(args: argparse.Namespace) -> int:
         targets.append(Target(name, [program]))
     runs: list[dict[str, Any]] = []
     status = "complete"
-    max_body = 2 * max(cfg.sizes.values())
     with tempfile.TemporaryDirectory(prefix="wstunnel-bench-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         (work / "logs").mkdir()
@@ -1093,19 +1118,26 @@ def run(args: argparse.Namespace) -> int:
             stack.enter_context(events)
             backend = start_nginx(procs, work, cfg, events.port, clock)
             log(f"nginx on {backend}")
+            # The direct column crosses the same link as a tunnel's traffic: HTTP client -> srv
+            # stays local, cli -> nginx too; the link is between srv and cli, or client and nginx.
+            direct = backend
+            if args.link_delay:
+                nginx_port = int(backend.rsplit(":", 1)[1])
+                direct = f"http://127.0.0.1:{start_link(procs, 'direct', nginx_port, args.link_delay, clock)}"
+                log(f"a link of {args.link_delay:g} ms each way before nginx ({direct}) and srv")
             for target in targets:
                 if target.tunnel:
-                    start_tunnel(procs, target, backend, max_body, clock)
+                    start_tunnel(procs, target, backend, clock, args.link_delay)
                     log(f"{target.name}: srv on port {target.port}, pids {target.pids()}")
             for target in targets:  # untimed: first requests, lazy imports, pools
-                url = target.url if target.tunnel else backend
+                url = target.url if target.tunnel else direct
                 run_wrk(f"{url}/1k.bin", 2, 32, cfg.warmup, target.headers(), report_lua, clock)
             for round_ in range(cfg.rounds):
                 order = targets if round_ % 2 == 0 else targets[::-1]
                 for workload in args.workloads:
                     for label, name, measure, only_tunnels in plan(workload, cfg, procs, backend,
-                                                                    work, mixed_lua, report_lua,
-                                                                    events, clock):
+                                                                    direct, work, mixed_lua,
+                                                                    report_lua, events, clock):
                         for target in order:
                             if only_tunnels and not target.tunnel:
                                 continue
@@ -1167,14 +1199,16 @@ def run(args: argparse.Namespace) -> int:
 Measure = Callable[[Target], dict[str, Any]]
 
 
-def plan(workload: str, cfg: Settings, procs: Procs, backend: str, work: Path, mixed: Path,
-         report: Path, events: EventSource, clock: Clock) -> Iterator[tuple[str, str, Measure, bool]]:
-    """(label, name, measure(target), tunnels only) for each measurement ``workload`` stands for."""
+def plan(workload: str, cfg: Settings, procs: Procs, backend: str, direct: str, work: Path,
+         mixed: Path, report: Path, events: EventSource, clock: Clock
+         ) -> Iterator[tuple[str, str, Measure, bool]]:
+    """(label, name, measure(target), tunnels only) for each measurement ``workload`` stands for;
+    ``backend`` is nginx for tunnel clients, ``direct`` the direct column's way to it."""
     if workload in GET_WORKLOADS:
         threads, connections = GET_WORKLOADS[workload]
 
         def get(target: Target) -> dict[str, Any]:
-            url = target.url if target.tunnel else backend
+            url = target.url if target.tunnel else direct
             pids = target.pids()
             with PeakSampler(pids) as peak:
                 result = run_wrk(f"{url}/1k.bin", threads, connections, cfg.duration,
@@ -1188,7 +1222,7 @@ def plan(workload: str, cfg: Settings, procs: Procs, backend: str, work: Path, m
         size = cfg.sizes[file_name]
 
         def transfer(target: Target) -> dict[str, Any]:
-            url = target.url if target.tunnel else backend
+            url = target.url if target.tunnel else direct
             pids = target.pids()
             with PeakSampler(pids) as peak:
                 if direction == "download":
@@ -1204,13 +1238,13 @@ def plan(workload: str, cfg: Settings, procs: Procs, backend: str, work: Path, m
         size = cfg.sizes[cfg.large]
 
         def busy(target: Target) -> dict[str, Any]:
-            url = target.url if target.tunnel else backend
+            url = target.url if target.tunnel else direct
             return run_busy_latency(url, target.headers(), cfg.large, size, clock)
 
         yield f"GET 1 KiB during a {human(size)} download", workload, busy, False
     elif workload == "sse":
         def sse(target: Target) -> dict[str, Any]:
-            url = target.url if target.tunnel else backend
+            url = target.url if target.tunnel else direct
             return run_sse(url, target.headers(), events, clock)
 
         yield f"SSE, {SSE_EVENTS} events {SSE_GAP * 1000:g} ms apart", workload, sse, False
@@ -1223,7 +1257,7 @@ def plan(workload: str, cfg: Settings, procs: Procs, backend: str, work: Path, m
             yield label, f"idle-{count}", idle, True
     elif workload == "tokens":
         def tokens(target: Target) -> dict[str, Any]:
-            return tokens_run(procs, target, backend, work, cfg, mixed, clock)
+            return tokens_run(procs, target, backend, direct, work, cfg, mixed, clock)
 
         yield (f"{cfg.tokens} tokens, mixed -c{TOKENS_CONNECTIONS}", "tokens", tokens, False)
 

@@ -46,10 +46,6 @@ from tests.support.nginx_frontend import (
 )
 
 MiB = 1024 * 1024
-# wstunnel srv and cli still cap streamed bodies at max_body_size (100 MiB by default); issue 14
-# makes streams unlimited by default, and then these flags can go. nginx's own limit is already
-# none (client_max_body_size 0), and is what these tests hold to.
-LIFT_BODY_CAP = ("-max-body-size", str(4096 * MiB))
 EVENT_GAP = 0.4  # seconds between the backend's server-sent events
 
 
@@ -61,9 +57,9 @@ def _routes(*routes: str) -> list:
 def open_tunnel(harness: Harness, tmp_path: Path, route: str,
                 *client_flags: str) -> tuple[Deployment, str]:
     """The route's servers, and one ``wstunnel cli`` registered through it; (deployment, token)."""
-    deployment = deploy(harness, tmp_path, route, *LIFT_BODY_CAP)
+    deployment = deploy(harness, tmp_path, route)
     token = harness.new_token(f"{route[:7]:-<7}-")
-    harness.client(deployment.tunnel_url, token, *deployment.client_flags(), *LIFT_BODY_CAP,
+    harness.client(deployment.tunnel_url, token, *deployment.client_flags(),
                    *client_flags, wait=False)
     deployment.wait_clients(token, 1)
     return deployment, token

@@ -284,7 +284,7 @@ def test_status_json_describes_tunnels_and_clients(harness: Harness) -> None:
 )
 def test_malformed_requests_get_4xx_and_server_keeps_serving(harness: Harness, data: bytes,
                                                              expected: bytes) -> None:
-    server = harness.server("-max-header-size", "65536", "-max-body-size", "1048576")
+    server = harness.server("-max-header-size", "65536", "-max-stream-size", "1048576")
     reply = raw_exchange(server.port, data)
     assert status_line(reply).split(b" ")[1] == expected
     assert server.get("/_health_check").status_code == 200
@@ -300,7 +300,9 @@ def test_slow_request_head_gets_408(harness: Harness) -> None:
 
 
 def test_request_body_over_cap_is_413_and_tunnel_survives(harness: Harness) -> None:
-    server = harness.server("-max-body-size", "100000")
+    # Over SMALL_BODY, so streamed: max_stream_size caps it (max_body_size caps only what is
+    # held whole: a v1 tunnel's bodies, tests/test_wire_compat.py).
+    server = harness.server("-max-stream-size", "100000")
     token = harness.new_token()
     harness.client(server, token)
     too_big = server.get("/echo", token, method="POST", content=b"x" * 100001)
@@ -312,7 +314,7 @@ def test_request_body_over_cap_is_413_and_tunnel_survives(harness: Harness) -> N
 def test_response_body_over_client_cap_is_502_and_tunnel_survives(harness: Harness) -> None:
     server = harness.server()
     token = harness.new_token()
-    harness.client(server, token, "-max-body-size", "100000")
+    harness.client(server, token, "-max-stream-size", "100000")
     assert server.get("/bytes?size=200000", token).status_code == 502
     assert server.get("/bytes?size=1000", token).status_code == 200
     assert server.clients(token) == 1

@@ -6,7 +6,7 @@ import trio
 import trio.testing
 
 from wstunnel import v2
-from wstunnel.tunnel.outbox import EARLY_SEND_FRAMES, FrameOutbox
+from wstunnel.tunnel.outbox import BACKLOG_HIGH_WATER, EARLY_SEND_FRAMES, FrameOutbox
 
 
 def frames(count: int, size: int = 10) -> list[bytes]:
@@ -151,3 +151,37 @@ async def test_an_early_send_finishes_even_if_its_caller_is_cancelled() -> None:
         scope.cancel()
         await outbox.send_early(transport)  # type: ignore[arg-type]
     assert transport.sent == [frames(EARLY_SEND_FRAMES)]
+
+
+async def test_a_sender_waits_while_the_backlog_is_over_its_mark_and_goes_on_at_half() -> None:
+    """Bytes beyond BACKLOG_HIGH_WATER wait in their sender, not here: what comes later (a small
+    response's head) is never queued behind a whole window of a bulk transfer."""
+    outbox = FrameOutbox(batched=False)  # one frame a message: the backlog shrinks step by step
+    frame = b"d" * (16 * 1024)
+    while outbox.backlog <= BACKLOG_HIGH_WATER:
+        outbox.put(frame)
+    room = trio.Event()
+
+    async def sender() -> None:
+        await outbox.wait_room()
+        room.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            while outbox.backlog > BACKLOG_HIGH_WATER // 2:
+                await trio.testing.wait_all_tasks_blocked()
+                assert not room.is_set(), outbox.backlog
+                await outbox.next_message()
+            await room.wait()
+    await outbox.wait_room()  # under the mark: at once
+
+
+async def test_a_closed_outbox_lets_its_waiting_senders_go() -> None:
+    outbox = FrameOutbox(batched=False)
+    outbox.put(b"x" * (BACKLOG_HIGH_WATER + 1))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.wait_room)
+            await trio.testing.wait_all_tasks_blocked()
+            outbox.close()

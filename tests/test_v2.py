@@ -258,10 +258,10 @@ def streaming_backend() -> Iterator[StreamingBackend]:
 
 
 def tunnel_to(harness: Harness, backend: StreamingBackend) -> tuple[Server, str, int]:
-    # Both ends cap bodies (100 MiB by default); these transfers go beyond.
-    server = harness.server("-max-body-size", str(4096 * MiB))
+    # Streamed bodies have no size limit by default (max_stream_size 0).
+    server = harness.server()
     token = harness.new_token()
-    client = harness.client(server, token, "-max-body-size", str(4096 * MiB), backend=backend.url)
+    client = harness.client(server, token, backend=backend.url)
     return server, token, client.process.pid
 
 
@@ -748,10 +748,10 @@ def test_streams_per_tunnel_are_capped_and_the_rest_wait(
     assert streaming_backend.max_holding == 2
 
 
-def test_chunked_upload_over_max_body_size_is_413(
+def test_chunked_upload_over_max_stream_size_is_413(
     harness: Harness, streaming_backend: StreamingBackend
 ) -> None:
-    server = harness.server("-max-body-size", str(MiB))
+    server = harness.server("-max-stream-size", str(MiB))
     token = harness.new_token()
     harness.client(server, token, backend=streaming_backend.url)
     # No Content-Length to refuse up front: the cap is met as the body streams.

@@ -736,12 +736,29 @@ def test_the_tunnel_window_caps_every_stream_together() -> None:
         deliver(client, Data(three, b"x"))  # its stream window has room, the tunnel's has not
     # Consuming grants the stream at half its window, and the tunnel at half its own.
     assert client.consumed(one, 600) == [Window(one, 600)]
-    assert client.consumed(one, 400) == []
-    assert client.consumed(two, 500) == [Window(two, 500), Window(0, 1500)]
-    deliver(server, Window(one, 600), Window(two, 500))
+    assert client.consumed(one, 100) == []  # 300 of it still buffered: not drained either
+    assert client.consumed(two, 600) == [Window(two, 600), Window(0, 1300)]
+    deliver(server, Window(one, 600), Window(two, 600))
     assert server.send_capacity(one) == 0  # the tunnel window is still empty
-    assert deliver(server, Window(0, 1500)) == [WindowUpdated(0, 1500)]
-    assert [server.send_capacity(s) for s in (one, two, three)] == [600, 500, 500]
+    assert deliver(server, Window(0, 1300)) == [WindowUpdated(0, 1300)]
+    assert [server.send_capacity(s) for s in (one, two, three)] == [600, 600, 500]
+
+
+def test_credit_goes_back_when_the_application_has_taken_everything() -> None:
+    """Once an eighth of a window is consumed and nothing is left buffered, the credit goes back
+    without waiting for half: data that came as one burst must not leave half the window
+    consumed but unacknowledged until the next burst (a long link would run at half speed)."""
+    server, client = pair(stream_window=1000, tunnel_window=8000)
+    stream = open_stream(server, client)
+    assert send_all(server, client, stream, b"x" * 700) == 700
+    assert client.consumed(stream, 100) == []  # 600 still buffered
+    grants = client.consumed(stream, 600)
+    assert grants == [Window(stream, 700)]  # drained
+    deliver(server, *grants)
+    assert send_all(server, client, stream, b"x" * 100) == 100
+    assert client.consumed(stream, 100) == []  # drained, but under an eighth of the window
+    assert send_all(server, client, stream, b"x" * 1000) == 900
+    assert client.consumed(stream, 900) == [Window(stream, 1000), Window(0, 1700)]
 
 
 def test_consumed_after_the_end_grants_the_tunnel_only() -> None:
@@ -842,8 +859,9 @@ def test_late_frames_after_our_reset_are_ignored_until_the_peer_ends() -> None:
     in_flight.append(client.send_end(stream))
     reset = server.reset(stream, ErrorCode.CANCEL)
     events = deliver(server, *in_flight)
-    # Nothing for the application; the tunnel credit the ignored DATA took comes straight back.
-    assert events == [SendFrame(Window(0, 600))]
+    # Nothing for the application; the tunnel credit the ignored DATA took comes straight back
+    # (nothing is left buffered: each frame's credit at once).
+    assert events == [SendFrame(Window(0, 300)), SendFrame(Window(0, 300))]
     assert server.buffered_bytes == 0
     # The peer's END closed its side: a frame after it is a broken peer again.
     with pytest.raises(ProtocolError, match=f"DATA frame on closed stream {stream}"):

@@ -32,6 +32,7 @@ from pydantic_settings import (
 
 from wstunnel.errors import ConfigError
 from wstunnel.tokens import MIN_LENGTH
+from wstunnel.v2 import WindowLimits
 
 MiB = 1024 * 1024
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -83,7 +84,25 @@ class _Common(BaseSettings):
     log_target: LogTarget = Field(
         "auto", description="where lines go without -logfile/-syslog (auto: journal under systemd)"
     )
-    max_body_size: int = Field(100 * MiB, ge=1024, description="largest body carried, in bytes")
+    max_body_size: int = Field(
+        100 * MiB, ge=1024,
+        description="largest body held whole in memory (protocol v1, small bodies), bytes",
+    )
+    max_stream_size: int = Field(
+        0, ge=0, description="largest body streamed over protocol v2, bytes (0: no limit)"
+    )
+    max_stream_window: int = Field(
+        16 * MiB, ge=256 * 1024, le=2**31 - 1,
+        description="largest v2 receive window of one stream, bytes (it grows with the link)",
+    )
+    max_tunnel_window: int = Field(
+        64 * MiB, ge=4 * MiB, le=2**31 - 1,
+        description="largest v2 receive window of a whole tunnel, bytes (it grows with the link)",
+    )
+
+    @property
+    def window_limits(self) -> WindowLimits:
+        return WindowLimits(stream=self.max_stream_window, tunnel=self.max_tunnel_window)
 
     @classmethod
     def settings_customise_sources(

@@ -54,16 +54,16 @@ def encode_id(request_id: int) -> bytes:
     return b"%04x" % request_id
 
 
-def split_message(message: bytes | str) -> tuple[int, bytes]:
+def split_message(message: bytes | bytearray | str) -> tuple[int, bytes]:
     """Split a tunnel message into its request id and its HTTP payload."""
     if isinstance(message, str):
         raise TunnelMessageError("text message on the tunnel (only binary messages are allowed)")
     if len(message) < ID_DIGITS:
         raise TunnelMessageError(f"message of {len(message)} bytes is too short for an id")
-    prefix = message[:ID_DIGITS]
+    prefix = bytes(message[:ID_DIGITS])
     if not all(byte in _HEX for byte in prefix):
         raise TunnelMessageError(f"message does not start with a hex request id: {prefix!r}")
-    return int(prefix, 16), message[ID_DIGITS:]
+    return int(prefix, 16), bytes(memoryview(message)[ID_DIGITS:])  # one copy, as a slice was
 
 
 def encode_request(request_id: int, request: Request) -> bytes:

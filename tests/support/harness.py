@@ -68,7 +68,8 @@ def raw_exchange(port: int, data: bytes, *, timeout: float = 15.0) -> bytes:
 
 
 class Process:
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 cwd: Path = ROOT):
         self.name = name
         self.argv = argv
         self.log_path = log_path
@@ -78,7 +79,7 @@ class Process:
         self._log = log_path.open("ab")
         self.popen = subprocess.Popen(
             argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, cwd=ROOT,
+            env=env, cwd=cwd,
         )
 
     @property
@@ -176,9 +177,11 @@ class Harness:
         # a whole test module over long-poll, and tests/test_longpoll.py sets it per test.
         self.transport: str | None = os.environ.get("WSTUNNEL_TEST_TRANSPORT") or None
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+              cwd: Path = ROOT) -> Process:
+        """``cwd``: where ``python -m wstunnel`` finds the package (another version's tree)."""
         log_path = self.directory / f"{name}-{len(self.processes)}.log"
-        process = Process(name, argv, log_path, env=environ() if env is None else env)
+        process = Process(name, argv, log_path, env=environ() if env is None else env, cwd=cwd)
         self.processes.append(process)
         return process
 
@@ -198,7 +201,7 @@ class Harness:
         return self._backend
 
     def server(self, *flags: str, env: dict[str, str] | None = None, port: int | None = None,
-               wait: bool = True) -> Server:
+               wait: bool = True, cwd: Path = ROOT) -> Server:
         # Port 0 lets the kernel pick, with no window for another process to take the port
         # between our choice and the bind; the server logs the port it got.
         ask_kernel = port is None and wait and "-logfile" not in flags
@@ -207,7 +210,7 @@ class Harness:
         if "-restart-grace" not in flags:
             # Tests want an unknown token's 404 at once, not after the post-start grace.
             argv[4:4] = ["-restart-grace", "0"]
-        process = self.start("srv", argv, env=env)
+        process = self.start("srv", argv, env=env, cwd=cwd)
         if ask_kernel:
             found = wait_until(lambda: re.search(r"Listening +pkg=WStunsrv port=(\d+)", process.output()),
                                what="wstunnel srv to log its port")
@@ -219,7 +222,7 @@ class Harness:
         return server
 
     def client(self, server: Server | str, token: str, *flags: str, backend: str | None = None,
-               env: dict[str, str] | None = None, wait: bool = True) -> Client:
+               env: dict[str, str] | None = None, wait: bool = True, cwd: Path = ROOT) -> Client:
         tunnel = server.ws_url if isinstance(server, Server) else server
         if backend is None and "-regexp" not in flags:
             backend = self.backend().url
@@ -232,7 +235,7 @@ class Harness:
         if backend is not None:
             argv += ["-server", backend]
         before = server.clients(token) if isinstance(server, Server) and wait else 0
-        client = Client(self.start("cli", argv, env=env), token)
+        client = Client(self.start("cli", argv, env=env, cwd=cwd), token)
         if wait and isinstance(server, Server):
             server.wait_clients(token, before + 1)
         return client

@@ -33,7 +33,7 @@ from wstunnel.service import ServiceNotifier
 from wstunnel.tokens import Token
 from wstunnel.tunnel import websocket
 from wstunnel.tunnel.longpoll import POLL_PATH
-from wstunnel.tunnel.transport import VERSION_HEADER, WS_RECEIVE_SIZE, PingableTransport
+from wstunnel.tunnel.transport import VERSION_HEADER, WS_RECEIVE_SIZE, MessageTransport
 
 # Refusals long-poll would get just as well (a password, a brake, a restart, a proxy that cannot
 # reach the server): a fallback would only double the dials of every client of a busy or
@@ -96,7 +96,7 @@ class TunnelClient:
         self.stopped = trio.Event()
         self._backoff_scope = trio.CancelScope()
         self.backend: Backend | None = None
-        self._ws: PingableTransport | None = None
+        self._ws: MessageTransport | None = None
         # transport "auto": when the WebSocket was refused and long-poll took over (trio clock).
         self._longpoll_since: float | None = None
         self._redial_now = False  # the next dial follows at once (a change of transport)
@@ -111,7 +111,7 @@ class TunnelClient:
             backend_verify = dial.ssl_context(certfile=self.settings.certfile, insecure=False)
         backend = self.backend = Backend(
             server=self.settings.server, regexp=self.settings.regexp,
-            max_body_size=self.settings.max_body_size,
+            max_body_size=self.settings.max_body_size, max_stream_size=self.settings.max_stream_size,
             max_connections=self.settings.max_concurrent_requests, verify=backend_verify,
         )
         try:
@@ -218,7 +218,7 @@ class TunnelClient:
             await self._run_connected(nursery, transport, backend, base + POLL_PATH,
                                       session=transport.sid)
 
-    async def _run_connected(self, nursery: trio.Nursery, ws: PingableTransport,
+    async def _run_connected(self, nursery: trio.Nursery, ws: MessageTransport,
                              backend: Backend, url: str, **details: object) -> None:
         """Serve a connected transport until it ends; then close it and stop its tasks."""
         transport = "longpoll" if isinstance(ws, longpoll.LongPollTransport) else "websocket"
@@ -282,7 +282,8 @@ class TunnelClient:
         self.limiter.total_tokens = self.settings.max_concurrent_requests
         if self.backend is not None:
             self.backend.reconfigure(server=self.settings.server, regexp=self.settings.regexp,
-                                     max_body_size=self.settings.max_body_size)
+                                     max_body_size=self.settings.max_body_size,
+                                     max_stream_size=self.settings.max_stream_size)
         return [name for name in changed if name not in fixed], fixed
 
     async def close(self) -> None:
@@ -297,16 +298,17 @@ class TunnelClient:
             self._goodbye_said.set()
 
     @staticmethod
-    def _protocol(ws: PingableTransport) -> str:
+    def _protocol(ws: MessageTransport) -> str:
         return "v2" if ws.subprotocol in (v2.SUBPROTOCOL, v2.BATCH_SUBPROTOCOL) else "v1"
 
-    async def _serve(self, ws: PingableTransport, backend: Backend) -> None:
+    async def _serve(self, ws: MessageTransport, backend: Backend) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keepalive, ws)
             if self._protocol(ws) == "v2":
                 session = self._session_v2 = ClientSessionV2(
                     ws, backend, limiter=self.limiter, log=self.log, token=self.token,
                     batched=ws.subprotocol == v2.BATCH_SUBPROTOCOL,
+                    limits=self.settings.window_limits,
                 )
                 try:
                     await session.run()
@@ -316,7 +318,7 @@ class TunnelClient:
             await ClientSessionV1(ws, backend, limiter=self.limiter, log=self.log,
                                   token=self.token).run()
 
-    async def _keepalive(self, ws: PingableTransport) -> None:
+    async def _keepalive(self, ws: MessageTransport) -> None:
         interval = self.settings.timeout / 3
         while True:
             await trio.sleep(interval)

@@ -8,6 +8,7 @@ headers, ``X-Host`` and ``X-Token`` never reach the backend.
 
 from __future__ import annotations
 
+import math
 import re
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator
@@ -41,18 +42,22 @@ class Refusal(Exception):
 
 class Backend:
     def __init__(self, *, server: str | None, regexp: str | None, max_body_size: int,
-                 max_connections: int, verify: ssl.SSLContext | bool = True) -> None:
+                 max_connections: int, verify: ssl.SSLContext | bool = True,
+                 max_stream_size: int = 0) -> None:
         self.server = server
         self.pattern = re.compile(regexp) if regexp else None
-        self.max_body_size = max_body_size
+        self.max_body_size = max_body_size  # a body held whole (protocol v1)
+        self.max_stream_size: float = max_stream_size or math.inf  # a body streamed (v2)
         # Proxy variables are for the tunnel, never for the backend: the pool knows none.
         self.pool = OriginPool(max_connections=max_connections, ssl_context=default_ssl_context(verify),
                                timeouts=BACKEND_TIMEOUT)
 
-    def reconfigure(self, *, server: str | None, regexp: str | None, max_body_size: int) -> None:
+    def reconfigure(self, *, server: str | None, regexp: str | None, max_body_size: int,
+                    max_stream_size: int = 0) -> None:
         self.server = server
         self.pattern = re.compile(regexp) if regexp else None
         self.max_body_size = max_body_size
+        self.max_stream_size = max_stream_size or math.inf
 
     async def aclose(self) -> None:
         self.pool.close()

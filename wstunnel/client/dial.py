@@ -12,6 +12,7 @@ import trio
 
 from wstunnel.client import proxy as proxies
 from wstunnel.errors import DialError
+from wstunnel.tunnel.transport import tune_tunnel_socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +101,7 @@ async def open_stream(
         tcp = await trio.open_tcp_stream(hop_host, hop_port)
     stream: trio.abc.Stream = tcp
     try:
-        tcp.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+        tune_tunnel_socket(tcp.socket)
         if proxy is not None:
             stream = await proxies.traverse(stream, proxy, address.host, address.port)
         if address.secure:

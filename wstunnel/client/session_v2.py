@@ -33,7 +33,7 @@ from wstunnel.headers import get as get_header
 from wstunnel.logs import EventLogger
 from wstunnel.tokens import Token
 from wstunnel.tunnel.chunks import ChunkQueue
-from wstunnel.tunnel.endpoint import V2Endpoint
+from wstunnel.tunnel.endpoint import V2Endpoint, log_widened
 from wstunnel.tunnel.transport import MessageTransport
 
 # Request body bytes handed to the backend client at once, at most: fewer, larger writes to the backend.
@@ -98,13 +98,13 @@ class ClientSessionV2:
 
     def __init__(self, ws: MessageTransport, backend: Backend, *,
                  limiter: trio.CapacityLimiter, log: EventLogger,
-                 token: Token, batched: bool = False) -> None:
+                 token: Token, batched: bool = False, limits: v2.WindowLimits | None = None) -> None:
         self.ws = ws
         self.backend = backend
         self.limiter = limiter
         self.log = log
         self.token = token
-        self.endpoint = V2Endpoint("client", ws, self, batched=batched)
+        self.endpoint = V2Endpoint("client", ws, self, batched=batched, limits=limits)
         self.conn = self.endpoint.conn
         self.streams: dict[int, _Stream] = {}
         self._nursery: trio.Nursery | None = None  # the handlers', while run() runs
@@ -117,6 +117,7 @@ class ClientSessionV2:
                 # The writer returns on ConnectionClosed: the receive loop sees the close too and
                 # ends the session with one error, not a group of two it could not describe.
                 nursery.start_soon(endpoint.run_writer)
+                nursery.start_soon(endpoint.run_tuner, self._widened)
                 while True:
                     try:
                         await endpoint.receive()  # ConnectionClosed ends the session
@@ -126,6 +127,9 @@ class ClientSessionV2:
                         raise TunnelMessageError(str(exc)) from None
         finally:
             endpoint.close()
+
+    def _widened(self, rtt: float, grants: list[v2.Window]) -> None:
+        log_widened(self.log, self.token, self.endpoint.conn, rtt, grants)
 
     # -- the endpoint's events (StreamHandler) ------------------------------------------------
 
@@ -145,7 +149,7 @@ class ClientSessionV2:
             return False  # its handler is gone and nobody will read this
         stream.size += len(event.data)
         # The backend's cap (a reload updates it); an upgraded connection is not one body.
-        if stream.upgrade is None and stream.size > self.backend.max_body_size:
+        if stream.upgrade is None and stream.size > self.backend.max_stream_size:
             self.streams.pop(stream.id, None)
             stream.scope.cancel()
             self.endpoint.reset(stream.id, v2.ErrorCode.TOO_LARGE, "request body too large")
@@ -204,7 +208,7 @@ class ClientSessionV2:
                     return
                 head = self._response_head(stream, response)
                 bodyless = head.end_stream
-                cap = self.backend.max_body_size
+                cap = self.backend.max_stream_size
                 self.endpoint.emit(head)
                 self.log.info("WS   SND", token=self.token, id=stream.id, status=response.status)
                 if bodyless:
@@ -214,8 +218,9 @@ class ClientSessionV2:
                     async for chunk in response:
                         size += len(chunk)
                         if size > cap:  # undeclared length: the head is gone, so abort
-                            self.endpoint.reset(stream.id, v2.ErrorCode.TOO_LARGE,
-                                                "backend response larger than max_body_size")
+                            reason = "backend response larger than max_stream_size"
+                            self.log.warning("WS   ERR", token=self.token, id=stream.id, err=reason)
+                            self.endpoint.reset(stream.id, v2.ErrorCode.TOO_LARGE, reason)
                             return
                         # The body's end already known: END_STREAM on this DATA, no END frame
                         # (unless trailers need one).
@@ -276,11 +281,13 @@ class ClientSessionV2:
 
     def _response_head(self, stream: _Stream, response: Response) -> v2.Head:
         """The HEAD frame for the backend's response; Refusal if it cannot be passed on."""
-        # max_body_size caps responses as in v1 (TODO: whether a streamed body needs a cap at
-        # all is for a later slice: memory no longer grows with it).
+        # A streamed body holds no more memory the larger it is: only an admin's max_stream_size
+        # (none by default) caps it.
         declared = get_header(response.headers, b"content-length") or b""
-        if declared.isdigit() and int(declared) > self.backend.max_body_size:
-            raise Refusal(502, "Backend response larger than max_body_size")
+        if declared.isdigit() and int(declared) > self.backend.max_stream_size:
+            self.log.warning("WS   ERR", token=self.token, id=stream.id,
+                             err="backend response larger than max_stream_size")
+            raise Refusal(502, "Backend response larger than max_stream_size")
         status = response.status
         bodyless = stream.method == b"HEAD" or status in (204, 304)
         try:

@@ -17,6 +17,8 @@ The parts, and the path of a request through them:
 
 from __future__ import annotations
 
+import math
+
 import trio
 
 from wstunnel import __version__, daemon
@@ -233,4 +235,5 @@ def _front_limits(settings: ServerSettings) -> FrontLimits:
         max_header_count=settings.max_header_count,
         max_body_size=settings.max_body_size,
         header_timeout=settings.header_timeout,
+        max_stream_size=settings.max_stream_size or math.inf,
     )

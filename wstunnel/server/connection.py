@@ -75,6 +75,10 @@ class TunnelConnection(ABC):
     def idle_secs(self) -> float:
         return max(0.0, trio.current_time() - self.stream.last_receive)
 
+    def flow(self) -> dict[str, int] | None:
+        """Flow-control figures for /_status, where the protocol has flow control."""
+        return None
+
     async def serve_logged(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                            **details: object) -> None:
         """``serve()`` between its ``WS NEW`` and ``WS CLOSE`` lines (``details`` on both); the

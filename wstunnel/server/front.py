@@ -35,7 +35,7 @@ from wstunnel.server.messages import (
     UpgradeSink,
     simple_response,
 )
-from wstunnel.tunnel.transport import ActivityStream
+from wstunnel.tunnel.transport import ActivityStream, tune_tunnel_socket
 
 RECEIVE_SIZE = 64 * 1024
 # How long an idle keep-alive connection may wait for its next request.
@@ -107,7 +107,7 @@ class RequestBody:
     moving never times out, whatever its size.
     """
 
-    def __init__(self, connection: HttpConnection, max_size: int, timeout: float) -> None:
+    def __init__(self, connection: HttpConnection, max_size: float, timeout: float) -> None:
         self._connection = connection
         self._max_size = max_size
         self._timeout = timeout
@@ -194,11 +194,15 @@ class RequestBody:
                 self._closed = True
                 raise BodyBroken
 
-    async def read_all(self) -> bytes:
-        """The whole rest of the body (a v1 tunnel carries bodies whole)."""
+    async def read_all(self, limit: float = math.inf) -> bytes:
+        """The whole rest of the body (a v1 tunnel carries bodies whole); BodyTooLarge as soon
+        as the body passes ``limit`` bytes."""
         chunks: list[bytes] = []
         while (chunk := await self.receive()) is not None:
             chunks.append(chunk)
+            if self.size > limit:
+                self._closed = True
+                raise BodyTooLarge
         return b"".join(chunks)
 
     def close(self) -> None:
@@ -210,8 +214,9 @@ class RequestBody:
 class FrontLimits:
     max_header_size: int
     max_header_count: int
-    max_body_size: int
+    max_body_size: int  # a body read whole before routing (SMALL_BODY at most), or by a v1 tunnel
     header_timeout: float
+    max_stream_size: float = math.inf  # a body streamed to the tunnel as it comes
 
 
 Responder = Callable[[IncomingRequest], Awaitable[AnyResponse]]
@@ -377,12 +382,14 @@ class HttpConnection:
             if request.head_size() > self.limits.max_header_size:
                 await self._send_error(431, "Request headers too large")
                 return
-            if request.declared_length() > self.limits.max_body_size:
+            streamed = self._streams_body(request)
+            limit = self.limits.max_stream_size if streamed else self.limits.max_body_size
+            if request.declared_length() > limit:
                 # Say so before the client sends a body we would only throw away.
                 await self._send_error(413, "Request body too large")
                 return
-            if self._streams_body(request):
-                source = RequestBody(self, self.limits.max_body_size, self.limits.header_timeout)
+            if streamed:
+                source = RequestBody(self, limit, self.limits.header_timeout)
                 try:
                     source.prime()
                 except BodyError as exc:
@@ -409,6 +416,7 @@ class HttpConnection:
                 trailing, _closed = self.conn.trailing_data
                 replay = http1.head_bytes(http1.request_line(request.method, request.target),
                                          request.headers) + bytes(trailing)
+                tune_tunnel_socket(self.stream.socket)
                 await self.take_tunnel(request, ActivityStream(self.stream, replay))
                 return
             response = await self.respond(request)

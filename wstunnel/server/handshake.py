@@ -49,12 +49,13 @@ def new_connection(rendezvous: Rendezvous, ws: MessageTransport, stream: Activit
     """The connection for a tunnel that speaks ``subprotocol`` (None: v1)."""
     if subprotocol is None:
         return TunnelConnectionV1(rendezvous, ws, stream, addr=addr, client_version=version,
-                                  transport=transport, wstimeout=settings.wstimeout, log=log)
+                                  transport=transport, wstimeout=settings.wstimeout, log=log,
+                                  max_body_size=settings.max_body_size)
     return TunnelConnectionV2(
         rendezvous, ws, stream, addr=addr, client_version=version, transport=transport,
         wstimeout=settings.wstimeout, log=log, httptimeout=settings.httptimeout,
-        max_streams=settings.max_streams_per_tunnel,
-        batched=subprotocol == v2.BATCH_SUBPROTOCOL,
+        max_streams=settings.max_streams_per_tunnel, max_stream_size=settings.max_stream_size,
+        batched=subprotocol == v2.BATCH_SUBPROTOCOL, limits=settings.window_limits,
     )
 
 

@@ -39,7 +39,7 @@ from wstunnel.server.rendezvous import Registry
 from wstunnel.tokens import Token
 from wstunnel.tunnel import longpoll as wire
 from wstunnel.tunnel import pollbody
-from wstunnel.tunnel.transport import CloseReason
+from wstunnel.tunnel.transport import CloseReason, ConnectionClosed
 
 # Request paths and header names as the HTTP front gives them: bytes, header names lowercase.
 _OPEN = wire.OPEN_PATH.encode()
@@ -78,6 +78,8 @@ class PollSession(wire.PolledMessages):
         self._unacked: list[bytes] = []
         self._received_seq = 0
         self._delivering = trio.Lock()
+        # Pings waiting for the client's next request (see ping).
+        self._pongs: list[trio.Event] = []
 
     # -- MessageTransport (the tunnel connection's side) ------------------------------------
 
@@ -89,6 +91,25 @@ class PollSession(wire.PolledMessages):
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         if self._closed is None:
             self._close_queues(CloseReason(code, reason))
+            self._answer_pings()
+
+    async def ping(self, payload: bytes | None = None) -> None:
+        """A round trip: the held poll is answered now (with what waits, or nothing), and the
+        client's next request, which follows its answer at once, is the pong."""
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed)
+        pong = trio.Event()
+        self._pongs.append(pong)
+        if self._held_poll is not None:
+            self._held_poll.cancel()
+        await pong.wait()
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed)
+
+    def _answer_pings(self) -> None:
+        for pong in self._pongs:
+            pong.set()
+        self._pongs.clear()
 
     # -- the HTTP side ------------------------------------------------------------------------
 
@@ -148,6 +169,8 @@ class PollSession(wire.PolledMessages):
     @contextmanager
     def _request(self) -> Iterator[None]:
         """A request being served counts as the client's presence while it lasts."""
+        if self._pongs:
+            self._answer_pings()
         self._requests_active += 1
         try:
             yield

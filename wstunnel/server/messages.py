@@ -77,8 +77,8 @@ class RequestBodySource(Protocol):
         """The next chunk, or None at the end; BodyError if the body will never be whole."""
         ...
 
-    async def read_all(self) -> bytes:
-        """The whole rest of the body."""
+    async def read_all(self, limit: float = ...) -> bytes:
+        """The whole rest of the body; BodyTooLarge once it passes ``limit`` bytes."""
         ...
 
 

@@ -77,6 +77,10 @@ class Carrier(Protocol):
         """Seconds since the client last sent anything."""
         ...
 
+    def flow(self) -> dict[str, int] | None:
+        """Protocol v2's flow-control figures (windows, round-trip probes); None for v1."""
+        ...
+
     def abandon(self, pending: PendingRequest) -> None:
         """The HTTP side gave up on ``pending``, which this connection holds."""
         ...

@@ -70,6 +70,7 @@ def render_status(registry: Registry, *, started_at: float) -> str:
                 "idle_secs": round(conn.idle_secs(), 1),
                 "in_flight": len(conn.in_flight),
                 "answered": conn.answered,
+                "flow": conn.flow(),
             }
             for conn in rendezvous.connections
         ]

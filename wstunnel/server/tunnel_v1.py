@@ -27,9 +27,10 @@ class TunnelConnectionV1(TunnelConnection):
 
     protocol: ClassVar[str] = "v1"
 
-    def __init__(self, rendezvous: Rendezvous, ws: MessageTransport, stream: Activity,
-                 **options: Unpack[ConnectionOptions]) -> None:
+    def __init__(self, rendezvous: Rendezvous, ws: MessageTransport, stream: Activity, *,
+                 max_body_size: int, **options: Unpack[ConnectionOptions]) -> None:
         super().__init__(rendezvous, ws, stream, **options)
+        self.max_body_size = max_body_size  # a body goes whole in one message
         self._nursery: trio.Nursery | None = None
         # Requests whose streamed bodies are being read whole before they go out.
         self._reading: dict[int, trio.CancelScope] = {}
@@ -79,7 +80,7 @@ class TunnelConnectionV1(TunnelConnection):
         failure: Failure | None = None
         with scope:
             try:
-                body = await source.read_all()
+                body = await source.read_all(self.max_body_size)
             except BodyError as exc:
                 failure = Failure(exc.status, exc.text)
         self._reading.pop(pending.id, None)

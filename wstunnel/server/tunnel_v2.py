@@ -41,7 +41,7 @@ from wstunnel.server.messages import (
 )
 from wstunnel.server.rendezvous import Failure, PendingRequest, Rendezvous
 from wstunnel.tunnel.chunks import ChunkQueue
-from wstunnel.tunnel.endpoint import V2Endpoint
+from wstunnel.tunnel.endpoint import V2Endpoint, log_widened
 from wstunnel.tunnel.transport import Activity, MessageTransport
 
 _END = object()  # marks the end of a body in a stream's chunk channel
@@ -60,6 +60,8 @@ class _Stream:
     # The response body as it arrives (bytes, then _END); bounded by the windows we grant.
     chunks: ChunkQueue[object] = field(default_factory=ChunkQueue)
     headed: bool = False  # the final response head arrived
+    switched: bool = False  # that head was a 101: DATA is the upgraded byte stream, not a body
+    received: int = 0  # body bytes so far (max_stream_size)
     finished: bool = False  # ended or reset: nothing more will come
     aborted: str | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -127,15 +129,17 @@ class TunnelConnectionV2(TunnelConnection):
     protocol: ClassVar[str] = "v2"
 
     def __init__(self, rendezvous: Rendezvous, ws: MessageTransport, stream: Activity, *,
-                 httptimeout: float = math.inf, max_streams: int = 256, batched: bool = False,
+                 httptimeout: float = math.inf, max_streams: int = 256, max_stream_size: int = 0,
+                 batched: bool = False, limits: v2.WindowLimits | None = None,
                  **options: Unpack[ConnectionOptions]) -> None:
         super().__init__(rendezvous, ws, stream, **options)
         self.direct = self  # requests are handed to it too (start_now)
         self.httptimeout = httptimeout
         self.max_streams = max_streams
+        self.max_stream_size = max_stream_size or math.inf  # of a response body
         # Replaced each time a stream leaves self.streams; the sender waits on it at the cap.
         self._stream_left = trio.Event()
-        self.endpoint = V2Endpoint("server", ws, self, batched=batched)
+        self.endpoint = V2Endpoint("server", ws, self, batched=batched, limits=limits)
         self.conn = self.endpoint.conn
         self.streams: dict[int, _Stream] = {}
         self._nursery: trio.Nursery | None = None
@@ -143,6 +147,7 @@ class TunnelConnectionV2(TunnelConnection):
     async def _run(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         nursery.start_soon(self.endpoint.run_writer)
+        nursery.start_soon(self.endpoint.run_tuner, self._widened)
         nursery.start_soon(self._send_requests)
         await self._receive_frames()
 
@@ -151,6 +156,12 @@ class TunnelConnectionV2(TunnelConnection):
         for stream in list(self.streams.values()):
             self._abort(stream, "tunnel connection lost")
         self._fail_in_flight()
+
+    def flow(self) -> dict[str, int]:
+        return self.endpoint.flow()
+
+    def _widened(self, rtt: float, grants: list[v2.Window]) -> None:
+        log_widened(self.log, self.token, self.endpoint.conn, rtt, grants, addr=self.addr)
 
     # -- helpers used by the HTTP side -------------------------------------------------------
 
@@ -224,7 +235,9 @@ class TunnelConnectionV2(TunnelConnection):
         self.in_flight[pending.id] = pending
         stream = _Stream(stream_id, pending, pending.id)
         self.streams[stream_id] = stream
-        self.endpoint.emit(head)
+        # On a tunnel whose transfers have widened their windows, the response may send that
+        # much at once, in the request's own message: a round trip sooner than from its first DATA.
+        self.endpoint.emit(head, *self.conn.widen(stream_id, self.conn.start_window))
         self.log.info(
             "WS   SND", token=self.token, id=pending.id, stream=stream_id,
             info=f"{pending.method.decode('latin-1')} {short_target(request.target)}",
@@ -310,6 +323,15 @@ class TunnelConnectionV2(TunnelConnection):
         stream = self.streams.get(event.stream)
         if stream is None:
             return False  # nobody will read it (a late frame)
+        stream.received += len(event.data)
+        if stream.received > self.max_stream_size and not stream.switched:
+            reason = "response body larger than max_stream_size"
+            self.log.warning("WS   ERR", token=self.token, id=stream.request_id, stream=stream.id,
+                             err=reason)
+            self.cancel_stream(stream, v2.ErrorCode.TOO_LARGE, reason)  # releases its bytes
+            stream.aborted = reason
+            stream.chunks.close()
+            return True
         stream.chunks.send_nowait(event.data)
         return True
 
@@ -336,6 +358,7 @@ class TunnelConnectionV2(TunnelConnection):
         pending = stream.pending
         assert pending is not None  # a stream gets one final head (V2Connection checks)
         stream.headed = True
+        stream.switched = event.status == 101
         self.in_flight.pop(pending.id, None)
         pending.holder = None
         self.answered += 1

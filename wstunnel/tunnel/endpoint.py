@@ -8,21 +8,50 @@ and those that concern no stream in particular (credit granted, frames the conne
 peer, DATA for a stream nobody reads any more) are handled here. The rest go to the role's
 :class:`StreamHandler`: the server's tunnel connection or the client's session.
 
+The receive windows follow the link (``wstunnel.v2.WindowTuner``): while a stream's consumer
+keeps up, a probe task times one round trip at a time (``transport.ping``) and widens the windows
+that held the sender back, up to the configured limits.
+
 The ordering rule of protocol v2 holds here: every frame is put on the outbox right after the
 V2Connection call that made it, with no checkpoint in between.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
 
 from wstunnel import v2
-from wstunnel.tunnel.outbox import FrameOutbox
+from wstunnel.logs import EventLogger
+from wstunnel.tokens import Token
+from wstunnel.tunnel.outbox import BACKLOG_HIGH_WATER, FrameOutbox
 from wstunnel.tunnel.transport import MessageTransport
 
-__all__ = ["StreamHandler", "V2Endpoint"]
+__all__ = ["StreamHandler", "V2Endpoint", "Widened"]
+
+# Told of each round trip that widened windows: its length in seconds, and the WINDOW frames.
+Widened = Callable[[float, list[v2.Window]], None]
+
+# A round-trip probe unanswered this long is given up (the keepalive watches the tunnel itself).
+PROBE_TIMEOUT = 10.0
+# At most one probe per this many seconds: on a short link the round trip is over at once, and
+# probing it again and again would cost CPU to learn what the initial windows already cover.
+MIN_PROBE_INTERVAL = 0.01
+# The most body bytes send_data puts on the outbox before it looks at the backlog again.
+SEND_SLICE = 256 * 1024
+
+
+def log_widened(log: EventLogger, token: Token, conn: v2.V2Connection, rtt: float,
+                grants: list[v2.Window], **fields: object) -> None:
+    """``WS   WINDOW``: the tunnel's receive window grew (info: a few lines in a tunnel's life),
+    or a stream's (debug: every transfer ramps up)."""
+    tunnel = any(grant.stream == 0 for grant in grants)
+    log.log(logging.INFO if tunnel else logging.DEBUG, "WS   WINDOW", token=token, **fields,
+            tunnel=conn.tunnel_window, streams=sum(1 for grant in grants if grant.stream),
+            rtt_ms=round(rtt * 1000, 1))
 
 
 class StreamHandler(Protocol):
@@ -53,7 +82,7 @@ class V2Endpoint:
     """A V2Connection, its outbox and its transport, for either role."""
 
     def __init__(self, role: v2.Role, transport: MessageTransport, handler: StreamHandler, *,
-                 batched: bool) -> None:
+                 batched: bool, limits: v2.WindowLimits | None = None) -> None:
         self.conn = v2.V2Connection(role)
         self.transport = transport
         self.batched = batched  # wstunnel.v2.batch: several frames a message
@@ -61,6 +90,9 @@ class V2Endpoint:
         self._outbox = FrameOutbox(batched=batched)
         # Replaced each time the peer grants credit; a sender short of credit waits on it.
         self._credit = trio.Event()
+        self.tuner = v2.WindowTuner(self.conn, limits or v2.WindowLimits())
+        # Set by a grant of credit while the tuner waits for one (a consumer that keeps up).
+        self._granting: trio.Event | None = None
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -77,12 +109,18 @@ class V2Endpoint:
         meanwhile."""
         view = memoryview(data)
         offset = 0
+        outbox = self._outbox
         while offset < len(view) or end_stream:
+            if outbox.backlog > BACKLOG_HIGH_WATER:
+                await outbox.wait_room()
             credit = self._credit
-            frames, taken = self.conn.data_frames(stream, view[offset:], end_stream=end_stream)
+            # A slice at a time, so that a large chunk cannot fill the outbox past its mark.
+            piece = view[offset : offset + SEND_SLICE]
+            last = end_stream and offset + len(piece) == len(view)
+            frames, taken = self.conn.data_frames(stream, piece, end_stream=last)
             self.emit(*frames)
             offset += taken
-            if end_stream and offset == len(view):
+            if last and taken == len(piece):
                 return
             if not taken:
                 await credit.wait()
@@ -106,7 +144,13 @@ class V2Endpoint:
     def credit(self, stream: int, amount: int) -> None:
         """The application took ``amount`` received bytes of ``stream``: the peer may send more."""
         if amount:
-            self.emit(*self.conn.consumed(stream, amount))
+            frames = self.conn.consumed(stream, amount)
+            if frames:
+                self.emit(*frames)
+                # Half a window consumed: a transfer, worth a round-trip sample.
+                if self._granting is not None:
+                    self._granting.set()
+                    self._granting = None
 
     async def send_early(self) -> None:
         """After putting frames: send a batch's worth now if it waits (FrameOutbox.send_early)."""
@@ -119,6 +163,32 @@ class V2Endpoint:
     def close(self) -> None:
         """Nothing more will be sent: the writer ends once what was put is out."""
         self._outbox.close()
+
+    async def run_tuner(self, widened: Widened | None = None) -> None:
+        """The window tuner's task: while windows are granted back (their consumers keep up)
+        and may still grow, time one round trip at a time and widen what held the sender back;
+        ``widened`` hears of each round trip that did."""
+        tuner = self.tuner
+        if tuner.limits.fixed:
+            return
+        while True:
+            granting = self._granting = trio.Event()
+            await granting.wait()
+            if not tuner.can_grow():
+                continue
+            probe = tuner.start()
+            began = trio.current_time()
+            with trio.move_on_after(PROBE_TIMEOUT) as waited:
+                await self.transport.ping()
+            if waited.cancelled_caught:
+                continue
+            round_trip = trio.current_time() - began
+            await trio.sleep_until(began + round_trip * v2.SAMPLE_ROUND_TRIPS)
+            grants = tuner.finish(probe, round_trip, trio.current_time() - began)
+            self.emit(*grants)
+            if grants and widened is not None:
+                widened(round_trip, grants)
+            await trio.sleep_until(began + MIN_PROBE_INTERVAL)
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -155,3 +225,12 @@ class V2Endpoint:
     def _wake_senders(self) -> None:
         self._credit.set()
         self._credit = trio.Event()
+
+    # -- status ------------------------------------------------------------------------------
+
+    def flow(self) -> dict[str, int]:
+        """Flow-control figures for status pages: receive window sizes, probes, widenings."""
+        tuner = self.tuner
+        return {"tunnel_window": self.conn.tunnel_window, "widest_stream_window": tuner.widest_stream,
+                "buffered": self.conn.buffered_bytes, "window_probes": tuner.probes,
+                "windows_widened": tuner.widened, "outbox": self._outbox.backlog}

@@ -16,6 +16,13 @@ from wstunnel.tunnel.transport import ConnectionClosed, MessageTransport
 # meantime: the two worked in lockstep. Paired runs at -c32 (wrk, 1 KiB): 2 frames: no gain
 # (more, smaller messages); 8: +15 %; 16 and 32: +25-45 %, 32 with the least CPU per request.
 EARLY_SEND_FRAMES = 32
+# Body bytes waiting here beyond which a sender of DATA waits (``wait_room``) until the writer
+# has taken them down to half. The peer's windows may allow far more (tens of MiB on a long
+# link), but bytes queued here are only late: a small response's frames would wait behind them
+# (a full tunnel window of a bulk transfer: seconds), two transfers would not interleave, and
+# memory would grow with the window instead of staying with the socket. Two batched messages'
+# worth keeps the writer busy while senders refill.
+BACKLOG_HIGH_WATER = v2.MAX_BATCH_SIZE // 2
 
 
 class FrameOutbox:
@@ -26,8 +33,8 @@ class FrameOutbox:
     messages (``next_message``): one frame a message, or, on a batching tunnel, every frame
     waiting (up to MAX_BATCH_SIZE) in one message, or a batch's worth sent early by the task that
     filled it (``send_early``). One message is on its way at a time, so they leave in the order
-    taken. Unbounded: what waits here is bounded by the peer's windows (DATA) or tiny (heads,
-    WINDOW, RESET).
+    taken. ``put`` never refuses: senders of DATA keep the backlog near BACKLOG_HIGH_WATER by
+    waiting for ``wait_room`` first; heads, WINDOW and RESET are small.
     """
 
     def __init__(self, *, batched: bool) -> None:
@@ -36,18 +43,31 @@ class FrameOutbox:
         self._closed = False
         self._sending = False  # a message is on its way (the writer's or an early one)
         self._ready = trio.lowlevel.ParkingLot()
+        self._backlog = 0  # bytes of the frames waiting
+        self._room = trio.lowlevel.ParkingLot()  # senders waiting for the backlog to shrink
+
+    @property
+    def backlog(self) -> int:
+        return self._backlog
 
     def put(self, frame: bytes) -> None:
         if self._closed:
             return  # the tunnel is gone: so is everything we would have said
         self._frames.append(frame)
+        self._backlog += len(frame)
         if self._ready:
             self._ready.unpark()
+
+    async def wait_room(self) -> None:
+        """Until the backlog is below BACKLOG_HIGH_WATER (at once if it is; never once closed)."""
+        while self._backlog > BACKLOG_HIGH_WATER and not self._closed:
+            await self._room.park()
 
     def close(self) -> None:
         """No more frames; the writer still gets those already put, then None."""
         self._closed = True
         self._ready.unpark_all()
+        self._room.unpark_all()
 
     async def pump(self, transport: MessageTransport) -> None:
         """The writer task: send what is put, in order, until closed (or the transport is)."""
@@ -89,10 +109,18 @@ class FrameOutbox:
     def _take(self) -> bytes:
         frames = self._frames
         if not self.batched:
-            return frames.popleft()
+            frame = frames.popleft()
+            self._taken(len(frame))
+            return frame
         batch = [frames.popleft()]
         size = len(batch[0]) + v2.BATCH_ENTRY_OVERHEAD
         while frames and size + len(frames[0]) + v2.BATCH_ENTRY_OVERHEAD <= v2.MAX_BATCH_SIZE:
             batch.append(frames.popleft())
             size += len(batch[-1]) + v2.BATCH_ENTRY_OVERHEAD
+        self._taken(size - len(batch) * v2.BATCH_ENTRY_OVERHEAD)
         return v2.pack_batch(batch)
+
+    def _taken(self, size: int) -> None:
+        self._backlog -= size
+        if self._room and self._backlog <= BACKLOG_HIGH_WATER // 2:
+            self._room.unpark_all()

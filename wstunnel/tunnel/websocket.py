@@ -73,8 +73,10 @@ class WebSocket:
         self._receive_size = receive_size
         self._closed: CloseReason | None = None
         self._peer_closed = False  # its Close frame came, or the stream ended
-        self._messages: deque[bytes | str] = deque()  # received whole, not yet taken
-        self._parts: list[bytes | str] = []  # of a message still arriving
+        # Received whole, not yet taken: wsproto's bytearray as it is (a copy to bytes would
+        # cost a pass over every byte received).
+        self._messages: deque[bytes | bytearray | str] = deque()
+        self._parts: list[bytes | bytearray | str] = []  # of a message still arriving
         self._message_size = 0
         self._pings: OrderedDict[bytes, trio.Event] = OrderedDict()
         self._reading = False
@@ -88,7 +90,7 @@ class WebSocket:
 
     # -- receiving --------------------------------------------------------------------------
 
-    async def get_message(self) -> bytes | str:
+    async def get_message(self) -> bytes | bytearray | str:
         """The next message; ConnectionClosed once closed and every message received is taken.
 
         Messages that one read of the socket brought are returned without a checkpoint: that
@@ -141,18 +143,17 @@ class WebSocket:
             await self._fail(MESSAGE_TOO_BIG,
                              f"Exceeded maximum message size: {self._max_message_size} bytes")
             return
-        data = event.data if isinstance(event.data, str) else bytes(event.data)
         if not event.message_finished:
-            self._parts.append(data)
+            self._parts.append(event.data)
             self._message_size = size
             return
         if self._parts:
-            self._parts.append(data)
+            self._parts.append(event.data)
             parts, self._parts, self._message_size = self._parts, [], 0
             joiner = b"" if isinstance(event, BytesMessage) else ""
             self._messages.append(joiner.join(parts))  # type: ignore[arg-type]
         else:
-            self._messages.append(data)
+            self._messages.append(event.data)
 
     def _on_pong(self, payload: bytes) -> None:
         """A pong answers its ping and every earlier one (a peer may answer several at once)."""

@@ -59,6 +59,11 @@ __all__ = [
 
 # Statuses whose responses never carry a body, whatever their headers say.
 _BODYLESS_STATUSES = frozenset({204, 304})
+# Credit goes back once half a window is consumed, and also, once an eighth is, whenever the
+# application has taken everything received: on a long link data comes in bursts, a window's
+# worth a round trip, and a grant made in the middle of one would leave the rest of it consumed
+# but unacknowledged until the next: the peer could then use only half its window.
+_DRAINED_SHIFT = 3
 
 Role = Literal["server", "client"]
 
@@ -85,8 +90,12 @@ class _Stream:
     receiving: _Phase
     send_window: int
     receive_window: int
+    # The receive window's size: the peer's credit plus what we hold and have not yet granted
+    # back. It starts at the protocol's initial window and only grows (``widen``).
+    window: int
     unacked: int = 0  # consumed but not yet granted back
     buffered: int = 0  # received but not yet consumed
+    consumed: int = 0  # in all: what a window tuner samples
     upgrade: bool = False  # the request has Upgrade: a 101 may answer it
     switched: bool = False  # a 101 answered it: DATA is the upgraded byte stream
     head_request: bool = False  # a HEAD request: its response has no body
@@ -153,15 +162,18 @@ class V2Connection:
                 raise ValueError(f"window {window} out of range (1 to {MAX_WINDOW})")
         self.role: Role = role
         self._initial_stream_window = stream_window
-        self._initial_tunnel_window = tunnel_window
-        # Grant credit back once half a window is consumed: few WINDOW frames, and the sender still
-        # has at least the other half to keep sending while the grant travels.
-        self._stream_threshold = max(1, stream_window // 2)
-        self._tunnel_threshold = max(1, tunnel_window // 2)
+        # Credit goes back once half a window is consumed (each stream's, and the tunnel's): few
+        # WINDOW frames, and the sender still has the other half to send while the grant travels.
         self._send_window = tunnel_window
         self._receive_window = tunnel_window
+        self._window = tunnel_window  # the tunnel's receive window's size; it only grows
+        # The receive window a stream gets as soon as its body proves to be more than one DATA
+        # frame: the protocol's initial window, or what the tunnel's streams have needed so far
+        # (a window tuner raises it).
+        self.start_window = stream_window
         self._unacked = 0
         self._buffered = 0
+        self._consumed = 0
         self._streams: dict[int, _Stream] = {}
         self._last_id = 0  # the highest stream id opened so far (sent by a server, received by a client)
         self._gone: OrderedDict[int, _Gone] = OrderedDict()
@@ -172,6 +184,21 @@ class V2Connection:
     def buffered_bytes(self) -> int:
         """Bytes received and not yet consumed, every stream together: at most the tunnel window."""
         return self._buffered
+
+    @property
+    def consumed_bytes(self) -> int:
+        """Bytes the application consumed, every stream together, since the tunnel began."""
+        return self._consumed
+
+    @property
+    def tunnel_window(self) -> int:
+        """The size of the tunnel's receive window (the peer's credit for every stream)."""
+        return self._window
+
+    def receiving_streams(self) -> dict[int, tuple[int, int]]:
+        """Each stream that may still receive DATA: ``(bytes consumed, its window's size)``."""
+        return {state.id: (state.consumed, state.window) for state in self._streams.values()
+                if state.receiving is not _Phase.ENDED}
 
     def send_capacity(self, stream: int) -> int:
         """How many body bytes ``stream`` may send now; 0 means wait for WindowUpdated."""
@@ -218,6 +245,7 @@ class V2Connection:
             receiving=_Phase.HEAD,
             send_window=self._initial_stream_window,
             receive_window=self._initial_stream_window,
+            window=self._initial_stream_window,
             upgrade=_wants_upgrade(headers),
             head_request=method == b"HEAD",
         )
@@ -319,16 +347,40 @@ class V2Connection:
             )
         state.buffered -= amount
         self._buffered -= amount
+        state.consumed += amount
+        self._consumed += amount
         frames: list[Window] = []
         if state.receiving is not _Phase.ENDED:  # no more DATA can come: no point in stream credit
             state.unacked += amount
-            if state.unacked >= self._stream_threshold:
+            if state.unacked >= (state.window >> 1 or 1) or (
+                    not state.buffered and state.unacked >= state.window >> _DRAINED_SHIFT):
                 frames.append(Window(stream, state.unacked))
                 state.receive_window += state.unacked
                 state.unacked = 0
         frames += self._credit_tunnel(amount)
         self._forget_if_done(state)
         return frames
+
+    def widen(self, stream: int, size: int) -> list[Window]:
+        """Grow the receive window of ``stream`` (0: the tunnel's) to ``size`` bytes: the WINDOW
+        frame granting the difference, or nothing if it is that large already or the stream
+        receives no more. Windows never shrink: a peer may use credit as soon as it has it."""
+        if not 1 <= size <= MAX_WINDOW:
+            raise ValueError(f"window {size} out of range (1 to {MAX_WINDOW})")
+        if stream == 0:
+            extra = size - self._window
+            if extra <= 0:
+                return []
+            self._window = size
+            self._receive_window += extra
+            return [Window(0, extra)]
+        state = self._streams.get(stream)
+        if state is None or state.receiving is _Phase.ENDED or size <= state.window:
+            return []
+        extra = size - state.window
+        state.window = size
+        state.receive_window += extra
+        return [Window(stream, extra)]
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -400,12 +452,16 @@ class V2Connection:
             receiving=_Phase.ENDED if frame.end_stream else _Phase.BODY,
             send_window=self._initial_stream_window,
             receive_window=self._initial_stream_window,
+            window=self._initial_stream_window,
             upgrade=_wants_upgrade(headers),
             head_request=method == b"HEAD",
         )
         events: list[Event] = [RequestReceived(stream, method, target, headers, frame.end_stream)]
         if frame.end_stream:
             events.append(StreamEnded(stream, []))
+        elif self.start_window > self._initial_stream_window:
+            # A request body on a tunnel whose transfers widened their windows: all of that now.
+            events += [SendFrame(window) for window in self.widen(stream, self.start_window)]
         return events
 
     def _on_response(self, frame: Head) -> list[Event]:
@@ -468,6 +524,8 @@ class V2Connection:
             state.receiving = _Phase.ENDED
             events.append(StreamEnded(stream, []))
             self._forget_if_done(state)
+        elif state.window < self.start_window:
+            events += [SendFrame(window) for window in self.widen(stream, self.start_window)]
         return events
 
     def _on_end(self, frame: End) -> list[Event]:
@@ -552,7 +610,8 @@ class V2Connection:
 
     def _credit_tunnel(self, amount: int) -> list[Window]:
         self._unacked += amount
-        if self._unacked < self._tunnel_threshold:
+        if self._unacked < (self._window >> 1 or 1) and (
+                self._buffered or self._unacked < self._window >> _DRAINED_SHIFT):
             return []
         increment, self._unacked = self._unacked, 0
         self._receive_window += increment
