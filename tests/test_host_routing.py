@@ -22,6 +22,16 @@ import trio
 
 from tests.support.browser import NEEDS_CHROMIUM, chromium, load_page
 from tests.support.harness import PYTHON, SUPPORT, Harness, Server, free_port, wait_until
+from tests.support.nginx_frontend import (
+    CLUSTER_SITE,
+    NEEDS_NGINX,
+    SHIPPED_CLUSTER_PORTS,
+    SHIPPED_UPSTREAM,
+    SITE,
+    TRUST_NGINX,
+    Certificates,
+    start_nginx,
+)
 from tests.support.reference import reference_binary, start_client
 from tests.support.srv_tls import TEST_DOMAIN, Pki, curl, start_tls_server
 from wstunnel.config import ServerSettings
@@ -277,3 +287,53 @@ def test_browser_loads_an_app_with_absolute_paths_by_host_name(harness: Harness,
         failed = {name: c["detail"] for name, c in results["checks"].items() if not c["ok"]}
         assert not failed and len(results["checks"]) == 4, failed
         assert "authorization" not in results["api_headers"]
+
+
+# -- the shipped nginx files' wildcard server ---------------------------------------------------
+
+
+@NEEDS_NGINX
+@pytest.mark.parametrize("shipped", [SITE, CLUSTER_SITE], ids=lambda p: p.name)
+def test_the_wildcard_server_of_the_shipped_nginx_files(harness: Harness, tmp_path: Path,
+                                                        shipped: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    leaf = pki.server_cert("localhost", "127.0.0.1", f"*.{TEST_DOMAIN}")
+    token, named_token = host_token(harness), harness.new_token()
+    flags = ("-host-domains", TEST_DOMAIN, "-host-names", f"app={named_token}", *TRUST_NGINX)
+    cluster = shipped == CLUSTER_SITE
+    servers = [harness.server(*flags) for _ in (SHIPPED_CLUSTER_PORTS if cluster else [0])]
+    replacements = [("server_name *.tunnel.example.com;", f"server_name *.{TEST_DOMAIN};")]
+    if cluster:
+        replacements += [(f"server 127.0.0.1:{shipped_port} ", f"server 127.0.0.1:{server.port} ")
+                         for shipped_port, server in zip(SHIPPED_CLUSTER_PORTS, servers, strict=True)]
+        # The cluster's hash: the test's domain, and the named host's token, as its comments say.
+        replacements += [
+            ("\\.tunnel\\.example\\.com$", "\\.wst\\.test$"),
+            ('# app.tunnel.example.com    "the-token-that-app-stands-for";',
+             f'app.{TEST_DOMAIN}    "{named_token}";'),
+        ]
+    else:
+        replacements.append((SHIPPED_UPSTREAM, f"server 127.0.0.1:{servers[0].port};"))
+    nginx = start_nginx(harness, tmp_path / "nginx", shipped,
+                        Certificates(pki.ca_pem, leaf.cert, leaf.key), replacements)
+    for each in (token, named_token):
+        harness.client(nginx.wss_url, each, "-certfile", str(pki.ca_pem), wait=False)
+    wait_until(lambda: all(sum(s.clients(t) for s in servers) == 1 for t in (token, named_token)),
+               timeout=30, what="both tunnels through nginx")
+
+    referer = f"https://{token}.{TEST_DOMAIN}/page"
+    for label, want in ((token, token), ("app", named_token)):
+        host = f"{label}.{TEST_DOMAIN}"
+        # Several requests each: with the cluster's hash, every one must reach the one instance
+        # that holds the tunnel (another instance answers 404 at once: restart_grace 0).
+        for n in range(5):
+            answer = curl(f"https://{host}:{nginx.tls_port}/echo?n={n}", "-H", f"Referer: {referer}",
+                          resolve=host, cacert=pki.ca_pem)
+            assert answer.status == 200, (label, answer.body)
+            assert answer.json()["path"] == f"/echo?n={n}"
+        owners = [i for i, s in enumerate(servers) if s.clients(want)]
+        assert len(owners) == 1
+    # The access log of these hosts keeps no whole token: not in the host, not in the Referer.
+    access = nginx.access_log.read_text()
+    assert f"https://{token[:8]}....{TEST_DOMAIN}/page" in access
+    assert token not in access and named_token not in access

@@ -99,7 +99,8 @@ class TlsServer:
         return Server(self.process, self.plain_port)
 
     def status(self, cert: CertFiles | None = None) -> dict:
-        if self.plain_port is not None:
+        """/_status, on the plain port if there is one; over TLS with ``cert`` if given."""
+        if self.plain_port is not None and cert is None:
             return self.plain().status()
         with self.http(cert) as http:
             return http.get("/_status").json()
