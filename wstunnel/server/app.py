@@ -72,7 +72,7 @@ class TunnelServer:
             except tls.TLSFileError as exc:  # the files changed since the settings were read
                 raise ConfigError(f"tls_cert/tls_key: {exc}") from None
         self.hosts = HostRouting(settings)
-        self._base = settings.base_path.encode()
+        self._paths(settings)
         self.admission = Admission(settings, log, self.registry, draining=self._is_draining)
         self.longpoll = LongPoll(self.admission, self.registry, log, settings=self._settings)
         self.acceptor = TunnelAcceptor(self.admission, self.registry, log,
@@ -89,6 +89,12 @@ class TunnelServer:
 
     def _settings(self) -> ServerSettings:
         return self.settings
+
+    def _paths(self, settings: ServerSettings) -> None:
+        """What every request is checked against, worked out once per (re)load."""
+        self._base = settings.base_path.encode()
+        self._tunnel_path = self._base + TUNNEL_PATH
+        self._require_all = settings.require_client_cert == "all"
 
     def _is_draining(self) -> bool:
         return self.draining
@@ -150,7 +156,7 @@ class TunnelServer:
         if self.tls is not None:
             self.tls.reload(self.settings)  # whether the paths changed or not: renewed files
         self.hosts.apply(self.settings)
-        self._base = self.settings.base_path.encode()
+        self._paths(self.settings)
         self.registry.resize(self.settings.max_requests_per_tunnel, self.settings.max_queued_bytes)
         self.registry.token_idle_timeout = self.settings.token_idle_timeout
         self.admission.apply(self.settings)
@@ -252,7 +258,7 @@ class TunnelServer:
         await connection.serve()
 
     def _is_tunnel(self, request: IncomingRequest) -> bool:
-        if request.path != self._base + TUNNEL_PATH or not request.is_websocket_upgrade():
+        if request.path != self._tunnel_path or not request.is_websocket_upgrade():
             return False
         # On a host that names a tunnel, /_tunnel is the app's.
         return not (self.hosts.enabled and self.hosts.match(request.header(b"host")) is not None)
@@ -270,10 +276,6 @@ class TunnelServer:
             # a held poll, and the session's requests drain through it meanwhile.
             return await self.longpoll.respond(request)
         return await self._active(self.router.route(request))
-
-    @property
-    def _require_all(self) -> bool:
-        return self.settings.require_client_cert == "all"
 
     def _strip_base(self, request: IncomingRequest) -> bool:
         """``/base/x?q`` -> ``/x?q`` and ``/base`` -> ``/``; False for a target outside it."""
