@@ -247,8 +247,10 @@ class TunnelServer:
 
         async def respond(request: IncomingRequest) -> AnyResponse:
             nonlocal polling
+            response = await self._respond(request)
+            # Once answered (the draining check is at sending), and with any base path gone.
             polling = self.longpoll.handles(request.path)
-            return await self._respond(request)
+            return response
 
         connection = HttpConnection(
             stream, peer, self.limits,
