@@ -172,7 +172,7 @@ class ServerSettings(_Common):
         None, description="CA (PEM) of the client certificates srv asks for (needs tls_cert)"
     )
     require_client_cert: Literal["no", "tunnel", "all"] = Field(
-        "no", description="a verified client certificate for tunnels, or for every request"
+        "no", description="no, tunnel or all: a verified client certificate to open a tunnel, or always"
     )
 
     @field_validator("wstimeout")
