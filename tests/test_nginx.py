@@ -62,12 +62,17 @@ RECONNECT_CAP = 2.0  # -reconnect-max-delay of the cluster's clients
 
 
 def _servers(config: Block) -> tuple[Block, Block]:
-    """(the TLS server block, the plain HTTP one)."""
-    servers = config.all("server")
+    """(the TLS server block of the server's own name, the plain HTTP one)."""
+    servers = [s for s in config.all("server") if s not in _wildcards(config)]
     tls = [s for s in servers if any("ssl" in listen.args for listen in s.all("listen"))]
     plain = [s for s in servers if s not in tls]
     assert len(tls) == 1 and len(plain) == 1, [s.all("listen") for s in servers]
     return tls[0], plain[0]
+
+
+def _wildcards(config: Block) -> list[Block]:
+    """The server blocks of host routing (``server_name *.domain``)."""
+    return [s for s in config.all("server") if s.value("server_name")[0].startswith("*.")]
 
 
 def _location(server: Block, *args: str) -> Block:
@@ -107,7 +112,9 @@ def test_shipped_directives(shipped: Path) -> None:
     assert _location(plain, "/").value("return") == ["301", "https://$host$request_uri"]
 
     maps = {m.args[1]: m for m in config.all("map")}
-    for location in tls.all("location"):
+    [wildcard] = _wildcards(config)  # host routing: one location, every path the app's
+    assert [loc.args for loc in wildcard.all("location")] == [["/"]]
+    for location in [*tls.all("location"), *wildcard.all("location")]:
         where = f"{shipped.name} location {' '.join(location.args)}"
         assert location.value("proxy_buffering") == ["off"], where
         assert location.value("proxy_request_buffering") == ["off"], where
@@ -146,10 +153,14 @@ def test_shipped_directives(shipped: Path) -> None:
     upstream = next(u for u in config.all("upstream") if u.args == [upstream_name])
     # Idle upstream connections go before the server's keep-alive limit closes them.
     assert seconds(upstream.value("keepalive_timeout")[0]) < 75
+    wildcard_location = _location(wildcard, "/")
+    assert wildcard_location.value("proxy_pass") == tunnel.value("proxy_pass")
+    for directive in ("proxy_read_timeout", "proxy_send_timeout", "proxy_buffer_size"):
+        assert wildcard_location.value(directive) == everything.value(directive), directive
     if shipped == CLUSTER_SITE:
         assert upstream.value("hash") == ["$wstunnel_token", "consistent"]
         assert [s.args[1:] for s in upstream.all("server")] == [["max_fails=0"]] * 3
-        for location in tls.all("location"):
+        for location in [*tls.all("location"), wildcard_location]:
             assert location.value("proxy_next_upstream") == ["off"]
 
 
@@ -158,6 +169,9 @@ def test_both_files_share_the_tls_settings() -> None:
     cluster, _ = _servers(parse_nginx(CLUSTER_SITE.read_text()))
     assert _tls_settings(site) == _tls_settings(cluster)
     assert _tls_settings(site)
+    for shipped in (SITE, CLUSTER_SITE):  # and their host routing servers have them too
+        [wildcard] = _wildcards(parse_nginx(shipped.read_text()))
+        assert _tls_settings(wildcard) == _tls_settings(site)
 
 
 @NEEDS_NGINX

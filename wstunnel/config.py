@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -30,6 +37,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from wstunnel import hostnames, tls
 from wstunnel.errors import ConfigError
 from wstunnel.tokens import MIN_LENGTH
 from wstunnel.v2 import WindowLimits
@@ -38,7 +46,7 @@ MiB = 1024 * 1024
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogTarget = Literal["auto", "journal", "stderr"]
 # Keys whose values are secrets: a file holding one must not be readable by other users.
-SECRET_SETTINGS = ("token", "allowed_tokens", "passwords", "password")
+SECRET_SETTINGS = ("token", "allowed_tokens", "passwords", "password", "host_names")
 CommaList = Annotated[list[str], NoDecode]
 
 
@@ -158,16 +166,123 @@ class ServerSettings(_Common):
     max_streams_per_tunnel: int = Field(
         256, ge=1, description="requests open at once on one v2 tunnel; more wait in the queue"
     )
+    base_path: str = Field("", description="serve every endpoint under this path, e.g. /wstunnel")
+    # Host routing (README "Host routing"): <label>.<domain> goes through a tunnel, no X-Token.
+    host_domains: CommaList = Field(
+        default_factory=list, description="domains whose <label>.<domain> routes by host name"
+    )
+    host_tokens: bool = Field(
+        True, description="with host_domains: a label that is not in host_names is the token"
+    )
+    host_names: Annotated[dict[str, SecretStr], NoDecode] = Field(
+        default_factory=dict, description="with host_domains: name=token,... (label -> token)"
+    )
+    host_credentials: CommaList = Field(
+        default_factory=list,
+        description="HTTP Basic for named hosts: name=user:hash,... (wstunnel token credential)",
+    )
+    # TLS on srv itself (README "TLS").
+    tls_cert: Path | None = Field(None, description="certificate chain (PEM): HTTPS and wss://")
+    tls_key: Path | None = Field(None, description="private key (PEM) of tls_cert")
+    tls_port: int | None = Field(
+        None, ge=0, le=65535, description="HTTPS on this port, plain HTTP on port (unset: port is HTTPS)"
+    )
+    tls_client_ca: Path | None = Field(
+        None, description="CA (PEM) of the client certificates srv asks for (needs tls_cert)"
+    )
+    require_client_cert: Literal["no", "tunnel", "all"] = Field(
+        "no", description="no, tunnel or all: a verified client certificate to open a tunnel, or always"
+    )
 
     @field_validator("wstimeout")
     @classmethod
     def _clamp_wstimeout(cls, value: float) -> float:
         return _clamp(value, 3, 600)
 
-    @field_validator("trusted_proxies", "allowed_tokens", mode="before")
+    @field_validator("trusted_proxies", "allowed_tokens", "host_domains", "host_credentials",
+                     mode="before")
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("base_path")
+    @classmethod
+    def _check_base_path(cls, value: str) -> str:
+        return normalise_base_path(value)
+
+    @field_validator("host_domains")
+    @classmethod
+    def _check_domains(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(hostnames.normalise_domain(item) for item in value))
+
+    @field_validator("host_names", mode="before")
+    @classmethod
+    def _parse_host_names(cls, value: Any) -> Any:
+        return hostnames.parse_host_names(value) if isinstance(value, str) else value
+
+    @field_validator("host_names")
+    @classmethod
+    def _check_host_names(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, token in value.items():
+            hostnames.check_label(name, "the name")
+            if len(token.get_secret_value()) < MIN_LENGTH:
+                raise ValueError(f"{name}: the token is shorter than {MIN_LENGTH} characters")
+        return value
+
+    @field_validator("host_credentials")
+    @classmethod
+    def _check_credentials(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        names = info.data.get("host_names")
+        for name in hostnames.parse_credentials(value):
+            if names is not None and name not in names:
+                raise ValueError(f"{name!r} is not one of host_names")
+        return value
+
+    @field_validator("tls_cert")
+    @classmethod
+    def _check_tls_cert(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            tls.check_certificate_file(value)
+        return value
+
+    @field_validator("tls_key")
+    @classmethod
+    def _check_tls_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if "tls_cert" not in info.data:
+            return value  # tls_cert itself is wrong: that is the error to report
+        cert = info.data["tls_cert"]
+        if (cert is None) != (value is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if cert is not None and value is not None:
+            tls.server_context(cert, value)  # loads both: a key that does not match says so
+        return value
+
+    @field_validator("tls_port")
+    @classmethod
+    def _check_tls_port(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("tls_cert") is None:
+            raise ValueError("needs tls_cert and tls_key")
+        return value
+
+    @field_validator("tls_client_ca")
+    @classmethod
+    def _check_client_ca(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        if info.data.get("tls_cert") is None:
+            raise ValueError("needs tls_cert and tls_key (srv asks for client certificates "
+                             "on its own TLS listener)")
+        tls.check_client_ca(value)
+        return value
+
+    @field_validator("require_client_cert")
+    @classmethod
+    def _check_require(cls, value: str, info: ValidationInfo) -> str:
+        if value != "no" and info.data.get("tls_client_ca") is None \
+                and not info.data.get("trusted_proxies"):
+            raise ValueError("needs tls_client_ca (srv's own TLS) or trusted_proxies (a TLS "
+                             "frontend that passes the verified subject)")
+        return value
 
     @field_validator("passwords")
     @classmethod
@@ -204,6 +319,10 @@ class ClientSettings(_Common):
     regexp: str | None = Field(None, description="X-Host values allowed (whole-value match)")
     insecure: bool = Field(False, description="do not verify the tunnel server's certificate")
     certfile: Path | None = Field(None, description="extra CA certificates (PEM) to trust")
+    client_cert: Path | None = Field(
+        None, description="certificate (PEM) presented to a wss:// server that asks for one"
+    )
+    client_key: Path | None = Field(None, description="private key (PEM) of client_cert")
     timeout: float = Field(30.0, description="ping timeout, seconds (3..600); pings every third")
     statusfile: Path | None = Field(None, description="rewritten with the time of every pong")
     proxy: str | None = Field(None, description="HTTP CONNECT proxy, http://user:pass@host:port")
@@ -231,6 +350,25 @@ class ClientSettings(_Common):
     @classmethod
     def _clamp_timeout(cls, value: float) -> float:
         return _clamp(value, 3, 600)
+
+    @field_validator("client_cert")
+    @classmethod
+    def _check_client_cert(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            tls.check_certificate_file(value)
+        return value
+
+    @field_validator("client_key")
+    @classmethod
+    def _check_client_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if "client_cert" not in info.data:
+            return value
+        cert = info.data["client_cert"]
+        if (cert is None) != (value is None):
+            raise ValueError("client_cert and client_key go together")
+        if cert is not None and value is not None:
+            tls.client_context(cert, value)
+        return value
 
     @field_validator("tunnel")
     @classmethod
@@ -286,6 +424,24 @@ class ClientSettings(_Common):
     @property
     def source_ports(self) -> list[int]:
         return parse_port_ranges(self.client_ports) if self.client_ports else []
+
+
+# What a base path may hold: RFC 3986 path characters, no percent-escapes (the server matches
+# the prefix as sent, byte for byte).
+_BASE_PATH = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
+
+
+def normalise_base_path(value: str) -> str:
+    """``wstunnel//x/`` -> ``/wstunnel/x``; ``/`` and empty -> empty (no prefix). ValueError for
+    ``.`` or ``..`` segments, control characters and anything that is not a plain path."""
+    if any(not ch.isprintable() or ch.isspace() for ch in value):
+        raise ValueError("holds a control character or a space")
+    if not _BASE_PATH.fullmatch(value):
+        raise ValueError("must be a plain path: letters, digits and -._~!$&'()*+,;=:@/ only")
+    segments = [segment for segment in value.split("/") if segment]
+    if any(segment in (".", "..") for segment in segments):
+        raise ValueError("must not hold '.' or '..' segments")
+    return "".join("/" + segment for segment in segments)
 
 
 def parse_port_ranges(spec: str) -> list[int]:

@@ -60,13 +60,15 @@ def spki_sha256(cert_pem: Path) -> str:
 
 
 @contextmanager
-def chromium(directory: Path, *, trust: Sequence[Path] = ()) -> Iterator[WebDriver]:
-    """A headless Chromium with a new profile under ``directory``, quit on the way out."""
+def chromium(directory: Path, *, trust: Sequence[Path] = (),
+             arguments: Sequence[str] = ()) -> Iterator[WebDriver]:
+    """A headless Chromium with a new profile under ``directory``, quit on the way out;
+    ``arguments`` are more command-line switches (``--host-resolver-rules=...``, say)."""
     directory.mkdir(parents=True, exist_ok=True)
     profile = directory / "chromium-profile"
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in (*HEADLESS_AS_ROOT, f"--user-data-dir={profile}"):
+    for argument in (*HEADLESS_AS_ROOT, f"--user-data-dir={profile}", *arguments):
         options.add_argument(argument)
     if trust:
         pins = ",".join(spki_sha256(cert) for cert in trust)

@@ -41,7 +41,8 @@ from wstunnel.tunnel.transport import VERSION_HEADER, WS_RECEIVE_SIZE, MessageTr
 NO_FALLBACK_STATUSES = frozenset({401, 429, 502, 503, 504})
 IDLE_CHECK_SECS = 0.2  # how often a fallback long-poll session looks for a quiet moment
 # A reload cannot re-dial by itself or move the pid file; these wait for a restart.
-RESTART_ONLY_SETTINGS = ("token", "tunnel", "proxy", "client_ports", "certfile", "insecure", "pidfile")
+RESTART_ONLY_SETTINGS = ("token", "tunnel", "proxy", "client_ports", "certfile", "insecure", "pidfile",
+                         "client_cert", "client_key")
 
 
 class PingTimeout(Exception):
@@ -85,7 +86,8 @@ class TunnelClient:
         self.address = dial.TunnelAddress.from_url(settings.tunnel)
         self.backoff = Backoff(cap=settings.reconnect_max_delay)
         self.context: ssl.SSLContext | None = (
-            dial.ssl_context(certfile=settings.certfile, insecure=settings.insecure)
+            dial.ssl_context(certfile=settings.certfile, insecure=settings.insecure,
+                             client_cert=settings.client_cert, client_key=settings.client_key)
             if self.address.secure else None
         )
         self.proxy = proxies.choose_proxy(settings.proxy, self.address.host)

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from wstunnel import tls
 from wstunnel.client import proxy as proxies
 from wstunnel.errors import DialError
 from wstunnel.tunnel.transport import tune_tunnel_socket
@@ -42,18 +43,13 @@ class TunnelAddress:
         return f"{'wss' if self.secure else 'ws'}://{self.host_header}"
 
 
-def ssl_context(*, certfile: Path | None, insecure: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if certfile is not None:
-        try:
-            context.load_verify_locations(cafile=str(certfile))
-        except (OSError, ssl.SSLError) as exc:
-            raise DialError(f"cannot load CA file {certfile}: {exc}") from None
-    if insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+def ssl_context(*, certfile: Path | None, insecure: bool, client_cert: Path | None = None,
+                client_key: Path | None = None) -> ssl.SSLContext:
+    """The tunnel's TLS: ``certfile``'s CAs too, and ``client_cert`` for a server that asks."""
+    try:
+        return tls.client_context(client_cert, client_key, cafile=certfile, insecure=insecure)
+    except tls.TLSFileError as exc:
+        raise DialError(str(exc)) from None
 
 
 async def _connect_from_ports(host: str, port: int, source_ports: list[int]) -> trio.SocketStream:

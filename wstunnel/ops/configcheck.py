@@ -84,6 +84,8 @@ def render(settings: ServerSettings | ClientSettings) -> str:
     values: dict[str, Any] = settings.model_dump(mode="json", exclude={"config"})
     if isinstance(settings, ServerSettings):
         values["allowed_tokens"] = [redact(t.get_secret_value()) for t in settings.allowed_tokens]
+        values["host_names"] = {name: redact(token.get_secret_value())
+                                for name, token in settings.host_names.items()}
     if isinstance(settings, ClientSettings):
         values["token"] = redact(settings.token.get_secret_value())
         if settings.proxy:

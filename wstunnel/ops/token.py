@@ -1,4 +1,5 @@
-"""``wstunnel token new NAME``: a fresh token and the client file ``wstuncli@NAME`` reads.
+"""``wstunnel token new NAME``: a fresh token and the client file ``wstuncli@NAME`` reads;
+``wstunnel token credential NAME USER``: an HTTP Basic credential for a named host (host routing).
 
 The file is ``CONFIG_DIR/NAME.toml``, mode 0640, owner root:wstunnel, so the unit's user can read
 the token and nobody else can. It is written to a temporary file (mode and owner set before any
@@ -8,7 +9,9 @@ the name exists, so an existing tunnel's token is never replaced, even by a conc
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import getpass
 import grp
 import os
 import re
@@ -24,6 +27,7 @@ import tomli_w
 from pydantic import ValidationError
 
 from wstunnel.config import ClientSettings
+from wstunnel.hostnames import Credential, check_label
 from wstunnel.ops.common import EX_USAGE, CommandLine, OpsError, parser
 
 CONFIG_DIR = Path("/etc/wstunnel/wstuncli.d")
@@ -39,8 +43,8 @@ MAX_NAME = 255 - len(UNIT.format(name=""))
 
 
 def command_line() -> CommandLine:
-    top = parser("wstunnel token", "Make tunnel tokens.")
-    commands = top.add_subparsers(dest="action", metavar="new", required=True)
+    top = parser("wstunnel token", "Make tunnel tokens, and credentials for named hosts.")
+    commands = top.add_subparsers(dest="action", metavar="new|credential", required=True)
     new = commands.add_parser("new", add_help=False, allow_abbrev=False,
                               help="make a token and the client file wstuncli@NAME reads")
     new.add_argument("-h", "-help", "--help", action="help", help="show the flags and exit")
@@ -52,19 +56,49 @@ def command_line() -> CommandLine:
                      help=f"where client files go (default {CONFIG_DIR})")
     new.add_argument("-group", "--group", default=DEFAULT_GROUP,
                      help=f"group that may read the file (default {DEFAULT_GROUP})")
-    return CommandLine(top, {"new": new})
+    new.add_argument("-host-label", "--host-label", action="store_true",
+                     help="a token that is also a DNS label (lowercase, 52 characters), for "
+                          "host routing's https://<token>.<domain>/")
+    credential = commands.add_parser(
+        "credential", add_help=False, allow_abbrev=False,
+        help="hash a password (read from stdin) for host_credentials")
+    credential.add_argument("-h", "-help", "--help", action="help", help="show the flags and exit")
+    credential.add_argument("host", metavar="NAME", help="the host_names entry it protects")
+    credential.add_argument("user", metavar="USER", help="the user name browsers send")
+    return CommandLine(top, {"new": new, "credential": credential})
 
 
 def main(argv: list[str]) -> int:
     args = command_line().parser.parse_args(argv)
+    if args.action == "credential":
+        return new_credential(args.host, args.user)
     return new_tunnel(args.name, tunnel=args.tunnel, server=args.server, regexp=args.regexp,
-                      config_dir=args.config_dir, group=args.group)
+                      config_dir=args.config_dir, group=args.group, host_label=args.host_label)
+
+
+def new_credential(host: str, user: str) -> int:
+    """Print ``NAME=USER:scrypt$...``, a host_credentials entry, for the password on stdin (or
+    asked for on the terminal): the password itself is never an argument, which ps would show."""
+    try:
+        check_label(host, "the name")
+    except ValueError as exc:
+        raise OpsError(str(exc), EX_USAGE) from None
+    password = getpass.getpass(f"Password for {user}: ") if sys.stdin.isatty() \
+        else sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise OpsError("the password is empty", EX_USAGE)
+    try:
+        line = f"{host}={Credential.make(user, password)}"
+    except ValueError as exc:
+        raise OpsError(str(exc), EX_USAGE) from None
+    print(line)
+    return 0
 
 
 def new_tunnel(name: str, *, tunnel: str, server: str | None, regexp: str | None,
-               config_dir: Path, group: str) -> int:
+               config_dir: Path, group: str, host_label: bool = False) -> int:
     check_name(name)
-    token = new_token()
+    token = new_host_label_token() if host_label else new_token()
     settings = validated(token=token, tunnel=tunnel, server=server, regexp=regexp)
     path = config_dir / f"{name}.toml"
     if not config_dir.is_dir():
@@ -112,6 +146,12 @@ def new_token() -> str:
         # A leading '-' reads as a flag to many tools an operator may paste the token into.
         if not token.startswith("-"):
             return token
+
+
+def new_host_label_token() -> str:
+    """256 bits as 52 lowercase base32 characters: a DNS label, which browsers send unchanged in
+    Host (they lowercase it), so the token works as https://<token>.<domain>/."""
+    return base64.b32encode(secrets.token_bytes(TOKEN_BYTES)).decode().rstrip("=").lower()
 
 
 def validated(*, token: str, tunnel: str, server: str | None, regexp: str | None) -> ClientSettings:

@@ -3,7 +3,8 @@
 :class:`Admission` holds every check a tunnel opening passes, whatever its transport (the token in
 ``Origin``, the failure brake, ``allowed_tokens``, passwords, ``max_clients_per_token``, a server
 that is draining), the turns of WebSocket handshakes, and the trusted proxies whose
-``X-Forwarded-For`` names the real client. A check that fails is a :class:`Refusal`: the HTTP
+``X-Forwarded-For`` names the real client (and whose ``X-Client-Subject`` names the client
+certificate it verified). A check that fails is a :class:`Refusal`: the HTTP
 answer the client gets, on either transport.
 """
 
@@ -46,6 +47,11 @@ def too_many_failures(wait: int) -> Refusal:
 
 
 SHUTTING_DOWN = Refusal(503, "Server shutting down")
+CERTIFICATE_REQUIRED = Refusal(403, "A client certificate signed by the server's CA is required")
+# The verified subject of a client certificate, from a TLS frontend (nginx's $ssl_client_s_dn):
+# believed from trusted proxies only, and never passed on to a backend.
+SUBJECT_HEADER = b"X-Client-Subject"
+_SUBJECT_KEY = SUBJECT_HEADER.lower()
 
 
 def is_loopback(address: str) -> bool:
@@ -92,6 +98,23 @@ class Admission:
                     return hop
         return peer
 
+    def client_subject(self, request: IncomingRequest) -> str | None:
+        """The subject of the client's verified certificate: from our own TLS, else from the
+        header a trusted proxy sets; None without one."""
+        subject = request.client_subject
+        if subject is None and self._trusted:
+            forwarded = request.header(_SUBJECT_KEY)
+            if forwarded and self.trusted(request.peer):
+                subject = forwarded.decode("utf-8", "replace")
+        return subject
+
+    def certified(self, request: IncomingRequest, *, tunnel: bool) -> bool:
+        """False when ``require_client_cert`` asks for a certificate that the request lacks."""
+        required = self._settings.require_client_cert
+        if required == "no" or (required == "tunnel" and not tunnel):
+            return True
+        return self.client_subject(request) is not None
+
     def from_inside(self, request: IncomingRequest) -> bool:
         """Loopback or a trusted proxy itself; client_address() believes X-Forwarded-For only
         from a trusted proxy, so a proxy relaying an outsider is refused like the outsider."""
@@ -133,6 +156,9 @@ class Admission:
         if wait is not None:
             self.log.warning("WS   REFUSE", addr=addr, err="too many failures", retry_after=wait)
             return too_many_failures(wait)
+        if not self.certified(request, tunnel=True):
+            self.log.warning("WS   REFUSE", addr=addr, err="no client certificate")
+            return CERTIFICATE_REQUIRED
         if not origin or len(origin) < MIN_LENGTH:
             self.log.warning("WS   REFUSE", addr=addr, err="missing or short token")
             self.failed(addr)

@@ -12,30 +12,43 @@ The parts, and the path of a request through them:
 - :class:`~wstunnel.server.admission.Admission` decides who may open a tunnel and whose
   ``X-Forwarded-For`` is believed.
 
+Before any of that, a request's Host may name a tunnel (:mod:`wstunnel.server.hosts`: everything
+for that host goes to the Forwarder); otherwise, with ``base_path``, its target loses that prefix
+(or is answered 404 outside it). With ``tls_cert`` the listener on ``port`` (or the one on
+``tls_port``, beside the plain one) speaks TLS first (:mod:`wstunnel.server.tlsfront`).
+
 :class:`TunnelServer` builds them and owns the lifecycle: start, reload, graceful stop.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable
+from functools import partial
 
 import trio
 
-from wstunnel import __version__, daemon
+from wstunnel import __version__, daemon, tls
 from wstunnel.config import ServerSettings
+from wstunnel.errors import ConfigError
 from wstunnel.logs import EventLogger
-from wstunnel.server.admission import Admission
+from wstunnel.server.admission import CERTIFICATE_REQUIRED, Admission
 from wstunnel.server.forwarding import Forwarder
 from wstunnel.server.front import FrontLimits, HttpConnection, IncomingRequest
 from wstunnel.server.handshake import TunnelAcceptor
+from wstunnel.server.hosts import HostRouting
 from wstunnel.server.longpoll import LongPoll
-from wstunnel.server.messages import AnyResponse, StreamingResponse
+from wstunnel.server.messages import AnyResponse, StreamingResponse, simple_response
 from wstunnel.server.metrics import Metrics
 from wstunnel.server.rendezvous import Carrier, Registry
 from wstunnel.server.router import Router
+from wstunnel.server.tlsfront import TLSFront
 
-# A reload cannot move the listening socket or the pid file; these wait for a restart.
-RESTART_ONLY_SETTINGS = ("host", "port", "pidfile")
+# A reload cannot move the listening sockets or the pid file; these wait for a restart.
+RESTART_ONLY_SETTINGS = ("host", "port", "tls_port", "pidfile")
+# Nor turn TLS on or off: a listener is plain or TLS from its start (the files may change).
+TLS_FILES = ("tls_cert", "tls_key")
+TUNNEL_PATH = b"/_tunnel"
 # On stop, how long all tunnels together wait for their peers' Close replies (one deadline).
 STOP_CLOSE_WAIT = 1.0
 
@@ -53,12 +66,21 @@ class TunnelServer:
             max_bytes=settings.max_queued_bytes,
         )
         self.metrics = Metrics(__version__)
+        self.tls: TLSFront | None = None
+        if settings.tls_cert is not None:
+            try:
+                self.tls = TLSFront(settings, log)
+            except tls.TLSFileError as exc:  # the files changed since the settings were read
+                raise ConfigError(f"tls_cert/tls_key: {exc}") from None
+        self.hosts = HostRouting(settings)
+        self._paths(settings)
         self.admission = Admission(settings, log, self.registry, draining=self._is_draining)
         self.longpoll = LongPoll(self.admission, self.registry, log, settings=self._settings)
         self.acceptor = TunnelAcceptor(self.admission, self.registry, log,
                                        settings=self._settings, draining=self._is_draining)
         forwarder = Forwarder(self.registry, self.admission, self.metrics, log,
-                              settings=self._settings, started_at=self.started_at)
+                              settings=self._settings, started_at=self.started_at,
+                              hosts=self.hosts)
         self.router = Router(self.registry, self.admission, self.metrics, forwarder,
                              started_at=self.started_at, draining=self._is_draining)
         self.limits = _front_limits(settings)
@@ -69,27 +91,49 @@ class TunnelServer:
     def _settings(self) -> ServerSettings:
         return self.settings
 
+    def _paths(self, settings: ServerSettings) -> None:
+        """What every request is checked against, worked out once per (re)load."""
+        self._base = settings.base_path.encode()
+        self._tunnel_path = self._base + TUNNEL_PATH
+        self._require_all = settings.require_client_cert == "all"
+
     def _is_draining(self) -> bool:
         return self.draining
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen, serve, and on :meth:`stop` drain gracefully; ``started`` gets the port."""
-        try:
-            listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
-        except OSError as exc:
-            where = f"{self.settings.host}:{self.settings.port}"
-            raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from None
-        port = listeners[0].socket.getsockname()[1]
-        self.log.info("Listening", port=port, host=self.settings.host)
+        """Listen, serve, and on :meth:`stop` drain gracefully; ``started`` gets the first port
+        (the plain one when there are two)."""
+        settings = self.settings
+        # (port, speaks TLS): one listener, plain or TLS, or a plain one and a TLS one.
+        wanted = [(settings.port, self.tls is not None and settings.tls_port is None)]
+        if self.tls is not None and settings.tls_port is not None:
+            wanted.append((settings.tls_port, True))
+        bound: list[tuple[list[trio.SocketListener], bool]] = []
+        for port, secure in wanted:
+            try:
+                listeners = await trio.open_tcp_listeners(port, host=settings.host)
+            except OSError as exc:
+                for earlier, _secure in bound:
+                    for listener in earlier:
+                        await listener.aclose()
+                where = f"{settings.host}:{port}"
+                raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from None
+            bound.append((listeners, secure))
+            got = listeners[0].socket.getsockname()[1]
+            if secure:
+                self.log.info("Listening", port=got, host=settings.host, tls="yes")
+            else:
+                self.log.info("Listening", port=got, host=settings.host)
+        first_port = bound[0][0][0].socket.getsockname()[1]
         async with trio.open_nursery() as root:
             root.start_soon(self.registry.reap_forever, self.log)
             await root.start(self.longpoll.run)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
-                connections.start_soon(self._accept, listeners, connections, accepting)
-                task_status.started(port)
+                connections.start_soon(self._accept, bound, connections, accepting)
+                task_status.started(first_port)
                 await self.stop_requested.wait()
                 accepting.cancel()
                 await self._drain()
@@ -103,10 +147,17 @@ class TunnelServer:
     def apply(self, settings: ServerSettings) -> tuple[list[str], list[str]]:
         """Take new settings without a restart; returns (applied, needing a restart)."""
         changed = daemon.changed_settings(self.settings, settings)
-        fixed = [name for name in changed if name in RESTART_ONLY_SETTINGS]
+        restart_only: tuple[str, ...] = RESTART_ONLY_SETTINGS
+        if (self.settings.tls_cert is None) != (settings.tls_cert is None):
+            restart_only += TLS_FILES
+        fixed = [name for name in changed if name in restart_only]
         # What cannot change live keeps its running value, so what we report stays true.
-        kept = {name: getattr(self.settings, name) for name in RESTART_ONLY_SETTINGS}
+        kept = {name: getattr(self.settings, name) for name in restart_only}
         self.settings = settings.model_copy(update=kept)
+        if self.tls is not None:
+            self.tls.reload(self.settings)  # whether the paths changed or not: renewed files
+        self.hosts.apply(self.settings)
+        self._paths(self.settings)
         self.registry.resize(self.settings.max_requests_per_tunnel, self.settings.max_queued_bytes)
         self.registry.token_idle_timeout = self.settings.token_idle_timeout
         self.admission.apply(self.settings)
@@ -125,14 +176,21 @@ class TunnelServer:
                     closers.start_soon(connection.close, 1008, "token no longer allowed")
             self.registry.forget(rendezvous.token)
 
-    async def _accept(self, listeners: list[trio.SocketListener], nursery: trio.Nursery,
-                      scope: trio.CancelScope) -> None:
+    async def _accept(self, bound: list[tuple[list[trio.SocketListener], bool]],
+                      nursery: trio.Nursery, scope: trio.CancelScope) -> None:
+        """Accept on every listener (plain, TLS) until ``scope`` is cancelled; the connections'
+        tasks go in ``nursery``, which outlives the accepting."""
         with scope:
             try:
-                await trio.serve_listeners(self._handle_socket, listeners, handler_nursery=nursery)
+                async with trio.open_nursery() as acceptors:
+                    for listeners, secure in bound:
+                        acceptors.start_soon(partial(
+                            trio.serve_listeners, partial(self._handle_socket, secure=secure),
+                            listeners, handler_nursery=nursery))
             finally:
-                for listener in listeners:
-                    await listener.aclose()
+                for listeners, _secure in bound:
+                    for listener in listeners:
+                        await listener.aclose()
 
     async def _drain(self) -> None:
         self.draining = True
@@ -169,12 +227,20 @@ class TunnelServer:
 
     # -- HTTP ------------------------------------------------------------------------------
 
-    async def _handle_socket(self, stream: trio.SocketStream) -> None:
+    async def _handle_socket(self, tcp: trio.SocketStream, *, secure: bool = False) -> None:
         try:
-            peer = str(stream.socket.getpeername()[0])
+            peer = str(tcp.socket.getpeername()[0])
         except OSError:
-            await stream.aclose()
+            await tcp.aclose()
             return
+        stream: trio.abc.Stream = tcp
+        subject = None
+        if secure:
+            assert self.tls is not None
+            opened = await self.tls.handshake(tcp, peer)
+            if opened is None:
+                return
+            stream, subject = opened
         # A draining server closes each connection after its response, except a long-poll
         # client's: it has to keep polling, on the connections it has, while its in-flight
         # requests finish (new connections are no longer accepted by then).
@@ -182,26 +248,59 @@ class TunnelServer:
 
         async def respond(request: IncomingRequest) -> AnyResponse:
             nonlocal polling
+            response = await self._respond(request)
+            # Once answered (the draining check is at sending), and with any base path gone.
             polling = self.longpoll.handles(request.path)
-            return await self._respond(request)
+            return response
 
         connection = HttpConnection(
             stream, peer, self.limits,
-            respond=respond, is_tunnel=_is_tunnel, take_tunnel=self.acceptor.take_tunnel,
-            draining=lambda: self.draining and not polling,
+            respond=respond, is_tunnel=self._is_tunnel, take_tunnel=self.acceptor.take_tunnel,
+            draining=lambda: self.draining and not polling, client_subject=subject,
         )
         await connection.serve()
 
+    def _is_tunnel(self, request: IncomingRequest) -> bool:
+        if request.path != self._tunnel_path or not request.is_websocket_upgrade():
+            return False
+        # On a host that names a tunnel, /_tunnel is the app's.
+        return not (self.hosts.enabled and self.hosts.match(request.header(b"host")) is not None)
+
     async def _respond(self, request: IncomingRequest) -> AnyResponse:
+        if self._require_all and not self.admission.certified(request, tunnel=False):
+            return CERTIFICATE_REQUIRED.response()
+        routed = self.hosts.match(request.header(b"host")) if self.hosts.enabled else None
+        if routed is not None:
+            return await self._active(self.router.route(request, routed))
+        if self._base and not self._strip_base(request):
+            return simple_response(404, f"Not found: this server serves under {self._base.decode()}/")
         if self.longpoll.handles(request.path):
             # A tunnel's transport, not a tunnelled request: a graceful stop does not wait for
             # a held poll, and the session's requests drain through it meanwhile.
             return await self.longpoll.respond(request)
+        return await self._active(self.router.route(request))
+
+    def _strip_base(self, request: IncomingRequest) -> bool:
+        """``/base/x?q`` -> ``/x?q`` and ``/base`` -> ``/``; False for a target outside it."""
+        target, base = request.target, self._base
+        if not target.startswith(base):
+            return False
+        rest = target[len(base):]
+        if not rest or rest[:1] == b"?":
+            rest = b"/" + rest
+        elif rest[:1] != b"/":
+            return False  # /basement is not under /base
+        request.target = rest
+        return True
+
+    async def _active(self, routing: Awaitable[AnyResponse]) -> AnyResponse:
+        """A request a graceful stop waits for, until its response (streamed body included)
+        has gone out."""
         self._active_requests += 1
         self._idle = trio.Event() if self._active_requests == 1 else self._idle
         streaming = False
         try:
-            response = await self.router.route(request)
+            response = await routing
             if isinstance(response, StreamingResponse):
                 # Its body is still to come: the request stays active (a graceful stop waits
                 # for it) until the front has sent the body, or given up on it.
@@ -223,10 +322,6 @@ class TunnelServer:
         self._active_requests -= 1
         if self._active_requests == 0:
             self._idle.set()
-
-
-def _is_tunnel(request: IncomingRequest) -> bool:
-    return request.path == b"/_tunnel" and request.is_websocket_upgrade()
 
 
 def _front_limits(settings: ServerSettings) -> FrontLimits:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import ClassVar, TypedDict, Unpack
+from typing import ClassVar, NotRequired, TypedDict, Unpack
 
 import trio
 
@@ -37,6 +37,8 @@ class ConnectionOptions(TypedDict):
     transport: str  # "websocket" or "longpoll"
     wstimeout: float
     log: EventLogger
+    # The subject of the client certificate the tunnel opened with (ours or a frontend's TLS).
+    client_subject: NotRequired[str | None]
 
 
 class TunnelConnection(ABC):
@@ -59,6 +61,7 @@ class TunnelConnection(ABC):
         self.transport = options["transport"]
         self.wstimeout = options["wstimeout"]
         self.log = options["log"]
+        self.client_subject = options.get("client_subject")
         self.connected_at = trio.current_time()
         self.in_flight: dict[int, PendingRequest] = {}
         self.answered = 0
@@ -85,7 +88,7 @@ class TunnelConnection(ABC):
         tunnel is closed after, with the handshake it is owed."""
         self.log.info("WS   NEW", token=self.token, addr=self.addr, version=self.client_version,
                       protocol=self.protocol, clients=len(self.rendezvous.connections) + 1,
-                      **details)
+                      subject=self.client_subject, **details)
         task_status.started()
         try:
             await self.serve()

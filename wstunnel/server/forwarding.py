@@ -18,14 +18,19 @@ from wstunnel.config import ServerSettings
 from wstunnel.headers import get as get_header
 from wstunnel.headers import without_hop_by_hop
 from wstunnel.logs import EventLogger
-from wstunnel.server.admission import Admission, Refusal
+from wstunnel.server.admission import SUBJECT_HEADER, Admission, Refusal
 from wstunnel.server.front import IncomingRequest
+from wstunnel.server.hosts import HostMatch, HostRouting
 from wstunnel.server.messages import AnyResponse, StreamingResponse, simple_response
 from wstunnel.server.metrics import Metrics
 from wstunnel.server.rendezvous import Failure, QueueFull, Registry
 from wstunnel.tokens import Token
 
 TOKEN_PREFIX = b"/_token/"
+# Request headers that are the server's and stop here: the token, a client certificate's subject
+# from a TLS frontend, and (host routing's credentials) the tunnel's own password.
+_NOT_FOR_BACKENDS = frozenset({b"x-token", SUBJECT_HEADER.lower()})
+_NOT_FOR_BACKENDS_AUTHORIZED = _NOT_FOR_BACKENDS | {b"authorization"}
 QUEUE_FULL = Refusal(503, "Too many requests queued for this tunnel", [(b"Retry-After", b"1")])
 
 
@@ -52,18 +57,29 @@ class Forwarder:
     log: EventLogger
     settings: Callable[[], ServerSettings] = field(kw_only=True)  # current: a reload swaps them
     started_at: float = field(kw_only=True)
+    hosts: HostRouting = field(kw_only=True)
 
-    async def forward(self, request: IncomingRequest) -> AnyResponse:
-        """Answer ``request`` through its token's tunnel, or refuse it."""
-        found = requested_token(request)
-        if isinstance(found, Refusal):
-            return found.response()
-        token, target = found
+    async def forward(self, request: IncomingRequest, routed: HostMatch | None = None) -> AnyResponse:
+        """Answer ``request`` through its token's tunnel, or refuse it. ``routed``: the tunnel its
+        Host names (host routing), instead of X-Token or a /_token/ path."""
+        consumed = _NOT_FOR_BACKENDS
+        if routed is None:
+            found = requested_token(request)
+            if isinstance(found, Refusal):
+                return found.response()
+            token, target = found
         refusal = self.admission.braked(self.admission.client_address(request))
         if refusal is not None:
             return refusal.response()
+        if routed is not None:
+            checked = await self._routed(request, routed)
+            if not isinstance(checked, Token):
+                return checked
+            token, target = checked, request.target
+            if routed.named is not None and routed.named.credentials:
+                consumed = _NOT_FOR_BACKENDS_AUTHORIZED  # the tunnel's password, not the app's
         started = trio.current_time()
-        response = await self._exchange(request, token, target)
+        response = await self._exchange(request, token, target, consumed)
         # One count per request for a token, however it was answered (404, 503, 504 included);
         # a request whose HTTP client went away has no answer and is not counted. A streamed
         # body is still to come: it is counted once the front has sent what it could of it.
@@ -78,7 +94,25 @@ class Forwarder:
                                  request_bytes=request.body_size(), response_bytes=len(response.body))
         return response
 
-    async def _exchange(self, request: IncomingRequest, token: Token, target: bytes) -> AnyResponse:
+    async def _routed(self, request: IncomingRequest, routed: HostMatch) -> Token | AnyResponse:
+        """The token of a host-routed request, once its credentials (if its name has any) pass."""
+        named = routed.named
+        addr = self.admission.client_address(request)
+        if named is not None and not await self.hosts.authorized(
+                named, request.header(b"authorization")):
+            if request.header(b"authorization") is not None:  # a browser asks first without
+                self.log.warning("HTTP AUTH", host=named.name, addr=addr, err="wrong credentials")
+                self.admission.failed(addr)
+            return simple_response(401, "Credentials required",
+                                   headers=[(b"WWW-Authenticate", named.realm)])
+        if routed.token is None:
+            self.admission.failed(addr)
+            self.log.info("HTTP RET", status=404, err="unknown host name", addr=addr)
+            return simple_response(404, "Tunnel not found")
+        return routed.token
+
+    async def _exchange(self, request: IncomingRequest, token: Token, target: bytes,
+                        consumed: frozenset[bytes]) -> AnyResponse:
         settings = self.settings()
         rendezvous = self.registry.get(token)
         if rendezvous is None:
@@ -90,7 +124,7 @@ class Forwarder:
             self.admission.failed(self.admission.client_address(request))
             return simple_response(404, "Tunnel not found")
         addr = self.admission.client_address(request)
-        headers = without_hop_by_hop(request.headers, b"x-token")
+        headers = without_hop_by_hop(request.headers, *consumed)
         forwarded = get_header(headers, b"x-forwarded-for")
         headers = [(k, v) for k, v in headers if k.lower() != b"x-forwarded-for"]
         peer = request.peer.encode()

@@ -62,6 +62,8 @@ class IncomingRequest:
     body: bytes = b""
     # Set instead of ``body`` when the body is streamed: the body still on the socket.
     body_source: RequestBody | None = None
+    # The subject of the client certificate verified on this connection (srv's own TLS).
+    client_subject: str | None = None
     # Lowercased name -> first value, built at the first look-up: the server looks up several
     # headers per request (framing, upgrade, token, forwarding...), each a scan otherwise.
     _index: dict[bytes, bytes] | None = field(default=None, repr=False, compare=False)
@@ -178,7 +180,7 @@ class RequestBody:
                     if waited.cancelled_caught:
                         self._closed = True
                         raise BodyTimeout
-                    conn.receive_data(data)
+                    conn.receive_data(bytes(data))  # bytes already: no copy
                     continue
                 if isinstance(event, h11.Data):
                     self.size += len(event.data)
@@ -312,7 +314,7 @@ class HttpConnection:
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,  # a TCP socket, or TLS over one
         peer: str,
         limits: FrontLimits,
         *,
@@ -320,9 +322,11 @@ class HttpConnection:
         is_tunnel: IsTunnel,
         take_tunnel: TunnelTaker,
         draining: Callable[[], bool],
+        client_subject: str | None = None,
     ) -> None:
         self.stream = stream
         self.peer = peer
+        self.client_subject = client_subject
         self.limits = limits
         self.respond = respond
         self.is_tunnel = is_tunnel
@@ -416,7 +420,11 @@ class HttpConnection:
                 trailing, _closed = self.conn.trailing_data
                 replay = http1.head_bytes(http1.request_line(request.method, request.target),
                                          request.headers) + bytes(trailing)
-                tune_tunnel_socket(self.stream.socket)
+                socket_stream = self.stream
+                while isinstance(socket_stream, trio.SSLStream):  # srv's own TLS
+                    socket_stream = socket_stream.transport_stream
+                if isinstance(socket_stream, trio.SocketStream):
+                    tune_tunnel_socket(socket_stream.socket)
                 await self.take_tunnel(request, ActivityStream(self.stream, replay))
                 return
             response = await self.respond(request)
@@ -460,13 +468,18 @@ class HttpConnection:
         # Whoever was reading the body lets go of the socket once its stream is cancelled.
         with trio.move_on_after(LINGER_TIMEOUT):
             async with source.lock:
-                await self.stream.send_eof()
+                await self._send_eof()
                 drained = 0
                 while drained < LINGER_BYTES:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
                     if not data:
                         break
                     drained += len(data)
+
+    async def _send_eof(self) -> None:
+        """Half-close where the stream can: TLS cannot (the linger that follows still runs)."""
+        if isinstance(self.stream, trio.abc.HalfCloseableStream):
+            await self.stream.send_eof()
 
     async def continue_if_expected(self) -> None:
         """Send ``100 Continue`` if the client waits for it: its body is wanted now."""
@@ -491,7 +504,7 @@ class HttpConnection:
 
     async def _receive(self) -> None:
         data = await self.stream.receive_some(RECEIVE_SIZE)
-        self.conn.receive_data(data)
+        self.conn.receive_data(bytes(data))  # bytes already (socket or TLS): no copy
 
     async def _read_head(self) -> IncomingRequest | None:
         while True:
@@ -505,6 +518,7 @@ class HttpConnection:
                     target=bytes(event.target),
                     headers=[(bytes(k), bytes(v)) for k, v in event.headers.raw_items()],
                     peer=self.peer,
+                    client_subject=self.client_subject,
                 )
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return None
@@ -656,7 +670,7 @@ class HttpConnection:
                     self._pipe_moved()
                     response.sent_bytes += len(chunk)
                     response.body.consumed(len(chunk))
-                await self.stream.send_eof()
+                await self._send_eof()
             except (ResponseAborted, trio.BrokenResourceError, trio.ClosedResourceError):
                 pipe.cancel_scope.cancel()  # the backend side broke, or the client is gone
                 return
@@ -672,7 +686,7 @@ class HttpConnection:
                 await sink.send(first)
             while data := await self.stream.receive_some(RECEIVE_SIZE):
                 self._pipe_moved()
-                await sink.send(data)
+                await sink.send(bytes(data))
             sink.end()
         except (ResponseAborted, trio.BrokenResourceError, trio.ClosedResourceError):
             scope.cancel()

@@ -45,14 +45,17 @@ def client_version(request: IncomingRequest) -> str:
 
 def new_connection(rendezvous: Rendezvous, ws: MessageTransport, stream: Activity,
                    settings: ServerSettings, log: EventLogger, *, subprotocol: str | None,
-                   addr: str, version: str, transport: str) -> TunnelConnection:
+                   addr: str, version: str, transport: str,
+                   client_subject: str | None = None) -> TunnelConnection:
     """The connection for a tunnel that speaks ``subprotocol`` (None: v1)."""
     if subprotocol is None:
         return TunnelConnectionV1(rendezvous, ws, stream, addr=addr, client_version=version,
                                   transport=transport, wstimeout=settings.wstimeout, log=log,
-                                  max_body_size=settings.max_body_size)
+                                  max_body_size=settings.max_body_size,
+                                  client_subject=client_subject)
     return TunnelConnectionV2(
         rendezvous, ws, stream, addr=addr, client_version=version, transport=transport,
+        client_subject=client_subject,
         wstimeout=settings.wstimeout, log=log, httptimeout=settings.httptimeout,
         max_streams=settings.max_streams_per_tunnel, max_stream_size=settings.max_stream_size,
         batched=subprotocol == v2.BATCH_SUBPROTOCOL, limits=settings.window_limits,
@@ -117,7 +120,7 @@ class TunnelAcceptor:
         connection = new_connection(
             self.registry.register(token), ws, stream, settings, self.log,
             subprotocol=subprotocol, addr=addr, version=client_version(request),
-            transport="websocket",
+            transport="websocket", client_subject=self.admission.client_subject(request),
         )
         await connection.serve_logged()
 

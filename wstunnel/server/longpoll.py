@@ -251,7 +251,7 @@ class LongPoll:
         connection = new_connection(
             self.registry.register(admitted), session, session, self.settings(), self.log,
             subprotocol=v2.SUBPROTOCOL, addr=addr, version=client_version(request),
-            transport="longpoll",
+            transport="longpoll", client_subject=self.admission.client_subject(request),
         )
         self.sessions[sid] = session
         assert self._nursery is not None, "LongPoll.run() is not running"

@@ -68,6 +68,11 @@ class Carrier(Protocol):
     def connected_at(self) -> float: ...
 
     @property
+    def client_subject(self) -> str | None:
+        """The subject of the client certificate the tunnel opened with, if any."""
+        ...
+
+    @property
     def answered(self) -> int: ...
 
     @property

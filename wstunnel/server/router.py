@@ -18,6 +18,7 @@ from wstunnel.server import status
 from wstunnel.server.admission import SHUTTING_DOWN, Admission, Refusal, is_loopback
 from wstunnel.server.forwarding import Forwarder
 from wstunnel.server.front import IncomingRequest
+from wstunnel.server.hosts import HostMatch
 from wstunnel.server.messages import AnyResponse, simple_response
 from wstunnel.server.metrics import CONTENT_TYPE, Gauges, Metrics
 from wstunnel.server.rendezvous import Registry
@@ -46,13 +47,16 @@ class Router:
             b"/_tunnel": self._tunnel_without_upgrade,
         }
 
-    async def route(self, request: IncomingRequest) -> AnyResponse:
-        endpoint = self._endpoints.get(request.path)
-        if endpoint is not None:
-            return endpoint(request)
+    async def route(self, request: IncomingRequest, routed: HostMatch | None = None) -> AnyResponse:
+        """``routed``: the request's Host names a tunnel (host routing), whose app then owns
+        every path, our endpoints' included."""
+        if routed is None:
+            endpoint = self._endpoints.get(request.path)
+            if endpoint is not None:
+                return endpoint(request)
         if self.draining():
             return DRAINING.response()
-        return await self.forwarder.forward(request)
+        return await self.forwarder.forward(request, routed)
 
     def _health_check(self, request: IncomingRequest) -> framing.Response:
         return simple_response(200, status.HEALTH_TEXT)

@@ -66,6 +66,7 @@ def render_status(registry: Registry, *, started_at: float) -> str:
                 "client_version": conn.client_version,
                 "transport": conn.transport,
                 "protocol": conn.protocol,
+                "client_subject": conn.client_subject,
                 "connected_secs": round(now - conn.connected_at, 1),
                 "idle_secs": round(conn.idle_secs(), 1),
                 "in_flight": len(conn.in_flight),
