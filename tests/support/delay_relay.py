@@ -7,7 +7,7 @@ sends reaches the other ONE_WAY_MS later (so a round trip costs twice that), in 
 in for the distance between a browser and nginx, or between wstunnel cli and wstunsrv, where the
 kernel's netem is not available. Bytes pass untouched (TLS included).
 
-Without MB_PER_S there is no bandwidth cap and the link holds up to 64 MiB in flight each way.
+Without MB_PER_S there is no bandwidth cap and the link holds up to 256 MiB in flight each way.
 With it, each direction passes at most MB_PER_S megabytes a second, and a router's queue of
 QUEUE_KIB (default 256) is all it holds beyond what is in flight: a slow link whose sender
 backs up, as a real one does.
@@ -15,27 +15,38 @@ backs up, as a real one does.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import trio
 
 CHUNK = 64 * 1024
+IN_FLIGHT = 256 * 1024 * 1024  # without a rate: far more than any window
 
 
 async def _carry(source: trio.SocketStream, sink: trio.SocketStream, delay: float,
                  rate: float | None, queue: int) -> None:
     """Read ``source``, and write each piece to ``sink`` ``delay`` seconds after it came (and,
     with a ``rate`` in bytes a second, no faster than that)."""
-    # Pieces in flight: a delay's worth at the rate, plus the queue; without a rate, plenty.
-    slots = 1024 if rate is None else max(2, int((rate * delay + queue) / CHUNK) + 1)
-    send_in, receive_out = trio.open_memory_channel[tuple[float, bytes]](slots)
+    # Bytes in flight: a delay's worth at the rate, plus the queue; without a rate, plenty. Counted
+    # in bytes, not pieces: reads come in all sizes, and a count of pieces would cap a link that
+    # is read in small ones.
+    capacity = IN_FLIGHT if rate is None else int(rate * delay) + queue
+    in_flight = 0
+    drained = trio.lowlevel.ParkingLot()
+    send_in, receive_out = trio.open_memory_channel[tuple[float, bytes]](math.inf)
 
     async def reader() -> None:
+        nonlocal in_flight
         async with send_in:
             while data := await source.receive_some(CHUNK):
+                while in_flight and in_flight + len(data) > capacity:
+                    await drained.park()
+                in_flight += len(data)
                 await send_in.send((trio.current_time() + delay, data))
 
     async def writer() -> None:
+        nonlocal in_flight
         free_at = 0.0  # when the rate-limited link can take the next byte
         async with receive_out:
             async for due, data in receive_out:
@@ -44,6 +55,8 @@ async def _carry(source: trio.SocketStream, sink: trio.SocketStream, delay: floa
                     due = max(due, free_at + delay)
                 await trio.sleep_until(due)
                 await sink.send_all(data)
+                in_flight -= len(data)
+                drained.unpark_all()
         await sink.send_eof()
 
     async with trio.open_nursery() as nursery:
