@@ -142,7 +142,7 @@ def test_every_flag_in_each_usage_line_is_offered() -> None:
 @pytest.mark.parametrize(("line", "expected"), [
     ("wstunnel s", ["srv", "status"]),
     ("wstunnel to", ["token"]),
-    ("wstunnel token ", ["new"]),
+    ("wstunnel token ", ["credential", "new"]),
     ("wstunnel config ", ["check"]),
     ("wstunnel srv --po", ["--port"]),
     ("wstunnel srv -po", ["-port"]),
