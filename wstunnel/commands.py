@@ -65,16 +65,17 @@ def _hide_token_from_ps(argv: Sequence[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "wstunnel", "cli", *rest], environ)
 
 
-OPS_COMMANDS = ("token", "config", "status")
+OPS_COMMANDS = ("token", "config", "status", "admin")
 
 
 def run_ops(command: str, argv: Sequence[str]) -> int:
-    """``wstunnel token|config|status ...``: the ops helper's exit status."""
+    """``wstunnel token|config|status|admin ...``: the ops helper's exit status."""
     # Imported here: each helper pulls in what only it needs (httpx, tomli-w).
-    from wstunnel.ops import configcheck, status, token
+    from wstunnel.ops import admin, configcheck, status, token
     from wstunnel.ops.common import OpsError
 
-    mains = {"token": token.main, "config": configcheck.main, "status": status.main}
+    mains = {"token": token.main, "config": configcheck.main, "status": status.main,
+             "admin": admin.main}
     try:
         return mains[command](list(argv))
     except OpsError as exc:
@@ -235,7 +236,7 @@ def _reload(log: logs.EventLogger, notifier: ServiceNotifier, model: type[Settin
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: wstunnel {srv|cli|version|status|token|config} [flags]"
+    usage = ("usage: wstunnel {srv|cli|version|status|token|config|admin} [flags]"
              "  (wstunnel srv -help for the flags)")
     if not args or args[0] in ("-h", "-help", "--help", "help"):
         print(usage)

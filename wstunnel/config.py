@@ -31,13 +31,14 @@ from pydantic_settings import (
 )
 
 from wstunnel.errors import ConfigError
+from wstunnel.password_hash import check_password_hash
 from wstunnel.tokens import MIN_LENGTH
 
 MiB = 1024 * 1024
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogTarget = Literal["auto", "journal", "stderr"]
 # Keys whose values are secrets: a file holding one must not be readable by other users.
-SECRET_SETTINGS = ("token", "allowed_tokens", "passwords", "password")
+SECRET_SETTINGS = ("token", "allowed_tokens", "passwords", "password", "admin_password")
 CommaList = Annotated[list[str], NoDecode]
 
 
@@ -139,6 +140,14 @@ class ServerSettings(_Common):
     max_streams_per_tunnel: int = Field(
         256, ge=1, description="requests open at once on one v2 tunnel; more wait in the queue"
     )
+    admin_password: SecretStr | None = Field(
+        None, description="hash of the /_admin/ console's password for remote access "
+                          "(written by `wstunnel admin passwd`)"
+    )
+    state_file: Path = Field(
+        Path("/var/lib/wstunnel/wstunsrv-state.json"),
+        description="where blocked tokens are kept across restarts (written atomically)",
+    )
 
     @field_validator("wstimeout")
     @classmethod
@@ -155,6 +164,13 @@ class ServerSettings(_Common):
     def _check_passwords(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             password_pairs(value)  # raises ValueError naming the entry, never its token
+        return value
+
+    @field_validator("admin_password")
+    @classmethod
+    def _check_admin_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_password_hash(value.get_secret_value())  # never echoes the value
         return value
 
     @field_validator("allowed_tokens")
