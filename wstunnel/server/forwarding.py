@@ -18,15 +18,17 @@ from wstunnel.config import ServerSettings
 from wstunnel.headers import get as get_header
 from wstunnel.headers import without_hop_by_hop
 from wstunnel.logs import EventLogger
-from wstunnel.server.admission import Admission, Refusal
+from wstunnel.server.admission import BLOCKED, Admission, Refusal
+from wstunnel.server.audit import ErrorLog, is_backend_error
 from wstunnel.server.front import IncomingRequest
 from wstunnel.server.messages import AnyResponse, StreamingResponse, simple_response
 from wstunnel.server.metrics import Metrics
-from wstunnel.server.rendezvous import Failure, QueueFull, Registry
+from wstunnel.server.rendezvous import Failure, QueueFull, Registry, Rendezvous
 from wstunnel.tokens import Token
 
 TOKEN_PREFIX = b"/_token/"
 QUEUE_FULL = Refusal(503, "Too many requests queued for this tunnel", [(b"Retry-After", b"1")])
+NOT_FOUND = "Tunnel not found"
 
 
 def requested_token(request: IncomingRequest) -> tuple[Token, bytes] | Refusal:
@@ -52,6 +54,8 @@ class Forwarder:
     log: EventLogger
     settings: Callable[[], ServerSettings] = field(kw_only=True)  # current: a reload swaps them
     started_at: float = field(kw_only=True)
+    # The server's last error answers, for the console.
+    errors: ErrorLog = field(kw_only=True, default_factory=ErrorLog)
 
     async def forward(self, request: IncomingRequest) -> AnyResponse:
         """Answer ``request`` through its token's tunnel, or refuse it."""
@@ -63,7 +67,7 @@ class Forwarder:
         if refusal is not None:
             return refusal.response()
         started = trio.current_time()
-        response = await self._exchange(request, token, target)
+        response = await self._exchange(request, token, target, started)
         # One count per request for a token, however it was answered (404, 503, 504 included);
         # a request whose HTTP client went away has no answer and is not counted. A streamed
         # body is still to come: it is counted once the front has sent what it could of it.
@@ -78,18 +82,25 @@ class Forwarder:
                                  request_bytes=request.body_size(), response_bytes=len(response.body))
         return response
 
-    async def _exchange(self, request: IncomingRequest, token: Token, target: bytes) -> AnyResponse:
+    async def _exchange(self, request: IncomingRequest, token: Token, target: bytes,
+                        started: float) -> AnyResponse:
         settings = self.settings()
+        addr = self.admission.client_address(request)
         rendezvous = self.registry.get(token)
         if rendezvous is None:
+            if self.admission.blocklist.blocks(token):
+                return self._blocked(token, None, addr, request.method, target)
             rendezvous = await self.registry.await_registration(
                 token, until=self.started_at + settings.restart_grace)
         if rendezvous is None:
             self.log.info("HTTP RET", token=token, status=404, url=_loggable(target),
                           err="tunnel not found")
-            self.admission.failed(self.admission.client_address(request))
-            return simple_response(404, "Tunnel not found")
-        addr = self.admission.client_address(request)
+            self.admission.failed(addr)
+            self.errors.add(trio.current_time(), str(token), 404, NOT_FOUND, addr,
+                            request.method, target)
+            return simple_response(404, NOT_FOUND)
+        if rendezvous.blocked:
+            return self._blocked(token, rendezvous, addr, request.method, target)
         headers = without_hop_by_hop(request.headers, b"x-token")
         forwarded = get_header(headers, b"x-forwarded-for")
         headers = [(k, v) for k, v in headers if k.lower() != b"x-forwarded-for"]
@@ -106,9 +117,11 @@ class Forwarder:
                 framing.Request(request.method, target, headers, request.body)
             )
         except QueueFull:
-            return self._queue_full(token)
+            return self._queue_full(token, rendezvous, addr, request.method, target)
         pending.body_source = request.body_source
         pending.upgrade = upgrade
+        pending.addr = addr
+        pending.started = started
         self.log.info(
             "HTTP RCV", token=token, id=pending.id, verb=request.method, url=_loggable(target),
             addr=addr, **{"x-host": request.header(b"x-host") or b""}, try_="",
@@ -117,16 +130,43 @@ class Forwarder:
             deadline = trio.current_time() + settings.httptimeout
             outcome = await rendezvous.exchange(pending, deadline=deadline)
         except QueueFull:
-            return self._queue_full(token, request_id=pending.id)
+            return self._queue_full(token, rendezvous, addr, request.method, target,
+                                    request_id=pending.id)
+        now = trio.current_time()
         if isinstance(outcome, Failure):
             self.log.info("HTTP RET", token=token, id=pending.id, status=outcome.status,
                           err=outcome.text)
+            self._error(rendezvous, now, outcome.status, outcome.text, addr, request.method, target)
             return simple_response(outcome.status, outcome.text)
         self.log.info("HTTP RET", token=token, id=pending.id, status=outcome.status)
+        if is_backend_error(outcome.status):
+            self._error(rendezvous, now, outcome.status, outcome.reason, addr, request.method,
+                        target)
+        else:
+            rendezvous.audit.succeeded(now, outcome.status, outcome.reason, addr)
         return outcome
 
-    def _queue_full(self, token: Token, request_id: int | None = None) -> framing.Response:
+    def _error(self, rendezvous: Rendezvous, at: float, status: int, reason: bytes | str,
+               addr: str, method: bytes, target: bytes) -> None:
+        """Remember an error answer: the token's last, and one of the server's last ones."""
+        rendezvous.audit.failed(at, status, reason, addr)
+        self.errors.add(at, str(rendezvous.token), status, reason, addr, method, target)
+
+    def _blocked(self, token: Token, rendezvous: Rendezvous | None, addr: str, method: bytes,
+                 target: bytes) -> framing.Response:
+        self.log.info("HTTP RET", token=token, status=403, url=_loggable(target),
+                      err="token blocked")
+        now = trio.current_time()
+        if rendezvous is not None:
+            self._error(rendezvous, now, 403, BLOCKED.text, addr, method, target)
+        else:
+            self.errors.add(now, str(token), 403, BLOCKED.text, addr, method, target)
+        return BLOCKED.response()
+
+    def _queue_full(self, token: Token, rendezvous: Rendezvous, addr: str, method: bytes,
+                    target: bytes, request_id: int | None = None) -> framing.Response:
         self.log.warning("HTTP RET", token=token, id=request_id, status=503, err="queue full")
+        self._error(rendezvous, trio.current_time(), 503, QUEUE_FULL.text, addr, method, target)
         return QUEUE_FULL.response()
 
 
