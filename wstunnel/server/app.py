@@ -23,6 +23,11 @@ from wstunnel import __version__, daemon
 from wstunnel.config import ServerSettings
 from wstunnel.logs import EventLogger
 from wstunnel.server.admission import Admission
+from wstunnel.server.audit import ErrorLog
+from wstunnel.server.blocklist import Blocklist
+from wstunnel.server.console import api as console_api
+from wstunnel.server.console.api import Console
+from wstunnel.server.console.snapshot import ServerFacts
 from wstunnel.server.forwarding import Forwarder
 from wstunnel.server.front import FrontLimits, HttpConnection, IncomingRequest
 from wstunnel.server.handshake import TunnelAcceptor
@@ -33,7 +38,7 @@ from wstunnel.server.rendezvous import Carrier, Registry
 from wstunnel.server.router import Router
 
 # A reload cannot move the listening socket or the pid file; these wait for a restart.
-RESTART_ONLY_SETTINGS = ("host", "port", "pidfile")
+RESTART_ONLY_SETTINGS = ("host", "port", "pidfile", "state_file")
 # On stop, how long all tunnels together wait for their peers' Close replies (one deadline).
 STOP_CLOSE_WAIT = 1.0
 
@@ -51,14 +56,27 @@ class TunnelServer:
             max_bytes=settings.max_queued_bytes,
         )
         self.metrics = Metrics(__version__)
-        self.admission = Admission(settings, log, self.registry, draining=self._is_draining)
+        # Read before anything listens: a state file that cannot be read stops the start.
+        blocklist = Blocklist.load(settings.state_file)
+        self.admission = Admission(settings, log, self.registry, draining=self._is_draining,
+                                   blocklist=blocklist)
         self.longpoll = LongPoll(self.admission, self.registry, log, settings=self._settings)
         self.acceptor = TunnelAcceptor(self.admission, self.registry, log,
                                        settings=self._settings, draining=self._is_draining)
+        errors = ErrorLog()
         forwarder = Forwarder(self.registry, self.admission, self.metrics, log,
-                              settings=self._settings, started_at=self.started_at)
+                              settings=self._settings, started_at=self.started_at, errors=errors)
+        self.listening: list[str] = []
+        self.console = Console(
+            self.registry, self.admission, self.metrics, errors, log,
+            ServerFacts(__version__, self.started_at, listening=self._listening,
+                        draining=self._is_draining),
+            settings=self._settings, start_drain=self.start_drain,
+        )
         self.router = Router(self.registry, self.admission, self.metrics, forwarder,
-                             started_at=self.started_at, draining=self._is_draining)
+                             started_at=self.started_at, draining=self._is_draining,
+                             console=self.console)
+        self._root: trio.Nursery | None = None
         self.limits = _front_limits(settings)
         self._active_requests = 0
         self._idle = trio.Event()
@@ -70,6 +88,9 @@ class TunnelServer:
     def _is_draining(self) -> bool:
         return self.draining
 
+    def _listening(self) -> list[str]:
+        return self.listening
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -80,10 +101,13 @@ class TunnelServer:
             where = f"{self.settings.host}:{self.settings.port}"
             raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from None
         port = listeners[0].socket.getsockname()[1]
+        self.listening = [_address(listener) for listener in listeners]
         self.log.info("Listening", port=port, host=self.settings.host)
         async with trio.open_nursery() as root:
+            self._root = root
             root.start_soon(self.registry.reap_forever, self.log)
             await root.start(self.longpoll.run)
+            await root.start(self.console.run)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
                 connections.start_soon(self._accept, listeners, connections, accepting)
@@ -97,6 +121,15 @@ class TunnelServer:
 
     def stop(self) -> None:
         self.stop_requested.set()
+
+    def start_drain(self) -> bool:
+        """Drain without stopping (the console's action): no new tunnels or requests, those in
+        flight finish, then the tunnels close. False if draining (or stopping) already."""
+        if self.draining or self._root is None:
+            return False
+        self.draining = True
+        self._root.start_soon(self._drain)
+        return True
 
     def apply(self, settings: ServerSettings) -> tuple[list[str], list[str]]:
         """Take new settings without a restart; returns (applied, needing a restart)."""
@@ -195,6 +228,9 @@ class TunnelServer:
             # A tunnel's transport, not a tunnelled request: a graceful stop does not wait for
             # a held poll, and the session's requests drain through it meanwhile.
             return await self.longpoll.respond(request)
+        if console_api.handles(request.path):
+            # Nor for the console's event streams, open as long as a page shows them.
+            return await self.router.route(request)
         self._active_requests += 1
         self._idle = trio.Event() if self._active_requests == 1 else self._idle
         streaming = False
@@ -221,6 +257,11 @@ class TunnelServer:
         self._active_requests -= 1
         if self._active_requests == 0:
             self._idle.set()
+
+
+def _address(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _is_tunnel(request: IncomingRequest) -> bool:
