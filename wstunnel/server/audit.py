@@ -13,6 +13,8 @@ import collections
 import itertools
 from dataclasses import dataclass
 
+from wstunnel.tokens import Token
+
 ERRORS_KEPT = 100
 
 
@@ -70,12 +72,12 @@ class ErrorLog:
         self._records: collections.deque[ErrorRecord] = collections.deque(maxlen=size)
         self._seq = itertools.count(1)
 
-    def add(self, at: float, token: str, status: int, reason: bytes | str, addr: str,
+    def add(self, at: float, token: Token, status: int, reason: bytes | str, addr: str,
             method: bytes, path: bytes) -> None:
         text = reason.decode("latin-1") if isinstance(reason, bytes) else reason
         self._records.append(ErrorRecord(
-            next(self._seq), at, token, status, text[:200], addr,
-            method.decode("latin-1")[:16], safe_path(path),
+            next(self._seq), at, str(token), status, text[:200], addr,
+            method.decode("latin-1")[:16], safe_path(path, token),
         ))
 
     def since(self, seq: int) -> list[ErrorRecord]:
@@ -90,14 +92,18 @@ class ErrorLog:
 PATH_SHOWN = 80
 
 
-def safe_path(target: bytes, limit: int = PATH_SHOWN) -> str:
+def safe_path(target: bytes, token: Token, limit: int = PATH_SHOWN) -> str:
     """A request target fit for the console: the path only (a query string may carry secrets),
-    never a ``/_token/`` secret, cut to ``limit`` characters."""
+    never a ``/_token/`` secret nor the request's own token anywhere in it, cut to ``limit``
+    characters."""
     path, query, _ = target.partition(b"?")
     if path.startswith(b"/_token/"):
-        token, _, rest = path[len(b"/_token/"):].partition(b"/")
-        path = b"/_token/" + token[:8] + b".../" + rest
+        secret, _, rest = path[len(b"/_token/"):].partition(b"/")
+        path = b"/_token/" + secret[:8] + b".../" + rest
     text = path.decode("latin-1")
+    whole = token.reveal().encode("utf-8", "surrogateescape").decode("latin-1")
+    if whole and whole in text:
+        text = text.replace(whole, str(token))
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return text + ("?..." if query else "")

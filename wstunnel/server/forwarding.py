@@ -96,7 +96,7 @@ class Forwarder:
             self.log.info("HTTP RET", token=token, status=404, url=_loggable(target),
                           err="tunnel not found")
             self.admission.failed(addr)
-            self.errors.add(trio.current_time(), str(token), 404, NOT_FOUND, addr,
+            self.errors.add(trio.current_time(), token, 404, NOT_FOUND, addr,
                             request.method, target)
             return simple_response(404, NOT_FOUND)
         if rendezvous.blocked:
@@ -150,7 +150,7 @@ class Forwarder:
                addr: str, method: bytes, target: bytes) -> None:
         """Remember an error answer: the token's last, and one of the server's last ones."""
         rendezvous.audit.failed(at, status, reason, addr)
-        self.errors.add(at, str(rendezvous.token), status, reason, addr, method, target)
+        self.errors.add(at, rendezvous.token, status, reason, addr, method, target)
 
     def _blocked(self, token: Token, rendezvous: Rendezvous | None, addr: str, method: bytes,
                  target: bytes) -> framing.Response:
@@ -158,14 +158,16 @@ class Forwarder:
                       err="token blocked")
         now = trio.current_time()
         if rendezvous is not None:
+            rendezvous.counters.errored += 1
             self._error(rendezvous, now, 403, BLOCKED.text, addr, method, target)
         else:
-            self.errors.add(now, str(token), 403, BLOCKED.text, addr, method, target)
+            self.errors.add(now, token, 403, BLOCKED.text, addr, method, target)
         return BLOCKED.response()
 
     def _queue_full(self, token: Token, rendezvous: Rendezvous, addr: str, method: bytes,
                     target: bytes, request_id: int | None = None) -> framing.Response:
         self.log.warning("HTTP RET", token=token, id=request_id, status=503, err="queue full")
+        rendezvous.counters.errored += 1
         self._error(rendezvous, trio.current_time(), 503, QUEUE_FULL.text, addr, method, target)
         return QUEUE_FULL.response()
 

@@ -189,8 +189,9 @@ class Gate:
         origin = request.header(b"origin")
         if origin is None:
             return True  # not a browser's cross-site request (those carry Origin on POST)
-        host = (request.header(b"host") or b"").lower()
-        return urlsplit(origin.decode("latin-1").lower()).netloc.encode() == host
+        # Host names only: a proxy may drop the port from Host (nginx's $host does).
+        host = urlsplit("//" + (request.header(b"host") or b"").decode("latin-1")).hostname
+        return urlsplit(origin.decode("latin-1")).hostname == host
 
     def _csrf(self, subject: bytes) -> str:
         return hmac.new(self._key, b"csrf:" + subject, hashlib.sha256).hexdigest()

@@ -25,6 +25,7 @@ from wstunnel.server.audit import ErrorLog, ErrorRecord, TunnelAudit, safe_path
 from wstunnel.server.blocklist import BlockedToken, Blocklist
 from wstunnel.server.metrics import Metrics
 from wstunnel.server.rendezvous import Carrier, PendingRequest, Registry, Rendezvous
+from wstunnel.tokens import Token
 
 # The in-flight list shows the oldest requests first, this many at most (with the total).
 IN_FLIGHT_SHOWN = 100
@@ -123,7 +124,7 @@ class StateReader:
         wall = _WallClock(now)
         tunnels: list[dict[str, Any]] = []
         signatures: dict[str, Hashable] = {}
-        waiting: list[tuple[float, str, str, PendingRequest]] = []
+        waiting: list[tuple[float, str, Token, PendingRequest]] = []
         clients = queue_depth = pending = 0
         by_transport: collections.Counter[str] = collections.Counter()
         for rendezvous in self.registry:
@@ -145,7 +146,7 @@ class StateReader:
             for request in rendezvous.live():
                 if request.outcome is None and not request.abandoned:
                     pending += 1
-                    waiting.append((request.started, tunnel_id, str(rendezvous.token), request))
+                    waiting.append((request.started, tunnel_id, rendezvous.token, request))
             if previous is None or previous.get(tunnel_id) != signature:
                 tunnels.append(self._tunnel(rendezvous, tunnel_id, now, wall))
         removed = [] if previous is None else [i for i in previous if i not in signatures]
@@ -241,14 +242,14 @@ def _outcome(audit: TunnelAudit, *, success: bool, wall: _WallClock) -> dict[str
     }
 
 
-def _in_flight(started: float, tunnel_id: str, token: str, request: PendingRequest, now: float,
+def _in_flight(started: float, tunnel_id: str, token: Token, request: PendingRequest, now: float,
                wall: _WallClock) -> dict[str, Any]:
     return {
         "tunnel": tunnel_id,
-        "token": token,
+        "token": str(token),
         "id": request.id,
         "method": request.method.decode("latin-1")[:16],
-        "path": safe_path(request.request.target),
+        "path": safe_path(request.request.target, token),
         "since": wall(started),
         "age_secs": round(now - started, 1),
         "client_address": request.addr,

@@ -130,6 +130,7 @@ function setLive(on) {
 }
 
 function showLogin(text) {
+  $("live").textContent = "logged out";
   $("console").hidden = true;
   $("refused").hidden = true;
   $("login").hidden = false;
@@ -138,6 +139,7 @@ function showLogin(text) {
 }
 
 function showRefused(text) {
+  $("live").textContent = "refused";
   $("console").hidden = true;
   $("login").hidden = true;
   $("refused").hidden = false;
@@ -210,7 +212,7 @@ function applyServer(server) {
   $("f-tunnels").textContent = server.tunnels;
   $("f-clients").textContent = server.clients;
   $("f-transports").textContent = Object.entries(server.clients_by_transport)
-    .map(([name, n]) => `${n} ${name === "longpoll" ? "long-poll" : name}`).join(", ");
+    .map(([name, n]) => `${n} ${name === "longpoll" ? "long-poll" : "WebSocket"}`).join(", ");
   $("f-rate").textContent = server.requests_per_sec.toFixed(1);
   $("f-total").textContent = `${server.requests_total} in all`;
   $("f-queue").textContent = server.queue_depth;
@@ -262,27 +264,33 @@ function outcomeLine(kind, outcome) {
   const ok = kind === "success";
   if (!outcome) {
     return el("div", { class: "outcome" }, el("span", { class: "tag", text: ok ? "Last OK" : "Last error" }),
-      el("span", { class: "muted", text: "none yet" }));
+      " ", el("span", { class: "muted", text: "none yet" }));
   }
   return el("div", { class: "outcome " + (ok ? "ok" : "bad"), "data-kind": kind },
-    el("span", { class: "tag", text: ok ? "Last OK" : "Last error" }),
+    el("span", { class: "tag", text: ok ? "Last OK" : "Last error" }), " ",
     el("span", { class: "status", text: String(outcome.status) }), " ",
     outcome.reason, " · ", timeNode(outcome.time), " · from ",
     el("span", { class: "mono", text: outcome.client_address }));
 }
 
 function tunnelCard(row) {
-  const clientRows = row.clients.map((c) => el("tr", {
+  const clientItems = row.clients.map((c) => el("li", {
       class: "client", "data-protocol": c.protocol, "data-transport": c.transport },
-    el("td", { class: "mono", text: c.address }),
-    el("td", { text: c.version }),
-    el("td", {}, el("span", { class: "proto " + c.protocol, text: c.protocol })),
-    el("td", { text: c.transport === "longpoll" ? "long-poll" : "WebSocket" }),
-    el("td", {}, "since ", timeNode(c.connected_since)),
-    el("td", {}, "active ", timeNode(c.last_activity))));
+    el("div", { class: "line" },
+      el("span", { class: "mono", text: c.address }),
+      el("span", { class: "proto " + c.protocol, text: c.protocol }),
+      el("span", { text: c.transport === "longpoll" ? "long-poll" : "WebSocket" }),
+      el("span", { class: "muted", text: `version ${c.version}` })),
+    el("div", { class: "line muted" },
+      el("span", {}, "connected ", timeNode(c.connected_since)),
+      el("span", {}, "active ", timeNode(c.last_activity)))));
   const blockButton = row.blocked
     ? el("button", { type: "button", class: "quiet", "data-action": "unblock", text: "Unblock" })
-    : el("button", { type: "button", class: "danger", "data-action": "block", text: "Block token" });
+    : el("button", { type: "button", class: "danger", "data-action": "block", text: "Block token",
+      "data-question": "Really block?" });
+  const disconnectButton = el("button", { type: "button", class: "danger", "data-action": "disconnect",
+    text: "Disconnect clients", "data-question": "Really disconnect?",
+    disabled: row.clients.length ? undefined : "disabled" });
   const card = el("article", {
       class: "tunnel" + (row.blocked ? " is-blocked" : ""), "data-id": row.id, "data-token": row.token },
     el("header", {},
@@ -298,14 +306,9 @@ function tunnelCard(row) {
       el("span", {}, el("b", { text: String(row.clients.length) }), row.clients.length === 1 ? " client" : " clients")),
     outcomeLine("success", row.last_success),
     outcomeLine("error", row.last_error),
-    row.clients.length ? el("table", { class: "clients" },
-      el("thead", {}, el("tr", {}, ...["Address", "Version", "Protocol", "Transport", "Connected", "Activity"]
-        .map((name) => el("th", { text: name })))),
-      el("tbody", {}, ...clientRows)) : null,
-    el("div", { class: "buttons" },
-      el("button", { type: "button", class: "quiet", "data-action": "disconnect", text: "Disconnect clients",
-        disabled: row.clients.length ? undefined : "disabled" }),
-      blockButton));
+    row.clients.length ? el("ul", { class: "clients", "aria-label": "Clients" }, ...clientItems) : null,
+    el("div", { class: "buttons" }, disconnectButton, blockButton));
+  for (const button of card.querySelectorAll("button[data-question]")) showArmed(button);
   return card;
 }
 
@@ -370,19 +373,41 @@ async function post(path) {
   return { ok: response.ok, body, status: response.status };
 }
 
-// Destructive buttons ask twice: the first click arms them for a few seconds.
-function armed(button, question) {
-  if (button.dataset.armed === "1") return true;
-  button.dataset.armed = "1";
-  const label = button.textContent;
-  button.textContent = question;
+// Destructive buttons ask twice: the first click arms them for a few seconds. The arming is
+// kept by key (tunnel and action), so a card redrawn by an update meanwhile stays armed.
+const ARMED_MS = 5000;
+const armedUntil = new Map(); // key -> time
+
+function armedKey(button) {
+  const holder = button.closest("[data-id]");
+  return `${button.dataset.id || (holder && holder.dataset.id) || ""}/${button.dataset.action || button.id}`;
+}
+
+function showArmed(button) {
+  const until = armedUntil.get(armedKey(button));
+  if (!until || until < Date.now()) return;
+  if (!button.dataset.label) button.dataset.label = button.textContent;
+  button.textContent = button.dataset.question || "Really?";
   button.classList.add("armed");
-  setTimeout(() => {
-    if (!button.isConnected) return;
-    button.dataset.armed = "";
-    button.textContent = label;
-    button.classList.remove("armed");
-  }, 5000);
+  setTimeout(() => disarm(button), until - Date.now());
+}
+
+function disarm(button) {
+  if (button.dataset.label) button.textContent = button.dataset.label;
+  button.classList.remove("armed");
+}
+
+function armed(button, question) {
+  const key = armedKey(button);
+  const until = armedUntil.get(key);
+  if (until && until >= Date.now()) {
+    armedUntil.delete(key);
+    disarm(button);
+    return true;
+  }
+  armedUntil.set(key, Date.now() + ARMED_MS);
+  button.dataset.question = question;
+  showArmed(button);
   return false;
 }
 
