@@ -159,6 +159,7 @@ class Forwarder:
         now = trio.current_time()
         if rendezvous is not None:
             rendezvous.counters.errored += 1
+            rendezvous.touch()
             self._error(rendezvous, now, 403, BLOCKED.text, addr, method, target)
         else:
             self.errors.add(now, token, 403, BLOCKED.text, addr, method, target)

@@ -236,6 +236,8 @@ class Rendezvous:
         self.audit = TunnelAudit()
         # Set by the console's block action: requests get 403 and tunnels are refused.
         self.blocked = False
+        # Trio clock of the last request, tunnel message, client arriving or leaving, or
+        # console action: what idle_for() counts from, and what the console's feed watches.
         self.last_activity = trio.current_time()
         self.created_wall = trio.current_time()
         self._ids = itertools.cycle(range(1, framing.MAX_ASSIGNED_ID + 1))
@@ -254,6 +256,7 @@ class Rendezvous:
             self._queue_only += 1
         else:
             self._direct.append(direct)
+        self.touch()  # a client coming or going is activity (the console shows it)
 
     def detach(self, connection: Carrier, direct: DirectCarrier | None) -> None:
         self.connections.remove(connection)
@@ -261,6 +264,7 @@ class Rendezvous:
             self._queue_only -= 1
         else:
             self._direct.remove(direct)
+        self.touch()  # and token_idle_timeout counts from the last client's leaving
 
     def new_request(self, request: framing.Request) -> PendingRequest:
         """Give ``request`` the next free id (1, 2, ... 0x7fff, 1, ...)."""

@@ -49,6 +49,7 @@ class Actions:
         """Block the token (saved first: OSError, and nothing changed, if it cannot be)."""
         entry = await self.blocklist.block(rendezvous.token, who)
         rendezvous.blocked = True
+        rendezvous.touch()  # the feed sends the tunnel's row again
         connections = list(rendezvous.connections)
         self.log.warning("ADMIN BLOCK", token=rendezvous.token, clients=len(connections), by=who)
         rendezvous.fail_all(BLOCKED_FAILURE)
@@ -65,6 +66,7 @@ class Actions:
             return None
         if rendezvous is not None:
             rendezvous.blocked = False
+            rendezvous.touch()
         self.log.warning("ADMIN UNBLOCK", token=entry.token, by=who)
         return entry
 

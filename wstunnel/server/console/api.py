@@ -121,7 +121,8 @@ class Console:
             if request.method != b"GET":
                 return _not_allowed(b"GET")
             document = self.reader.document(self.reader.collect())
-            return json_answer(200, {**document, **_viewer(grant)})
+            feed = self.feed.costs.document(len(self.feed))
+            return json_answer(200, {**document, "feed": feed, **_viewer(grant)})
         if path == b"/_admin/api/events":
             if request.method != b"GET":
                 return _not_allowed(b"GET")

@@ -1,9 +1,8 @@
 """What the console shows, read from the server's own state: the JSON documents of the API.
 
-Nothing here runs per request. A :func:`collect` is one pass over the registry, made for a page
-load or an API call, and by the live feed at most a few times a second while a console is open;
-it also says, per tunnel, a cheap signature of what could have changed, so that the feed sends a
-tunnel's row again only when its signature moved.
+Nothing here runs per request. A :meth:`StateReader.collect` is one pass over the registry, made
+for a page load or an API call, and by the live feed at most a few times a second while a console
+is open; for the feed it makes rows only for the tunnels active since its previous pass.
 
 Times go out as Unix epoch seconds (the page shows them in the viewer's time zone, and ages
 from them); tokens as their 8-character prefix only, never more.
@@ -14,8 +13,7 @@ from __future__ import annotations
 import calendar
 import collections
 import time
-import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +27,11 @@ from wstunnel.tokens import Token
 
 # The in-flight list shows the oldest requests first, this many at most (with the total).
 IN_FLIGHT_SHOWN = 100
-# A client's "last activity" counts its pings too; resending every row at every ping would
-# be most of the feed, so a change of activity alone refreshes a row at most this often.
-ACTIVITY_STEP = 30.0
+# A client's "last activity" counts its pings too (every 10 s by default), which touch nothing
+# the feed watches; resending rows at every ping would be most of the feed (1,000 idle tunnels:
+# 35 KiB/s), so the feed refreshes every tunnel in turn once per step: a client's activity on
+# the page is at most this old.
+ACTIVITY_STEP = 60.0
 RATE_WINDOW = 10.0  # requests per second, averaged over this long
 
 
@@ -61,7 +61,7 @@ class RateMeter:
     def rate(self, now: float) -> float:
         self.sample(now)
         (first, counted), (last, count) = self._samples[0], self._samples[-1]
-        return round((count - counted) / (last - first), 2) if last - first >= 0.5 else 0.0
+        return round((count - counted) / (last - first), 1) if last - first >= 0.5 else 0.0
 
     async def run(self) -> None:
         """Sample once a second, so that a rate is there whenever someone asks."""
@@ -76,13 +76,18 @@ class TunnelIds:
 
     def __init__(self, blocklist: Blocklist) -> None:
         self.blocklist = blocklist
-        self._ids: weakref.WeakKeyDictionary[Rendezvous, str] = weakref.WeakKeyDictionary()
+        self._ids: dict[Rendezvous, str] = {}
 
     def of(self, rendezvous: Rendezvous) -> str:
         found = self._ids.get(rendezvous)
         if found is None:
             found = self._ids[rendezvous] = self.blocklist.fingerprint(rendezvous.token)
         return found
+
+    def forget_gone(self, registry: Registry) -> None:
+        """Drop the ids of tokens the registry forgot (keeps a plain dict from growing)."""
+        if len(self._ids) > 2 * len(registry) + 100:
+            self._ids = {r: self._ids[r] for r in registry if r in self._ids}
 
     def find(self, registry: Registry, tunnel_id: str) -> Rendezvous | None:
         for rendezvous in registry:
@@ -96,12 +101,13 @@ class Collection:
     """One pass over the server's state."""
 
     server: dict[str, Any]
-    tunnels: list[dict[str, Any]]  # all of them, or only those whose signature changed
-    signatures: dict[str, Hashable]  # every tunnel's
+    tunnels: list[dict[str, Any]]  # all of them, or those active since, and those refreshed
+    active: int  # how many of ``tunnels`` are there because they were active
     removed: list[str]  # ids gone since the previous pass
     in_flight: list[dict[str, Any]]
     in_flight_total: int
-    in_flight_key: tuple[tuple[str, int, float], ...]  # which requests the list holds
+    in_flight_key: tuple[tuple[int, int, float, bool], ...]  # which requests, queued or not
+    at: float  # trio clock: a later pass with since=at sees what moved after this one
 
 
 @dataclass(eq=False)
@@ -113,46 +119,60 @@ class StateReader:
     facts: ServerFacts
     meter: RateMeter = field(init=False)
     ids: TunnelIds = field(init=False)
+    _members: set[Rendezvous] = field(init=False, default_factory=set)  # as of the last pass
+    _cursor: int = field(init=False, default=0)  # where the next refresh starts
 
     def __post_init__(self) -> None:
         self.meter = RateMeter(self.metrics)
         self.ids = TunnelIds(self.blocklist)
 
-    def collect(self, previous: dict[str, Hashable] | None = None) -> Collection:
-        """Everything, or with ``previous`` signatures only the tunnels that changed since."""
+    def collect(self, since: float | None = None, refresh: int = 0) -> Collection:
+        """Everything (``since`` None), or only the tunnels active after ``since`` (trio clock),
+        plus the next ``refresh`` tunnels in turn that have clients, so that their clients'
+        activity (pings, which touch nothing) reaches the page now and then.
+
+        "Active" is the rendez-vous' own ``last_activity``: every request, tunnel message,
+        client arriving or leaving and console action touches it. So the pass does for most
+        tunnels a few reads and a comparison (it runs up to twice a second while a console is
+        open), and the work of a row only for those that moved.
+        """
         now = trio.current_time()
         wall = _WallClock(now)
+        ids = self.ids.of
+        everyone = list(self.registry)
+        count = len(everyone)
+        first = self._cursor % count if count else 0
+        last = first + min(refresh, count)  # refresh rows [first, last), wrapping around
+        self._cursor = last
         tunnels: list[dict[str, Any]] = []
-        signatures: dict[str, Hashable] = {}
-        waiting: list[tuple[float, str, Token, PendingRequest]] = []
-        clients = queue_depth = pending = 0
+        active = 0
+        waiting: list[tuple[float, Rendezvous, PendingRequest]] = []
+        clients = queue_depth = 0
         by_transport: collections.Counter[str] = collections.Counter()
-        for rendezvous in self.registry:
-            tunnel_id = self.ids.of(rendezvous)
+        for index, rendezvous in enumerate(everyone):
             connections = rendezvous.connections
             clients += len(connections)
             for connection in connections:
                 by_transport[connection.transport] += 1
-            queued = len(rendezvous.queue)
-            queue_depth += queued
-            audit = rendezvous.audit
-            counters = rendezvous.counters
-            signature = (
-                rendezvous.last_activity, rendezvous.blocked, counters.completed,
-                counters.errored, queued, audit.success_at, audit.error_at,
-                tuple((id(c), int((now - c.idle_secs()) // ACTIVITY_STEP)) for c in connections),
-            )
-            signatures[tunnel_id] = signature
-            for request in rendezvous.live():
-                if request.outcome is None and not request.abandoned:
-                    pending += 1
-                    waiting.append((request.started, tunnel_id, rendezvous.token, request))
-            if previous is None or previous.get(tunnel_id) != signature:
-                tunnels.append(self._tunnel(rendezvous, tunnel_id, now, wall))
-        removed = [] if previous is None else [i for i in previous if i not in signatures]
+            queue_depth += len(rendezvous.queue)
+            live = rendezvous.live()
+            if live:  # most tunnels have nothing going on: not even a loop for them
+                for request in live:
+                    if request.outcome is None and not request.abandoned:
+                        waiting.append((request.started, rendezvous, request))
+            if since is None or rendezvous.last_activity > since:
+                active += 1
+            elif not (connections and (first <= index < last or index < last - count)):
+                continue
+            tunnels.append(self._tunnel(rendezvous, ids(rendezvous), now, wall))
+        members = set(everyone)
+        removed = [] if since is None else [ids(r) for r in self._members - members]
+        self._members = members
+        self.ids.forget_gone(self.registry)
         waiting.sort(key=lambda item: item[0])
-        in_flight = [_in_flight(started, tunnel_id, token, request, now, wall)
-                     for started, tunnel_id, token, request in waiting[:IN_FLIGHT_SHOWN]]
+        shown = waiting[:IN_FLIGHT_SHOWN]
+        in_flight = [_in_flight(started, ids(rendezvous), rendezvous.token, request, now, wall)
+                     for started, rendezvous, request in shown]
         server = {
             "version": self.facts.version,
             "started": wall(self.facts.started_at),
@@ -160,20 +180,20 @@ class StateReader:
             "uptime_secs": round(now - self.facts.started_at, 1),
             "listening": self.facts.listening(),
             "draining": self.facts.draining(),
-            "tunnels": len(signatures),
+            "tunnels": count,
             "clients": clients,
             "clients_by_transport": dict(sorted(by_transport.items())),
             "queue_depth": queue_depth,
-            "pending": pending,
+            "pending": len(waiting),
             "requests_total": self.metrics.duration.count,
             "requests_per_sec": self.meter.rate(now),
             "bytes_in": self.metrics.request_bytes,
             "bytes_out": self.metrics.response_bytes,
             "blocked_tokens": len(self.blocklist),
         }
-        key = tuple((tunnel_id, request.id, started)
-                    for started, tunnel_id, _, request in waiting[:IN_FLIGHT_SHOWN])
-        return Collection(server, tunnels, signatures, removed, in_flight, len(waiting), key)
+        key = tuple((id(rendezvous), request.id, started, request.holder is None)
+                    for started, rendezvous, request in shown)
+        return Collection(server, tunnels, active, removed, in_flight, len(waiting), key, now)
 
     def document(self, collection: Collection) -> dict[str, Any]:
         """The whole state, as ``GET /_admin/api/state`` answers it."""
