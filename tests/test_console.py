@@ -565,3 +565,18 @@ def test_paths_shown_hold_no_token_nor_query() -> None:
     assert safe_path(f"/echo/{secret}/x?t={secret}".encode(), token) == "/echo/s3cr3t-t.../x?..."
     assert safe_path(f"/_token/{secret}/page".encode(), token) == "/_token/s3cr3t-t.../page"
     assert safe_path(b"/" + b"a" * 200, token) == "/" + "a" * 76 + "..."
+
+
+def test_the_cost_script_runs(tmp_path: Path) -> None:
+    """scripts/console_cost.py, tiny: its figures come out, with the feed's own counts moving."""
+    out = tmp_path / "cost.json"
+    done = subprocess.run([PYTHON, str(ROOT / "scripts" / "console_cost.py"), "--smoke", "--json",
+                           str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=environ(), check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(out.read_text())
+    assert figures["tunnels"] == 20
+    assert figures["page_load"]["snapshot_bytes"] > 20 * 200
+    assert figures["page_load"]["bytes_received"] > figures["page_load"]["snapshot_bytes"]
+    assert figures["updates_under_requests"]["updates"] >= 1
+    assert figures["updates_under_requests"]["ticks"] >= figures["updates_under_requests"]["updates"]

@@ -17,6 +17,7 @@ skipped with the reason; with WSTUNNEL_REQUIRE_CONTAINER_TESTS set that reason f
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -342,6 +343,28 @@ def test_token_new_and_a_request_through_the_tunnel(box: Box) -> None:
         assert ", 1 tunnel(s)" in status.splitlines()[0], status
         assert re.search(rf"^{re.escape(box.token[:8])}\.\.\.\s+1\s", status, re.MULTILINE), status
         assert box.token not in status
+
+
+def test_console_as_packaged_keeps_a_block_in_the_state_directory(box: Box) -> None:
+    c = box.c
+    with box.step("console", "tunnel"):
+        admin = "http://127.0.0.1:8080/_admin/"
+        assert "<title>wstunnel console</title>" in box.curl(admin)  # the page, from the package
+        document = json.loads(box.curl(admin + "api/state"))
+        [tunnel] = document["tunnels"]
+        post = ["curl", "-sS", "--fail-with-body", "--max-time", "20", "-X", "POST",
+                "-H", f"X-CSRF-Token: {document['csrf_token']}"]
+        c.run(*post, f"{admin}api/tunnels/{tunnel['id']}/block")
+        # Written under the hardened unit (ProtectSystem=strict) into its StateDirectory.
+        assert box.stat("/var/lib/wstunnel") == "wstunnel:wstunnel 755"
+        assert box.stat("/var/lib/wstunnel/wstunsrv-state.json") == "wstunnel:wstunnel 600"
+        saved = c.read("/var/lib/wstunnel/wstunsrv-state.json")
+        assert box.token[:8] + "..." in saved and box.token not in saved
+        with pytest.raises(ValueError, match="403"):
+            box.through_tunnel()
+        c.run(*post, f"{admin}api/tunnels/{tunnel['id']}/unblock")
+        back = box.wait_for_tunnel("the unblocked tunnel")
+        box.timings.append(f"tunnel back after an unblock in {back:.1f}s")
 
 
 def test_upgrade_keeps_local_config_and_restarts(box: Box) -> None:

@@ -3,9 +3,10 @@
 A new subscriber gets the whole state at once (``event: snapshot``). After that one task, for all
 subscribers together, looks at the state every TICK seconds while anyone is subscribed (less
 often, down to every QUIET_TICK, while nothing changes), and sends one ``event: update`` holding
-only what changed: the tunnels active since its last look (see ``snapshot.collect``) and a share
-of the others in turn (their clients' activity), the ids of tunnels gone, the in-flight list if
-its membership changed, new errors, the block list if it changed, and the server's figures.
+only what changed: the tunnels active since its last look (see ``snapshot.collect``), the
+clients' last activity of a share of the others in turn (pings touch nothing else), the ids of
+tunnels gone, the in-flight list if its membership changed, new errors, the block list if it
+changed, and the server's figures.
 Nothing changed: nothing is sent, but a comment every KEEPALIVE seconds, so that a proxy does not
 time the stream out and a vanished reader is noticed. No subscriber: the task sleeps and the
 request path pays nothing.
@@ -205,9 +206,10 @@ class LiveFeed:
         collection = reader.collect(since=self._since, refresh=refresh)
         self._since = collection.at
         update: dict[str, Any] = {}
-        changed = bool(collection.active)  # refreshed rows alone do not hurry the next tick
         if collection.tunnels:
             update["tunnels"] = collection.tunnels
+        if collection.activity:  # not a change that hurries the next tick
+            update["activity"] = collection.activity
         if collection.removed:
             update["removed"] = collection.removed
         if collection.in_flight_key != self._in_flight:
@@ -228,8 +230,8 @@ class LiveFeed:
         if figures != self._figures:
             self._figures = figures
             update["server"] = collection.server
-        changed = changed or any(key in update for key in
-                                 ("removed", "in_flight", "errors", "blocked", "server"))
+        changed = any(key in update for key in
+                      ("tunnels", "removed", "in_flight", "errors", "blocked", "server"))
         now = trio.current_time()
         if update:
             update.setdefault("server", collection.server)

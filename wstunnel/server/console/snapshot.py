@@ -101,8 +101,8 @@ class Collection:
     """One pass over the server's state."""
 
     server: dict[str, Any]
-    tunnels: list[dict[str, Any]]  # all of them, or those active since, and those refreshed
-    active: int  # how many of ``tunnels`` are there because they were active
+    tunnels: list[dict[str, Any]]  # all of them, or those active since the previous pass
+    activity: dict[str, list[float]]  # id -> its clients' last activity, for those refreshed
     removed: list[str]  # ids gone since the previous pass
     in_flight: list[dict[str, Any]]
     in_flight_total: int
@@ -128,8 +128,8 @@ class StateReader:
 
     def collect(self, since: float | None = None, refresh: int = 0) -> Collection:
         """Everything (``since`` None), or only the tunnels active after ``since`` (trio clock),
-        plus the next ``refresh`` tunnels in turn that have clients, so that their clients'
-        activity (pings, which touch nothing) reaches the page now and then.
+        and for the next ``refresh`` tunnels in turn that have clients their clients' last
+        activity (pings, which touch nothing), so that it reaches the page now and then.
 
         "Active" is the rendez-vous' own ``last_activity``: every request, tunnel message,
         client arriving or leaving and console action touches it. So the pass does for most
@@ -145,7 +145,7 @@ class StateReader:
         last = first + min(refresh, count)  # refresh rows [first, last), wrapping around
         self._cursor = last
         tunnels: list[dict[str, Any]] = []
-        active = 0
+        activity: dict[str, list[float]] = {}
         waiting: list[tuple[float, Rendezvous, PendingRequest]] = []
         clients = queue_depth = 0
         by_transport: collections.Counter[str] = collections.Counter()
@@ -161,10 +161,10 @@ class StateReader:
                     if request.outcome is None and not request.abandoned:
                         waiting.append((request.started, rendezvous, request))
             if since is None or rendezvous.last_activity > since:
-                active += 1
-            elif not (connections and (first <= index < last or index < last - count)):
-                continue
-            tunnels.append(self._tunnel(rendezvous, ids(rendezvous), now, wall))
+                tunnels.append(self._tunnel(rendezvous, ids(rendezvous), now, wall))
+            elif connections and (first <= index < last or index < last - count):
+                # Only its clients' activity can have moved: a few numbers, not the row.
+                activity[ids(rendezvous)] = [wall(now - c.idle_secs()) for c in connections]
         members = set(everyone)
         removed = [] if since is None else [ids(r) for r in self._members - members]
         self._members = members
@@ -193,7 +193,7 @@ class StateReader:
         }
         key = tuple((id(rendezvous), request.id, started, request.holder is None)
                     for started, rendezvous, request in shown)
-        return Collection(server, tunnels, active, removed, in_flight, len(waiting), key, now)
+        return Collection(server, tunnels, activity, removed, in_flight, len(waiting), key, now)
 
     def document(self, collection: Collection) -> dict[str, Any]:
         """The whole state, as ``GET /_admin/api/state`` answers it."""

@@ -177,6 +177,18 @@ function applyUpdate(doc) {
       cards.set(row.id, fresh);
     }
   }
+  for (const [id, times] of Object.entries(doc.activity || {})) {
+    // Its clients' last activity only (their pings): the rest of the row stands.
+    const row = state.tunnels.get(id);
+    if (!row || row.clients.length !== times.length) continue;
+    row.clients.forEach((client, i) => { client.last_activity = times[i]; });
+    const card = cards.get(id);
+    if (card) {
+      const fresh = tunnelCard(row);
+      card.replaceWith(fresh);
+      cards.set(id, fresh);
+    }
+  }
   for (const id of doc.removed || []) {
     state.tunnels.delete(id);
     const card = cards.get(id);
