@@ -228,7 +228,7 @@ class TunnelServer:
             # A tunnel's transport, not a tunnelled request: a graceful stop does not wait for
             # a held poll, and the session's requests drain through it meanwhile.
             return await self.longpoll.respond(request)
-        if console_api.handles(request.path):
+        if request.target.startswith(console_api.PREFIX) and console_api.handles(request.path):
             # Nor for the console's event streams, open as long as a page shows them.
             return await self.router.route(request)
         self._active_requests += 1

@@ -59,10 +59,9 @@ class ErrorRecord:
     path: str
 
 
-def is_backend_error(status: int) -> bool:
-    """A backend's answer that the console counts as an error rather than a success (the
-    server's own refusals and failures, whatever their status, are errors anyway)."""
-    return status >= 500
+# A backend's answer from this status up counts as an error rather than a success (the server's
+# own refusals and failures, whatever their status, are errors anyway).
+BACKEND_ERROR = 500
 
 
 class ErrorLog:

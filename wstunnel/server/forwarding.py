@@ -19,7 +19,7 @@ from wstunnel.headers import get as get_header
 from wstunnel.headers import without_hop_by_hop
 from wstunnel.logs import EventLogger
 from wstunnel.server.admission import BLOCKED, Admission, Refusal
-from wstunnel.server.audit import ErrorLog, is_backend_error
+from wstunnel.server.audit import BACKEND_ERROR, ErrorLog
 from wstunnel.server.front import IncomingRequest
 from wstunnel.server.messages import AnyResponse, StreamingResponse, simple_response
 from wstunnel.server.metrics import Metrics
@@ -139,7 +139,7 @@ class Forwarder:
             self._error(rendezvous, now, outcome.status, outcome.text, addr, request.method, target)
             return simple_response(outcome.status, outcome.text)
         self.log.info("HTTP RET", token=token, id=pending.id, status=outcome.status)
-        if is_backend_error(outcome.status):
+        if outcome.status >= BACKEND_ERROR:
             self._error(rendezvous, now, outcome.status, outcome.reason, addr, request.method,
                         target)
         else:
@@ -169,6 +169,7 @@ class Forwarder:
                     target: bytes, request_id: int | None = None) -> framing.Response:
         self.log.warning("HTTP RET", token=token, id=request_id, status=503, err="queue full")
         rendezvous.counters.errored += 1
+        rendezvous.touch()
         self._error(rendezvous, trio.current_time(), 503, QUEUE_FULL.text, addr, method, target)
         return QUEUE_FULL.response()
 
