@@ -523,10 +523,11 @@ def connected_clients(target: Target, url: str) -> int:
     """Tunnel connections the server at ``url`` has: /_metrics if it has it, else /_stats."""
     if target.count_source in (None, "metrics"):
         response = http_get(f"{url}/_metrics", timeout=10)
-        found = re.search(r"^wstunnel_clients (\d+)$", response.text, re.M)
+        # One series per transport label (older servers: one series without labels).
+        found = re.findall(r"^wstunnel_clients(?:\{[^}]*\})? (\d+)$", response.text, re.M)
         if response.status_code == 200 and found:
             target.count_source = "metrics"
-            return int(found.group(1))
+            return sum(int(count) for count in found)
         if target.count_source == "metrics":
             raise ValueError("no wstunnel_clients in /_metrics")
     response = http_get(f"{url}/_stats", timeout=10)

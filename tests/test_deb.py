@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -323,6 +324,27 @@ def test_both_packages_on_one_machine(world: World) -> None:
         assert sorted(lst.address for lst in listening) == [
             "0.0.0.0:8080", f"127.0.0.1:{BACKEND_PORT}"], listening
         assert [lst.pid for lst in listening if lst.address == "0.0.0.0:8080"] == [int(pid)]
+
+
+def test_console_as_packaged_keeps_a_block_in_the_state_directory(world: World) -> None:
+    box = world.server
+    with box.step("console", "both"):
+        tunnel = world.tunnels["server"]
+        admin = "http://127.0.0.1:8080/_admin/"
+        assert "<title>wstunnel console</title>" in box.curl(["curl", admin])  # from the package
+        document = json.loads(box.curl(["curl", admin + "api/state"]))
+        [entry] = [t for t in document["tunnels"] if t["token"] == tunnel.token[:8] + "..."]
+        post = ["curl", "-X", "POST", "-H", f"X-CSRF-Token: {document['csrf_token']}"]
+        box.curl([*post, f"{admin}api/tunnels/{entry['id']}/block"])
+        # Written under the hardened unit (ProtectSystem=strict) into its StateDirectory.
+        assert box.stat("/var/lib/wstunnel") == "wstunnel:wstunnel 755"
+        assert box.stat("/var/lib/wstunnel/wstunsrv-state.json") == "wstunnel:wstunnel 600"
+        saved = box.c.read("/var/lib/wstunnel/wstunsrv-state.json")
+        assert tunnel.token[:8] + "..." in saved and tunnel.token not in saved
+        with pytest.raises(ValueError, match="403"):
+            box.curl(tunnel.curl)
+        box.curl([*post, f"{admin}api/tunnels/{entry['id']}/unblock"])
+        _wait_for_tunnel(box, tunnel, "the unblocked tunnel")
 
 
 # --- Upgrades -----------------------------------------------------------------------------------

@@ -163,10 +163,10 @@ def tunnel_of(server: Server, token: str) -> dict:
 
 def metrics_clients(server: Server) -> int:
     text = httpx.get(f"{server.url}/_metrics", timeout=5).text
-    found = re.search(r"^wstunnel_clients (\d+)$", text, re.M)
-    if found is None:
+    found = re.findall(r"^wstunnel_clients(?:\{[^}]*\})? (\d+)$", text, re.M)  # one per transport
+    if not found:
         raise ValueError("no wstunnel_clients gauge")
-    return int(found.group(1))
+    return sum(int(count) for count in found)
 
 
 def clients_back(server: Server, tokens: list[str], *, timeout: float) -> dict[str, float]:

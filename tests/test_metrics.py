@@ -133,13 +133,16 @@ def test_observations_land_in_counters_and_buckets() -> None:
     metrics.observe(status=200, seconds=0.003, request_bytes=10, response_bytes=100)
     metrics.observe(status=200, seconds=0.5, request_bytes=0, response_bytes=5)  # exactly on a bound
     metrics.observe(status=504, seconds=1200.0, request_bytes=7, response_bytes=15)
-    families = parse(metrics.render(Gauges(tunnels=2, clients=3, queue_depth=4, pending=5), uptime=9))
+    gauges = Gauges(tunnels=2, clients=3, queue_depth=4, pending=5,
+                    clients_by_transport=(("longpoll", 1), ("websocket", 2)))
+    families = parse(metrics.render(gauges, uptime=9))
     assert value(families, "wstunnel_requests_total", status="200") == 2
     assert value(families, "wstunnel_requests_total", status="504") == 1
     assert value(families, "wstunnel_request_bytes_total") == 17
     assert value(families, "wstunnel_response_bytes_total") == 120
     assert value(families, "wstunnel_tunnels") == 2
-    assert value(families, "wstunnel_clients") == 3
+    assert value(families, "wstunnel_clients", transport="websocket") == 2
+    assert value(families, "wstunnel_clients", transport="longpoll") == 1
     assert value(families, "wstunnel_queue_depth") == 4
     bucket = "wstunnel_request_duration_seconds_bucket"
     assert value(families, bucket, le="0.005") == 1
@@ -168,7 +171,8 @@ async def test_gauges_come_from_the_registry_and_name_no_token() -> None:
     secret = "s3cr3t-token-value-0123456789"
     registry.register(Token(secret))
     gauges = Gauges.of(registry)
-    assert gauges == Gauges(tunnels=1, clients=0, queue_depth=0, pending=0)
+    assert gauges == Gauges(tunnels=1, clients=0, queue_depth=0, pending=0,
+                            clients_by_transport=(("longpoll", 0), ("websocket", 0)))
     text = Metrics("1.0").render(gauges, uptime=0)
     assert secret[:8] not in text
 
@@ -189,7 +193,13 @@ def test_counts_move_after_requests(harness: Harness) -> None:
     assert before.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     start = parse(before.text)
     assert value(start, "wstunnel_tunnels") == 1
-    assert value(start, "wstunnel_clients") == 1
+    # One series per transport, both always there; the harness's client uses the WebSocket
+    # unless WSTUNNEL_TEST_TRANSPORT says long-poll.
+    transport = harness.transport or "websocket"
+    other = "websocket" if transport == "longpoll" else "longpoll"
+    assert value(start, "wstunnel_clients", transport=transport) == 1
+    assert ("wstunnel_clients", (("transport", other),)) in start["wstunnel_clients"].samples
+    assert value(start, "wstunnel_clients", transport=other) == 0
 
     for _ in range(3):
         assert server.get("/bytes?size=1000", token).status_code == 200

@@ -264,10 +264,11 @@ def test_status_table_and_json(harness: Harness) -> None:
     assert "127.0.0.1" in table.stdout
     header, _, *rows = table.stdout.splitlines()
     assert header.startswith("wstunnel ") and "1 tunnel(s)" in header
-    assert rows[0].split() == ["TOKEN", "CLIENTS", "ADDRESSES", "VERSION", "PENDING", "COMPLETED",
-                               "ERRORED", "IDLE"]
+    assert rows[0].split() == ["TOKEN", "CLIENTS", "ADDRESSES", "VERSION", "PROTOCOL", "TRANSPORT",
+                               "PENDING", "COMPLETED", "ERRORED", "IDLE"]
     cells = rows[1].split()
-    assert cells[0] == token[:8] + "..." and cells[1] == "1" and cells[5] == "1"
+    assert cells[0] == token[:8] + "..." and cells[1] == "1" and cells[7] == "1"
+    assert cells[4] == "v2" and cells[5] == (harness.transport or "websocket")
 
     raw = wstunnel("status", "--json", server.url.removeprefix("http://"))
     assert raw.returncode == 0, raw.stderr

@@ -30,7 +30,7 @@ from wstunnel.service import ServiceNotifier
 
 EX_CONFIG = 78
 # What main() dispatches on (the shell completion offers the same words).
-OPS_COMMANDS = ("token", "config", "status")
+OPS_COMMANDS = ("token", "config", "status", "admin")
 COMMANDS = ("srv", "cli", "version", *OPS_COMMANDS)
 TOKEN_VARIABLE = "WSTUNCLI_TOKEN"
 
@@ -69,12 +69,13 @@ def _hide_token_from_ps(argv: Sequence[str]) -> None:
 
 
 def run_ops(command: str, argv: Sequence[str]) -> int:
-    """``wstunnel token|config|status ...``: the ops helper's exit status."""
+    """``wstunnel token|config|status|admin ...``: the ops helper's exit status."""
     # Imported here: each helper pulls in what only it needs (httpx, tomli-w).
-    from wstunnel.ops import configcheck, status, token
+    from wstunnel.ops import admin, configcheck, status, token
     from wstunnel.ops.common import OpsError
 
-    mains = {"token": token.main, "config": configcheck.main, "status": status.main}
+    mains = {"token": token.main, "config": configcheck.main, "status": status.main,
+             "admin": admin.main}
     try:
         return mains[command](list(argv))
     except OpsError as exc:

@@ -39,6 +39,7 @@ from pydantic_settings import (
 
 from wstunnel import hostnames, tls
 from wstunnel.errors import ConfigError
+from wstunnel.password_hash import check_password_hash
 from wstunnel.tokens import MIN_LENGTH
 from wstunnel.v2 import WindowLimits
 
@@ -46,7 +47,8 @@ MiB = 1024 * 1024
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogTarget = Literal["auto", "journal", "stderr"]
 # Keys whose values are secrets: a file holding one must not be readable by other users.
-SECRET_SETTINGS = ("token", "allowed_tokens", "passwords", "password", "host_names")
+SECRET_SETTINGS = ("token", "allowed_tokens", "passwords", "password", "host_names",
+                   "admin_password")
 CommaList = Annotated[list[str], NoDecode]
 
 
@@ -193,6 +195,14 @@ class ServerSettings(_Common):
     require_client_cert: Literal["no", "tunnel", "all"] = Field(
         "no", description="no, tunnel or all: a verified client certificate to open a tunnel, or always"
     )
+    admin_password: SecretStr | None = Field(
+        None, description="hash of the /_admin/ console's password for remote access "
+                          "(written by `wstunnel admin passwd`)"
+    )
+    state_file: Path = Field(
+        Path("/var/lib/wstunnel/wstunsrv-state.json"),
+        description="where blocked tokens are kept across restarts (written atomically)",
+    )
 
     @field_validator("wstimeout")
     @classmethod
@@ -289,6 +299,13 @@ class ServerSettings(_Common):
     def _check_passwords(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             password_pairs(value)  # raises ValueError naming the entry, never its token
+        return value
+
+    @field_validator("admin_password")
+    @classmethod
+    def _check_admin_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_password_hash(value.get_secret_value())  # never echoes the value
         return value
 
     @field_validator("allowed_tokens")

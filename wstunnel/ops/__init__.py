@@ -1,4 +1,5 @@
-"""Ops helpers of the ``wstunnel`` program: ``token new``, ``config check`` and ``status``.
+"""Ops helpers of the ``wstunnel`` program: ``token new``, ``config check``, ``status`` and
+``admin passwd``.
 
 Each takes its own flags (Go style ``-flag`` and GNU style ``--flag``, like ``srv`` and ``cli``)
 and returns an exit status. A bad configuration file raises :class:`~wstunnel.errors.ConfigError`,

@@ -13,7 +13,8 @@ from wstunnel.ops.common import CommandLine, OpsError, parser
 from wstunnel.tokens import redact
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-COLUMNS = ("TOKEN", "CLIENTS", "ADDRESSES", "VERSION", "PENDING", "COMPLETED", "ERRORED", "IDLE")
+COLUMNS = ("TOKEN", "CLIENTS", "ADDRESSES", "VERSION", "PROTOCOL", "TRANSPORT", "PENDING",
+           "COMPLETED", "ERRORED", "IDLE")
 
 
 def command_line() -> CommandLine:
@@ -58,7 +59,10 @@ def render(document: dict[str, Any], url: str) -> str:
 
 def _row(tunnel: dict[str, Any]) -> tuple[str, ...]:
     clients = tunnel.get("clients") or []
+    # Each distinct value once, in the clients' order: "v1,v2", "websocket,longpoll".
     versions = dict.fromkeys(str(c.get("client_version", "?")) for c in clients)
+    protocols = dict.fromkeys(str(c.get("protocol", "?")) for c in clients)
+    transports = dict.fromkeys(str(c.get("transport", "?")) for c in clients)
     # Our server sends the 8-character prefix already; cut again anyway, so that a server that
     # sent more (another implementation, a future bug) still never puts a secret on the screen.
     token = redact(str(tunnel.get("token", "?")).removesuffix("..."))
@@ -67,6 +71,8 @@ def _row(tunnel: dict[str, Any]) -> tuple[str, ...]:
         str(len(clients)),
         ",".join(str(c.get("address", "?")) for c in clients) or "-",
         ",".join(versions) or "-",
+        ",".join(protocols) or "-",
+        ",".join(transports) or "-",
         str(tunnel.get("pending", "?")),
         str(tunnel.get("completed", "?")),
         str(tunnel.get("errored", "?")),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -20,6 +21,7 @@ from wstunnel import framing
 from wstunnel.config import ServerSettings, password_pairs
 from wstunnel.headers import Headers
 from wstunnel.logs import EventLogger
+from wstunnel.server.blocklist import Blocklist
 from wstunnel.server.front import IncomingRequest
 from wstunnel.server.guard import BASIC_REALM, FailureBrake, HandshakeTurns, PasswordBook
 from wstunnel.server.messages import simple_response
@@ -52,6 +54,7 @@ CERTIFICATE_REQUIRED = Refusal(403, "A client certificate signed by the server's
 # believed from trusted proxies only, and never passed on to a backend.
 SUBJECT_HEADER = b"X-Client-Subject"
 _SUBJECT_KEY = SUBJECT_HEADER.lower()
+BLOCKED = Refusal(403, "Token blocked on this server")
 
 
 def is_loopback(address: str) -> bool:
@@ -63,10 +66,12 @@ def is_loopback(address: str) -> bool:
 
 class Admission:
     def __init__(self, settings: ServerSettings, log: EventLogger, registry: Registry, *,
-                 draining: Callable[[], bool]) -> None:
+                 draining: Callable[[], bool], blocklist: Blocklist | None = None) -> None:
         self.log = log
         self.registry = registry
         self._draining = draining
+        # Tokens blocked from the console; none by default (a server built without one).
+        self.blocklist = blocklist or Blocklist(Path(settings.state_file))
         self.brake = FailureBrake(limit=settings.failure_limit, window=settings.failure_window,
                                   clock=trio.current_time)
         self.handshakes = HandshakeTurns(settings.max_handshakes)
@@ -166,6 +171,11 @@ class Admission:
         token = Token(origin.decode("utf-8", "surrogateescape"))
         if self._draining():
             return SHUTTING_DOWN
+        if self.blocklist.blocks(token):
+            # Not a failure for the brake: a blocked client redials as its backoff says, which
+            # is no sign of guessing.
+            self.log.warning("WS   REFUSE", token=token, addr=addr, err="token blocked")
+            return BLOCKED
         if not self.allows(token):
             self.log.warning("WS   REFUSE", token=token, addr=addr, err="token not allowed")
             self.failed(addr)

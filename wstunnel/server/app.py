@@ -33,6 +33,11 @@ from wstunnel.config import ServerSettings
 from wstunnel.errors import ConfigError
 from wstunnel.logs import EventLogger
 from wstunnel.server.admission import CERTIFICATE_REQUIRED, Admission
+from wstunnel.server.audit import ErrorLog
+from wstunnel.server.blocklist import Blocklist
+from wstunnel.server.console import api as console_api
+from wstunnel.server.console.api import Console
+from wstunnel.server.console.snapshot import ServerFacts
 from wstunnel.server.forwarding import Forwarder
 from wstunnel.server.front import FrontLimits, HttpConnection, IncomingRequest
 from wstunnel.server.handshake import TunnelAcceptor
@@ -45,7 +50,7 @@ from wstunnel.server.router import Router
 from wstunnel.server.tlsfront import TLSFront
 
 # A reload cannot move the listening sockets or the pid file; these wait for a restart.
-RESTART_ONLY_SETTINGS = ("host", "port", "tls_port", "pidfile")
+RESTART_ONLY_SETTINGS = ("host", "port", "tls_port", "pidfile", "state_file")
 # Nor turn TLS on or off: a listener is plain or TLS from its start (the files may change).
 TLS_FILES = ("tls_cert", "tls_key")
 TUNNEL_PATH = b"/_tunnel"
@@ -74,15 +79,28 @@ class TunnelServer:
                 raise ConfigError(f"tls_cert/tls_key: {exc}") from None
         self.hosts = HostRouting(settings)
         self._paths(settings)
-        self.admission = Admission(settings, log, self.registry, draining=self._is_draining)
+        # Read before anything listens: a state file that cannot be read stops the start.
+        blocklist = Blocklist.load(settings.state_file)
+        self.admission = Admission(settings, log, self.registry, draining=self._is_draining,
+                                   blocklist=blocklist)
         self.longpoll = LongPoll(self.admission, self.registry, log, settings=self._settings)
         self.acceptor = TunnelAcceptor(self.admission, self.registry, log,
                                        settings=self._settings, draining=self._is_draining)
+        errors = ErrorLog()
         forwarder = Forwarder(self.registry, self.admission, self.metrics, log,
                               settings=self._settings, started_at=self.started_at,
-                              hosts=self.hosts)
+                              hosts=self.hosts, errors=errors)
+        self.listening: list[str] = []
+        self.console = Console(
+            self.registry, self.admission, self.metrics, errors, log,
+            ServerFacts(__version__, self.started_at, listening=self._listening,
+                        draining=self._is_draining),
+            settings=self._settings, start_drain=self.start_drain,
+        )
         self.router = Router(self.registry, self.admission, self.metrics, forwarder,
-                             started_at=self.started_at, draining=self._is_draining)
+                             started_at=self.started_at, draining=self._is_draining,
+                             console=self.console)
+        self._root: trio.Nursery | None = None
         self.limits = _front_limits(settings)
         self._active_requests = 0
         self._idle = trio.Event()
@@ -99,6 +117,9 @@ class TunnelServer:
 
     def _is_draining(self) -> bool:
         return self.draining
+
+    def _listening(self) -> list[str]:
+        return self.listening
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -121,6 +142,7 @@ class TunnelServer:
                 where = f"{settings.host}:{port}"
                 raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from None
             bound.append((listeners, secure))
+            self.listening += [_address(listener) for listener in listeners]
             got = listeners[0].socket.getsockname()[1]
             if secure:
                 self.log.info("Listening", port=got, host=settings.host, tls="yes")
@@ -128,8 +150,10 @@ class TunnelServer:
                 self.log.info("Listening", port=got, host=settings.host)
         first_port = bound[0][0][0].socket.getsockname()[1]
         async with trio.open_nursery() as root:
+            self._root = root
             root.start_soon(self.registry.reap_forever, self.log)
             await root.start(self.longpoll.run)
+            await root.start(self.console.run)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
                 connections.start_soon(self._accept, bound, connections, accepting)
@@ -143,6 +167,15 @@ class TunnelServer:
 
     def stop(self) -> None:
         self.stop_requested.set()
+
+    def start_drain(self) -> bool:
+        """Drain without stopping (the console's action): no new tunnels or requests, those in
+        flight finish, then the tunnels close. False if draining (or stopping) already."""
+        if self.draining or self._root is None:
+            return False
+        self.draining = True
+        self._root.start_soon(self._drain)
+        return True
 
     def apply(self, settings: ServerSettings) -> tuple[list[str], list[str]]:
         """Take new settings without a restart; returns (applied, needing a restart)."""
@@ -278,6 +311,9 @@ class TunnelServer:
             # A tunnel's transport, not a tunnelled request: a graceful stop does not wait for
             # a held poll, and the session's requests drain through it meanwhile.
             return await self.longpoll.respond(request)
+        if request.target.startswith(console_api.PREFIX) and console_api.handles(request.path):
+            # Nor for the console's event streams, open as long as a page shows them.
+            return await self.router.route(request)
         return await self._active(self.router.route(request))
 
     def _strip_base(self, request: IncomingRequest) -> bool:
@@ -332,3 +368,8 @@ def _front_limits(settings: ServerSettings) -> FrontLimits:
         header_timeout=settings.header_timeout,
         max_stream_size=settings.max_stream_size or math.inf,
     )
+
+
+def _address(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

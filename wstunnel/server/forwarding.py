@@ -18,12 +18,13 @@ from wstunnel.config import ServerSettings
 from wstunnel.headers import get as get_header
 from wstunnel.headers import without_hop_by_hop
 from wstunnel.logs import EventLogger
-from wstunnel.server.admission import SUBJECT_HEADER, Admission, Refusal
+from wstunnel.server.admission import BLOCKED, SUBJECT_HEADER, Admission, Refusal
+from wstunnel.server.audit import BACKEND_ERROR, ErrorLog
 from wstunnel.server.front import IncomingRequest
 from wstunnel.server.hosts import HostMatch, HostRouting
 from wstunnel.server.messages import AnyResponse, StreamingResponse, simple_response
 from wstunnel.server.metrics import Metrics
-from wstunnel.server.rendezvous import Failure, QueueFull, Registry
+from wstunnel.server.rendezvous import Failure, QueueFull, Registry, Rendezvous
 from wstunnel.tokens import Token
 
 TOKEN_PREFIX = b"/_token/"
@@ -32,6 +33,7 @@ TOKEN_PREFIX = b"/_token/"
 _NOT_FOR_BACKENDS = frozenset({b"x-token", SUBJECT_HEADER.lower()})
 _NOT_FOR_BACKENDS_AUTHORIZED = _NOT_FOR_BACKENDS | {b"authorization"}
 QUEUE_FULL = Refusal(503, "Too many requests queued for this tunnel", [(b"Retry-After", b"1")])
+NOT_FOUND = "Tunnel not found"
 
 
 def requested_token(request: IncomingRequest) -> tuple[Token, bytes] | Refusal:
@@ -58,6 +60,8 @@ class Forwarder:
     settings: Callable[[], ServerSettings] = field(kw_only=True)  # current: a reload swaps them
     started_at: float = field(kw_only=True)
     hosts: HostRouting = field(kw_only=True)
+    # The server's last error answers, for the console.
+    errors: ErrorLog = field(kw_only=True, default_factory=ErrorLog)
 
     async def forward(self, request: IncomingRequest, routed: HostMatch | None = None) -> AnyResponse:
         """Answer ``request`` through its token's tunnel, or refuse it. ``routed``: the tunnel its
@@ -79,7 +83,7 @@ class Forwarder:
             if routed.named is not None and routed.named.credentials:
                 consumed = _NOT_FOR_BACKENDS_AUTHORIZED  # the tunnel's password, not the app's
         started = trio.current_time()
-        response = await self._exchange(request, token, target, consumed)
+        response = await self._exchange(request, token, target, consumed, started)
         # One count per request for a token, however it was answered (404, 503, 504 included);
         # a request whose HTTP client went away has no answer and is not counted. A streamed
         # body is still to come: it is counted once the front has sent what it could of it.
@@ -112,18 +116,24 @@ class Forwarder:
         return routed.token
 
     async def _exchange(self, request: IncomingRequest, token: Token, target: bytes,
-                        consumed: frozenset[bytes]) -> AnyResponse:
+                        consumed: frozenset[bytes], started: float) -> AnyResponse:
         settings = self.settings()
+        addr = self.admission.client_address(request)
         rendezvous = self.registry.get(token)
         if rendezvous is None:
+            if self.admission.blocklist.blocks(token):
+                return self._blocked(token, None, addr, request.method, target)
             rendezvous = await self.registry.await_registration(
                 token, until=self.started_at + settings.restart_grace)
         if rendezvous is None:
             self.log.info("HTTP RET", token=token, status=404, url=_loggable(target),
                           err="tunnel not found")
-            self.admission.failed(self.admission.client_address(request))
-            return simple_response(404, "Tunnel not found")
-        addr = self.admission.client_address(request)
+            self.admission.failed(addr)
+            self.errors.add(trio.current_time(), token, 404, NOT_FOUND, addr,
+                            request.method, target)
+            return simple_response(404, NOT_FOUND)
+        if rendezvous.blocked:
+            return self._blocked(token, rendezvous, addr, request.method, target)
         headers = without_hop_by_hop(request.headers, *consumed)
         forwarded = get_header(headers, b"x-forwarded-for")
         headers = [(k, v) for k, v in headers if k.lower() != b"x-forwarded-for"]
@@ -140,9 +150,11 @@ class Forwarder:
                 framing.Request(request.method, target, headers, request.body)
             )
         except QueueFull:
-            return self._queue_full(token)
+            return self._queue_full(token, rendezvous, addr, request.method, target)
         pending.body_source = request.body_source
         pending.upgrade = upgrade
+        pending.addr = addr
+        pending.started = started
         self.log.info(
             "HTTP RCV", token=token, id=pending.id, verb=request.method, url=_loggable(target),
             addr=addr, **{"x-host": request.header(b"x-host") or b""}, try_="",
@@ -151,16 +163,47 @@ class Forwarder:
             deadline = trio.current_time() + settings.httptimeout
             outcome = await rendezvous.exchange(pending, deadline=deadline)
         except QueueFull:
-            return self._queue_full(token, request_id=pending.id)
+            return self._queue_full(token, rendezvous, addr, request.method, target,
+                                    request_id=pending.id)
+        now = trio.current_time()
         if isinstance(outcome, Failure):
             self.log.info("HTTP RET", token=token, id=pending.id, status=outcome.status,
                           err=outcome.text)
+            self._error(rendezvous, now, outcome.status, outcome.text, addr, request.method, target)
             return simple_response(outcome.status, outcome.text)
         self.log.info("HTTP RET", token=token, id=pending.id, status=outcome.status)
+        if outcome.status >= BACKEND_ERROR:
+            self._error(rendezvous, now, outcome.status, outcome.reason, addr, request.method,
+                        target)
+        else:
+            rendezvous.audit.succeeded(now, outcome.status, outcome.reason, addr)
         return outcome
 
-    def _queue_full(self, token: Token, request_id: int | None = None) -> framing.Response:
+    def _error(self, rendezvous: Rendezvous, at: float, status: int, reason: bytes | str,
+               addr: str, method: bytes, target: bytes) -> None:
+        """Remember an error answer: the token's last, and one of the server's last ones."""
+        rendezvous.audit.failed(at, status, reason, addr)
+        self.errors.add(at, rendezvous.token, status, reason, addr, method, target)
+
+    def _blocked(self, token: Token, rendezvous: Rendezvous | None, addr: str, method: bytes,
+                 target: bytes) -> framing.Response:
+        self.log.info("HTTP RET", token=token, status=403, url=_loggable(target),
+                      err="token blocked")
+        now = trio.current_time()
+        if rendezvous is not None:
+            rendezvous.counters.errored += 1
+            rendezvous.touch()
+            self._error(rendezvous, now, 403, BLOCKED.text, addr, method, target)
+        else:
+            self.errors.add(now, token, 403, BLOCKED.text, addr, method, target)
+        return BLOCKED.response()
+
+    def _queue_full(self, token: Token, rendezvous: Rendezvous, addr: str, method: bytes,
+                    target: bytes, request_id: int | None = None) -> framing.Response:
         self.log.warning("HTTP RET", token=token, id=request_id, status=503, err="queue full")
+        rendezvous.counters.errored += 1
+        rendezvous.touch()
+        self._error(rendezvous, trio.current_time(), 503, QUEUE_FULL.text, addr, method, target)
         return QUEUE_FULL.response()
 
 

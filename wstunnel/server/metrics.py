@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from wstunnel.server.rendezvous import Registry
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+# The transport label of wstunnel_clients: both always present, so a query never finds no series.
+TRANSPORTS = ("longpoll", "websocket")
 # Tunnelled requests range from a few milliseconds to minutes (httptimeout defaults to 20 min),
 # hence the long tail; anything slower lands in +Inf, which _count still counts.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -35,15 +37,22 @@ class Gauges:
     clients: int
     queue_depth: int
     pending: int
+    # Clients by transport; every transport is there, with 0 when none uses it.
+    clients_by_transport: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def of(cls, registry: Registry) -> Gauges:
         rendezvous = list(registry)
+        by_transport = Counter(dict.fromkeys(TRANSPORTS, 0))
+        for r in rendezvous:
+            for connection in r.connections:
+                by_transport[connection.transport] += 1
         return cls(
             tunnels=len(rendezvous),
             clients=sum(len(r.connections) for r in rendezvous),
             queue_depth=sum(len(r.queue) for r in rendezvous),
             pending=sum(r.pending_count for r in rendezvous),
+            clients_by_transport=tuple(sorted(by_transport.items())),
         )
 
 
@@ -99,8 +108,8 @@ class Metrics:
                 [({}, uptime)])
         _family(out, "wstunnel_tunnels", "gauge", "Tokens the server knows, with or without a client.",
                 [({}, gauges.tunnels)])
-        _family(out, "wstunnel_clients", "gauge", "Tunnel connections from clients.",
-                [({}, gauges.clients)])
+        _family(out, "wstunnel_clients", "gauge", "Tunnel connections from clients, by transport.",
+                [({"transport": name}, n) for name, n in gauges.clients_by_transport])
         _family(out, "wstunnel_queue_depth", "gauge",
                 "Requests waiting for a tunnel connection to take them.", [({}, gauges.queue_depth)])
         _family(out, "wstunnel_requests_pending", "gauge",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,6 +27,7 @@ import trio
 
 from wstunnel import framing
 from wstunnel.logs import EventLogger
+from wstunnel.server.audit import TunnelAudit
 from wstunnel.server.messages import RequestBodySource, StreamingResponse
 from wstunnel.tokens import Token
 
@@ -126,6 +127,9 @@ class PendingRequest:
     # The body, when it is still on the HTTP client's socket (request.body is then empty).
     body_source: RequestBodySource | None = None
     upgrade: bool = False  # a WebSocket upgrade: only a v2 tunnel can carry it
+    # For the console's list of requests in flight: the HTTP client, and when it asked.
+    addr: str = ""
+    started: float = 0.0
     tries: int = 0
     abandoned: bool = False
     holder: Carrier | None = None
@@ -238,6 +242,11 @@ class Rendezvous:
         self.queue = RequestQueue(max_requests, max_bytes)
         self.connections: list[Carrier] = []
         self.counters = RequestCounters()
+        self.audit = TunnelAudit()
+        # Set by the console's block action: requests get 403 and tunnels are refused.
+        self.blocked = False
+        # Trio clock of the last request, tunnel message, client arriving or leaving, or
+        # console action: what idle_for() counts from, and what the console's feed watches.
         self.last_activity = trio.current_time()
         self.created_wall = trio.current_time()
         self._ids = itertools.cycle(range(1, framing.MAX_ASSIGNED_ID + 1))
@@ -256,6 +265,7 @@ class Rendezvous:
             self._queue_only += 1
         else:
             self._direct.append(direct)
+        self.touch()  # a client coming or going is activity (the console shows it)
 
     def detach(self, connection: Carrier, direct: DirectCarrier | None) -> None:
         self.connections.remove(connection)
@@ -263,6 +273,7 @@ class Rendezvous:
             self._queue_only -= 1
         else:
             self._direct.remove(direct)
+        self.touch()  # and token_idle_timeout counts from the last client's leaving
 
     def new_request(self, request: framing.Request) -> PendingRequest:
         """Give ``request`` the next free id (1, 2, ... 0x7fff, 1, ...)."""
@@ -286,6 +297,10 @@ class Rendezvous:
         for pending in list(self._live.values()):
             pending.finish(failure)
             self.queue.discard(pending)
+
+    def live(self) -> Iterable[PendingRequest]:
+        """The requests that hold an id now: queued, in flight, or just answered."""
+        return self._live.values()
 
     @property
     def pending_count(self) -> int:

@@ -2,7 +2,8 @@
 
 The built-in endpoints answer from the server's own state: ``/_health_check`` and ``/_stats`` to
 anyone (``/_stats`` details to loopback callers only, as the original), ``/_status`` and
-``/_metrics`` to loopback and trusted proxies. Everything else is a request for a token, which the
+``/_metrics`` to loopback and trusted proxies; ``/_admin`` and below is the operator's console
+(``wstunnel.server.console``). Everything else is a request for a token, which the
 :class:`~wstunnel.server.forwarding.Forwarder` takes, unless the server is draining.
 """
 
@@ -16,6 +17,7 @@ import trio
 from wstunnel import framing
 from wstunnel.server import status
 from wstunnel.server.admission import SHUTTING_DOWN, Admission, Refusal, is_loopback
+from wstunnel.server.console import api as console_api
 from wstunnel.server.forwarding import Forwarder
 from wstunnel.server.front import IncomingRequest
 from wstunnel.server.hosts import HostMatch
@@ -36,6 +38,7 @@ class Router:
     forwarder: Forwarder
     started_at: float = field(kw_only=True)
     draining: Callable[[], bool] = field(kw_only=True)
+    console: console_api.Console | None = field(kw_only=True, default=None)
     _endpoints: dict[bytes, Endpoint] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -51,9 +54,12 @@ class Router:
         """``routed``: the request's Host names a tunnel (host routing), whose app then owns
         every path, our endpoints' included."""
         if routed is None:
-            endpoint = self._endpoints.get(request.path)
+            path = request.path
+            endpoint = self._endpoints.get(path)
             if endpoint is not None:
                 return endpoint(request)
+            if self.console is not None and console_api.handles(path):
+                return await self.console.respond(request)
         if self.draining():
             return DRAINING.response()
         return await self.forwarder.forward(request, routed)
