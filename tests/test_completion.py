@@ -22,7 +22,7 @@ import pytest
 from wstunnel import commands
 from wstunnel.completion import Leaf, leaves, script
 from wstunnel.config import ClientSettings, ServerSettings, flag_name
-from wstunnel.ops import configcheck, status, token
+from wstunnel.ops import admin, configcheck, status, token
 
 BASH = shutil.which("bash") or "/bin/bash"
 HELP = {"-h", "-help", "--help"}
@@ -106,7 +106,8 @@ def _parser_for(words: tuple[str, ...]) -> argparse.ArgumentParser:
     if words[0] in ("srv", "cli"):
         model = ServerSettings if words[0] == "srv" else ClientSettings
         return commands.daemon_parser(f"wstunnel {words[0]}", model)
-    line = {"token": token, "config": configcheck, "status": status}[words[0]].command_line()
+    line = {"token": token, "config": configcheck, "status": status,
+            "admin": admin}[words[0]].command_line()
     return line.parser
 
 

@@ -25,7 +25,7 @@ from pydantic_settings import BaseSettings
 
 from wstunnel.commands import COMMANDS, daemon_parser
 from wstunnel.config import ClientSettings, ServerSettings
-from wstunnel.ops import configcheck, status, token
+from wstunnel.ops import admin, configcheck, status, token
 from wstunnel.ops.common import CommandLine
 
 # "  -port PORT, --port PORT    help...": an option's line in a parser's help; the invocation
@@ -111,6 +111,7 @@ def leaves() -> list[Leaf]:
         "token": token.command_line(),
         "config": configcheck.command_line(),
         "status": status.command_line(),
+        "admin": admin.command_line(),
     }
     found = []
     for command in COMMANDS:

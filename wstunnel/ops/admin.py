@@ -22,7 +22,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from wstunnel.ops.common import EX_USAGE, OpsError, parser
+from wstunnel.ops.common import EX_USAGE, CommandLine, OpsError, parser
 from wstunnel.password_hash import hash_password
 
 SERVER_FILE = Path("/etc/wstunnel/wstunsrv.toml")
@@ -34,7 +34,7 @@ _SAMPLE = re.compile(rf"^#[ \t]*{KEY}[ \t]*=.*$", re.MULTILINE)
 _TABLE = re.compile(r"^[ \t]*\[", re.MULTILINE)
 
 
-def main(argv: list[str]) -> int:
+def command_line() -> CommandLine:
     top = parser("wstunnel admin", "Manage the operator's console (/_admin/).")
     commands = top.add_subparsers(dest="action", metavar="passwd", required=True)
     passwd = commands.add_parser("passwd", add_help=False, allow_abbrev=False,
@@ -44,7 +44,11 @@ def main(argv: list[str]) -> int:
                         help=f"the server's configuration file (default {SERVER_FILE})")
     passwd.add_argument("-stdin", "--stdin", action="store_true",
                         help="read the password from one line of standard input")
-    args = top.parse_args(argv)
+    return CommandLine(top, {"passwd": passwd})
+
+
+def main(argv: list[str]) -> int:
+    args = command_line().parser.parse_args(argv)
     path: Path = args.file
     password = _read_password(args.stdin)
     text = _current_text(path)
