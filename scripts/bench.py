@@ -316,6 +316,22 @@ def tree_rss_kib(pid: int) -> int:
     return sum(rss_kib(p) for p in tree(pid))
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of ``pid`` so far (all its threads), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(cpu_seconds(p) for p in tree(pid))
+
+
 class Proc:
     """A process in its own process group, output to a log file; ``stop`` ends the whole group."""
 
@@ -388,11 +404,14 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 class PeakSampler:
-    """Peak resident memory (KiB, each process with its children) sampled every 50 ms."""
+    """Peak resident memory (KiB, each process with its children) sampled every 50 ms, and the
+    CPU time each process tree used while it ran."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.peak = {name: tree_rss_kib(pid) for name, pid in pids.items()}
+        self._cpu_start = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+        self.cpu = {name: 0.0 for name in pids}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -408,8 +427,17 @@ class PeakSampler:
 
     def __exit__(self, *_: object) -> None:
         self._stop.set()
+        self.cpu = {name: tree_cpu_seconds(pid) - self._cpu_start[name]
+                    for name, pid in self.pids.items()}
         if self._thread.is_alive():
             self._thread.join(5)
+
+    def cpu_per_request(self, requests: int) -> dict[str, float]:
+        """Microseconds of CPU per request, each process apart (srv, cli)."""
+        if requests <= 0:
+            return {}
+        return {f"{name}_cpu_us": round(seconds * 1e6 / requests, 1)
+                for name, seconds in self.cpu.items()}
 
     def mib(self) -> dict[str, float]:
         return {f"{name}_peak_mib": round(kib / 1024, 1) for name, kib in self.peak.items()}
@@ -848,11 +876,14 @@ def tokens_run(procs: Procs, target: Target, backend: str, direct: str, work: Pa
 
             wait_until("every token to answer", all_answer, clock, 60, interval=0.2)
         pids = target.pids()
+        if pids and clients is not None:
+            pids["cli"] = clients.pid  # the tokens' traffic crosses the co-hosted clients
         with PeakSampler(pids) as peak:
             result = run_wrk(f"{url}/", 2, TOKENS_CONNECTIONS, cfg.duration, {}, mixed, clock,
                              [str(token_file)])
         if pids:
             result.update(peak.mib())
+            result.update(peak.cpu_per_request(result["requests"]))
         result["tokens"] = cfg.tokens
         return result
     finally:
@@ -864,8 +895,12 @@ def tokens_run(procs: Procs, target: Target, backend: str, direct: str, work: Pa
 
 # (key, label, how: "median" or "sum", format)
 METRICS: dict[str, list[tuple[str, str, str, str]]] = {
-    "get": [("rps", "req/s", "median", "{:,.0f}"), ("p50_ms", "p50 ms", "median", "{:.2f}"),
-            ("p99_ms", "p99 ms", "median", "{:.2f}"), ("non2xx", "non-2xx (sum)", "sum", "{:,}"),
+    "get": [("rps", "req/s", "median", "{:,.0f}"), ("ok_rps", "successful req/s", "median", "{:,.0f}"),
+            ("p50_ms", "p50 ms", "median", "{:.2f}"),
+            ("p99_ms", "p99 ms", "median", "{:.2f}"),
+            ("srv_cpu_us", "srv CPU µs/req", "median", "{:,.0f}"),
+            ("cli_cpu_us", "cli CPU µs/req", "median", "{:,.0f}"),
+            ("non2xx", "non-2xx (sum)", "sum", "{:,}"),
             ("socket_errors", "socket errors (sum)", "sum", "{:,}")],
     "transfer": [("mb_s", "MB/s", "median", "{:,.1f}"),
                  ("srv_peak_mib", "srv peak RSS MiB", "median", "{:,.1f}"),
@@ -886,8 +921,11 @@ METRICS: dict[str, list[tuple[str, str, str, str]]] = {
             ("event_max_ms", "event delay max ms", "median", "{:.2f}"),
             ("missing", "events missing (sum)", "sum", "{:,}"),
             ("non2xx", "non-2xx (sum)", "sum", "{:,}")],
-    "tokens": [("rps", "req/s", "median", "{:,.0f}"), ("p50_ms", "p50 ms", "median", "{:.2f}"),
+    "tokens": [("rps", "req/s", "median", "{:,.0f}"), ("ok_rps", "successful req/s", "median", "{:,.0f}"),
+               ("p50_ms", "p50 ms", "median", "{:.2f}"),
                ("p99_ms", "p99 ms", "median", "{:.2f}"),
+               ("srv_cpu_us", "srv CPU µs/req", "median", "{:,.0f}"),
+               ("cli_cpu_us", "cli CPU µs/req", "median", "{:,.0f}"),
                ("srv_peak_mib", "srv peak RSS MiB", "median", "{:,.1f}"),
                ("non2xx", "non-2xx (sum)", "sum", "{:,}"),
                ("socket_errors", "socket errors (sum)", "sum", "{:,}")],
@@ -1214,7 +1252,7 @@ def plan(workload: str, cfg: Settings, procs: Procs, backend: str, direct: str, 
             with PeakSampler(pids) as peak:
                 result = run_wrk(f"{url}/1k.bin", threads, connections, cfg.duration,
                                  target.headers(), report, clock)
-            return {**result, **peak.mib()}
+            return {**result, **peak.mib(), **peak.cpu_per_request(result["requests"])}
 
         yield f"GET 1 KiB -t{threads} -c{connections}", workload, get, False
     elif workload in TRANSFER_WORKLOADS:
