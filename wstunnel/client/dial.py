@@ -13,6 +13,7 @@ import trio
 from wstunnel import tls
 from wstunnel.client import proxy as proxies
 from wstunnel.errors import DialError
+from wstunnel.tunnel.sockets import DirectSocketStream
 from wstunnel.tunnel.transport import tune_tunnel_socket
 
 
@@ -95,7 +96,7 @@ async def open_stream(
         tcp = await _connect_from_ports(hop_host, hop_port, source_ports)
     else:
         tcp = await trio.open_tcp_stream(hop_host, hop_port)
-    stream: trio.abc.Stream = tcp
+    stream: trio.abc.Stream = DirectSocketStream(tcp)
     try:
         tune_tunnel_socket(tcp.socket)
         if proxy is not None:

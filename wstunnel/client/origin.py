@@ -38,6 +38,7 @@ from wstunnel.errors import (
     WriteError,
 )
 from wstunnel.headers import Headers
+from wstunnel.tunnel.sockets import DirectSocketStream
 
 READ_SIZE = 64 * 1024
 # httpcore's limit on a response head; h11's own default (16 KiB) refuses some real backends.
@@ -672,7 +673,7 @@ class OriginPool:
             except OSError as exc:
                 raise ConnectError(f"{origin.host}:{origin.port}: {exc}") from None
             if origin.scheme == "http":
-                return _Connection(origin, tcp, tcp.socket)
+                return _Connection(origin, DirectSocketStream(tcp), tcp.socket)
             tls = trio.SSLStream(tcp, self.ssl_context, server_hostname=origin.host,
                                  https_compatible=True)
             try:

@@ -48,6 +48,7 @@ from wstunnel.server.metrics import Metrics
 from wstunnel.server.rendezvous import Carrier, Registry
 from wstunnel.server.router import Router
 from wstunnel.server.tlsfront import TLSFront
+from wstunnel.tunnel.sockets import DirectSocketStream
 
 # A reload cannot move the listening sockets or the pid file; these wait for a restart.
 RESTART_ONLY_SETTINGS = ("host", "port", "tls_port", "pidfile", "state_file")
@@ -266,7 +267,7 @@ class TunnelServer:
         except OSError:
             await tcp.aclose()
             return
-        stream: trio.abc.Stream = tcp
+        stream: trio.abc.Stream = DirectSocketStream(tcp)
         subject = None
         if secure:
             assert self.tls is not None

@@ -35,6 +35,7 @@ from wstunnel.server.messages import (
     UpgradeSink,
     simple_response,
 )
+from wstunnel.tunnel.sockets import DirectSocketStream
 from wstunnel.tunnel.transport import ActivityStream, tune_tunnel_socket
 
 RECEIVE_SIZE = 64 * 1024
@@ -423,7 +424,7 @@ class HttpConnection:
                 socket_stream = self.stream
                 while isinstance(socket_stream, trio.SSLStream):  # srv's own TLS
                     socket_stream = socket_stream.transport_stream
-                if isinstance(socket_stream, trio.SocketStream):
+                if isinstance(socket_stream, trio.SocketStream | DirectSocketStream):
                     tune_tunnel_socket(socket_stream.socket)
                 await self.take_tunnel(request, ActivityStream(self.stream, replay))
                 return

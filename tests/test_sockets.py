@@ -1,0 +1,148 @@
+"""DirectSocketStream: trio's stream contract, with writes that skip the scheduler when they can."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from wstunnel.tunnel.sockets import FAIR_WRITES, DirectSocketStream
+
+
+def _pair() -> tuple[DirectSocketStream, trio.SocketStream]:
+    left, right = trio.socket.socketpair()
+    return DirectSocketStream(trio.SocketStream(left)), trio.SocketStream(right)
+
+
+async def _read_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = await stream.receive_some(65536)
+        assert chunk, "the stream ended early"
+        data += chunk
+    return bytes(data)
+
+
+async def test_bytes_arrive_whole_and_in_order() -> None:
+    ours, peer = _pair()
+    async with ours, peer:
+        await ours.send_all(b"hello ")
+        await ours.send_all(memoryview(b"world"))
+        await ours.send_all(bytearray(b"!"))
+        assert await _read_exactly(peer, 12) == b"hello world!"
+        await peer.send_all(b"back")
+        assert await ours.receive_some(10) == b"back"
+
+
+async def test_a_write_the_socket_takes_does_not_yield_until_the_fairness_turn() -> None:
+    ours, peer = _pair()
+    async with ours, peer:
+        others_ran = 0
+
+        async def other() -> None:
+            nonlocal others_ran
+            while True:
+                others_ran += 1
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            await trio.lowlevel.checkpoint()  # the other task runs (and spins: a step a pass)
+            before = others_ran
+            for _ in range(FAIR_WRITES - 1):
+                await ours.send_all(b"x")
+            assert others_ran == before  # no write yielded
+            await ours.send_all(b"x")  # the FAIR_WRITES-th does
+            assert others_ran > before
+            nursery.cancel_scope.cancel()
+        assert await _read_exactly(peer, FAIR_WRITES) == b"x" * FAIR_WRITES
+
+
+async def test_a_full_socket_makes_the_writer_wait_for_the_reader() -> None:
+    ours, peer = _pair()
+    payload = bytes(range(256)) * 40_000  # ~10 MB: far more than the socket buffers hold
+    async with ours, peer, trio.open_nursery() as nursery:
+        received: list[bytes] = []
+
+        async def reader() -> None:
+            received.append(await _read_exactly(peer, len(payload)))
+
+        with trio.fail_after(30):
+            nursery.start_soon(reader)
+            await ours.send_all(payload)
+    assert received == [payload]
+
+
+async def test_a_write_is_cancellable_before_it_starts() -> None:
+    ours, peer = _pair()
+    async with ours, peer:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await ours.send_all(b"never")
+        assert scope.cancelled_caught
+        with trio.move_on_after(0.2):
+            assert await peer.receive_some(10) == b"", "nothing was written"
+
+
+async def test_closed_and_broken_sockets_raise_trio_stream_errors() -> None:
+    ours, peer = _pair()
+    await peer.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):  # the first writes may still land in a buffer
+            await ours.send_all(b"x" * 65536)
+    await ours.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await ours.send_all(b"x")
+
+
+async def test_closed_by_another_task_while_waiting_for_room() -> None:
+    ours, peer = _pair()
+    async with peer:
+        errors: list[BaseException] = []
+
+        async def writer() -> None:
+            try:
+                await ours.send_all(b"y" * 20_000_000)  # fills the buffers, then waits
+            except trio.ClosedResourceError as exc:
+                errors.append(exc)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                await trio.testing.wait_all_tasks_blocked()
+                await ours.aclose()
+        assert len(errors) == 1
+
+
+async def test_writes_after_send_eof_are_refused_and_the_peer_sees_the_end() -> None:
+    ours, peer = _pair()
+    async with ours, peer:
+        await ours.send_all(b"last")
+        await ours.send_eof()
+        assert await _read_exactly(peer, 4) == b"last"
+        assert await peer.receive_some(10) == b""
+        with pytest.raises(trio.ClosedResourceError):
+            await ours.send_all(b"more")
+
+
+async def test_two_writers_at_once_is_an_error() -> None:
+    ours, peer = _pair()
+    async with ours, peer:
+        failures: list[BaseException] = []
+
+        async def big() -> None:
+            await ours.send_all(b"z" * 20_000_000)
+
+        async def second() -> None:
+            try:
+                await ours.send_all(b"!")
+            except trio.BusyResourceError as exc:
+                failures.append(exc)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(big)
+                await trio.testing.wait_all_tasks_blocked()  # big waits for room
+                await second()
+                nursery.cancel_scope.cancel()
+        assert len(failures) == 1

@@ -1,0 +1,93 @@
+"""A TCP stream whose writes cost no pass through trio's scheduler when the socket takes them.
+
+trio's ``SocketStream.send_all`` ends every write that went through at once with a checkpoint
+that yields (``cancel_shielded_checkpoint``): the writing task waits for the next scheduler batch,
+which makes an ``epoll_wait`` of its own. A request crosses four such writes (the HTTP client's
+response at srv, the tunnel message each way, the backend request at cli), each one a pass of
+its daemon's scheduler with nothing else to do. :class:`DirectSocketStream` writes straight to
+the socket and yields only when the socket is full (waiting until it is writable, as trio does)
+or after FAIR_WRITES writes in a row that never did, so a task that keeps writing still lets the
+others run. Cancellation is checked before each write, as trio does.
+
+Reads stay trio's: a read that has to wait is that one pass anyway, and a reader that always
+finds data (a busy tunnel) must yield to the tasks that consume what it read.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import trio
+
+__all__ = ["FAIR_WRITES", "DirectSocketStream"]
+
+# Writes in a row that may go without a yield; then one yields (trio's fairness, now and then).
+FAIR_WRITES = 16
+
+
+class DirectSocketStream(trio.abc.HalfCloseableStream):
+    """A ``trio.SocketStream`` (``inner``) with writes that skip the scheduler when they can."""
+
+    __slots__ = ("_sending", "_unyielded", "inner", "socket")
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+        self.socket = inner.socket  # what trio.SocketStream offers too (options, addresses)
+        self._sending = False
+        self._unyielded = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is writing to this stream")
+        sock = self.socket
+        if sock.did_shutdown_SHUT_WR:
+            raise trio.ClosedResourceError("can't send data after sending EOF")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            waited = await self._write(memoryview(data))
+        finally:
+            self._sending = False
+        if waited:
+            self._unyielded = 0
+            return
+        self._unyielded += 1
+        if self._unyielded >= FAIR_WRITES:
+            self._unyielded = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _write(self, view: memoryview) -> bool:
+        """All of ``view`` into the socket; whether that had to wait for room."""
+        sock = self.socket
+        waited = False
+        offset, size = 0, len(view)
+        while True:
+            # Looked up each time: closed by another task (fileno -1), the number may be reused.
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("socket was already closed")
+            if offset >= size:
+                return waited
+            try:
+                offset += os.write(fd, view[offset:])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                waited = True
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise trio.ClosedResourceError("socket was already closed") from None
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
