@@ -170,6 +170,15 @@ class ClientSessionV2:
     # -- one request --------------------------------------------------------------------------
 
     async def _handle(self, stream: _Stream) -> None:
+        try:
+            await self._handle_in(stream)
+        finally:
+            # Its last frames are out of our hands: with many requests in flight, often the last
+            # of a batch's worth; alone on the tunnel, they go now, from this task (which ends
+            # any hold of _answer's).
+            await self.endpoint.send_early(quiet=not self.streams)
+
+    async def _handle_in(self, stream: _Stream) -> None:
         with stream.scope:
             try:
                 # A free slot is taken without the checkpoint (one more trip through trio's
@@ -192,9 +201,6 @@ class ClientSessionV2:
                                                           v2.StreamState.HALF_CLOSED_LOCAL):
                     self.endpoint.reset(stream.id, v2.ErrorCode.CANCEL,
                                         "request body not taken")
-        # Its last frames are out of our hands: with many requests in flight, often the last of
-        # a batch's worth.
-        await self.endpoint.send_early()
 
     async def _answer(self, stream: _Stream) -> None:
         request = framing.Request(stream.method, stream.target, stream.headers, b"")
@@ -209,6 +215,10 @@ class ClientSessionV2:
                 head = self._response_head(stream, response)
                 bodyless = head.end_stream
                 cap = self.backend.max_stream_size
+                if response.complete:
+                    # The whole body came with the head: no wait before _handle sends it all
+                    # (send_data hands it to the writer if it has to wait for credit).
+                    self.endpoint.hold()
                 self.endpoint.emit(head)
                 self.log.info("WS   SND", token=self.token, id=stream.id, status=response.status)
                 if bodyless:

@@ -110,11 +110,12 @@ class DirectCarrier(Protocol):
         ...
 
     def start_now(self, pending: PendingRequest) -> None:
-        """Take ``pending`` and start it, without a checkpoint."""
+        """Take ``pending`` and start it, without a checkpoint; ``send_early`` must follow."""
         ...
 
     async def send_early(self) -> None:
-        """After ``start_now``: send what waits if it is a batch's worth."""
+        """After ``start_now``, before any other checkpoint: send what waits if it is a batch's
+        worth, or if the request is alone on its tunnel."""
         ...
 
 

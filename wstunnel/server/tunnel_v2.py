@@ -203,9 +203,11 @@ class TunnelConnectionV2(TunnelConnection):
                 queue.put_front(pending)
                 continue
             self.start_now(pending)
+            await self.send_early()
 
     async def send_early(self) -> None:
-        await self.endpoint.send_early()
+        # The request just started alone on the tunnel: its HEAD goes now, from this task.
+        await self.endpoint.send_early(quiet=len(self.streams) <= 1)
 
     def can_start_now(self) -> bool:
         return (self._nursery is not None and not self._closing
@@ -216,8 +218,10 @@ class TunnelConnectionV2(TunnelConnection):
         return len(self.streams)
 
     def start_now(self, pending: PendingRequest) -> None:
-        """Open a stream for ``pending``: its HEAD goes out now, its body (if any) from a task."""
+        """Open a stream for ``pending``: its HEAD goes out with the caller's ``send_early``
+        (called next, before any checkpoint), its body (if any) from a task."""
         assert self._nursery is not None
+        self.endpoint.hold()
         request = pending.request
         headers = without(request.headers, (b"transfer-encoding",))
         bodiless = not request.body and pending.body_source is None and not pending.upgrade

@@ -112,6 +112,7 @@ class V2Endpoint:
         outbox = self._outbox
         while offset < len(view) or end_stream:
             if outbox.backlog > BACKLOG_HIGH_WATER:
+                outbox.release()  # a held task's frames must not wait while it does
                 await outbox.wait_room()
             credit = self._credit
             # A slice at a time, so that a large chunk cannot fill the outbox past its mark.
@@ -123,6 +124,7 @@ class V2Endpoint:
             if last and taken == len(piece):
                 return
             if not taken:
+                outbox.release()
                 await credit.wait()
 
     async def wait_credit(self, stream: int) -> None:
@@ -152,9 +154,15 @@ class V2Endpoint:
                     self._granting.set()
                     self._granting = None
 
-    async def send_early(self) -> None:
-        """After putting frames: send a batch's worth now if it waits (FrameOutbox.send_early)."""
-        await self._outbox.send_early(self.transport)
+    def hold(self) -> None:
+        """This task's frames wait for its ``send_early`` (FrameOutbox.hold); it must call it
+        before its next checkpoint."""
+        self._outbox.hold()
+
+    async def send_early(self, *, quiet: bool = False) -> None:
+        """After putting frames: send a batch's worth now if it waits, or anything on a
+        ``quiet`` tunnel (FrameOutbox.send_early); ends a ``hold``."""
+        await self._outbox.send_early(self.transport, quiet=quiet)
 
     async def run_writer(self) -> None:
         """The writer task: until the outbox is closed or the transport is."""

@@ -45,6 +45,8 @@ class FrameOutbox:
         self._ready = trio.lowlevel.ParkingLot()
         self._backlog = 0  # bytes of the frames waiting
         self._room = trio.lowlevel.ParkingLot()  # senders waiting for the backlog to shrink
+        # The task whose frames do not wake the writer (``hold``), until its ``send_early``.
+        self._holder: trio.lowlevel.Task | None = None
 
     @property
     def backlog(self) -> int:
@@ -55,8 +57,22 @@ class FrameOutbox:
             return  # the tunnel is gone: so is everything we would have said
         self._frames.append(frame)
         self._backlog += len(frame)
-        if self._ready:
+        if self._ready and (self._holder is None or self._holder is not trio.lowlevel.current_task()):
             self._ready.unpark()
+
+    def hold(self) -> None:
+        """The frames this task puts from now on do not wake the writer: the task sends them
+        itself (``send_early``) or hands them to the writer (``release``) before its next
+        checkpoint. A writer woken only to find its frames gone costs a pass of the scheduler,
+        per request when requests come one at a time. Other tasks' frames wake it as ever."""
+        self._holder = trio.lowlevel.current_task()
+
+    def release(self) -> None:
+        """End a ``hold``: the writer takes what waits."""
+        if self._holder is not None:
+            self._holder = None
+            if self._frames and self._ready:
+                self._ready.unpark()
 
     async def wait_room(self) -> None:
         """Until the backlog is below BACKLOG_HIGH_WATER (at once if it is; never once closed)."""
@@ -75,14 +91,22 @@ class FrameOutbox:
             if not await self._send(transport, message):
                 return  # the receive loop sees the close too, and ends the tunnel
 
-    async def send_early(self, transport: MessageTransport) -> None:
-        """Called by a task that has just put frames: if a batch's worth waits and no message is
-        on its way, send it from here, now. Shielded: a send cut short would leave part of a
-        message on the wire and break the tunnel for everyone."""
-        if not self.batched or self._sending or len(self._frames) < EARLY_SEND_FRAMES:
+    async def send_early(self, transport: MessageTransport, *, quiet: bool = False) -> None:
+        """Called by a task that has just put frames: if a batch's worth waits (or, on a
+        ``quiet`` tunnel, anything) and no message is on its way, send it from here, now, instead
+        of waking the writer for it; ends a ``hold``. Shielded: a send cut short would leave part
+        of a message on the wire and break the tunnel for everyone.
+
+        Quiet: the caller's is the only request in flight, so nothing would join its frames in
+        a batch if they waited for the writer; with many in flight they wait and go together."""
+        frames = self._frames
+        if frames and not self._sending and (
+                quiet or (self.batched and len(frames) >= EARLY_SEND_FRAMES)):
+            self._holder = None  # what _send leaves behind wakes the writer
+            with trio.CancelScope(shield=True):
+                await self._send(transport, self._take())
             return
-        with trio.CancelScope(shield=True):
-            await self._send(transport, self._take())
+        self.release()
 
     async def next_message(self) -> bytes | None:
         """The next message to send, waiting for a frame; None once closed and drained."""
