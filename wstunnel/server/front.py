@@ -1,4 +1,11 @@
-"""The server's HTTP/1.1 front: one h11 connection per accepted socket.
+"""The server's HTTP/1.1 front: one h11 connection per accepted socket, and a fast path beside it.
+
+Simple requests (the common case: HTTP/1.1, a Host, no body or a small one that came whole, nothing
+about keep-alive, upgrades or 100-continue) are read, and their plain responses written, without
+h11 (``wstunnel.server.fasthttp``, held to h11's grammar); anything else goes to h11, which is first
+shown the request's own bytes when the request was read on the fast path, so it then answers,
+refuses or closes exactly as it always did. The first request h11 has to read takes the connection
+off the fast path for good.
 
 It reads requests with limits on everything a peer controls (head size, header count, body size,
 time to send the head), answers malformed ones with a 4xx instead of dropping the connection, and
@@ -24,6 +31,14 @@ import trio
 
 from wstunnel import framing, http1
 from wstunnel.headers import Headers
+from wstunnel.server.fasthttp import (
+    FALLBACK,
+    DirectEncoder,
+    Encoder,
+    Fallback,
+    H11Encoder,
+    read_simple_request,
+)
 from wstunnel.server.messages import (
     AnyResponse,
     BodyBroken,
@@ -248,9 +263,9 @@ async def _next_chunk(response: StreamingResponse) -> bytes | None:
 class _Batch:
     """The bytes of a streamed response that go out in its next write, and their accounts."""
 
-    def __init__(self, conn: h11.Connection, response: StreamingResponse, length: int | None
+    def __init__(self, encoder: Encoder, response: StreamingResponse, length: int | None
                  ) -> None:
-        self.conn = conn
+        self.encoder = encoder
         self.response = response
         # The declared Content-Length (0 for a bodyless response); None for a chunked (or
         # HTTP/1.0, ended by closing) body.
@@ -260,10 +275,10 @@ class _Batch:
         self.uncredited = 0  # bytes taken from the body, credited once written
         self.done = False  # the end of the message is in ``out``, or already written
 
-    def head(self, response: h11.Response) -> None:
+    def head(self, status: int, reason: bytes, headers: Headers) -> None:
         """The response head; a bodyless response ends with it (h11 must see its end too, or
         it would not let the connection serve another request)."""
-        self.out.append(self.conn.send(response))
+        self.out.append(self.encoder.head(status, reason, headers))
         if self.length == 0:
             self._end()
 
@@ -273,7 +288,7 @@ class _Batch:
             self._end()
             return
         self.uncredited += len(chunk)
-        self.out.append(self.conn.send(h11.Data(data=chunk)))
+        self.out.append(self.encoder.data(chunk))
         self.size += len(chunk)
         if self.length is not None and self.response.sent_bytes + self.size >= self.length:
             # Whole: the client may reuse the connection without waiting for the stream's END.
@@ -291,9 +306,8 @@ class _Batch:
 
     def _end(self) -> None:
         # Trailers only where chunked coding carries them (h11 refuses them elsewhere).
-        chunked = self.length is None and self.conn.their_http_version == b"1.1"
-        trailers = self.response.body.trailers if chunked else []
-        self.out.append(self.conn.send(h11.EndOfMessage(headers=trailers)))
+        trailers = self.response.body.trailers if self.encoder.chunked else []
+        self.out.append(self.encoder.end(trailers))
         self.done = True
 
     async def write(self, stream: trio.abc.SendStream) -> None:
@@ -334,6 +348,14 @@ class HttpConnection:
         self.take_tunnel = take_tunnel
         self.draining = draining
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_size)
+        # Simple requests are read, and their plain responses written, without h11 (the
+        # fasthttp module) until the first request that is not: h11 reads the rest. What was
+        # read and not parsed yet; whether the peer has closed its side.
+        self._fast = True
+        self._buffer = b""
+        self._eof = False
+        # The current request's own bytes while h11 has not seen it (read on the fast path).
+        self._fast_request: bytes | None = None
         self._request: IncomingRequest | None = None  # the one being served
         # A body reader may send "100 Continue" while this task waits for the response: these
         # keep the two from writing to the socket at once.
@@ -393,7 +415,9 @@ class HttpConnection:
                 # Say so before the client sends a body we would only throw away.
                 await self._send_error(413, "Request body too large")
                 return
-            if streamed:
+            if self._fast_request is not None:
+                pass  # a simple request's small body came whole with its head
+            elif streamed:
                 source = RequestBody(self, limit, self.limits.header_timeout)
                 try:
                     source.prime()
@@ -446,6 +470,9 @@ class HttpConnection:
                 return
             if self.conn.our_state is h11.MUST_CLOSE or self.draining():
                 return
+            if self._fast_request is not None:
+                self._fast_request = None  # answered without h11, which is still ready for the next
+                continue
             try:
                 self.conn.start_next_cycle()
             except h11.LocalProtocolError:
@@ -501,13 +528,24 @@ class HttpConnection:
             await self._continued.wait()
 
     def _has_partial_head(self) -> bool:
-        return bool(self.conn.trailing_data[0])
+        return bool(self._buffer) or bool(self.conn.trailing_data[0])
 
     async def _receive(self) -> None:
         data = await self.stream.receive_some(RECEIVE_SIZE)
         self.conn.receive_data(bytes(data))  # bytes already (socket or TLS): no copy
 
     async def _read_head(self) -> IncomingRequest | None:
+        if self._fast:
+            simple = await self._read_simple()
+            if not isinstance(simple, Fallback):
+                return simple
+            # Not a simple request: h11 reads this connection from here on, from what came.
+            self._fast = False
+            buffered, self._buffer = self._buffer, b""
+            if buffered:
+                self.conn.receive_data(buffered)
+            if self._eof:
+                self.conn.receive_data(b"")
         while True:
             event = self.conn.next_event()
             if event is h11.NEED_DATA:
@@ -524,6 +562,59 @@ class HttpConnection:
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return None
             raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}", 400)
+
+    async def _read_simple(self) -> IncomingRequest | Fallback | None:
+        """The next request if it is a simple one (fasthttp); None if the peer closed before
+        another; FALLBACK if h11 is to read it (what came is still in ``_buffer``)."""
+        while True:
+            buffer = self._buffer
+            if buffer:
+                found = read_simple_request(buffer, SMALL_BODY)
+                if isinstance(found, Fallback):
+                    return found
+                if found is not None:
+                    method, target, headers, body, size = found
+                    self._fast_request = buffer[:size] if size < len(buffer) else buffer
+                    self._buffer = buffer[size:]
+                    return IncomingRequest(method=method, target=target, headers=headers,
+                                           peer=self.peer, body=body,
+                                           client_subject=self.client_subject)
+                if len(buffer) > self.limits.max_header_size:
+                    return FALLBACK  # h11 says how large is too large
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                if not buffer:
+                    return None
+                self._eof = True
+                return FALLBACK
+            self._buffer = buffer + data if buffer else bytes(data)
+
+    def _to_h11(self) -> None:
+        """Show h11 the current request, read on the fast path, before it answers it: h11 then
+        holds the conversation it would have had (the request taken, nothing past it)."""
+        raw, self._fast_request = self._fast_request, None
+        if raw is None:
+            return
+        self.conn.receive_data(raw)
+        try:
+            for _ in range(4):  # Request, Data, EndOfMessage
+                event = self.conn.next_event()
+                if type(event) is h11.EndOfMessage or event is h11.NEED_DATA:
+                    return
+        except h11.RemoteProtocolError:
+            raise trio.BrokenResourceError from None  # cannot be: the grammar is h11's
+
+    def _encoder(self, status: int, reason: bytes, headers: Headers, length: int | None, *,
+                 bodyless: bool, head_only: bool) -> Encoder:
+        """What writes this response: DirectEncoder for a simple request's plain response,
+        else h11 (told of a simple request first)."""
+        if self._fast_request is not None:
+            if not head_only:
+                framing = DirectEncoder.framing(status, reason, headers)
+                if not isinstance(framing, Fallback):
+                    return DirectEncoder(0 if bodyless else framing)
+            self._to_h11()
+        return H11Encoder(self.conn, length)
 
     async def _read_body(self) -> bytes:
         if self.conn.they_are_waiting_for_100_continue:
@@ -563,16 +654,23 @@ class HttpConnection:
         await self._start_response()
         if self.draining() or self._body_unread():
             headers.append((b"Connection", b"close"))
+        body = b"" if bodyless else response.body
         try:
-            await self._send(h11.Response(
-                status_code=response.status, headers=headers, reason=response.reason
-            ))
-            if response.body and not bodyless:
-                await self._send(h11.Data(data=response.body))
-            await self._send(h11.EndOfMessage())
+            encoder = self._encoder(response.status, response.reason, headers, len(body),
+                                    bodyless=bodyless, head_only=head_only)
+            head = encoder.head(response.status, response.reason, headers)
+            data = encoder.data(body) if body else b""
+            end = encoder.end([])
         except h11.LocalProtocolError:
             # h11 refused to write what the tunnel sent: the response is lost; so is the socket.
             raise trio.BrokenResourceError from None
+        if len(data) <= SEND_BATCH:
+            await self.stream.send_all(head + data + end)  # one write, one wakeup of the client
+        else:
+            await self.stream.send_all(head)
+            await self.stream.send_all(data)
+            if end:
+                await self.stream.send_all(end)
 
     async def _send_streaming(self, response: StreamingResponse, *, head_only: bool = False) -> None:
         """Send the head at once, with what of the body is there already, then each chunk as it
@@ -598,15 +696,14 @@ class HttpConnection:
         await self._start_response()
         if self.draining() or self._body_unread():
             headers.append((b"Connection", b"close"))
-        conn = self.conn
         # The head, the body chunks already there and the end go out in one write: one syscall
         # and one wakeup of the client instead of one per piece. Only what is ready is taken, so
         # the head of a slow body (server-sent events) still goes out at once.
-        batch = _Batch(conn, response, length)
         try:
-            batch.head(h11.Response(
-                status_code=response.status, headers=headers, reason=response.reason
-            ))
+            encoder = self._encoder(response.status, response.reason, headers, length,
+                                    bodyless=bodyless, head_only=head_only)
+            batch = _Batch(encoder, response, length)
+            batch.head(response.status, response.reason, headers)
             await self._take_ready(batch)
             if not batch.done:
                 # A small body's DATA usually comes in the HEAD's own tunnel message, and is
@@ -636,6 +733,7 @@ class HttpConnection:
     async def _pipe(self, response: StreamingResponse) -> None:
         """Send the 101, then carry raw bytes both ways until both sides have closed."""
         sink = response.upgraded
+        self._to_h11()
         if sink is None or self.conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
             # Only an upgrade request can be switched, and only through a v2 stream.
             await self._send_error(502, "Unexpected 101 response from the tunnel client")
@@ -696,6 +794,7 @@ class HttpConnection:
 
     async def _send_error(self, status: int, text: str) -> None:
         """Answer a request we will not serve, then close: we cannot trust the framing further."""
+        self._to_h11()
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         response = simple_response(status, text, headers=[(b"Connection", b"close")])
