@@ -208,7 +208,8 @@ class ClientSessionV2:
                       url=request.target[:200])
         body = _BodyFeed(self, stream) if stream.has_body and stream.upgrade is None else None
         try:
-            async with self.backend.open_stream(request, body, upgrade=stream.upgrade) as response:
+            response = await self.backend.open_stream(request, body, upgrade=stream.upgrade)
+            try:
                 if response.stream is not None:  # a 101 to our upgrade request
                     await self._pipe(stream, response)
                     return
@@ -246,6 +247,8 @@ class ClientSessionV2:
                                         "backend response broken")
                     return
                 self.endpoint.emit(self.conn.send_end(stream.id, _passable_trailers(response.trailers)))
+            finally:
+                await response.aclose()
         except Refusal as refusal:
             await self._send_whole(stream, refusal.response())
 
