@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import trio
 
-from wstunnel import __version__, daemon
+from wstunnel import __version__, daemon, procstats
 from wstunnel.config import ServerSettings
 from wstunnel.logs import EventLogger
 from wstunnel.server.admission import Admission
@@ -98,6 +98,17 @@ class TunnelServer:
     def stop(self) -> None:
         self.stop_requested.set()
 
+    def report(self) -> None:
+        """One STATS line: what the process holds (on SIGUSR1; /_metrics has the same)."""
+        connections = list(self.registry.connections())
+        flows = [flow for connection in connections if (flow := connection.flow()) is not None]
+        rss = procstats.resident_bytes()
+        self.log.info("STATS", tasks=procstats.trio_tasks(), fds=procstats.open_fds(),
+                      rss_kib=rss // 1024 if rss is not None else None,
+                      tunnels=len(self.registry), clients=len(connections),
+                      streams=sum(flow["streams"] for flow in flows),
+                      requests=self._active_requests)
+
     def apply(self, settings: ServerSettings) -> tuple[list[str], list[str]]:
         """Take new settings without a restart; returns (applied, needing a restart)."""
         changed = daemon.changed_settings(self.settings, settings)
@@ -120,7 +131,7 @@ class TunnelServer:
                              clients=len(rendezvous.connections))
             async with trio.open_nursery() as closers:
                 for connection in list(rendezvous.connections):
-                    closers.start_soon(connection.close, 1008, "token no longer allowed")
+                    closers.start_soon(connection.close, 1008, "token revoked: no longer allowed")
             self.registry.forget(rendezvous.token)
 
     async def _accept(self, listeners: list[trio.SocketListener], nursery: trio.Nursery,

@@ -16,6 +16,7 @@ from typing import ClassVar, TypedDict, Unpack
 import trio
 
 from wstunnel.logs import EventLogger
+from wstunnel.server.aborts import AbortTally, Cause, Cut
 from wstunnel.server.rendezvous import DirectCarrier, Failure, PendingRequest, Rendezvous
 from wstunnel.tokens import Token
 from wstunnel.tunnel.transport import Activity, MessageTransport
@@ -27,6 +28,8 @@ CLOSE_TIMEOUT = 2.0  # for the peer to answer our Close frame
 # otherwise be cancelled at its first checkpoint, before the frame leaves, and its client would
 # only see the socket drop.
 CLOSE_SEND_MIN = 0.2
+# A Close frame's reason is at most 123 bytes (RFC 6455 5.5: control frames carry 125 at most).
+MAX_CLOSE_REASON = 123
 
 
 class ConnectionOptions(TypedDict):
@@ -62,6 +65,8 @@ class TunnelConnection(ABC):
         self.connected_at = trio.current_time()
         self.in_flight: dict[int, PendingRequest] = {}
         self.answered = 0
+        self.aborts = AbortTally()  # the streams it carried that broke off
+        # Why we closed the tunnel (the whole text; the Close frame carries what fits).
         self.closing_reason: str | None = None
         self._closing = False
         self._closed = trio.Event()
@@ -75,6 +80,10 @@ class TunnelConnection(ABC):
     def idle_secs(self) -> float:
         return max(0.0, trio.current_time() - self.stream.last_receive)
 
+    def flow(self) -> dict[str, int] | None:
+        """Streams and flow-control windows, for a protocol that has them (v2)."""
+        return None
+
     async def serve_logged(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                            **details: object) -> None:
         """``serve()`` between its ``WS NEW`` and ``WS CLOSE`` lines (``details`` on both); the
@@ -87,9 +96,22 @@ class TunnelConnection(ABC):
             await self.serve()
         finally:
             closed = self.ws.closed
-            reason = self.closing_reason or (closed.reason if closed else None)
-            self.log.info("WS   CLOSE", token=self.token, addr=self.addr, reason=reason, **details)
+            self.log.info("WS   CLOSE", token=self.token, addr=self.addr,
+                          code=closed.code if closed is not None else None,
+                          reason=self.close_description(), **details)
             await self.close()
+
+    def close_description(self) -> str:
+        """Why the tunnel closed (or is closing), in words, never empty: our own reason if we
+        closed it, else the client's Close frame's, else what the transport saw."""
+        if self.closing_reason:
+            return self.closing_reason
+        closed = self.ws.closed
+        if closed is None:
+            return "tunnel connection ended"
+        if closed.reason:
+            return closed.reason
+        return f"closed by the client with code {closed.code} ({closed.name}) and no reason"
 
     async def serve(self) -> None:
         """Run until the tunnel closes, the peer breaks the protocol or falls silent."""
@@ -101,7 +123,7 @@ class TunnelConnection(ABC):
                 await self._run(nursery)
                 nursery.cancel_scope.cancel()
         finally:
-            rendezvous.detach(self, direct)
+            rendezvous.detach(self, direct, self.close_description())
             self._lost()
 
     @abstractmethod
@@ -137,6 +159,8 @@ class TunnelConnection(ABC):
             else:
                 self._closing = True
                 self.closing_reason = self.closing_reason or reason
+                if reason is not None and len(reason.encode()) > MAX_CLOSE_REASON:
+                    reason = reason.encode()[:MAX_CLOSE_REASON].decode("utf-8", "ignore")
                 try:
                     await self.ws.aclose(code, reason)
                 finally:
@@ -150,7 +174,11 @@ class TunnelConnection(ABC):
             if trio.current_time() >= deadline:
                 self.log.warning("WS   TIMEOUT", token=self.token, addr=self.addr,
                                  idle_secs=round(self.idle_secs(), 1))
-                await self.close(1001, "tunnel silent too long")
+                if self.transport == "longpoll":
+                    reason = f"long-poll session expired: silent too long (no poll for {self.wstimeout:g}s)"
+                else:
+                    reason = f"tunnel silent too long: no ping or data for {self.wstimeout:g}s"
+                await self.close(1001, reason)
                 scope.cancel()
                 return
             await trio.sleep_until(deadline)
@@ -165,7 +193,12 @@ class TunnelConnection(ABC):
                 self.log.info("WS   RETRY", token=self.token, id=pending.id, try_=pending.tries)
                 self.rendezvous.queue.put_front(pending)
             else:
-                pending.finish(Failure(502, "Tunnel connection lost"))
+                failure = Failure(502, "Tunnel connection lost", tunnel_aborts=self.aborts)
+                if pending.body_source is not None and pending.body_source.started:
+                    # Its body was on its way: the upload broke off with the tunnel.
+                    failure.cut = Cut("request", Cause.TUNNEL_LOST,
+                                      f"tunnel connection lost: {self.close_description()}")
+                pending.finish(failure)
                 self.rendezvous.release(pending)
         self.in_flight.clear()
 

@@ -27,6 +27,7 @@ import trio
 
 from wstunnel import framing
 from wstunnel.logs import EventLogger
+from wstunnel.server.aborts import AbortTally, Cut
 from wstunnel.server.messages import RequestBodySource, StreamingResponse
 from wstunnel.tokens import Token
 
@@ -43,6 +44,10 @@ class QueueFull(Exception):
 class Failure:
     status: int
     text: str
+    # Set when the request's body was under way and broke off: the upload's abort.
+    cut: Cut | None = None
+    # The abort tally of the tunnel connection that held the request, if one did.
+    tunnel_aborts: AbortTally | None = None
 
 
 class Carrier(Protocol):
@@ -73,8 +78,17 @@ class Carrier(Protocol):
     @property
     def in_flight(self) -> dict[int, PendingRequest]: ...
 
+    @property
+    def aborts(self) -> AbortTally:
+        """The streams it carried that broke off (wstunnel.server.aborts)."""
+        ...
+
     def idle_secs(self) -> float:
         """Seconds since the client last sent anything."""
+        ...
+
+    def flow(self) -> dict[str, int] | None:
+        """A v2 tunnel's streams and windows (None for v1): for status pages and leak checks."""
         ...
 
     def abandon(self, pending: PendingRequest) -> None:
@@ -229,6 +243,9 @@ class Rendezvous:
         self.queue = RequestQueue(max_requests, max_bytes)
         self.connections: list[Carrier] = []
         self.counters = RequestCounters()
+        # Aborted streams of every connection the token had, and why its last one closed.
+        self.aborts = AbortTally()
+        self.last_close: str | None = None
         self.last_activity = trio.current_time()
         self.created_wall = trio.current_time()
         self._ids = itertools.cycle(range(1, framing.MAX_ASSIGNED_ID + 1))
@@ -248,8 +265,12 @@ class Rendezvous:
         else:
             self._direct.append(direct)
 
-    def detach(self, connection: Carrier, direct: DirectCarrier | None) -> None:
+    def detach(self, connection: Carrier, direct: DirectCarrier | None,
+               reason: str | None = None) -> None:
+        """A connection stops serving the token; ``reason`` says why it closed."""
         self.connections.remove(connection)
+        if reason is not None:
+            self.last_close = reason
         if direct is None:
             self._queue_only -= 1
         else:

@@ -173,6 +173,27 @@ class V2Connection:
         """Bytes received and not yet consumed, every stream together: at most the tunnel window."""
         return self._buffered
 
+    @property
+    def send_window(self) -> int:
+        """Body bytes we may still send, every stream together, before the peer grants more."""
+        return self._send_window
+
+    @property
+    def receive_window(self) -> int:
+        """Body bytes the peer may still send us, every stream together (what we granted)."""
+        return self._receive_window
+
+    @property
+    def credit_owed(self) -> int:
+        """Bytes consumed whose tunnel credit is not granted back yet (it goes in batches): at
+        rest, ``receive_window + credit_owed`` is what the tunnel's receive side started with."""
+        return self._unacked
+
+    @property
+    def open_streams(self) -> int:
+        """Streams this side still keeps state for (open, half-closed, or holding buffered bytes)."""
+        return len(self._streams)
+
     def send_capacity(self, stream: int) -> int:
         """How many body bytes ``stream`` may send now; 0 means wait for WindowUpdated."""
         state = self._sendable(stream)
