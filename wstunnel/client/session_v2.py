@@ -274,6 +274,10 @@ class ClientSessionV2:
                 self.endpoint.emit(self.conn.send_end(stream.id, _passable_trailers(response.trailers)))
                 stream.finished = True
         except Refusal as refusal:
+            if (refusal.backend_failed and stream.size
+                    and self.conn.stream_state(stream.id) is v2.StreamState.OPEN):
+                # The backend went while the request's body was on its way to it.
+                stream.cut = ("backend_failed", f"backend failed mid-upload: {refusal.text}")
             await self._send_whole(stream, refusal.response())
             stream.finished = True
 

@@ -66,8 +66,10 @@ class TunnelConnection(ABC):
         self.in_flight: dict[int, PendingRequest] = {}
         self.answered = 0
         self.aborts = AbortTally()  # the streams it carried that broke off
-        # Why we closed the tunnel (the whole text; the Close frame carries what fits).
+        # Why we closed the tunnel (the whole text; the Close frame carries what fits), and the
+        # code to close with once serve() has ended the streams (_end_soon).
         self.closing_reason: str | None = None
+        self._close_code = 1000
         self._closing = False
         self._closed = trio.Event()
         # Set by a connection that takes requests handed to it directly (it is then itself).
@@ -97,9 +99,9 @@ class TunnelConnection(ABC):
         finally:
             closed = self.ws.closed
             self.log.info("WS   CLOSE", token=self.token, addr=self.addr,
-                          code=closed.code if closed is not None else None,
+                          code=closed.code if closed is not None else self._close_code,
                           reason=self.close_description(), **details)
-            await self.close()
+            await self.close(self._close_code, self.closing_reason)
 
     def close_description(self) -> str:
         """Why the tunnel closed (or is closing), in words, never empty: our own reason if we
@@ -167,6 +169,13 @@ class TunnelConnection(ABC):
                     self._closed.set()
         return not scope.cancelled_caught
 
+    def _end_soon(self, code: int, reason: str) -> None:
+        """Decide to close with ``code`` and ``reason``; the caller then lets serve() end. Its
+        streams are ended first, the close handshake after: a peer that is gone or broken would
+        only hold them up for CLOSE_TIMEOUT."""
+        self.closing_reason = self.closing_reason or reason
+        self._close_code = code
+
     async def _watch_silence(self, scope: trio.CancelScope) -> None:
         """Close the tunnel once the client has sent nothing (not even a ping) for wstimeout."""
         while True:
@@ -178,7 +187,7 @@ class TunnelConnection(ABC):
                     reason = f"long-poll session expired: silent too long (no poll for {self.wstimeout:g}s)"
                 else:
                     reason = f"tunnel silent too long: no ping or data for {self.wstimeout:g}s"
-                await self.close(1001, reason)
+                self._end_soon(1001, reason)
                 scope.cancel()
                 return
             await trio.sleep_until(deadline)

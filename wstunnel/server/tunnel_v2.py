@@ -113,8 +113,8 @@ class _UpgradedUpload:
     async def send(self, data: bytes) -> None:
         try:
             await self._connection.endpoint.send_data(self._stream.id, data)
-        except StreamClosedError:
-            raise ResponseAborted(self._connection.cut_of(self._stream, "request")) from None
+        except StreamClosedError as exc:
+            raise ResponseAborted(self._connection.cut_of(self._stream, "request", exc.code)) from None
 
     def end(self) -> None:
         # Reset meanwhile: the pipe is over anyway.
@@ -154,13 +154,17 @@ class TunnelConnectionV2(TunnelConnection):
             self._abort(stream, Cut("response", Cause.TUNNEL_LOST, reason))
         self._fail_in_flight()
 
-    def cut_of(self, stream: _Stream, direction: Direction) -> Cut:
-        """Why ``stream`` broke off, as its reader or writer on the HTTP side learns it."""
+    def cut_of(self, stream: _Stream, direction: Direction, code: int | None = None) -> Cut:
+        """Why ``stream`` broke off, as its reader or writer on the HTTP side learns it (``code``:
+        the RESET's, when the stream was reset after its response had ended)."""
         if stream.aborted is not None:
             return stream.aborted
         if self.ws.closed is not None or self._closing:
             return Cut(direction, Cause.TUNNEL_LOST,
                        f"tunnel connection lost: {self.close_description()}")
+        if code is not None:
+            return Cut(direction, _RESET_CAUSES.get(code, Cause.RESET),
+                       f"reset by the tunnel client (code {code})")
         return Cut(direction, Cause.RESET, "stream reset")
 
     # -- helpers used by the HTTP side -------------------------------------------------------
@@ -314,7 +318,7 @@ class TunnelConnectionV2(TunnelConnection):
                 return
             except FramingError as exc:
                 self.log.warning("WS   ERR", token=self.token, err=str(exc))
-                await self.close(1002, f"protocol error: {exc}")  # exc names the frame at fault
+                self._end_soon(1002, f"protocol error: {exc}")  # exc names the frame at fault
                 return
             rendezvous.touch()
 
