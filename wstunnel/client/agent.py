@@ -204,15 +204,21 @@ class TunnelClient:
                     self.address, proxy=self.proxy,
                     source_ports=self.settings.source_ports, context=self.context,
                 )
-                ws = await websocket.connect(
-                    stream, self.address.host_header, self.address.resource,
-                    extra_headers=self._handshake_headers(),
-                    # v2 if the server picks it (batched if it knows how); an original server
-                    # picks none and we speak v1.
-                    subprotocols=[v2.BATCH_SUBPROTOCOL, v2.SUBPROTOCOL],
-                    max_message_size=self.settings.max_body_size + framing.MAX_HEAD_SIZE,
-                    receive_size=WS_RECEIVE_SIZE,
-                )
+                try:
+                    ws = await websocket.connect(
+                        stream, self.address.host_header, self.address.resource,
+                        extra_headers=self._handshake_headers(),
+                        # v2 if the server picks it (batched if it knows how); an original
+                        # server picks none and we speak v1.
+                        subprotocols=[v2.BATCH_SUBPROTOCOL, v2.SUBPROTOCOL],
+                        max_message_size=self.settings.max_body_size + framing.MAX_HEAD_SIZE,
+                        receive_size=WS_RECEIVE_SIZE,
+                    )
+                except BaseException:
+                    # Refused, timed out, or the server went in the middle of the handshake:
+                    # the socket is ours to close (it leaked, one per failed handshake).
+                    await trio.aclose_forcefully(stream)
+                    raise
             local = tcp.socket.getsockname()
             await self._run_connected(nursery, ws, backend, url, local=f"{local[0]}:{local[1]}")
 

@@ -241,14 +241,22 @@ class WebSocket:
     # -- closing ----------------------------------------------------------------------------
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
-        """Close: send Close, wait (at most CLOSE_TIMEOUT) for the reply, hang up. Idempotent."""
-        if self._closed is None:
-            self._closing(code, reason)
-            if self._connection.state is OPEN:
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await self._send_quietly(self._connection.send(CloseConnection(code, reason)))
-                    await self._wait_for_close_reply()
-        await self._close_stream()
+        """Close: send Close, wait (at most CLOSE_TIMEOUT) for the reply, hang up. Idempotent.
+
+        The stream is closed however this ends: a caller's own deadline may cut the handshake
+        short (a peer cut off, whose socket takes no more bytes), and the socket must not
+        outlive it (it did, one per cut tunnel).
+        """
+        try:
+            if self._closed is None:
+                self._closing(code, reason)
+                if self._connection.state is OPEN:
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await self._send_quietly(self._connection.send(CloseConnection(code, reason)))
+                        await self._wait_for_close_reply()
+        finally:
+            # trio's aclose closes the stream even when cancelled (then it raises Cancelled).
+            await self._close_stream()
 
     async def _wait_for_close_reply(self) -> None:
         while not self._peer_closed and self._connection.state is not CLOSED:
