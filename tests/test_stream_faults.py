@@ -19,7 +19,6 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -186,28 +185,13 @@ def namespace() -> Iterator[netns.Netns]:
         space.remove()
 
 
-@dataclass
-class NetnsServer(Server):
-    host: str = "127.0.0.1"  # where HTTP clients and the test reach it
-    tunnel_host: str = "127.0.0.1"  # where tunnel clients dial: the address that gets cut
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://{self.tunnel_host}:{self.port}"
-
-
 def test_silent_cut_mid_stream_is_detected_both_ends_and_every_stream_aborted(
         harness: Harness, transport: str, namespace: netns.Netns) -> None:
     port = 8080  # the namespace is new: nothing else listens in it
     argv = [PYTHON, "-m", "wstunnel", "srv", "-host", "0.0.0.0", "-port", str(port),
             "-wstimeout", f"{WSTIMEOUT:g}", "-restart-grace", "0",
             "-trusted-proxies", namespace.host_address]
-    server = NetnsServer(harness.start("srv", namespace.wrap(argv)), port,
-                         host=namespace.operator_address, tunnel_host=namespace.tunnel_address)
+    server = netns.NetnsServer.inside(harness.start("srv", namespace.wrap(argv)), port, namespace)
     wait_until(lambda: server.get("/_health_check", timeout=2).status_code == 200,
                what="wstunnel srv in the namespace")
     backend = harness.backend()

@@ -6,8 +6,11 @@ spaces are double-quoted with backslash escapes.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import signal
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -80,3 +83,27 @@ def stats(process: Process, *, timeout: float = 15.0) -> dict[str, str]:
     wait_until(lambda: len(events(process.output(), "STATS")) > before, timeout=timeout,
                what=f"a STATS line from {process.name}")
     return events(process.output(), "STATS")[-1]
+
+
+def open_files(pid: int) -> list[str]:
+    """What a process has open, sockets as ``tcp <local port> -> <remote port> <state>``: for
+    the message of a failed leak check."""
+    sockets = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                cells = line.split()
+                local, remote = (int(cells[i].rsplit(":", 1)[1], 16) for i in (1, 2))
+                sockets[cells[9]] = f"tcp {local} -> {remote} state {cells[3]}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+            cells = line.split()
+            sockets[cells[6]] = "unix " + (cells[7] if len(cells) > 7 else "(unnamed)")
+    found = []
+    with contextlib.suppress(OSError):
+        for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                inode = target.removeprefix("socket:[").removesuffix("]")
+                found.append(f"{fd}: {sockets.get(inode, target)}")
+    return found

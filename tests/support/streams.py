@@ -10,6 +10,7 @@ under way when a test strikes. It tells what its HTTP client saw:
   shorter than its Content-Length, a chunked body without its last chunk, a WebSocket without a
   Close frame; the HTTP client can tell it apart from a whole one;
 * ``status N``: an error status answered (an upload refused before its end, say);
+* ``refused``: no connection to the server at all (it is down);
 * ``corrupt``: a clean end with the wrong bytes: what must never happen.
 
 ``mid`` is set once the exchange is well under way; ``vanish()`` makes its HTTP client go away
@@ -93,7 +94,11 @@ class Probe(threading.Thread):
         self.deadline = time.monotonic() + DEADLINE
         sock: socket.socket | None = None
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=10)
+            try:
+                sock = socket.create_connection((self.host, self.port), timeout=10)
+            except OSError as exc:
+                self.outcome, self.detail = "refused", repr(exc)
+                return
             sock.settimeout(POLL)
             self.outcome, self.detail = self.exchange(sock)
         except _Vanish:
@@ -267,13 +272,15 @@ class Events(Probe):
 
 class PassThrough(Probe):
     """A WebSocket to the backend's echo (``/ws``) through the tunnel: a message every pace
-    step, each echo checked; whole when our Close is answered with the backend's."""
+    step, each echo checked, until ``finish()`` (or ``messages`` echoes); whole when our Close
+    is answered with the backend's."""
 
     kind = "websocket"
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: object, messages: int | None = None, **kwargs: object) -> None:
         kwargs.setdefault("mid_bytes", 3)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.messages = messages
 
     def exchange(self, sock: socket.socket) -> tuple[str, str]:
         ws = WSConnection(ConnectionType.CLIENT)
@@ -284,7 +291,7 @@ class PassThrough(Probe):
         sent = echoed = 0
         while True:
             if accepted and not closing:
-                if self._hurry.is_set():  # finish(): close cleanly
+                if self._hurry.is_set() or echoed == self.messages:  # close cleanly
                     self.send(sock, ws.send(CloseConnection(code=1000)))
                     closing = True
                 elif sent == echoed:

@@ -304,6 +304,12 @@ class ClientSessionV2:
                                     f"backend connection broken: {type(exc).__name__}")
                 pipe.cancel_scope.cancel()
                 return
+            except StreamClosedError:
+                # The server reset the stream (on_reset says why) just as we sent: caught here,
+                # since out of this nursery it would come wrapped in an ExceptionGroup that
+                # _handle does not catch, and end the whole client (it did).
+                pipe.cancel_scope.cancel()
+                return
             self.endpoint.emit(self.conn.send_end(stream.id))
             pipe.cancel_scope.deadline = min(pipe.cancel_scope.deadline,
                                              trio.current_time() + PIPE_LINGER)
