@@ -36,6 +36,7 @@ from wstunnel.server.router import Router
 RESTART_ONLY_SETTINGS = ("host", "port", "pidfile")
 # On stop, how long all tunnels together wait for their peers' Close replies (one deadline).
 STOP_CLOSE_WAIT = 1.0
+POLL_ANSWER_CHECK = 0.01  # how often the stop looks whether long-poll answers have gone out
 
 
 class TunnelServer:
@@ -61,6 +62,7 @@ class TunnelServer:
                              started_at=self.started_at, draining=self._is_draining)
         self.limits = _front_limits(settings)
         self._active_requests = 0
+        self._polling: set[HttpConnection] = set()  # connections that carried long-poll requests
         self._idle = trio.Event()
         self._idle.set()
 
@@ -173,6 +175,11 @@ class TunnelServer:
         async with trio.open_nursery() as closers:
             for connection in connections:
                 closers.start_soon(close, connection)
+        # A long-poll client learns of the close from the answer to its held poll ("server
+        # shutting down"): let those answers go out, within the same deadline, before the
+        # connections are cancelled.
+        while trio.current_time() < deadline and not all(c.idle for c in self._polling):
+            await trio.sleep(POLL_ANSWER_CHECK)
         self.log.info("Closed tunnels", tunnels=len(connections), answered=answered,
                       secs=round(trio.current_time() - began, 2))
 
@@ -192,6 +199,8 @@ class TunnelServer:
         async def respond(request: IncomingRequest) -> AnyResponse:
             nonlocal polling
             polling = self.longpoll.handles(request.path)
+            if polling:
+                self._polling.add(connection)
             return await self._respond(request)
 
         connection = HttpConnection(
@@ -199,7 +208,10 @@ class TunnelServer:
             respond=respond, is_tunnel=_is_tunnel, take_tunnel=self.acceptor.take_tunnel,
             draining=lambda: self.draining and not polling,
         )
-        await connection.serve()
+        try:
+            await connection.serve()
+        finally:
+            self._polling.discard(connection)
 
     async def _respond(self, request: IncomingRequest) -> AnyResponse:
         if self.longpoll.handles(request.path):

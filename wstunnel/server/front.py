@@ -335,6 +335,7 @@ class HttpConnection:
         self.draining = draining
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_size)
         self._request: IncomingRequest | None = None  # the one being served
+        self.idle = True  # waiting for a request's head: nothing of ours is under way
         # A body reader may send "100 Continue" while this task waits for the response: these
         # keep the two from writing to the socket at once.
         self._responding = False
@@ -366,8 +367,10 @@ class HttpConnection:
             request = None
             try:
                 # A bare cancel scope: trio.fail_after costs as much again, once per request.
+                self.idle = True
                 with trio.CancelScope(deadline=trio.current_time() + timeout) as waiting:
                     request = await self._read_head()
+                self.idle = False
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
                 text = "Request headers too large" if status == 431 else "Malformed request"
