@@ -81,6 +81,32 @@ def describe(probes: dict[str, Probe]) -> str:
     return "; ".join(f"{kind}: {p.outcome} ({p.detail})" for kind, p in probes.items())
 
 
+def tell(fault: str, transport: str, probes: dict[str, Probe], *, server: Server | None,
+         client: Client, backend: Backend | None) -> None:
+    """One row per stream: what the HTTP client, the backend and both logs saw (``pytest -s``;
+    the rows of every test make the fault table of issue 18)."""
+    server_lines = faultlog.aborts_by_tag(server.process.output()) if server is not None else {}
+    server_rets = ({} if server is None else
+                   {tag: line for tag, request_id in faultlog.ids_by_tag(server.process.output()).items()
+                    for line in faultlog.events(server.process.output(), "HTTP RET")
+                    if line["id"] == request_id})
+    client_lines = faultlog.aborts_by_tag(client.process.output(), server=False)
+    cut = set(backend_state(backend)["cut_tags"]) if backend is not None else set()
+    for kind, probe in probes.items():
+        said = server_lines.get(probe.tag)
+        ret = server_rets.get(probe.tag, {})
+        server_text = (f"HTTP ABORT {said['direction']} {said['cause']}" if said else
+                       f"RET {ret.get('status', '?')}" + (f" ({ret['err']})" if ret.get("err") else ""))
+        if said and ret.get("status", "200") != "200":
+            server_text = f"RET {ret['status']} + {server_text}"
+        cli = client_lines.get(probe.tag)
+        seen = "killed" if backend is None else "cancelled" if probe.tag in cut else "-"
+        print(f"[table] {fault} | {kind} | {transport} | HTTP client: {probe.outcome} "
+              f"({probe.detail[:60]}) | backend: {seen}"
+              f" | srv: {server_text if server is not None else '(killed)'}"
+              f" | cli: {'WS ABORT ' + cli['cause'] if cli else '-'}")
+
+
 def start_client(harness: Harness, server: Server | str, token: str, transport: str,
                  *flags: str, backend: str | None = None) -> Client:
     return harness.client(server, token, "-transport", transport, "-timeout", f"{TIMEOUT:g}",
@@ -128,6 +154,7 @@ def test_client_killed_mid_stream_aborts_every_stream_and_says_why(
     tunnel = tunnel_status(server, token)
     assert tunnel["aborted"] == {"request": {"tunnel_lost": 1}, "response": {"tunnel_lost": 3}}
     assert why in tunnel["last_close"]
+    tell("cli kill -9", transport, probes, server=server, client=client, backend=backend)
 
 
 # -- 2. the server killed ---------------------------------------------------------------------
@@ -161,6 +188,7 @@ def test_server_killed_mid_stream_the_client_cancels_every_backend_request(
         assert line["cause"] == "tunnel_lost" and why in line["reason"], line
     stats = faultlog.stats(client.process)
     assert stats["aborted_tunnel_lost"] == "4", stats
+    tell("srv kill -9", transport, probes, server=None, client=client, backend=backend)
 
     # Back on a new server, the tunnel carries the same kinds of streams whole.
     restarted = harness.server(port=server.port)
@@ -233,6 +261,7 @@ def test_silent_cut_mid_stream_is_detected_both_ends_and_every_stream_aborted(
     client_aborts = faultlog.aborts_by_tag(client.process.output(), server=False)
     assert set(client_aborts) == {p.tag for p in probes.values()}, client_aborts
     assert all(line["cause"] == "tunnel_lost" for line in client_aborts.values())
+    tell("silent cut", transport, probes, server=server, client=client, backend=backend)
     # Healed: the client returns and streams go whole again.
     server.wait_clients(token, 1, timeout=TIMEOUT * 3 + 10)
     again = start_probes(namespace.operator_address, port, token, "healed", small=True)
@@ -285,6 +314,7 @@ def test_backend_dying_mid_body_aborts_its_streams_only(harness: Harness, transp
     assert all(line["cause"] == "backend_failed" for line in client_aborts.values()), client_aborts
     counts = faultlog.aborted_counts(server.url)
     assert counts.get(("response", "backend_failed"), 0) >= 3, counts
+    tell("backend killed", transport, probes, server=server, client=client, backend=None)
 
 
 # -- 5. the HTTP clients vanishing -------------------------------------------------------------
@@ -327,6 +357,7 @@ def test_http_clients_vanishing_mid_stream_cancel_their_backend_requests_only(
     client_aborts = faultlog.aborts_by_tag(client.process.output(), server=False)
     assert set(client_aborts) == {p.tag for p in probes.values()}, client_aborts
     assert all(line["cause"] == "reset_by_server" for line in client_aborts.values())
+    tell("HTTP client gone", transport, probes, server=server, client=client, backend=backend)
 
 
 def test_streams_that_end_whole_leave_no_abort(harness: Harness) -> None:
