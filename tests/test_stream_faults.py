@@ -29,14 +29,8 @@ from tests.support.streams import KINDS, Download, Events, Probe, Upload
 
 TIMEOUT = 3.0  # the client's -timeout: pings every second, a pong 3 s late ends the tunnel
 WSTIMEOUT = 3.0  # the server's: a tunnel silent for 3 s is dropped (a long-poll session expires)
-TRANSPORTS = ["websocket", "longpoll"]
 # Whatever the fault, an HTTP client must see one of these: an abort it can tell, or an error.
 ABORTED_OR_REFUSED = ("aborted", "status 502")
-
-
-@pytest.fixture(params=TRANSPORTS)
-def transport(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 # Exchanges meant to end whole: a few seconds at most.
@@ -107,10 +101,11 @@ def tell(fault: str, transport: str, probes: dict[str, Probe], *, server: Server
               f" | cli: {'WS ABORT ' + cli['cause'] if cli else '-'}")
 
 
-def start_client(harness: Harness, server: Server | str, token: str, transport: str,
-                 *flags: str, backend: str | None = None) -> Client:
-    return harness.client(server, token, "-transport", transport, "-timeout", f"{TIMEOUT:g}",
-                          "-reconnect-max-delay", "1", *flags, backend=backend)
+def start_client(harness: Harness, server: Server | str, token: str, *flags: str,
+                 backend: str | None = None) -> Client:
+    """The tunnel's client (over the transport the test runs with: both_transports)."""
+    return harness.client(server, token, "-timeout", f"{TIMEOUT:g}", "-reconnect-max-delay", "1",
+                          *flags, backend=backend)
 
 
 def tunnel_status(server: Server, token: str) -> dict:
@@ -120,12 +115,14 @@ def tunnel_status(server: Server, token: str) -> dict:
 # -- 1. the tunnel client killed --------------------------------------------------------------
 
 
+@pytest.mark.both_transports
 def test_client_killed_mid_stream_aborts_every_stream_and_says_why(
-        harness: Harness, transport: str) -> None:
+        harness: Harness, transport: str | None) -> None:
+    transport = transport or "websocket"
     server = harness.server("-wstimeout", f"{WSTIMEOUT:g}")
     backend = harness.backend()
     token = harness.new_token()
-    client = start_client(harness, server, token, transport)
+    client = start_client(harness, server, token)
     probes = start_probes("127.0.0.1", server.port, token, "killcli")
     wait_under_way(probes)
     killed = time.monotonic()
@@ -160,12 +157,14 @@ def test_client_killed_mid_stream_aborts_every_stream_and_says_why(
 # -- 2. the server killed ---------------------------------------------------------------------
 
 
+@pytest.mark.both_transports
 def test_server_killed_mid_stream_the_client_cancels_every_backend_request(
-        harness: Harness, transport: str) -> None:
+        harness: Harness, transport: str | None) -> None:
+    transport = transport or "websocket"
     server = harness.server()
     backend = harness.backend()
     token = harness.new_token()
-    client = start_client(harness, server, token, transport)
+    client = start_client(harness, server, token)
     probes = start_probes("127.0.0.1", server.port, token, "killsrv")
     wait_under_way(probes)
     server.process.kill()
@@ -213,8 +212,10 @@ def namespace() -> Iterator[netns.Netns]:
         space.remove()
 
 
+@pytest.mark.both_transports
 def test_silent_cut_mid_stream_is_detected_both_ends_and_every_stream_aborted(
-        harness: Harness, transport: str, namespace: netns.Netns) -> None:
+        harness: Harness, transport: str | None, namespace: netns.Netns) -> None:
+    transport = transport or "websocket"
     port = 8080  # the namespace is new: nothing else listens in it
     argv = [PYTHON, "-m", "wstunnel", "srv", "-host", "0.0.0.0", "-port", str(port),
             "-wstimeout", f"{WSTIMEOUT:g}", "-restart-grace", "0",
@@ -224,7 +225,7 @@ def test_silent_cut_mid_stream_is_detected_both_ends_and_every_stream_aborted(
                what="wstunnel srv in the namespace")
     backend = harness.backend()
     token = harness.new_token()
-    client = start_client(harness, server, token, transport)
+    client = start_client(harness, server, token)
     # HTTP clients use the operator address, which stays reachable: only the tunnel is cut.
     probes = start_probes(namespace.operator_address, port, token, "cut")
     wait_under_way(probes)
@@ -271,7 +272,10 @@ def test_silent_cut_mid_stream_is_detected_both_ends_and_every_stream_aborted(
 # -- 4. the backend dying mid-body -------------------------------------------------------------
 
 
-def test_backend_dying_mid_body_aborts_its_streams_only(harness: Harness, transport: str) -> None:
+@pytest.mark.both_transports
+def test_backend_dying_mid_body_aborts_its_streams_only(
+        harness: Harness, transport: str | None) -> None:
+    transport = transport or "websocket"
     server = harness.server()
     steady = harness.backend()
     doomed_port = free_port()
@@ -280,7 +284,7 @@ def test_backend_dying_mid_body_aborts_its_streams_only(harness: Harness, transp
     wait_until(lambda: httpx.get(f"{doomed.url}/", timeout=2).status_code == 200,
                what="the backend that will die")
     token = harness.new_token()
-    client = start_client(harness, server, token, transport, "-regexp", r"http://127\.0\.0\.1:\d+",
+    client = start_client(harness, server, token, "-regexp", r"http://127\.0\.0\.1:\d+",
                           backend=steady.url)
     probes = start_probes("127.0.0.1", server.port, token, "dies", x_host=doomed.url)
     survivor = Download("127.0.0.1", server.port, token, "survivor", size=8 * 1024 * 1024)
@@ -320,12 +324,14 @@ def test_backend_dying_mid_body_aborts_its_streams_only(harness: Harness, transp
 # -- 5. the HTTP clients vanishing -------------------------------------------------------------
 
 
+@pytest.mark.both_transports
 def test_http_clients_vanishing_mid_stream_cancel_their_backend_requests_only(
-        harness: Harness, transport: str) -> None:
+        harness: Harness, transport: str | None) -> None:
+    transport = transport or "websocket"
     server = harness.server()
     backend = harness.backend()
     token = harness.new_token()
-    client = start_client(harness, server, token, transport)
+    client = start_client(harness, server, token)
     probes = start_probes("127.0.0.1", server.port, token, "gone")
     survivor = Download("127.0.0.1", server.port, token, "survivor", size=8 * 1024 * 1024)
     survivor.start()
@@ -360,11 +366,12 @@ def test_http_clients_vanishing_mid_stream_cancel_their_backend_requests_only(
     tell("HTTP client gone", transport, probes, server=server, client=client, backend=backend)
 
 
+@pytest.mark.both_transports
 def test_streams_that_end_whole_leave_no_abort(harness: Harness) -> None:
     """The contrast: exchanges that end whole leave no ABORT line anywhere."""
     server = harness.server()
     token = harness.new_token()
-    client = start_client(harness, server, token, "websocket")
+    client = start_client(harness, server, token)
     probes = start_probes("127.0.0.1", server.port, token, "whole", small=True)
     assert finish(probes) == dict.fromkeys(probes, "complete"), describe(probes)
     assert not faultlog.events(server.process.output(), "HTTP ABORT")

@@ -231,7 +231,10 @@ class Upload(Probe):
             digest.update(piece)
             self.moved(len(piece))
             self.pace()
-        status, _, rest = self.read_head(sock)
+        status, headers, rest = self.read_head(sock)
+        length = int(headers.get("content-length", "0"))
+        while len(rest) < length and (chunk := self.recv(sock)):
+            rest += chunk
         if status != 200:
             return f"status {status}", rest[:200].decode("latin-1").strip()
         if self.progress == self.size and f'"sha256": "{digest.hexdigest()}"' in rest.decode():
