@@ -106,6 +106,7 @@ def run_server(argv: Sequence[str]) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, log, notifier, stop)
             nursery.start_soon(daemon.reload_on_sighup, reload)
+            nursery.start_soon(daemon.report_on_sigusr1, server.report)
             nursery.start_soon(notifier.watchdog_forever)
             async with trio.open_nursery() as serving:
                 port = await serving.start(server.run)
@@ -168,6 +169,7 @@ def run_client(argv: Sequence[str]) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, log, notifier, stop.set)
             nursery.start_soon(daemon.reload_on_sighup, reload)
+            nursery.start_soon(daemon.report_on_sigusr1, client.report)
             nursery.start_soon(notifier.watchdog_forever)
             nursery.start_soon(client.run)
             # The configuration is valid and the connect loop runs: that is "ready" for a client.

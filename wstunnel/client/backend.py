@@ -31,6 +31,7 @@ class Refusal(Exception):
 
     status: int
     text: str
+    backend_failed: bool = False  # the backend's connection failed (not a choice of ours)
 
     def response(self) -> framing.Response:
         from http import HTTPStatus
@@ -120,7 +121,8 @@ class Backend:
         except BackendTimeout:
             raise Refusal(504, "Backend timeout") from None
         except BackendError as exc:
-            raise Refusal(502, f"Backend unreachable: {type(exc).__name__}") from None
+            raise Refusal(502, f"Backend unreachable: {type(exc).__name__}",
+                          backend_failed=True) from None
 
     async def _send(self, base: str, request: framing.Request) -> framing.Response:
         response = await self._start(base, request)

@@ -28,7 +28,7 @@ from functools import partial
 
 import trio
 
-from wstunnel import __version__, daemon, tls
+from wstunnel import __version__, daemon, procstats, tls
 from wstunnel.config import ServerSettings
 from wstunnel.errors import ConfigError
 from wstunnel.logs import EventLogger
@@ -103,6 +103,7 @@ class TunnelServer:
         self._root: trio.Nursery | None = None
         self.limits = _front_limits(settings)
         self._active_requests = 0
+        self._polling: set[HttpConnection] = set()  # connections that carried long-poll requests
         self._idle = trio.Event()
         self._idle.set()
 
@@ -176,6 +177,16 @@ class TunnelServer:
         self.draining = True
         self._root.start_soon(self._drain)
         return True
+    def report(self) -> None:
+        """One STATS line: what the process holds (on SIGUSR1; /_metrics has the same)."""
+        connections = list(self.registry.connections())
+        flows = [flow for connection in connections if (flow := connection.flow()) is not None]
+        rss = procstats.resident_bytes()
+        self.log.info("STATS", tasks=procstats.trio_tasks(), fds=procstats.open_fds(),
+                      rss_kib=rss // 1024 if rss is not None else None,
+                      tunnels=len(self.registry), clients=len(connections),
+                      streams=sum(flow["streams"] for flow in flows),
+                      requests=self._active_requests)
 
     def apply(self, settings: ServerSettings) -> tuple[list[str], list[str]]:
         """Take new settings without a restart; returns (applied, needing a restart)."""
@@ -206,7 +217,7 @@ class TunnelServer:
                              clients=len(rendezvous.connections))
             async with trio.open_nursery() as closers:
                 for connection in list(rendezvous.connections):
-                    closers.start_soon(connection.close, 1008, "token no longer allowed")
+                    closers.start_soon(connection.close, 1008, "token revoked: no longer allowed")
             self.registry.forget(rendezvous.token)
 
     async def _accept(self, bound: list[tuple[list[trio.SocketListener], bool]],
@@ -255,6 +266,12 @@ class TunnelServer:
         async with trio.open_nursery() as closers:
             for connection in connections:
                 closers.start_soon(close, connection)
+        # A long-poll client learns of the close from the answer to its held poll ("server
+        # shutting down"): let those answers go out, within the same deadline, before the
+        # connections are cancelled.
+        with trio.move_on_at(deadline):
+            for polled in list(self._polling):
+                await polled.wait_idle()
         self.log.info("Closed tunnels", tunnels=len(connections), answered=answered,
                       secs=round(trio.current_time() - began, 2))
 
@@ -281,17 +298,21 @@ class TunnelServer:
 
         async def respond(request: IncomingRequest) -> AnyResponse:
             nonlocal polling
-            response = await self._respond(request)
-            # Once answered (the draining check is at sending), and with any base path gone.
-            polling = self.longpoll.handles(request.path)
-            return response
+            # Known before the answer: a held poll is what a stop waits to see answered.
+            polling = self._is_poll(request)
+            if polling:
+                self._polling.add(connection)
+            return await self._respond(request)
 
         connection = HttpConnection(
             stream, peer, self.limits,
             respond=respond, is_tunnel=self._is_tunnel, take_tunnel=self.acceptor.take_tunnel,
             draining=lambda: self.draining and not polling, client_subject=subject,
         )
-        await connection.serve()
+        try:
+            await connection.serve()
+        finally:
+            self._polling.discard(connection)
 
     def _is_tunnel(self, request: IncomingRequest) -> bool:
         if request.path != self._tunnel_path or not request.is_websocket_upgrade():
@@ -315,6 +336,18 @@ class TunnelServer:
             # Nor for the console's event streams, open as long as a page shows them.
             return await self.router.route(request)
         return await self._active(self.router.route(request))
+
+    def _is_poll(self, request: IncomingRequest) -> bool:
+        """Whether ``_respond`` will give ``request`` to the long-poll server (under the base
+        path, on no host that names a tunnel)."""
+        if self.hosts.enabled and self.hosts.match(request.header(b"host")) is not None:
+            return False
+        path = request.path
+        if self._base:
+            if not path.startswith(self._base):
+                return False
+            path = path[len(self._base):]
+        return self.longpoll.handles(path)
 
     def _strip_base(self, request: IncomingRequest) -> bool:
         """``/base/x?q`` -> ``/x?q`` and ``/base`` -> ``/``; False for a target outside it."""

@@ -4,8 +4,9 @@ Written by hand: the format is a few lines of text, not worth a dependency. Noth
 token, not even its prefix: tokens are secrets, and one label value per token would also let any
 client that invents tokens grow the scrape without bound.
 
-Counters and the latency histogram are kept as requests finish (:meth:`Metrics.observe`); gauges
-are read from the registry at scrape time, so they cannot drift from what ``/_status`` shows.
+Counters and the latency histogram are kept as requests finish (:meth:`Metrics.observe`) and as
+streams break off (:meth:`Metrics.aborted`); gauges are read from the registry and the process at
+scrape time, so they cannot drift from what ``/_status`` shows.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from wstunnel import procstats
+from wstunnel.server.aborts import Cause, Direction
 from wstunnel.server.rendezvous import Registry
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -92,6 +95,7 @@ class Metrics:
         self.request_bytes = 0
         self.response_bytes = 0
         self.duration = Histogram(buckets)
+        self.aborted_streams: Counter[tuple[Direction, Cause]] = Counter()
 
     def observe(self, *, status: int, seconds: float, request_bytes: int, response_bytes: int) -> None:
         """Count one request answered for a token, whatever the answer (404 and 5xx included)."""
@@ -99,6 +103,10 @@ class Metrics:
         self.request_bytes += request_bytes
         self.response_bytes += response_bytes
         self.duration.observe(max(seconds, 0.0))
+
+    def aborted(self, direction: Direction, cause: Cause) -> None:
+        """Count one stream whose body broke off (wstunnel.server.aborts)."""
+        self.aborted_streams[direction, cause] += 1
 
     def render(self, gauges: Gauges, *, uptime: float) -> str:
         out: list[str] = []
@@ -121,6 +129,20 @@ class Metrics:
                 "Body bytes of requests for a token.", [({}, self.request_bytes)])
         _family(out, "wstunnel_response_bytes_total", "counter",
                 "Body bytes of the answers to requests for a token.", [({}, self.response_bytes)])
+        _family(out, "wstunnel_streams_aborted_total", "counter",
+                "Streamed bodies that broke off, by direction (request: the HTTP client's bytes, "
+                "response: the backend's) and reason.",
+                [({"direction": direction, "reason": str(cause)}, n)
+                 for (direction, cause), n in sorted(self.aborted_streams.items())])
+        # What the process holds: a leak shows as one of these growing with the traffic.
+        for name, help_text, value in (
+            ("wstunnel_trio_tasks", "Tasks alive in the server's trio run.", procstats.trio_tasks()),
+            ("process_open_fds", "Number of open file descriptors.", procstats.open_fds()),
+            ("process_resident_memory_bytes", "Resident memory size in bytes.",
+             procstats.resident_bytes()),
+        ):
+            if value is not None:
+                _family(out, name, "gauge", help_text, [({}, value)])
         # The names prometheus_client's process collector uses: dashboards know them. Cyclic
         # garbage made per request shows as collected objects growing with the request count.
         stats = gc.get_stats()

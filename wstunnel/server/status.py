@@ -71,7 +71,8 @@ def render_status(registry: Registry, *, started_at: float) -> str:
                 "idle_secs": round(conn.idle_secs(), 1),
                 "in_flight": len(conn.in_flight),
                 "answered": conn.answered,
-                "flow": conn.flow(),
+                "aborted": conn.aborts.total,
+                **({"flow": flow} if (flow := conn.flow()) is not None else {}),
             }
             for conn in rendezvous.connections
         ]
@@ -83,6 +84,9 @@ def render_status(registry: Registry, *, started_at: float) -> str:
                 "queued": len(rendezvous.queue),
                 "completed": rendezvous.counters.completed,
                 "errored": rendezvous.counters.errored,
+                # Streams whose body broke off, by direction and cause (wstunnel.server.aborts).
+                "aborted": rendezvous.aborts.by_direction(),
+                "last_close": rendezvous.last_close,
                 "last_activity": _iso(wall_now - (now - rendezvous.last_activity)),
                 "idle_secs": round(now - rendezvous.last_activity, 1),
             }

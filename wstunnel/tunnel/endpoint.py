@@ -229,8 +229,12 @@ class V2Endpoint:
     # -- status ------------------------------------------------------------------------------
 
     def flow(self) -> dict[str, int]:
-        """Flow-control figures for status pages: receive window sizes, probes, widenings."""
-        tuner = self.tuner
-        return {"tunnel_window": self.conn.tunnel_window, "widest_stream_window": tuner.widest_stream,
-                "buffered": self.conn.buffered_bytes, "window_probes": tuner.probes,
-                "windows_widened": tuner.widened, "outbox": self._outbox.backlog}
+        """Flow-control figures for status pages, STATS lines and leak checks: the windows each
+        way, what is buffered and owed, the streams the protocol still tracks, and the tuner's
+        probes and widenings."""
+        tuner, conn = self.tuner, self.conn
+        return {"tunnel_window": conn.tunnel_window, "widest_stream_window": tuner.widest_stream,
+                "buffered": conn.buffered_bytes, "window_probes": tuner.probes,
+                "windows_widened": tuner.widened, "outbox": self._outbox.backlog,
+                "protocol_streams": conn.open_streams, "send_window": conn.send_window,
+                "receive_window": conn.receive_window, "credit_owed": conn.credit_owed}
