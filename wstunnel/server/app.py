@@ -10,19 +10,26 @@ The parts, and the path of a request through them:
   :class:`~wstunnel.server.forwarding.Forwarder`, which queues it on its token's
   :class:`~wstunnel.server.rendezvous.Rendezvous` for a tunnel connection to carry;
 - :class:`~wstunnel.server.admission.Admission` decides who may open a tunnel and whose
-  ``X-Forwarded-For`` is believed.
+  ``X-Forwarded-For`` is believed;
+- the :class:`~wstunnel.server.capacity.FileBudget` counts connections against the open-files
+  limit: past its high-water mark a new connection may only ask for the server's own endpoints
+  (:mod:`wstunnel.server.accept` is the accept loop that asks it).
 
 :class:`TunnelServer` builds them and owns the lifecycle: start, reload, graceful stop.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import trio
 
-from wstunnel import __version__, daemon
+from wstunnel import __version__, daemon, limits
 from wstunnel.config import ServerSettings
 from wstunnel.logs import EventLogger
+from wstunnel.server import accept
 from wstunnel.server.admission import Admission
+from wstunnel.server.capacity import LIMITED_HEADER_TIMEOUT, FileBudget, is_reserved
 from wstunnel.server.forwarding import Forwarder
 from wstunnel.server.front import FrontLimits, HttpConnection, IncomingRequest
 from wstunnel.server.handshake import TunnelAcceptor
@@ -39,10 +46,18 @@ STOP_CLOSE_WAIT = 1.0
 
 
 class TunnelServer:
-    def __init__(self, settings: ServerSettings, log: EventLogger) -> None:
+    def __init__(self, settings: ServerSettings, log: EventLogger, *,
+                 open_files: limits.OpenFilesLimit | None = None) -> None:
+        """``open_files``: the limit the daemon raised at start (default: the process's own)."""
         self.settings = settings
         self.log = log
         self.started_at = trio.current_time()
+        if open_files is None:
+            soft = limits.soft_open_files_limit()
+            open_files = limits.OpenFilesLimit(soft=soft, hard=soft, started_with=soft)
+        self.open_files = open_files
+        self.files = FileBudget(open_files.soft, log, others=limits.count_open_files() or 0,
+                                count=limits.count_open_files, clock=trio.current_time)
         self.draining = False
         self.stop_requested = trio.Event()
         self.registry = Registry(
@@ -58,7 +73,8 @@ class TunnelServer:
         forwarder = Forwarder(self.registry, self.admission, self.metrics, log,
                               settings=self._settings, started_at=self.started_at)
         self.router = Router(self.registry, self.admission, self.metrics, forwarder,
-                             started_at=self.started_at, draining=self._is_draining)
+                             started_at=self.started_at, draining=self._is_draining,
+                             files=self.files)
         self.limits = _front_limits(settings)
         self._active_requests = 0
         self._idle = trio.Event()
@@ -81,8 +97,21 @@ class TunnelServer:
             raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from None
         port = listeners[0].socket.getsockname()[1]
         self.log.info("Listening", port=port, host=self.settings.host)
+        files = self.files
+        files.settle()  # the listeners are open now
+        # What one instance holds, as it runs: each tunnel and each HTTP connection is one of
+        # ``connections``; past them it refuses (503) all but its own endpoints.
+        extra: dict[str, int] = {}
+        if self.open_files.raised:
+            extra["raised_from"] = self.open_files.started_with
+        backlog = limits.listen_backlog()  # unknown under the unit: ProcSubset=pid hides /proc/sys
+        if backlog is not None:
+            extra["listen_backlog"] = backlog
+        self.log.info("Limits", open_files=files.limit, connections=files.capacity(),
+                      reserve=files.reserve, **extra)
         async with trio.open_nursery() as root:
             root.start_soon(self.registry.reap_forever, self.log)
+            root.start_soon(files.watch)
             await root.start(self.longpoll.run)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
@@ -127,7 +156,7 @@ class TunnelServer:
                       scope: trio.CancelScope) -> None:
         with scope:
             try:
-                await trio.serve_listeners(self._handle_socket, listeners, handler_nursery=nursery)
+                await accept.serve(listeners, self._handle_socket, nursery, self.files)
             finally:
                 for listener in listeners:
                     await listener.aclose()
@@ -167,11 +196,14 @@ class TunnelServer:
 
     # -- HTTP ------------------------------------------------------------------------------
 
-    async def _handle_socket(self, stream: trio.SocketStream) -> None:
+    async def _handle_socket(self, stream: trio.SocketStream, limited: bool) -> None:
         try:
             peer = str(stream.socket.getpeername()[0])
         except OSError:
             await stream.aclose()
+            return
+        if limited:
+            await self._serve_limited(stream, peer)
             return
         # A draining server closes each connection after its response, except a long-poll
         # client's: it has to keep polling, on the connections it has, while its in-flight
@@ -189,6 +221,32 @@ class TunnelServer:
             draining=lambda: self.draining and not polling,
         )
         await connection.serve()
+
+    async def _serve_limited(self, stream: trio.SocketStream, peer: str) -> None:
+        """A connection accepted past the high-water mark: one request, the server's own
+        endpoints only (from the reserve of descriptors), 503 for anything else."""
+
+        files = self.files
+        silent = trio.CancelScope()  # cancelled if the server needs the descriptor back first
+
+        async def respond(request: IncomingRequest) -> AnyResponse:
+            files.head_received(silent)
+            if is_reserved(request.path):
+                return await self._respond(request)
+            return files.refuse().response()
+
+        header_timeout = min(self.limits.header_timeout, LIMITED_HEADER_TIMEOUT)
+        connection = HttpConnection(
+            stream, peer, dataclasses.replace(self.limits, header_timeout=header_timeout),
+            respond=respond, is_tunnel=_never, take_tunnel=self.acceptor.take_tunnel,
+            draining=lambda: True,  # close after the answer: the descriptor goes back
+        )
+        files.waiting_for_head(silent)
+        try:
+            with silent:
+                await connection.serve()
+        finally:
+            files.head_received(silent)
 
     async def _respond(self, request: IncomingRequest) -> AnyResponse:
         if self.longpoll.handles(request.path):
@@ -225,6 +283,11 @@ class TunnelServer:
 
 def _is_tunnel(request: IncomingRequest) -> bool:
     return request.path == b"/_tunnel" and request.is_websocket_upgrade()
+
+
+def _never(request: IncomingRequest) -> bool:
+    """A limited connection's tunnel handshake is answered as a request: with a 503."""
+    return False
 
 
 def _front_limits(settings: ServerSettings) -> FrontLimits:

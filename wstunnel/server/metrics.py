@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from wstunnel.server.capacity import Snapshot
 from wstunnel.server.rendezvous import Registry
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -91,7 +92,7 @@ class Metrics:
         self.response_bytes += response_bytes
         self.duration.observe(max(seconds, 0.0))
 
-    def render(self, gauges: Gauges, *, uptime: float) -> str:
+    def render(self, gauges: Gauges, *, uptime: float, files: Snapshot | None = None) -> str:
         out: list[str] = []
         _family(out, "wstunnel_build_info", "gauge", "Version of the running server; always 1.",
                 [({"version": self.version}, 1)])
@@ -112,6 +113,8 @@ class Metrics:
                 "Body bytes of requests for a token.", [({}, self.request_bytes)])
         _family(out, "wstunnel_response_bytes_total", "counter",
                 "Body bytes of the answers to requests for a token.", [({}, self.response_bytes)])
+        if files is not None:
+            _open_files(out, files)
         # The names prometheus_client's process collector uses: dashboards know them. Cyclic
         # garbage made per request shows as collected objects growing with the request count.
         stats = gc.get_stats()
@@ -129,6 +132,19 @@ class Metrics:
         out.append(_sample(f"{name}_sum", {}, self.duration.sum))
         out.append(_sample(f"{name}_count", {}, self.duration.count))
         return "\n".join(out) + "\n"
+
+
+def _open_files(out: list[str], files: Snapshot) -> None:
+    # process_open_fds and process_max_fds: prometheus_client's process collector's names.
+    _family(out, "process_open_fds", "gauge", "Open file descriptors.", [({}, files.in_use)])
+    _family(out, "process_max_fds", "gauge", "Maximum number of open file descriptors.",
+            [({}, files.limit)])
+    _family(out, "wstunnel_open_files_high_water", "gauge",
+            "Open files past which new tunnels and requests get 503 (the rest is kept for the "
+            "server's own endpoints).", [({}, files.high_water)])
+    _family(out, "wstunnel_capacity_refusals_total", "counter",
+            "Tunnels and requests refused with 503 at the open-files high-water mark.",
+            [({}, files.refused)])
 
 
 def _family(out: list[str], name: str, kind: str, help_text: str,
