@@ -17,7 +17,6 @@ import concurrent.futures
 import logging
 import re
 import secrets
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -30,8 +29,6 @@ from tests.support.harness import PYTHON, ROOT, Harness, Server, wait_until
 from wstunnel.logs import EventLogger
 from wstunnel.server import capacity
 from wstunnel.server.capacity import FileBudget, is_reserved, reserve_for
-
-pytestmark = pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux's prlimit")
 
 MANY_CLIENTS = ROOT / "tests" / "support" / "many_clients.py"
 
