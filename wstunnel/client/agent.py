@@ -119,6 +119,7 @@ class TunnelClient:
             server=self.settings.server, regexp=self.settings.regexp,
             max_body_size=self.settings.max_body_size, max_stream_size=self.settings.max_stream_size,
             max_connections=self.settings.max_concurrent_requests, verify=backend_verify,
+            log=self.log,
         )
         try:
             while True:

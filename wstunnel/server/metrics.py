@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from wstunnel import procstats
 from wstunnel.server.aborts import Cause, Direction
+from wstunnel.server.capacity import Snapshot
 from wstunnel.server.rendezvous import Registry
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -108,7 +109,7 @@ class Metrics:
         """Count one stream whose body broke off (wstunnel.server.aborts)."""
         self.aborted_streams[direction, cause] += 1
 
-    def render(self, gauges: Gauges, *, uptime: float) -> str:
+    def render(self, gauges: Gauges, *, uptime: float, files: Snapshot | None = None) -> str:
         out: list[str] = []
         _family(out, "wstunnel_build_info", "gauge", "Version of the running server; always 1.",
                 [({"version": self.version}, 1)])
@@ -143,6 +144,8 @@ class Metrics:
         ):
             if value is not None:
                 _family(out, name, "gauge", help_text, [({}, value)])
+        if files is not None:
+            _open_files(out, files)
         # The names prometheus_client's process collector uses: dashboards know them. Cyclic
         # garbage made per request shows as collected objects growing with the request count.
         stats = gc.get_stats()
@@ -160,6 +163,19 @@ class Metrics:
         out.append(_sample(f"{name}_sum", {}, self.duration.sum))
         out.append(_sample(f"{name}_count", {}, self.duration.count))
         return "\n".join(out) + "\n"
+
+
+def _open_files(out: list[str], files: Snapshot) -> None:
+    # process_max_fds: prometheus_client's process collector's name (process_open_fds, listed
+    # afresh, is with the other process gauges).
+    _family(out, "process_max_fds", "gauge", "Maximum number of open file descriptors.",
+            [({}, files.limit)])
+    _family(out, "wstunnel_open_files_high_water", "gauge",
+            "Open files past which new tunnels and requests get 503 (the rest is kept for the "
+            "server's own endpoints).", [({}, files.high_water)])
+    _family(out, "wstunnel_capacity_refusals_total", "counter",
+            "Tunnels and requests refused with 503 at the open-files high-water mark.",
+            [({}, files.refused)])
 
 
 def _family(out: list[str], name: str, kind: str, help_text: str,

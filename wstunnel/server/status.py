@@ -55,7 +55,10 @@ def render_stats(registry: Registry, *, detailed: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_status(registry: Registry, *, started_at: float) -> str:
+def render_status(registry: Registry, *, started_at: float,
+                  open_files: dict[str, int | bool] | None = None) -> str:
+    """``open_files``: descriptors in use, the limit, the high-water mark past which new
+    tunnels and requests are refused, whether they are now, and how many were."""
     now = trio.current_time()
     wall_now = time.time()
     tunnels = []
@@ -94,6 +97,7 @@ def render_status(registry: Registry, *, started_at: float) -> str:
     document = {
         "version": __version__,
         "uptime_secs": round(now - started_at, 1),
+        **({"open_files": open_files} if open_files is not None else {}),
         "tunnels": tunnels,
     }
     return json.dumps(document, indent=2) + "\n"
