@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path

@@ -17,8 +17,8 @@ import trio
 from wstunnel import framing
 from wstunnel.server import status
 from wstunnel.server.admission import SHUTTING_DOWN, Admission, Refusal, is_loopback
-from wstunnel.server.console import api as console_api
 from wstunnel.server.capacity import FileBudget
+from wstunnel.server.console import api as console_api
 from wstunnel.server.forwarding import Forwarder
 from wstunnel.server.front import IncomingRequest
 from wstunnel.server.hosts import HostMatch

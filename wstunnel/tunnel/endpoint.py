@@ -28,7 +28,7 @@ from wstunnel import v2
 from wstunnel.logs import EventLogger
 from wstunnel.tokens import Token
 from wstunnel.tunnel.outbox import BACKLOG_HIGH_WATER, FrameOutbox
-from wstunnel.tunnel.transport import MessageTransport
+from wstunnel.tunnel.transport import ConnectionClosed, MessageTransport
 
 __all__ = ["StreamHandler", "V2Endpoint", "Widened"]
 
@@ -178,8 +178,13 @@ class V2Endpoint:
                 continue
             probe = tuner.start()
             began = trio.current_time()
-            with trio.move_on_after(PROBE_TIMEOUT) as waited:
-                await self.transport.ping()
+            try:
+                with trio.move_on_after(PROBE_TIMEOUT) as waited:
+                    await self.transport.ping()
+            except ConnectionClosed:
+                # The tunnel is over: its receive loop sees the close too, and ends it. Out of
+                # here the error would end the whole daemon (it did, a client vanishing mid-probe).
+                return
             if waited.cancelled_caught:
                 continue
             round_trip = trio.current_time() - began
