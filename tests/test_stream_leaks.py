@@ -21,7 +21,10 @@ stream left, and no credit lost since the start. Memory may grow by at most ``RS
 leak of what one aborted stream holds (its stream objects, its request, an h11 connection, a
 chunk of body: tens of kilobytes at the least) would show as tens of megabytes after a thousand
 (4 MiB is 4 KiB a stream), while after a warm-up of some 250 streams the allocator's growth stays
-near one megabyte (the figures are printed).
+near one megabyte (the figures are printed). Plus one allowance that is not a leak: receive
+windows widen with the transfers (issue 14), and a wider window lets a process hold more body
+bytes at once, a peak the allocator keeps (freed, not returned). So the slack also grows by how
+far the measured tunnels' windows widened past the size they started at (printed too).
 """
 
 from __future__ import annotations
@@ -50,10 +53,14 @@ from tests.support.harness import (
     wait_until,
 )
 from tests.support.streams import KINDS, Probe
+from wstunnel.v2 import INITIAL_TUNNEL_WINDOW
 
 STREAMS = int(os.environ.get("WSTUNNEL_LEAK_STREAMS", "1000"))
 TIMEOUT = WSTIMEOUT = 3.0
 RSS_SLACK = 4 * 1024 * 1024
+# How long a connection that a round cut may hold a task and a socket: the header and idle
+# timeouts the daemons use here are a few wstimeouts at most.
+SETTLE_TIMEOUT = 30.0
 WARMUP_ROUNDS = 25  # vanish rounds (8 streams each) before the first measurement
 SAMPLES = 5  # at rest, the smallest of this many samples, 0.2 s apart
 ACCEPTED = {"aborted", "status 502", "vanished"}
@@ -97,7 +104,7 @@ class Rig:
         wrong = [f"{p.tag}: {p.outcome} {p.detail}" for p in probes if p.outcome not in ACCEPTED]
         assert not wrong, f"{fault}: {wrong}"
         self.aborted[fault] += len(probes)
-        self.server_told += sum(1 for p in probes if "Backend unreachable" not in p.detail)
+        self.server_told += sum(1 for p in probes if _server_sees_a_cut(fault, p))
 
     def wait_all_connected(self) -> None:
         for token in self.tokens.values():
@@ -159,6 +166,22 @@ def rig(harness: Harness, space: netns.Netns | None) -> Rig:
     flappy = harness.client(server, tokens["flappy"], "-transport", "websocket", *flags,
                             backend=backend.url)
     return Rig(harness, server, steady, tokens, flappy, doomed, http_host, space, argv)
+
+
+def _server_sees_a_cut(fault: str, probe: Probe) -> bool:
+    """Whether the server had an abort of ``probe``'s stream to count.
+
+    Not an upload that the tunnel client answered with a 502 (its backend gone before the
+    body): that answer is the server's RET line. Nor a pass-through whose dying backend had
+    nothing unread: the kernel closed its socket with a FIN, the end of the byte stream the
+    tunnel carries, which passes on as such (the HTTP client sees the connection end, not a
+    reset); with bytes unread it is a reset, and an abort. Which one it is depends on whether
+    the probe's last message reached the backend before it stopped.
+    """
+    if "Backend unreachable" in probe.detail:
+        return False
+    return not (fault == "backend" and probe.kind == "websocket"
+                and "without a Close frame" in probe.detail)
 
 
 def _start_doomed(harness: Harness, port: int) -> Backend:
@@ -252,6 +275,19 @@ def smallest(sample: Callable[[], dict[str, int]]) -> dict[str, int]:
     return {key: min(s[key] for s in samples) for key in samples[0]}
 
 
+def settled(sample: Callable[[], dict[str, int]], before: dict[str, int],
+            timeout: float = SETTLE_TIMEOUT) -> dict[str, int]:
+    """``sample`` once tasks and descriptors are back to ``before``, or at ``timeout``: a
+    connection that the last round cut silently is closed only at a timeout of its own (a leak
+    never comes back)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        figures = sample()
+        if ((figures["tasks"] <= before["tasks"] and figures["fds"] <= before["fds"])
+                or time.monotonic() > deadline):
+            return figures
+
+
 def server_figures(rig: Rig) -> dict[str, int]:
     def sample() -> dict[str, int]:
         text = httpx.get(f"{rig.server.url}/_metrics", timeout=10).text
@@ -306,16 +342,29 @@ def check_flows(rig: Rig, before: dict[str, tuple[dict[str, int], dict[str, str]
                 >= int(client_start["receive_window"]) + int(client_start["credit_owed"]))
 
 
-def compare(name: str, before: dict[str, int], after: dict[str, int], pid: int) -> None:
+def widest_windows(seen: list[dict[str, tuple[dict[str, int], dict[str, str]]]]) -> dict[str, int]:
+    """How far each steady tunnel's receive window widened past its start, at its widest in
+    ``seen`` (flows() taken at several points): at each end, by transport."""
+    widened: dict[str, int] = {}
+    for transport in seen[0]:
+        server = max(int(flow[transport][0]["tunnel_window"]) for flow in seen)
+        client = max(int(flow[transport][1]["tunnel_window"]) for flow in seen)
+        widened[f"server {transport}"] = server - INITIAL_TUNNEL_WINDOW
+        widened[f"{transport} client"] = client - INITIAL_TUNNEL_WINDOW
+    return widened
+
+
+def compare(name: str, before: dict[str, int], after: dict[str, int], pid: int,
+            widened: int) -> None:
     growth = after["rss"] - before["rss"]
     print(f"[leaks] {name}: tasks {before['tasks']} -> {after['tasks']}, fds {before['fds']} -> "
           f"{after['fds']}, RSS {before['rss'] / 2**20:.1f} -> {after['rss'] / 2**20:.1f} MiB "
-          f"({growth / 2**20:+.2f} MiB)")
+          f"({growth / 2**20:+.2f} MiB; windows widened by {widened / 2**20:.2f} MiB)")
     if after["fds"] != before["fds"]:
         print(f"[leaks] {name} has open:\n  " + "\n  ".join(faultlog.open_files(pid)))
     assert after["tasks"] == before["tasks"], (name, before, after)
     assert after["fds"] == before["fds"], (name, before, after)
-    assert growth <= RSS_SLACK, (name, before, after)
+    assert growth <= RSS_SLACK + widened, (name, before, after, widened)
 
 
 # -- the test -----------------------------------------------------------------------------------
@@ -354,6 +403,7 @@ def test_a_thousand_aborted_streams_leave_no_task_fd_memory_or_credit_behind(rig
         backend_round(rig, n)
     at_rest(rig)
     check_flows(rig, flows_before)
+    seen = [flows_before, flows(rig)]
     for n in range(rounds["client"]):
         # Both transports in turn; the last over a WebSocket, as at the first measurement (a
         # long-poll client holds more of the server's tasks and sockets than a WebSocket).
@@ -362,22 +412,29 @@ def test_a_thousand_aborted_streams_leave_no_task_fd_memory_or_credit_behind(rig
     for n in range(rounds["cut"]):
         cut_round(rig, n)
     at_rest(rig)
-    server_after = server_figures(rig)
+    server_after = settled(lambda: server_figures(rig), server_before)
+    seen.append(flows(rig))
     server_pid = rig.server.process.pid
+    if server_after["fds"] != server_before["fds"]:  # listed now: the server rounds kill it
+        print("[leaks] server has open:\n  " + "\n  ".join(faultlog.open_files(server_pid)))
     by_server = sum(faultlog.aborted_counts(rig.server.url).values())
     server_told = rig.server_told
     for n in range(rounds["server"]):
         server_round(rig, n)
     at_rest(rig)
-    clients_after = {t: client_figures(c) for t, c in rig.steady.items()}
+    clients_after = {t: settled(lambda c=c: client_figures(c), clients_before[t])  # type: ignore[misc]
+                     for t, c in rig.steady.items()}
 
     total = sum(rig.aborted.values())
     print(f"[leaks] {total} streams aborted in {time.monotonic() - started:.0f}s: "
           f"{dict(rig.aborted)}; the server counted {by_server} before its own kills")
-    compare("server", server_before, server_after, server_pid)
+    seen.append(flows(rig))
+    widened = widest_windows(seen)
+    compare("server", server_before, server_after, server_pid,
+            sum(n for end, n in widened.items() if end.startswith("server ")))
     for transport, figures in clients_after.items():
         compare(f"{transport} client", clients_before[transport], figures,
-                rig.steady[transport].process.pid)
+                rig.steady[transport].process.pid, widened[f"{transport} client"])
     assert total >= STREAMS
     # Every stream cut while the server lived was counted there, once.
     assert by_server == server_told
