@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/soak.py                 # 10 minutes
     .venv/bin/python scripts/soak.py --duration 120  # a short one
+    .venv/bin/python scripts/soak.py --v2 --duration 1800  # streams, both transports (soak_v2.py)
 
 On 127.0.0.1: a backend, a ``wstunnel srv``, two ``wstunnel cli`` on one token (one steady, one
 that is killed with SIGKILL and started again every ``--flap-every`` seconds), and
@@ -14,6 +15,10 @@ Every request ends one of three ways: *answered* (any HTTP response; 5xx counted
 explicit), or *lost* (no answer within its deadline, or a body that is not what was sent).
 Lost must be 0. Resident memory of the steady client and of each server lifetime is sampled
 after a warm-up and at the end; growth should stay under 10 %.
+
+``--v2`` runs the streams soak of scripts/soak_v2.py instead: large transfers, server-sent events
+and WebSocket pass-through beside the small requests, over both transports, with aborts counted
+by reason.
 """
 
 from __future__ import annotations
@@ -158,6 +163,11 @@ def load_worker(stop: threading.Event, url: str, token: str, tally: Tally, deadl
 
 
 def main() -> int:
+    if "--v2" in sys.argv[1:]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import soak_v2  # a sibling script, not a package
+
+        return soak_v2.main([arg for arg in sys.argv[1:] if arg != "--v2"])
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=600, help="seconds of load (600)")
@@ -166,6 +176,8 @@ def main() -> int:
                         help="server restart period, s (180)")
     parser.add_argument("--workers", type=int, default=8, help="load threads (8)")
     parser.add_argument("--logdir", type=Path, default=None, help="where the daemons log")
+    parser.add_argument("--v2", action="store_true",
+                        help="the streams soak over both transports (scripts/soak_v2.py)")
     args = parser.parse_args()
 
     logdir = args.logdir or Path(os.environ.get("TMPDIR", "/tmp")) / f"wstunnel-soak-{os.getpid()}"

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.debpkg import SharedBuild
 from tests.support.harness import Harness
 
 
@@ -37,3 +38,14 @@ def harness(tmp_path: Path, transport: str | None) -> Iterator[Harness]:
         h.close()
     leaks = h.leaked_tokens()
     assert not leaks, f"whole tokens in logs: {leaks}"
+
+
+@pytest.fixture(scope="session")
+def checkout_debs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedBuild]:
+    """This checkout's packages (scripts/build-deb, lintian included), built once per run for
+    the modules that install them (``.start()``, then ``.debs()`` waits for them)."""
+    shared = SharedBuild(tmp_path_factory.mktemp("checkout-debs") / "debs")
+    try:
+        yield shared
+    finally:
+        shared.stop()

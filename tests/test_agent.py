@@ -5,7 +5,8 @@ from __future__ import annotations
 import trio_websocket
 from trio_websocket._impl import CloseReason
 
-from wstunnel.client.agent import Backoff, _first_session_ending
+from wstunnel.client.agent import Backoff, PingTimeout, _describe_session_end, _first_session_ending
+from wstunnel.errors import TunnelMessageError
 
 
 def _closed(code: int = 1006) -> trio_websocket.ConnectionClosed:
@@ -40,3 +41,21 @@ def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
         assert ceiling / 2 <= delay <= ceiling
     backoff.reset()
     assert backoff.next_delay() <= 1.0
+
+
+def test_every_session_end_is_named() -> None:
+    """The reconnect line's reason: never empty, whatever ended the session."""
+    vanished = trio_websocket.ConnectionClosed(
+        CloseReason(1006, "server vanished (connection reset, no Close frame)"))
+    cases = {
+        vanished: "connection closed: server vanished (connection reset, no Close frame) (code=1006)",
+        _closed(1006): "connection closed: no reason given (ABNORMAL_CLOSURE) (code=1006)",
+        trio_websocket.ConnectionClosed(CloseReason(1001, "server shutting down")):
+            "connection closed: server shutting down (code=1001)",
+        trio_websocket.ConnectionClosed(None): "connection closed: the transport ended",
+        PingTimeout(): "ping timeout: no pong within 3s",
+        TunnelMessageError("DATA frame on stream 9, which was never opened"):
+            "protocol error from server: DATA frame on stream 9, which was never opened",
+    }
+    for ending, reason in cases.items():
+        assert _describe_session_end(ending, timeout=3) == reason

@@ -41,7 +41,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.debpkg import OLD_DEBIAN, PACKAGES, Box, Build, Listener, changelog_version, repack
+from tests.support.debpkg import (
+    OLD_DEBIAN,
+    PACKAGES,
+    Box,
+    Build,
+    Listener,
+    SharedBuild,
+    changelog_version,
+    repack,
+)
 from tests.support.harness import wait_until
 from tests.support.systemd_container import Unavailable, booted, linked_networks, preflight
 from wstunnel import __version__
@@ -93,7 +102,7 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(tmp_path_factory: pytest.TempPathFactory, checkout_debs: SharedBuild) -> Iterator[World]:
     reason = preflight()
     if not reason and shutil.which("dpkg-scanpackages") is None:
         reason = "no dpkg-scanpackages (dpkg-dev): scripts/setup installs it"
@@ -102,7 +111,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     work = tmp_path_factory.mktemp("deb")
     started = time.monotonic()
     # Both builds run while the containers boot.
-    builds = [Build(work / "new"), Build(work / "old", debian=OLD_DEBIAN, lintian=False)]
+    builds = [checkout_debs.start(), Build(work / "old", debian=OLD_DEBIAN, lintian=False)]
     tag = f"{os.getpid()}-{secrets.token_hex(3)}"
     try:
         with contextlib.ExitStack() as stack:
@@ -126,8 +135,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     except Unavailable as exc:
         _unavailable(str(exc))
     finally:
-        for build in builds:
-            build.stop()
+        builds[1].stop()  # this checkout's build is the session's (tests/conftest.py)
 
 
 def _new_tunnel(box: Box, name: str, server: str) -> Tunnel:

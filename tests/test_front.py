@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from wstunnel.headers import Headers
+from wstunnel.server.aborts import Cause, Cut
 from wstunnel.server.front import (
     FrontLimits,
     HttpConnection,
@@ -222,7 +223,7 @@ async def test_head_request_sends_no_body_and_reads_none() -> None:
     assert body.closed and not body.credits
 
 
-@pytest.mark.parametrize("failure", [ResponseAborted("reset"), None])
+@pytest.mark.parametrize("failure", [ResponseAborted(Cut("response", Cause.RESET, "reset")), None])
 async def test_broken_body_sends_what_came_before_then_drops_the_connection(
     failure: Exception | None,
 ) -> None:
@@ -234,7 +235,8 @@ async def test_broken_body_sends_what_came_before_then_drops_the_connection(
         body = FakeBody(b"abc", failure)
         headers = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_serve, server, _response(body, headers))
+        response = _response(body, headers)
+        nursery.start_soon(_serve, server, response)
         await client.send_all(GET)
         with trio.fail_after(2):
             received = b""
@@ -245,6 +247,9 @@ async def test_broken_body_sends_what_came_before_then_drops_the_connection(
     assert b"abc" in received
     assert not received.endswith(b"0\r\n\r\n")  # never a clean end
     assert body.closed
+    # The break is told (HTTP ABORT, by the forwarder's on_finish), with its cause.
+    assert response.cut is not None
+    assert response.cut.cause == (Cause.RESET if failure else Cause.BAD_FRAMING)
 
 
 async def test_keep_alive_serves_the_next_request_after_a_batched_response() -> None:

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.support.harness import Harness, Server
+from wstunnel.server.aborts import Cause
 from wstunnel.server.metrics import DURATION_BUCKETS, Gauges, Histogram, Metrics
 from wstunnel.server.rendezvous import Registry
 from wstunnel.tokens import Token
@@ -152,6 +153,21 @@ def test_observations_land_in_counters_and_buckets() -> None:
     assert value(families, bucket, le="+Inf") == 3
     assert value(families, "wstunnel_request_duration_seconds_count") == 3
     assert value(families, "wstunnel_request_duration_seconds_sum") == pytest.approx(1200.503)
+
+
+def test_aborted_streams_are_counted_by_direction_and_reason() -> None:
+    metrics = Metrics("1.0")
+    metrics.aborted("response", Cause.TUNNEL_LOST)
+    metrics.aborted("response", Cause.TUNNEL_LOST)
+    metrics.aborted("request", Cause.CLIENT_GONE)
+    families = parse(metrics.render(Gauges(0, 0, 0, 0), uptime=0))
+    assert families["wstunnel_streams_aborted_total"].kind == "counter"
+    name = "wstunnel_streams_aborted_total"
+    assert value(families, name, direction="response", reason="tunnel_lost") == 2
+    assert value(families, name, direction="request", reason="client_gone") == 1
+    # What the process holds, for leak hunting (Linux: /proc).
+    assert value(families, "process_open_fds") > 0
+    assert value(families, "process_resident_memory_bytes") > 1024 * 1024
 
 
 def test_label_values_are_escaped() -> None:

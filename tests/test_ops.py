@@ -264,6 +264,8 @@ def test_status_table_and_json(harness: Harness) -> None:
     assert "127.0.0.1" in table.stdout
     header, _, *rows = table.stdout.splitlines()
     assert header.startswith("wstunnel ") and "1 tunnel(s)" in header
+    # What one instance holds, at a glance (issue 20): descriptors in use, the limit, the mark.
+    assert re.search(r", open files \d+ of \d+ \(503 past \d+\)$", header), header
     assert rows[0].split() == ["TOKEN", "CLIENTS", "ADDRESSES", "VERSION", "PROTOCOL", "TRANSPORT",
                                "PENDING", "COMPLETED", "ERRORED", "IDLE"]
     cells = rows[1].split()

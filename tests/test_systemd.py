@@ -508,3 +508,48 @@ def test_syslog_lines_reach_journald_through_dev_log(demo: Demo) -> None:
         assert entry["SYSLOG_PID"] == entry["_PID"] == str(_main_pid(c, unit))
     finally:
         c.systemctl("stop", unit, check=False)
+
+
+def test_journal_tells_a_download_cut_by_a_killed_client_with_its_fields(running: Demo) -> None:
+    """Issue 18: the server's HTTP ABORT line reaches the journal with its fields (how far the
+    download got, why), and its WS CLOSE line says how the tunnel went."""
+    c = running.c
+    size = 64 * 1024 * 1024
+    c.sh(f"head -c {size} /dev/zero > /srv/www/big.bin; rm -f /tmp/big.out /tmp/curl.rc")
+    # A script, not a command line: systemd-run logs the command, and the token is a secret.
+    c.write("/root/download.sh",
+            "#!/bin/sh\ncurl -sS --limit-rate 2M -o /tmp/big.out "
+            f"-H 'X-Token: {running.token}' http://127.0.0.1:8080/big.bin\necho $? > /tmp/curl.rc\n",
+            mode="0700")
+    cursor = c.journal_cursor()
+    c.run("systemd-run", "--unit=wst-download", "--collect", "/root/download.sh")
+
+    def received() -> int:
+        done = c.run("stat", "-c", "%s", "/tmp/big.out", check=False)
+        return int(done.stdout) if done.returncode == 0 else 0
+
+    wait_until(lambda: received() >= 2 * 1024 * 1024, timeout=60, what="the download under way")
+    c.systemctl("kill", "--signal=KILL", CLI)
+    rc = wait_until(lambda: c.run("cat", "/tmp/curl.rc", check=False).stdout.strip(), timeout=60,
+                    what="curl to end")
+    assert rc != "0" and received() < size, (rc, received())  # an error, never a whole 200
+
+    def entry(event: str) -> dict[str, Any] | None:
+        found = [e for e in c.journal(unit=SRV, after=cursor) if e.get("WSTUNNEL_EVENT") == event]
+        return found[-1] if found else None
+
+    abort = wait_until(lambda: entry("HTTP ABORT"), timeout=30, what="the HTTP ABORT entry")
+    close = entry("WS CLOSE")
+    print(f"\n[journal] curl exit {rc} after {received()} bytes; {abort['MESSAGE']}")
+    assert close is not None and "client vanished" in str(close["WSTUNNEL_REASON"]), close
+    assert close["WSTUNNEL_CODE"] == "1006"
+    assert abort["WSTUNNEL_DIRECTION"] == "response"
+    assert abort["WSTUNNEL_CAUSE"] == "tunnel_lost"
+    assert abort["WSTUNNEL_REASON"] == f"tunnel connection lost: {close['WSTUNNEL_REASON']}"
+    assert 2 * 1024 * 1024 <= int(str(abort["WSTUNNEL_BYTES"])) < size
+    assert float(str(abort["WSTUNNEL_SECS"])) > 0
+    assert abort["WSTUNNEL_TOKEN"] == running.token[:8]
+    assert re.fullmatch(r"INFO HTTP ABORT +pkg=WStunsrv token=\S+ id=\d+ direction=response "
+                        r"bytes=\d+ secs=[\d.]+ cause=tunnel_lost reason=\".+\"", str(abort["MESSAGE"]))
+    c.remove("/srv/www/big.bin", "/tmp/big.out", "/root/download.sh")
+    c.systemctl("restart", CLI)  # an explicit start: its restart count is back to 0

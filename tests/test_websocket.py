@@ -4,6 +4,7 @@ refusals, and a peer that vanishes."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -279,8 +280,41 @@ async def test_a_vanished_peer_ends_readers_and_pings_with_1006() -> None:
                 with pytest.raises(ConnectionClosed) as closed:
                     await ws.get_message()
                 assert closed.value.reason.code == 1006
+                # Never an empty reason: who went, and how.
+                assert re.fullmatch(r"server vanished \(connection (closed|reset|broken while "
+                                    r"sending), no Close frame\)", closed.value.reason.reason)
                 await ping_failed.wait()
             await ws.aclose()
+
+
+async def test_aclose_cut_short_by_the_callers_deadline_still_closes_the_stream() -> None:
+    """A peer cut off takes no more bytes: the Close frame's send blocks, the caller's deadline
+    (shorter than CLOSE_TIMEOUT) ends aclose, and the socket must be closed all the same."""
+    connected = trio.Event()
+    hold = trio.Event()
+
+    async def accept_and_never_read(stream: trio.SocketStream) -> None:
+        await websocket.accept(stream, subprotocol=None, extra_headers=[],
+                               max_message_size=LIMIT, receive_size=RECEIVE)
+        connected.set()
+        await hold.wait()
+
+    with trio.fail_after(20):
+        async with tcp_server(accept_and_never_read) as port:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            ws = await websocket.connect(stream, "127.0.0.1", "/_tunnel", subprotocols=[],
+                                         extra_headers=[], max_message_size=LIMIT,
+                                         receive_size=RECEIVE)
+            await connected.wait()
+            # Fill both socket buffers: the peer reads nothing.
+            with trio.move_on_after(1):
+                while True:
+                    await ws.send_message(b"x" * 65536)
+            with trio.move_on_after(0.2):
+                await ws.aclose()
+            with pytest.raises(trio.ClosedResourceError):
+                await stream.send_all(b"after close")
+            hold.set()
 
 
 async def refuse(stream: trio.SocketStream, response: bytes) -> None:

@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeVar
 
 import trio
 
-from wstunnel import __version__, daemon, logs
+from wstunnel import __version__, daemon, limits, logs
 from wstunnel.config import (
     ClientSettings,
     FlagParser,
@@ -35,6 +35,9 @@ COMMANDS = ("srv", "cli", "version", *OPS_COMMANDS)
 TOKEN_VARIABLE = "WSTUNCLI_TOKEN"
 
 CLIENT_STOP_GRACE = 3.0
+# Descriptors a client holds besides its backend connections: the tunnel (long-poll: up to 4),
+# standard streams, the event loop's, a log file, the journal's socket, a few to spare.
+CLIENT_OWN_FILES = 32
 SettingsT = TypeVar("SettingsT", ServerSettings, ClientSettings)
 
 
@@ -91,9 +94,10 @@ def run_server(argv: Sequence[str]) -> int:
     _configure_logs("wstunsrv", settings)
     log = logs.EventLogger("WStunsrv")
     notifier = ServiceNotifier()
+    open_files = limits.raise_open_files_limit()  # logged with what it allows, once listening
 
     async def main() -> None:
-        server = TunnelServer(settings, log)
+        server = TunnelServer(settings, log, open_files=open_files)
 
         def stop() -> None:
             _stop_collecting()
@@ -106,6 +110,7 @@ def run_server(argv: Sequence[str]) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, log, notifier, stop)
             nursery.start_soon(daemon.reload_on_sighup, reload)
+            nursery.start_soon(daemon.report_on_sigusr1, server.report)
             nursery.start_soon(notifier.watchdog_forever)
             async with trio.open_nursery() as serving:
                 port = await serving.start(server.run)
@@ -157,6 +162,7 @@ def run_client(argv: Sequence[str]) -> int:
     _hide_token_from_ps(argv)
     _configure_logs("wstuncli", settings)
     log = logs.EventLogger("WStuncli")
+    _log_client_limits(log, settings, limits.raise_open_files_limit())
     notifier = ServiceNotifier()
     client = TunnelClient(settings, log, notifier)
 
@@ -168,6 +174,7 @@ def run_client(argv: Sequence[str]) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, log, notifier, stop.set)
             nursery.start_soon(daemon.reload_on_sighup, reload)
+            nursery.start_soon(daemon.report_on_sigusr1, client.report)
             nursery.start_soon(notifier.watchdog_forever)
             nursery.start_soon(client.run)
             # The configuration is valid and the connect loop runs: that is "ready" for a client.
@@ -183,6 +190,21 @@ def run_client(argv: Sequence[str]) -> int:
     with daemon.pidfile(settings.pidfile):
         _run(main)
     return 0
+
+
+def _log_client_limits(log: logs.EventLogger, settings: ClientSettings,
+                       open_files: limits.OpenFilesLimit) -> None:
+    """What the client runs with; a warning if its backend connections may not all fit."""
+    raised = {"raised_from": open_files.started_with} if open_files.raised else {}
+    log.info("Limits", open_files=open_files.soft, **raised,
+             max_concurrent_requests=settings.max_concurrent_requests)
+    # One descriptor per backend connection (at most max_concurrent_requests), the tunnel's,
+    # and the few the process holds anyway (standard streams, the event loop, the log).
+    needed = settings.max_concurrent_requests + CLIENT_OWN_FILES
+    if needed > open_files.soft:
+        log.warning("Limits", open_files=open_files.soft, needed=needed,
+                    reason="max_concurrent_requests does not fit the open-files limit: requests "
+                           "that find no descriptor get 503; raise LimitNOFILE")
 
 
 def _run(main: Callable[[], Awaitable[None]]) -> None:

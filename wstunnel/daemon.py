@@ -42,6 +42,13 @@ async def reload_on_sighup(reload: Callable[[], Awaitable[None]]) -> None:
             await reload()
 
 
+async def report_on_sigusr1(report: Callable[[], None]) -> None:
+    """SIGUSR1: log a STATS line (tasks, file descriptors, memory: what a leak would grow)."""
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _ in signals:
+            report()
+
+
 def changed_settings(old: BaseModel, new: BaseModel) -> list[str]:
     """Names of the settings whose values differ, in declaration order."""
     before, after = old.model_dump(), new.model_dump()

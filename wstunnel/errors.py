@@ -45,6 +45,11 @@ class ConnectError(BackendError):
     """No connection to the backend: refused, no route, unknown host, TLS handshake or verification."""
 
 
+class OutOfFiles(BackendError):
+    """No descriptor for a backend connection: the tunnel client (or the system) is at its
+    open-files limit. The backend is not at fault; the request can be retried later."""
+
+
 class ReadError(BackendError):
     """The backend connection broke while we read from it."""
 

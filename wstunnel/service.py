@@ -6,6 +6,7 @@ every call is a cheap no-op, so the daemons call these unconditionally.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Mapping
@@ -26,7 +27,11 @@ class ServiceNotifier:
 
     def _send(self, *assignments: str) -> None:
         if self.enabled:
-            sd_daemon.notify("\n".join(assignments))
+            # sd_notify opens a socket per message: at the open-files limit there may be none
+            # for it. That one message is lost (a watchdog ping comes again in half the
+            # interval); raising would end the daemon over it.
+            with contextlib.suppress(OSError):
+                sd_daemon.notify("\n".join(assignments))
 
     def ready(self, status: str) -> None:
         self.last_status = status

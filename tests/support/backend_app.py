@@ -21,8 +21,10 @@ page of :mod:`tests.support.browser_app` uses them:
 * ``/app/``: the browser page; ``/app/many?n=N``: a page of N small assets, ``/app/asset/...``.
 
 ``/_backend/state`` tells, as JSON, what the streaming endpoints saw: how far the body of the
-current ``/sink`` has come, and how many ``/big`` downloads and ``/sink`` uploads were cut off by
-the other side, so a test can see a hang-up reach the backend.
+current ``/sink`` has come, how many ``/big`` downloads, ``/sink`` uploads, ``/sse`` streams and
+``/ws`` connections were cut off by the other side (a WebSocket that ends without a Close frame),
+and the ``tag`` query parameters of those requests (``cut_tags``), so a test can see a hang-up
+reach the backend, and which.
 """
 
 from __future__ import annotations
@@ -74,13 +76,23 @@ class State:
         self.sinks_done = 0
         self.sinks_cut = 0  # /sink bodies that ended before they were whole
         self.bigs_cut = 0  # /big downloads whose client went away
+        self.sses_cut = 0  # /sse streams whose client went away
         self.websockets = 0  # WebSocket connections accepted
+        self.websockets_cut = 0  # ... that ended without a Close frame
+        self.cut_tags: list[str] = []  # the ``tag`` parameters of the requests cut off
 
     def document(self) -> dict[str, int]:
         with self.lock:
             return {"sink_bytes": self.sink_bytes, "sinks_done": self.sinks_done,
                     "sinks_cut": self.sinks_cut, "bigs_cut": self.bigs_cut,
-                    "websockets": self.websockets}
+                    "sses_cut": self.sses_cut, "websockets": self.websockets,
+                    "websockets_cut": self.websockets_cut, "cut_tags": list(self.cut_tags)}
+
+    def cut(self, counter: str, tag: str | None) -> None:
+        with self.lock:
+            setattr(self, counter, getattr(self, counter) + 1)
+            if tag is not None:
+                self.cut_tags.append(tag)
 
 
 STATE = State()
@@ -199,9 +211,10 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self._classic(path, query, self._body())
         except (BrokenPipeError, ConnectionResetError):
-            if path == "/big":
-                with STATE.lock:
-                    STATE.bigs_cut += 1
+            counter = {"/big": "bigs_cut", "/sse": "sses_cut", "/events": "sses_cut",
+                       "/ws": "websockets_cut", "/sink": "sinks_cut"}.get(path)
+            if counter is not None:
+                STATE.cut(counter, query.get("tag"))
             self.close_connection = True
 
     def _classic(self, path: str, query: dict[str, str], body: bytes) -> None:
@@ -261,9 +274,8 @@ class Handler(BaseHTTPRequestHandler):
                 size += len(chunk)
                 with STATE.lock:
                     STATE.sink_bytes = size
-        except (EOFError, ConnectionResetError):
-            with STATE.lock:
-                STATE.sinks_cut += 1
+        except EOFError:
+            STATE.cut("sinks_cut", parse_qs(urlsplit(self.path).query).get("tag", [None])[0])
             self.close_connection = True
             return
         with STATE.lock:
@@ -324,7 +336,8 @@ class Handler(BaseHTTPRequestHandler):
                     self.wfile.write(ws.send(event.response()))
                     return
             data = self.rfile.read1(65536)
-            if not data:
+            if not data:  # the connection ended without a Close frame: cut off
+                STATE.cut("websockets_cut", parse_qs(urlsplit(self.path).query).get("tag", [None])[0])
                 return
             ws.receive_data(data)
 

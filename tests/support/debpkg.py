@@ -100,6 +100,25 @@ class Build:
                 self.proc.wait(30)
 
 
+class SharedBuild:
+    """This checkout's packages for every test module that installs them: one build per run,
+    started by the first module that asks (after its own checks, so a machine that cannot run
+    the container tests builds nothing), in the background while its containers boot."""
+
+    def __init__(self, outdir: Path) -> None:
+        self.outdir = outdir
+        self.build: Build | None = None
+
+    def start(self) -> Build:
+        if self.build is None:
+            self.build = Build(self.outdir)
+        return self.build
+
+    def stop(self) -> None:
+        if self.build is not None:
+            self.build.stop()
+
+
 def repack(debs: dict[str, Path], version: str, outdir: Path) -> dict[str, Path]:
     """The same packages as ``version``, their exact dependencies on each other moved along."""
     outdir.mkdir(parents=True)

@@ -22,6 +22,7 @@ import trio
 
 from wstunnel.client.agent import TunnelClient
 from wstunnel.config import ClientSettings
+from wstunnel.limits import raise_open_files_limit
 from wstunnel.logs import EventLogger
 
 
@@ -80,6 +81,9 @@ def main() -> None:
     parser.add_argument("-timeout", type=float, default=30.0)
     args = parser.parse_args()
     tokens = [line.strip() for line in args.token_file.read_text().splitlines() if line.strip()]
+    # Each client holds a descriptor or two: thousands need more than the usual 1,024, as the
+    # daemons raise their limit themselves.
+    raise_open_files_limit()
     trio.run(run, args, tokens)
 
 

@@ -20,6 +20,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from tests.support.harness import Process, Server
+
 CUT_TABLE = "wstunnel_cut"
 
 
@@ -126,3 +128,25 @@ class Netns:
     def remove(self) -> None:
         _run("ip", "netns", "del", self.name)
         _run("ip", "link", "del", self.host_if)  # gone with its peer already, unless half-made
+
+
+@dataclass
+class NetnsServer(Server):
+    """A ``wstunnel srv`` run in a :class:`Netns`: HTTP clients and the test reach it on the
+    operator address, which stays reachable; tunnel clients dial the tunnel address, which
+    :meth:`Netns.cut` cuts."""
+
+    host: str = "127.0.0.1"
+    tunnel_host: str = "127.0.0.1"
+
+    @classmethod
+    def inside(cls, process: Process, port: int, space: Netns) -> NetnsServer:
+        return cls(process, port, host=space.operator_address, tunnel_host=space.tunnel_address)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.tunnel_host}:{self.port}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import httpx
 import trio
 import trio_websocket
 
-from wstunnel import __version__, daemon, framing, v2
+from wstunnel import __version__, daemon, framing, procstats, v2
 from wstunnel.client import dial, longpoll
 from wstunnel.client import proxy as proxies
 from wstunnel.client.backend import Backend
@@ -104,6 +105,9 @@ class TunnelClient:
         self._redial_now = False  # the next dial follows at once (a change of transport)
         self._http: httpx.AsyncClient | None = None  # long-poll's requests
         self._session_v2: ClientSessionV2 | None = None
+        self._ended_v2: ClientSessionV2 | None = None  # the last one, until its end is told
+        # Streams that broke off, by cause, over every session: the STATS line shows them.
+        self.stream_aborts: Counter[str] = Counter()
 
     async def run(self) -> None:
         backend_verify: ssl.SSLContext | bool = True
@@ -115,6 +119,7 @@ class TunnelClient:
             server=self.settings.server, regexp=self.settings.regexp,
             max_body_size=self.settings.max_body_size, max_stream_size=self.settings.max_stream_size,
             max_connections=self.settings.max_concurrent_requests, verify=backend_verify,
+            log=self.log,
         )
         try:
             while True:
@@ -150,14 +155,25 @@ class TunnelClient:
                 self._longpoll_since = None
             sole = _first_session_ending(exc, self.settings.timeout)
             if self.stopping and isinstance(sole, trio_websocket.ConnectionClosed):
+                self._tell_cut_streams("client shutting down")
                 return "client stopping"  # our own Close frame, sent by close()
             reason = _describe_session_end(sole, self.settings.timeout)
             if reason is None:
                 raise
+            self._tell_cut_streams(reason)
             if self._falls_back(sole):
                 reason += "; falling back to long-poll"
             return reason
+        self._tell_cut_streams("connection closed")
         return "connection closed"
+
+    def _tell_cut_streams(self, reason: str) -> None:
+        """The streams the end of the session cut off: one WS ABORT line each, with its cause."""
+        session, self._ended_v2 = self._ended_v2, None
+        if session is not None:
+            for stream in session.cut_by_end:
+                session.tell_abort(stream, "tunnel_lost", f"tunnel lost: {reason}")
+            session.cut_by_end.clear()
 
     def _uses_longpoll(self) -> bool:
         return self.settings.transport == "longpoll" or (
@@ -191,15 +207,21 @@ class TunnelClient:
                     self.address, proxy=self.proxy,
                     source_ports=self.settings.source_ports, context=self.context,
                 )
-                ws = await websocket.connect(
-                    stream, self.address.host_header, self.address.resource,
-                    extra_headers=self._handshake_headers(),
-                    # v2 if the server picks it (batched if it knows how); an original server
-                    # picks none and we speak v1.
-                    subprotocols=[v2.BATCH_SUBPROTOCOL, v2.SUBPROTOCOL],
-                    max_message_size=self.settings.max_body_size + framing.MAX_HEAD_SIZE,
-                    receive_size=WS_RECEIVE_SIZE,
-                )
+                try:
+                    ws = await websocket.connect(
+                        stream, self.address.host_header, self.address.resource,
+                        extra_headers=self._handshake_headers(),
+                        # v2 if the server picks it (batched if it knows how); an original
+                        # server picks none and we speak v1.
+                        subprotocols=[v2.BATCH_SUBPROTOCOL, v2.SUBPROTOCOL],
+                        max_message_size=self.settings.max_body_size + framing.MAX_HEAD_SIZE,
+                        receive_size=WS_RECEIVE_SIZE,
+                    )
+                except BaseException:
+                    # Refused, timed out, or the server went in the middle of the handshake:
+                    # the socket is ours to close (it leaked, one per failed handshake).
+                    await trio.aclose_forcefully(stream)
+                    raise
             local = tcp.socket.getsockname()
             await self._run_connected(nursery, ws, backend, url, local=f"{local[0]}:{local[1]}")
 
@@ -307,9 +329,9 @@ class TunnelClient:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keepalive, ws)
             if self._protocol(ws) == "v2":
-                session = self._session_v2 = ClientSessionV2(
+                session = self._session_v2 = self._ended_v2 = ClientSessionV2(
                     ws, backend, limiter=self.limiter, log=self.log, token=self.token,
-                    batched=ws.subprotocol == v2.BATCH_SUBPROTOCOL,
+                    batched=ws.subprotocol == v2.BATCH_SUBPROTOCOL, aborts=self.stream_aborts,
                     limits=self.settings.window_limits,
                 )
                 try:
@@ -320,6 +342,20 @@ class TunnelClient:
             await ClientSessionV1(ws, backend, limiter=self.limiter, log=self.log,
                                   token=self.token).run()
 
+    def report(self) -> None:
+        """One STATS line: what the process holds and how its tunnel's flow control stands (on
+        SIGUSR1; the client has no HTTP endpoint to read them from)."""
+        session = self._session_v2
+        flow: dict[str, int] = {}
+        if session is not None:
+            flow = {"streams": len(session.streams), **session.endpoint.flow()}
+        rss = procstats.resident_bytes()
+        self.log.info("STATS", token=self.token, tasks=procstats.trio_tasks(),
+                      fds=procstats.open_fds(), rss_kib=rss // 1024 if rss is not None else None,
+                      sessions=self.sessions, connected=self._ws is not None, **flow,
+                      aborted=sum(self.stream_aborts.values()),
+                      **{f"aborted_{cause}": n for cause, n in sorted(self.stream_aborts.items())})
+
     async def _keepalive(self, ws: MessageTransport) -> None:
         interval = self.settings.timeout / 3
         while True:
@@ -327,7 +363,7 @@ class TunnelClient:
             with trio.move_on_after(self.settings.timeout) as waiting:
                 await ws.ping()
             if waiting.cancelled_caught:
-                raise PingTimeout
+                raise PingTimeout(f"ping timeout: no pong within {self.settings.timeout:g}s")
             if self.settings.statusfile is not None:
                 try:
                     write_statusfile(self.settings.statusfile)
@@ -357,6 +393,16 @@ def _first_session_ending(exc: BaseException, timeout: float) -> BaseException:
     return sole
 
 
+def _describe_close(closed: trio_websocket.CloseReason | None) -> str:
+    """A transport's close, in words, never empty: the server's Close frame's reason (server
+    shutting down, token revoked, silent too long, protocol error...), or what our transport saw
+    (the server vanished without a Close frame, a long-poll session expired)."""
+    if closed is None:
+        return "the transport ended"
+    words = closed.reason or f"no reason given ({closed.name})"
+    return f"{words} (code={closed.code})"
+
+
 def _describe_session_end(exc: BaseException, timeout: float) -> str | None:
     """Why a session ended, for the log; None for what must propagate (cancellation, bugs)."""
     if isinstance(exc, trio.TooSlowError):
@@ -364,9 +410,9 @@ def _describe_session_end(exc: BaseException, timeout: float) -> str | None:
     if isinstance(exc, trio_websocket.ConnectionRejected):
         return f"handshake refused: HTTP {exc.status_code}"
     if isinstance(exc, trio_websocket.ConnectionClosed):
-        return f"connection closed: {exc.reason}"
+        return f"connection closed: {_describe_close(exc.reason)}"
     if isinstance(exc, PingTimeout):
-        return f"no pong within {timeout:g}s"
+        return f"ping timeout: no pong within {timeout:g}s"
     if isinstance(exc, TunnelMessageError):
         return f"protocol error from server: {exc}"
     if isinstance(exc, OSError | ssl.SSLError | trio.BrokenResourceError | DialError

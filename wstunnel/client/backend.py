@@ -4,6 +4,10 @@ The backend is ``server`` or, when the request carries ``X-Host`` and the whole 
 ``regexp``, that host. Responses pass through untouched: no redirect is followed and no body is
 decompressed, no cookie is kept (wstunnel.client.origin, our own HTTP/1.1 client). Hop-by-hop
 headers, ``X-Host`` and ``X-Token`` never reach the backend.
+
+Backend connections are bounded by the pool (``max_concurrent_requests``); should the process run
+out of descriptors all the same (a limit set too low for it), a request that cannot have a
+connection gets 503 with Retry-After, saying so, rather than a 502 that blames the backend.
 """
 
 from __future__ import annotations
@@ -14,14 +18,21 @@ import ssl
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 
-from wstunnel import framing
+import trio
+
+from wstunnel import framing, limits
 from wstunnel.client.origin import OriginPool, Response, Timeouts, default_ssl_context, parse_base
-from wstunnel.errors import BackendError, BackendTimeout
+from wstunnel.errors import BackendError, BackendTimeout, OutOfFiles
 from wstunnel.headers import get as get_header
 from wstunnel.headers import without_hop_by_hop
+from wstunnel.logs import EventLogger
 
 # The server gives up after its httptimeout (20 minutes by default); we need not wait longer.
 BACKEND_TIMEOUT = Timeouts(connect=30.0, io=1200.0)
+# Out of descriptors for a backend connection: the request gets a 503 saying to come back this
+# much later, and the log one warning line per interval with the count.
+OUT_OF_FILES_RETRY_AFTER = 5
+OUT_OF_FILES_WARN_INTERVAL = 10.0
 
 
 @dataclass(slots=True)
@@ -30,20 +41,28 @@ class Refusal(Exception):
 
     status: int
     text: str
+    backend_failed: bool = False  # the backend's connection failed (not a choice of ours)
+    retry_after: int | None = None
 
     def response(self) -> framing.Response:
         from http import HTTPStatus
 
         body = (self.text + "\n").encode()
-        return framing.Response(self.status, HTTPStatus(self.status).phrase.encode(),
-                                [(b"Content-Type", b"text/plain; charset=utf-8")], body)
+        headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
+        if self.retry_after is not None:
+            headers.append((b"Retry-After", b"%d" % self.retry_after))
+        return framing.Response(self.status, HTTPStatus(self.status).phrase.encode(), headers, body)
 
 
 class Backend:
     def __init__(self, *, server: str | None, regexp: str | None, max_body_size: int,
                  max_connections: int, verify: ssl.SSLContext | bool = True,
-                 max_stream_size: int = 0) -> None:
+                 max_stream_size: int = 0, log: EventLogger | None = None) -> None:
         self.server = server
+        self.log = log
+        self.out_of_files = 0  # requests answered 503 for want of a descriptor
+        self._unreported = 0
+        self._warned_at: float | None = None
         self.pattern = re.compile(regexp) if regexp else None
         self.max_body_size = max_body_size  # a body held whole (protocol v1)
         self.max_stream_size: float = max_stream_size or math.inf  # a body streamed (v2)
@@ -117,8 +136,29 @@ class Backend:
                                            request.body if body is None else body)
         except BackendTimeout:
             raise Refusal(504, "Backend timeout") from None
+        except OutOfFiles:
+            self._count_out_of_files()
+            raise Refusal(503, "Tunnel client out of open files: try again later",
+                          retry_after=OUT_OF_FILES_RETRY_AFTER) from None
         except BackendError as exc:
-            raise Refusal(502, f"Backend unreachable: {type(exc).__name__}") from None
+            raise Refusal(502, f"Backend unreachable: {type(exc).__name__}",
+                          backend_failed=True) from None
+
+    def _count_out_of_files(self) -> None:
+        """One warning line per interval at most, with the refusals since the last one."""
+        self.out_of_files += 1
+        self._unreported += 1
+        now = trio.current_time()
+        if self.log is None or (self._warned_at is not None
+                                and now - self._warned_at < OUT_OF_FILES_WARN_INTERVAL):
+            return
+        self._warned_at = now
+        self.log.warning("Capacity", state="refusing", refused=self._unreported,
+                         limit=limits.soft_open_files_limit(),
+                         backend_connections=self.pool.open_connections,
+                         retry_after=OUT_OF_FILES_RETRY_AFTER,
+                         reason="no descriptor for a backend connection: answering 503")
+        self._unreported = 0
 
     async def _send(self, base: str, request: framing.Request) -> framing.Response:
         response = await self._start(base, request)

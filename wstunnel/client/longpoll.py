@@ -140,10 +140,13 @@ class LongPollTransport(wire.PolledMessages):
         if self._closed is not None:
             return
         self._end(code, reason)
+        headers = self._headers
+        if reason:
+            headers[wire.REASON_HEADER] = reason.encode()[:wire.MAX_REASON].decode("ascii", "ignore")
         with trio.move_on_after(min(2.0, self.timeout)):
             # On failure the server's silence watch ends the session instead.
             with contextlib.suppress(httpx.HTTPError):
-                await self.http.delete(self.url, headers=self._headers)
+                await self.http.delete(self.url, headers=headers)
 
     async def ping(self, payload: bytes | None = None) -> None:
         """A round trip that proves the session alive: the sender's next POST, frames or none.
@@ -175,7 +178,7 @@ class LongPollTransport(wire.PolledMessages):
             try:
                 response = await self._send("GET", headers, b"", timeout)
             except httpx.HTTPError as exc:
-                self._end(ABNORMAL, f"poll failed: {type(exc).__name__}")
+                self._end(ABNORMAL, f"server unreachable: poll failed: {type(exc).__name__}")
                 return
             if not self._accepted(response, 200, "poll"):
                 return
@@ -223,7 +226,7 @@ class LongPollTransport(wire.PolledMessages):
         try:
             response = await self._send("POST", headers, body, httpx.Timeout(self.timeout))
         except httpx.HTTPError as exc:
-            self._end(ABNORMAL, f"post failed: {type(exc).__name__}")
+            self._end(ABNORMAL, f"server unreachable: post failed: {type(exc).__name__}")
             raise ConnectionClosed(self._closed) from None
         if not self._accepted(response, 204, "post"):
             raise ConnectionClosed(self._closed)
@@ -244,9 +247,13 @@ class LongPollTransport(wire.PolledMessages):
     def _accepted(self, response: httpx.Response, expected: int, what: str) -> bool:
         if response.status_code == expected:
             return True
-        if response.status_code in (404, 410):
-            # The session is over at the server: closed there, or dropped as silent.
-            self._end(GOING_AWAY, response.text.strip()[:200] or "session gone")
+        if response.status_code == 404:
+            # The server does not know the session (any more): dropped as silent, or restarted.
+            self._end(GOING_AWAY, "long-poll session expired: unknown to the server")
+        elif response.status_code == 410:
+            # Closed at the server while we asked: its answer says why.
+            said = response.text.strip()[:200].removeprefix("Long-poll session closed: ")
+            self._end(GOING_AWAY, f"long-poll session closed by the server: {said or 'no reason'}")
         else:
             self._end(ABNORMAL, f"{what} answered HTTP {response.status_code}")
         return False

@@ -33,11 +33,13 @@ from wstunnel.errors import (
     ConnectError,
     InvalidURL,
     LocalRequestError,
+    OutOfFiles,
     ReadError,
     RemoteProtocolError,
     WriteError,
 )
 from wstunnel.headers import Headers
+from wstunnel.limits import out_of_files
 from wstunnel.tunnel.sockets import DirectSocketStream
 
 READ_SIZE = 64 * 1024
@@ -671,6 +673,8 @@ class OriginPool:
             try:
                 tcp = await trio.open_tcp_stream(origin.host, origin.port)
             except OSError as exc:
+                if out_of_files(exc):
+                    raise OutOfFiles(f"{origin.host}:{origin.port}: no descriptor for a socket") from None
                 raise ConnectError(f"{origin.host}:{origin.port}: {exc}") from None
             if origin.scheme == "http":
                 return _Connection(origin, DirectSocketStream(tcp), tcp.socket)

@@ -14,12 +14,17 @@ An ``Upgrade`` request the backend answers with 101 becomes a byte pipe: the bac
 over the connection (``response.stream``) and DATA flows both ways, with the same flow control, until
 both sides have ended (or one has, and the other does not follow within PIPE_LINGER).
 
+A stream that does not end cleanly (the server reset it, the backend broke mid-body) gets one
+``WS   ABORT`` line with how far it got and why, and is counted in ``aborts``; the streams a lost
+tunnel took with it wait in ``cut_by_end`` for the agent, which knows why the tunnel ended.
+
 The frames, the windows and the receive loop are the shared :class:`~wstunnel.tunnel.endpoint.
 V2Endpoint`'s; this module is what the client does with its streams.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import trio
@@ -54,6 +59,11 @@ class _Stream:
     chunks: ChunkQueue[bytes] = field(default_factory=ChunkQueue)
     size: int = 0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    started: float = field(default_factory=trio.current_time)
+    sent: int = 0  # response body bytes sent to the server
+    declared: int | None = None  # the response's Content-Length, if it has one
+    finished: bool = False  # our side ended cleanly: the whole response went
+    cut: tuple[str, str] | None = None  # (cause, reason) once it broke off
 
     @property
     def upgrade(self) -> bytes | None:
@@ -98,7 +108,8 @@ class ClientSessionV2:
 
     def __init__(self, ws: MessageTransport, backend: Backend, *,
                  limiter: trio.CapacityLimiter, log: EventLogger,
-                 token: Token, batched: bool = False, limits: v2.WindowLimits | None = None) -> None:
+                 token: Token, batched: bool = False, aborts: Counter[str] | None = None,
+                 limits: v2.WindowLimits | None = None) -> None:
         self.ws = ws
         self.backend = backend
         self.limiter = limiter
@@ -108,6 +119,10 @@ class ClientSessionV2:
         self.conn = self.endpoint.conn
         self.streams: dict[int, _Stream] = {}
         self._nursery: trio.Nursery | None = None  # the handlers', while run() runs
+        # Streams that broke off, by cause (the agent's, across its sessions).
+        self.aborts: Counter[str] = Counter() if aborts is None else aborts
+        # Streams the end of the tunnel cut off: the agent tells them, with why it ended.
+        self.cut_by_end: list[_Stream] = []
 
     async def run(self) -> None:
         endpoint = self.endpoint
@@ -151,6 +166,7 @@ class ClientSessionV2:
         # The backend's cap (a reload updates it); an upgraded connection is not one body.
         if stream.upgrade is None and stream.size > self.backend.max_stream_size:
             self.streams.pop(stream.id, None)
+            stream.cut = stream.cut or ("too_large", "request body larger than max_stream_size")
             stream.scope.cancel()
             self.endpoint.reset(stream.id, v2.ErrorCode.TOO_LARGE, "request body too large")
             return True  # released with the stream
@@ -165,6 +181,12 @@ class ClientSessionV2:
     def on_reset(self, event: v2.StreamReset) -> None:
         stream = self.streams.pop(event.stream, None)
         if stream is not None:
+            # The server may reset a response it has whole (by its Content-Length) before our
+            # END reached it: that one is over, not cut off.
+            whole = stream.declared is not None and stream.sent >= stream.declared
+            if not (stream.finished or whole):
+                stream.cut = stream.cut or (
+                    "reset_by_server", f"reset by the server: {event.reason or f'code {event.code}'}")
             stream.scope.cancel()  # closes the backend request, if any
 
     # -- one request --------------------------------------------------------------------------
@@ -201,6 +223,23 @@ class ClientSessionV2:
                                                           v2.StreamState.HALF_CLOSED_LOCAL):
                     self.endpoint.reset(stream.id, v2.ErrorCode.CANCEL,
                                         "request body not taken")
+                self._account(stream)
+
+    def _account(self, stream: _Stream) -> None:
+        """A handler ends: a stream that broke off is told and counted (one that the tunnel's
+        end cut off, later, by the agent)."""
+        if stream.finished and stream.cut is None:
+            return
+        if stream.cut is None:
+            self.cut_by_end.append(stream)  # cancelled from outside: the tunnel is ending
+            return
+        self.tell_abort(stream, *stream.cut)
+
+    def tell_abort(self, stream: _Stream, cause: str, reason: str) -> None:
+        self.aborts[cause] += 1
+        self.log.info("WS   ABORT", token=self.token, id=stream.id, bytes_in=stream.size,
+                      bytes_out=stream.sent, secs=round(trio.current_time() - stream.started, 3),
+                      cause=cause, reason=reason)
 
     async def _answer(self, stream: _Stream) -> None:
         request = framing.Request(stream.method, stream.target, stream.headers, b"")
@@ -223,34 +262,42 @@ class ClientSessionV2:
                 self.endpoint.emit(head)
                 self.log.info("WS   SND", token=self.token, id=stream.id, status=response.status)
                 if bodyless:
+                    stream.finished = True
                     return
-                size = 0
+                declared = get_header(response.headers, b"content-length") or b""
+                stream.declared = int(declared) if declared.isdigit() else None
                 try:
                     async for chunk in response:
-                        size += len(chunk)
-                        if size > cap:  # undeclared length: the head is gone, so abort
-                            reason = "backend response larger than max_stream_size"
-                            self.log.warning("WS   ERR", token=self.token, id=stream.id, err=reason)
-                            self.endpoint.reset(stream.id, v2.ErrorCode.TOO_LARGE, reason)
+                        if stream.sent + len(chunk) > cap:  # undeclared length: the head is gone
+                            stream.cut = ("too_large", "backend response larger than max_stream_size")
+                            self.endpoint.reset(stream.id, v2.ErrorCode.TOO_LARGE,
+                                                "backend response larger than max_stream_size")
                             return
                         # The body's end already known: END_STREAM on this DATA, no END frame
                         # (unless trailers need one).
                         last = response.complete and not response.trailers
                         await self.endpoint.send_data(stream.id, chunk, end_stream=last)
+                        stream.sent += len(chunk)
                         if last:
+                            stream.finished = True
                             return
                 except BackendError as exc:
                     # Mid-body: the head is gone already, so the only honest answer is an abort.
-                    self.log.warning("WS   ERR", token=self.token, id=stream.id,
-                                     err=f"backend response broken: {type(exc).__name__}")
+                    stream.cut = ("backend_failed", f"backend response broken: {type(exc).__name__}")
                     self.endpoint.reset(stream.id, v2.ErrorCode.BACKEND_ERROR,
                                         "backend response broken")
                     return
                 self.endpoint.emit(self.conn.send_end(stream.id, _passable_trailers(response.trailers)))
+                stream.finished = True
             finally:
                 await response.aclose()
         except Refusal as refusal:
+            if (refusal.backend_failed and stream.size
+                    and self.conn.stream_state(stream.id) is v2.StreamState.OPEN):
+                # The backend went while the request's body was on its way to it.
+                stream.cut = ("backend_failed", f"backend failed mid-upload: {refusal.text}")
             await self._send_whole(stream, refusal.response())
+            stream.finished = True
 
     async def _pipe(self, stream: _Stream, response: Response) -> None:
         """The backend switched protocols: carry the raw bytes both ways until both ends close."""
@@ -268,14 +315,24 @@ class ClientSessionV2:
                     if not data:
                         break
                     await self.endpoint.send_data(stream.id, data)
+                    stream.sent += len(data)
             except BackendError as exc:
+                stream.cut = ("backend_failed", f"backend connection broken: {type(exc).__name__}")
                 self.endpoint.reset(stream.id, v2.ErrorCode.BACKEND_ERROR,
                                     f"backend connection broken: {type(exc).__name__}")
+                pipe.cancel_scope.cancel()
+                return
+            except StreamClosedError:
+                # The server reset the stream (on_reset says why) just as we sent: caught here,
+                # since out of this nursery it would come wrapped in an ExceptionGroup that
+                # _handle does not catch, and end the whole client (it did).
                 pipe.cancel_scope.cancel()
                 return
             self.endpoint.emit(self.conn.send_end(stream.id))
             pipe.cancel_scope.deadline = min(pipe.cancel_scope.deadline,
                                              trio.current_time() + PIPE_LINGER)
+        # Both ways ended, or one did and the other was given PIPE_LINGER to follow: over.
+        stream.finished = stream.cut is None
 
     async def _pipe_up(self, stream: _Stream, network: UpgradedStream,
                        scope: trio.CancelScope) -> None:
@@ -285,6 +342,7 @@ class ClientSessionV2:
                 await network.send_all(chunk)
                 self.endpoint.credit(stream.id, len(chunk))
         except BackendError as exc:
+            stream.cut = ("backend_failed", f"backend connection broken: {type(exc).__name__}")
             self.endpoint.reset(stream.id, v2.ErrorCode.BACKEND_ERROR,
                                 f"backend connection broken: {type(exc).__name__}")
             scope.cancel()

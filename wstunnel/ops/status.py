@@ -50,11 +50,22 @@ def main(argv: list[str]) -> int:
 def render(document: dict[str, Any], url: str) -> str:
     tunnels = document.get("tunnels") or []
     header = (f"wstunnel {document.get('version', '?')} at {url}, "
-              f"up {duration(document.get('uptime_secs'))}, {len(tunnels)} tunnel(s)")
+              f"up {duration(document.get('uptime_secs'))}, {len(tunnels)} tunnel(s)"
+              f"{open_files(document.get('open_files'))}")
     if not tunnels:
         return f"{header}\n(no tunnels)"
     rows = [COLUMNS, *(_row(tunnel) for tunnel in tunnels)]
     return "\n".join([header, "", *table(rows)])
+
+
+def open_files(files: Any) -> str:
+    """``, open files 230 of 65536 (503 past 64512)``; says so when the server is refusing."""
+    if not isinstance(files, dict) or not {"in_use", "limit", "high_water"} <= files.keys():
+        return ""  # an older server, or another implementation
+    text = f", open files {files['in_use']} of {files['limit']}"
+    if files.get("refusing"):
+        return f"{text}: AT CAPACITY, new tunnels and requests get 503 (past {files['high_water']})"
+    return f"{text} (503 past {files['high_water']})"
 
 
 def _row(tunnel: dict[str, Any]) -> tuple[str, ...]:

@@ -10,7 +10,10 @@ The parts, and the path of a request through them:
   :class:`~wstunnel.server.forwarding.Forwarder`, which queues it on its token's
   :class:`~wstunnel.server.rendezvous.Rendezvous` for a tunnel connection to carry;
 - :class:`~wstunnel.server.admission.Admission` decides who may open a tunnel and whose
-  ``X-Forwarded-For`` is believed.
+  ``X-Forwarded-For`` is believed;
+- the :class:`~wstunnel.server.capacity.FileBudget` counts connections against the open-files
+  limit: past its high-water mark a new connection may only ask for the server's own endpoints
+  (:mod:`wstunnel.server.accept` is the accept loop that asks it).
 
 Before any of that, a request's Host may name a tunnel (:mod:`wstunnel.server.hosts`: everything
 for that host goes to the Forwarder); otherwise, with ``base_path``, its target loses that prefix
@@ -22,19 +25,22 @@ for that host goes to the Forwarder); otherwise, with ``base_path``, its target 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Awaitable
 from functools import partial
 
 import trio
 
-from wstunnel import __version__, daemon, tls
+from wstunnel import __version__, daemon, limits, procstats, tls
 from wstunnel.config import ServerSettings
 from wstunnel.errors import ConfigError
 from wstunnel.logs import EventLogger
+from wstunnel.server import accept
 from wstunnel.server.admission import CERTIFICATE_REQUIRED, Admission
 from wstunnel.server.audit import ErrorLog
 from wstunnel.server.blocklist import Blocklist
+from wstunnel.server.capacity import LIMITED_HEADER_TIMEOUT, FileBudget, is_reserved
 from wstunnel.server.console import api as console_api
 from wstunnel.server.console.api import Console
 from wstunnel.server.console.snapshot import ServerFacts
@@ -60,10 +66,18 @@ STOP_CLOSE_WAIT = 1.0
 
 
 class TunnelServer:
-    def __init__(self, settings: ServerSettings, log: EventLogger) -> None:
+    def __init__(self, settings: ServerSettings, log: EventLogger, *,
+                 open_files: limits.OpenFilesLimit | None = None) -> None:
+        """``open_files``: the limit the daemon raised at start (default: the process's own)."""
         self.settings = settings
         self.log = log
         self.started_at = trio.current_time()
+        if open_files is None:
+            soft = limits.soft_open_files_limit()
+            open_files = limits.OpenFilesLimit(soft=soft, hard=soft, started_with=soft)
+        self.open_files = open_files
+        self.files = FileBudget(open_files.soft, log, others=procstats.open_fds() or 0,
+                                count=procstats.open_fds, clock=trio.current_time)
         self.draining = False
         self.stop_requested = trio.Event()
         self.registry = Registry(
@@ -100,10 +114,11 @@ class TunnelServer:
         )
         self.router = Router(self.registry, self.admission, self.metrics, forwarder,
                              started_at=self.started_at, draining=self._is_draining,
-                             console=self.console)
+                             console=self.console, files=self.files)
         self._root: trio.Nursery | None = None
         self.limits = _front_limits(settings)
         self._active_requests = 0
+        self._polling: set[HttpConnection] = set()  # connections that carried long-poll requests
         self._idle = trio.Event()
         self._idle.set()
 
@@ -150,9 +165,22 @@ class TunnelServer:
             else:
                 self.log.info("Listening", port=got, host=settings.host)
         first_port = bound[0][0][0].socket.getsockname()[1]
+        files = self.files
+        files.settle()  # the listeners are open now
+        # What one instance holds, as it runs: each tunnel and each HTTP connection is one of
+        # ``connections``; past them it refuses (503) all but its own endpoints.
+        extra: dict[str, int] = {}
+        if self.open_files.raised:
+            extra["raised_from"] = self.open_files.started_with
+        backlog = limits.listen_backlog()  # unknown under the unit: ProcSubset=pid hides /proc/sys
+        if backlog is not None:
+            extra["listen_backlog"] = backlog
+        self.log.info("Limits", open_files=files.limit, connections=files.capacity(),
+                      reserve=files.reserve, **extra)
         async with trio.open_nursery() as root:
             self._root = root
             root.start_soon(self.registry.reap_forever, self.log)
+            root.start_soon(files.watch)
             await root.start(self.longpoll.run)
             await root.start(self.console.run)
             async with trio.open_nursery() as connections:
@@ -177,6 +205,16 @@ class TunnelServer:
         self.draining = True
         self._root.start_soon(self._drain)
         return True
+    def report(self) -> None:
+        """One STATS line: what the process holds (on SIGUSR1; /_metrics has the same)."""
+        connections = list(self.registry.connections())
+        flows = [flow for connection in connections if (flow := connection.flow()) is not None]
+        rss = procstats.resident_bytes()
+        self.log.info("STATS", tasks=procstats.trio_tasks(), fds=procstats.open_fds(),
+                      rss_kib=rss // 1024 if rss is not None else None,
+                      tunnels=len(self.registry), clients=len(connections),
+                      streams=sum(flow["streams"] for flow in flows),
+                      requests=self._active_requests)
 
     def apply(self, settings: ServerSettings) -> tuple[list[str], list[str]]:
         """Take new settings without a restart; returns (applied, needing a restart)."""
@@ -207,7 +245,7 @@ class TunnelServer:
                              clients=len(rendezvous.connections))
             async with trio.open_nursery() as closers:
                 for connection in list(rendezvous.connections):
-                    closers.start_soon(connection.close, 1008, "token no longer allowed")
+                    closers.start_soon(connection.close, 1008, "token revoked: no longer allowed")
             self.registry.forget(rendezvous.token)
 
     async def _accept(self, bound: list[tuple[list[trio.SocketListener], bool]],
@@ -218,9 +256,9 @@ class TunnelServer:
             try:
                 async with trio.open_nursery() as acceptors:
                     for listeners, secure in bound:
-                        acceptors.start_soon(partial(
-                            trio.serve_listeners, partial(self._handle_socket, secure=secure),
-                            listeners, handler_nursery=nursery))
+                        acceptors.start_soon(
+                            accept.serve, listeners, partial(self._handle_socket, secure=secure),
+                            nursery, self.files)
             finally:
                 for listeners, _secure in bound:
                     for listener in listeners:
@@ -256,12 +294,19 @@ class TunnelServer:
         async with trio.open_nursery() as closers:
             for connection in connections:
                 closers.start_soon(close, connection)
+        # A long-poll client learns of the close from the answer to its held poll ("server
+        # shutting down"): let those answers go out, within the same deadline, before the
+        # connections are cancelled.
+        with trio.move_on_at(deadline):
+            for polled in list(self._polling):
+                await polled.wait_idle()
         self.log.info("Closed tunnels", tunnels=len(connections), answered=answered,
                       secs=round(trio.current_time() - began, 2))
 
     # -- HTTP ------------------------------------------------------------------------------
 
-    async def _handle_socket(self, tcp: trio.SocketStream, *, secure: bool = False) -> None:
+    async def _handle_socket(self, tcp: trio.SocketStream, limited: bool, *,
+                             secure: bool = False) -> None:
         try:
             peer = str(tcp.socket.getpeername()[0])
         except OSError:
@@ -275,6 +320,9 @@ class TunnelServer:
             if opened is None:
                 return
             stream, subject = opened
+        if limited:
+            await self._serve_limited(stream, peer, subject)
+            return
         # A draining server closes each connection after its response, except a long-poll
         # client's: it has to keep polling, on the connections it has, while its in-flight
         # requests finish (new connections are no longer accepted by then).
@@ -282,23 +330,55 @@ class TunnelServer:
 
         async def respond(request: IncomingRequest) -> AnyResponse:
             nonlocal polling
-            response = await self._respond(request)
-            # Once answered (the draining check is at sending), and with any base path gone.
-            polling = self.longpoll.handles(request.path)
-            return response
+            # Known before the answer: a held poll is what a stop waits to see answered.
+            polling = self._is_poll(request)
+            if polling:
+                self._polling.add(connection)
+            return await self._respond(request)
 
         connection = HttpConnection(
             stream, peer, self.limits,
             respond=respond, is_tunnel=self._is_tunnel, take_tunnel=self.acceptor.take_tunnel,
             draining=lambda: self.draining and not polling, client_subject=subject,
         )
-        await connection.serve()
+        try:
+            await connection.serve()
+        finally:
+            self._polling.discard(connection)
 
     def _is_tunnel(self, request: IncomingRequest) -> bool:
         if request.path != self._tunnel_path or not request.is_websocket_upgrade():
             return False
         # On a host that names a tunnel, /_tunnel is the app's.
         return not (self.hosts.enabled and self.hosts.match(request.header(b"host")) is not None)
+
+    async def _serve_limited(self, stream: trio.abc.Stream, peer: str, subject: str | None) -> None:
+        """A connection accepted past the high-water mark: one request, the server's own
+        endpoints only (from the reserve of descriptors), 503 for anything else."""
+
+        files = self.files
+        silent = trio.CancelScope()  # cancelled if the server needs the descriptor back first
+
+        async def respond(request: IncomingRequest) -> AnyResponse:
+            files.head_received(silent)
+            path = self._local_path(request)
+            if path is not None and is_reserved(path):
+                return await self._respond(request)
+            return files.refuse().response()
+
+        header_timeout = min(self.limits.header_timeout, LIMITED_HEADER_TIMEOUT)
+        connection = HttpConnection(
+            stream, peer, dataclasses.replace(self.limits, header_timeout=header_timeout),
+            respond=respond, is_tunnel=_never, take_tunnel=self.acceptor.take_tunnel,
+            draining=lambda: True,  # close after the answer: the descriptor goes back
+            client_subject=subject,
+        )
+        files.waiting_for_head(silent)
+        try:
+            with silent:
+                await connection.serve()
+        finally:
+            files.head_received(silent)
 
     async def _respond(self, request: IncomingRequest) -> AnyResponse:
         if self._require_all and not self.admission.certified(request, tunnel=False):
@@ -316,6 +396,23 @@ class TunnelServer:
             # Nor for the console's event streams, open as long as a page shows them.
             return await self.router.route(request)
         return await self._active(self.router.route(request))
+
+    def _local_path(self, request: IncomingRequest) -> bytes | None:
+        """The path ``_respond`` will route ``request`` by: under the base path, without it; None
+        for a request outside the base path or on a host that names a tunnel (the app's)."""
+        if self.hosts.enabled and self.hosts.match(request.header(b"host")) is not None:
+            return None
+        path = request.path
+        if self._base:
+            if not path.startswith(self._base):
+                return None
+            path = path[len(self._base):]
+        return path
+
+    def _is_poll(self, request: IncomingRequest) -> bool:
+        """Whether ``_respond`` will give ``request`` to the long-poll server."""
+        path = self._local_path(request)
+        return path is not None and self.longpoll.handles(path)
 
     def _strip_base(self, request: IncomingRequest) -> bool:
         """``/base/x?q`` -> ``/x?q`` and ``/base`` -> ``/``; False for a target outside it."""
@@ -359,6 +456,11 @@ class TunnelServer:
         self._active_requests -= 1
         if self._active_requests == 0:
             self._idle.set()
+
+
+def _never(request: IncomingRequest) -> bool:
+    """A limited connection's tunnel handshake is answered as a request: with a 503."""
+    return False
 
 
 def _front_limits(settings: ServerSettings) -> FrontLimits:

@@ -16,6 +16,7 @@ from typing import ClassVar, NotRequired, TypedDict, Unpack
 import trio
 
 from wstunnel.logs import EventLogger
+from wstunnel.server.aborts import AbortTally, Cause, Cut
 from wstunnel.server.rendezvous import DirectCarrier, Failure, PendingRequest, Rendezvous
 from wstunnel.tokens import Token
 from wstunnel.tunnel.transport import Activity, MessageTransport
@@ -27,6 +28,8 @@ CLOSE_TIMEOUT = 2.0  # for the peer to answer our Close frame
 # otherwise be cancelled at its first checkpoint, before the frame leaves, and its client would
 # only see the socket drop.
 CLOSE_SEND_MIN = 0.2
+# A Close frame's reason is at most 123 bytes (RFC 6455 5.5: control frames carry 125 at most).
+MAX_CLOSE_REASON = 123
 
 
 class ConnectionOptions(TypedDict):
@@ -65,7 +68,11 @@ class TunnelConnection(ABC):
         self.connected_at = trio.current_time()
         self.in_flight: dict[int, PendingRequest] = {}
         self.answered = 0
+        self.aborts = AbortTally()  # the streams it carried that broke off
+        # Why we closed the tunnel (the whole text; the Close frame carries what fits), and the
+        # code to close with once serve() has ended the streams (_end_soon).
         self.closing_reason: str | None = None
+        self._close_code = 1000
         self._closing = False
         self._closed = trio.Event()
         # Set by a connection that takes requests handed to it directly (it is then itself).
@@ -79,7 +86,8 @@ class TunnelConnection(ABC):
         return max(0.0, trio.current_time() - self.stream.last_receive)
 
     def flow(self) -> dict[str, int] | None:
-        """Flow-control figures for /_status, where the protocol has flow control."""
+        """Streams, flow-control windows and round-trip probes for /_status and leak checks,
+        where the protocol has flow control (v2)."""
         return None
 
     async def serve_logged(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -94,9 +102,22 @@ class TunnelConnection(ABC):
             await self.serve()
         finally:
             closed = self.ws.closed
-            reason = self.closing_reason or (closed.reason if closed else None)
-            self.log.info("WS   CLOSE", token=self.token, addr=self.addr, reason=reason, **details)
-            await self.close()
+            self.log.info("WS   CLOSE", token=self.token, addr=self.addr,
+                          code=closed.code if closed is not None else self._close_code,
+                          reason=self.close_description(), **details)
+            await self.close(self._close_code, self.closing_reason)
+
+    def close_description(self) -> str:
+        """Why the tunnel closed (or is closing), in words, never empty: our own reason if we
+        closed it, else the client's Close frame's, else what the transport saw."""
+        if self.closing_reason:
+            return self.closing_reason
+        closed = self.ws.closed
+        if closed is None:
+            return "tunnel connection ended"
+        if closed.reason:
+            return closed.reason
+        return f"closed by the client with code {closed.code} ({closed.name}) and no reason"
 
     async def serve(self) -> None:
         """Run until the tunnel closes, the peer breaks the protocol or falls silent."""
@@ -108,7 +129,7 @@ class TunnelConnection(ABC):
                 await self._run(nursery)
                 nursery.cancel_scope.cancel()
         finally:
-            rendezvous.detach(self, direct)
+            rendezvous.detach(self, direct, self.close_description())
             self._lost()
 
     @abstractmethod
@@ -144,11 +165,20 @@ class TunnelConnection(ABC):
             else:
                 self._closing = True
                 self.closing_reason = self.closing_reason or reason
+                if reason is not None and len(reason.encode()) > MAX_CLOSE_REASON:
+                    reason = reason.encode()[:MAX_CLOSE_REASON].decode("utf-8", "ignore")
                 try:
                     await self.ws.aclose(code, reason)
                 finally:
                     self._closed.set()
         return not scope.cancelled_caught
+
+    def _end_soon(self, code: int, reason: str) -> None:
+        """Decide to close with ``code`` and ``reason``; the caller then lets serve() end. Its
+        streams are ended first, the close handshake after: a peer that is gone or broken would
+        only hold them up for CLOSE_TIMEOUT."""
+        self.closing_reason = self.closing_reason or reason
+        self._close_code = code
 
     async def _watch_silence(self, scope: trio.CancelScope) -> None:
         """Close the tunnel once the client has sent nothing (not even a ping) for wstimeout."""
@@ -157,7 +187,11 @@ class TunnelConnection(ABC):
             if trio.current_time() >= deadline:
                 self.log.warning("WS   TIMEOUT", token=self.token, addr=self.addr,
                                  idle_secs=round(self.idle_secs(), 1))
-                await self.close(1001, "tunnel silent too long")
+                if self.transport == "longpoll":
+                    reason = f"long-poll session expired: silent too long (no poll for {self.wstimeout:g}s)"
+                else:
+                    reason = f"tunnel silent too long: no ping or data for {self.wstimeout:g}s"
+                self._end_soon(1001, reason)
                 scope.cancel()
                 return
             await trio.sleep_until(deadline)
@@ -172,7 +206,12 @@ class TunnelConnection(ABC):
                 self.log.info("WS   RETRY", token=self.token, id=pending.id, try_=pending.tries)
                 self.rendezvous.queue.put_front(pending)
             else:
-                pending.finish(Failure(502, "Tunnel connection lost"))
+                failure = Failure(502, "Tunnel connection lost", tunnel_aborts=self.aborts)
+                if pending.body_source is not None and pending.body_source.started:
+                    # Its body was on its way: the upload broke off with the tunnel.
+                    failure.cut = Cut("request", Cause.TUNNEL_LOST,
+                                      f"tunnel connection lost: {self.close_description()}")
+                pending.finish(failure)
                 self.rendezvous.release(pending)
         self.in_flight.clear()
 

@@ -2,11 +2,14 @@
 the backend, queued on the token's rendez-vous, and its outcome logged, counted and answered.
 
 The log lines are the original's access log (SPEC §5): ``HTTP RCV`` when a request arrives,
-``HTTP RET`` with its status once it is answered.
+``HTTP RET`` with its status once it is answered (for a streamed response: once its head goes
+out). A body that was under way, either way, and broke off adds one ``HTTP ABORT`` line, with how
+far it got and why (wstunnel.server.aborts); a request that ends cleanly has none.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
@@ -18,6 +21,7 @@ from wstunnel.config import ServerSettings
 from wstunnel.headers import get as get_header
 from wstunnel.headers import without_hop_by_hop
 from wstunnel.logs import EventLogger
+from wstunnel.server.aborts import AbortTally, Cut, StreamAbort
 from wstunnel.server.admission import BLOCKED, SUBJECT_HEADER, Admission, Refusal
 from wstunnel.server.audit import BACKEND_ERROR, ErrorLog
 from wstunnel.server.front import IncomingRequest
@@ -88,10 +92,14 @@ class Forwarder:
         # a request whose HTTP client went away has no answer and is not counted. A streamed
         # body is still to come: it is counted once the front has sent what it could of it.
         if isinstance(response, StreamingResponse):
+            earlier = response.on_finish  # _exchange's: the abort, if the body broke off
+
             def observe(streamed: StreamingResponse) -> None:
                 self.metrics.observe(status=streamed.status, seconds=trio.current_time() - started,
                                      request_bytes=request.body_size(),
                                      response_bytes=streamed.sent_bytes)
+                if earlier is not None:
+                    earlier(streamed)
             response.on_finish = observe
         else:
             self.metrics.observe(status=response.status, seconds=trio.current_time() - started,
@@ -170,6 +178,9 @@ class Forwarder:
             self.log.info("HTTP RET", token=token, id=pending.id, status=outcome.status,
                           err=outcome.text)
             self._error(rendezvous, now, outcome.status, outcome.text, addr, request.method, target)
+            if outcome.cut is not None:
+                self._aborted(rendezvous, outcome.tunnel_aborts, pending.id, outcome.cut,
+                              size=request.body_size(), started=started)
             return simple_response(outcome.status, outcome.text)
         self.log.info("HTTP RET", token=token, id=pending.id, status=outcome.status)
         if outcome.status >= BACKEND_ERROR:
@@ -177,6 +188,18 @@ class Forwarder:
                         target)
         else:
             rendezvous.audit.succeeded(now, outcome.status, outcome.reason, addr)
+        if isinstance(outcome, StreamingResponse):
+            request_id = pending.id
+
+            def finished(streamed: StreamingResponse) -> None:
+                cut = streamed.cut
+                if cut is None:
+                    return
+                size = (streamed.sent_bytes if cut.direction == "response"
+                        else streamed.received_bytes or request.body_size())
+                self._aborted(rendezvous, streamed.tunnel_aborts, request_id, cut, size=size,
+                              started=started)
+            outcome.on_finish = finished
         return outcome
 
     def _error(self, rendezvous: Rendezvous, at: float, status: int, reason: bytes | str,
@@ -197,6 +220,19 @@ class Forwarder:
         else:
             self.errors.add(now, token, 403, BLOCKED.text, addr, method, target)
         return BLOCKED.response()
+
+    def _aborted(self, rendezvous: Rendezvous, tunnel: AbortTally | None, request_id: int,
+                 cut: Cut, *, size: int, started: float) -> None:
+        """A body broke off: its one ``HTTP ABORT`` line, its count, its records."""
+        abort = StreamAbort(request_id, cut.direction, cut.cause, cut.reason, size,
+                            trio.current_time() - started, time.time())
+        self.log.info("HTTP ABORT", token=rendezvous.token, id=request_id, direction=cut.direction,
+                      bytes=size, secs=round(abort.secs, 3), cause=str(cut.cause),
+                      reason=cut.reason)
+        self.metrics.aborted(cut.direction, cut.cause)
+        rendezvous.aborts.add(abort)
+        if tunnel is not None:
+            tunnel.add(abort)
 
     def _queue_full(self, token: Token, rendezvous: Rendezvous, addr: str, method: bytes,
                     target: bytes, request_id: int | None = None) -> framing.Response:

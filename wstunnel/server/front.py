@@ -22,7 +22,10 @@ it: the rest of the body would have to be read and thrown away first.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +34,7 @@ import trio
 
 from wstunnel import framing, http1
 from wstunnel.headers import Headers
+from wstunnel.server.aborts import Cause, Cut, Direction
 from wstunnel.server.fasthttp import (
     FALLBACK,
     DirectEncoder,
@@ -45,6 +49,7 @@ from wstunnel.server.messages import (
     BodyError,
     BodyTimeout,
     BodyTooLarge,
+    BodyVanished,
     ResponseAborted,
     StreamingResponse,
     UpgradeSink,
@@ -67,6 +72,8 @@ LINGER_BYTES = 4 * 1024 * 1024
 SEND_BATCH = 64 * 1024
 # Once one side of an upgraded (101) connection has ended, how long the other side gets to follow.
 PIPE_LINGER = 5.0
+# SO_LINGER on, with a zero timeout: close() sends a TCP reset instead of a FIN.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 
 @dataclass(slots=True)
@@ -196,6 +203,9 @@ class RequestBody:
                     if waited.cancelled_caught:
                         self._closed = True
                         raise BodyTimeout
+                    if not data:  # the client closed or reset its connection mid-body
+                        self._closed = True
+                        raise BodyVanished
                     conn.receive_data(bytes(data))  # bytes already: no copy
                     continue
                 if isinstance(event, h11.Data):
@@ -357,6 +367,8 @@ class HttpConnection:
         # The current request's own bytes while h11 has not seen it (read on the fast path).
         self._fast_request: bytes | None = None
         self._request: IncomingRequest | None = None  # the one being served
+        self.idle = True  # waiting for a request's head: nothing of ours is under way
+        self._idle_waiter: trio.Event | None = None  # made only when someone waits (a stop)
         # A body reader may send "100 Continue" while this task waits for the response: these
         # keep the two from writing to the socket at once.
         self._responding = False
@@ -364,6 +376,23 @@ class HttpConnection:
         self._continued = trio.Event()
         self._pipe_idle = trio.CancelScope()  # an upgraded connection's, pushed on by its bytes
         self._pipe_idle_timeout = math.inf
+        # A response was cut short: the connection ends with a TCP reset, not a FIN, so that no
+        # client can take what it got for the whole (a body ended by the close, a pass-through).
+        self._reset_on_close = False
+
+    async def wait_idle(self) -> None:
+        """Return once nothing of ours is under way: the last response has gone out (or the
+        connection has ended)."""
+        while not self.idle:
+            if self._idle_waiter is None:
+                self._idle_waiter = trio.Event()
+            await self._idle_waiter.wait()
+
+    def _became_idle(self) -> None:
+        self.idle = True
+        if self._idle_waiter is not None:
+            self._idle_waiter.set()
+            self._idle_waiter = None
 
     async def serve(self) -> None:
         try:
@@ -371,6 +400,10 @@ class HttpConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away; nothing to answer
         finally:
+            self._became_idle()
+            if self._reset_on_close and isinstance(self.stream, trio.SocketStream | DirectSocketStream):
+                with contextlib.suppress(OSError):
+                    self.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
 
@@ -382,8 +415,10 @@ class HttpConnection:
             request = None
             try:
                 # A bare cancel scope: trio.fail_after costs as much again, once per request.
+                self._became_idle()
                 with trio.CancelScope(deadline=trio.current_time() + timeout) as waiting:
                     request = await self._read_head()
+                self.idle = False
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
                 text = "Request headers too large" if status == 431 else "Malformed request"
@@ -459,6 +494,10 @@ class HttpConnection:
                         await self._pipe(response)
                         return  # the connection was the upgraded protocol's, to its end
                     await self._send_streaming(response, head_only=request.method == b"HEAD")
+                except trio.Cancelled:
+                    self._cut(response, "response", Cause.SERVER_STOPPING,
+                              "the server stopped before the body ended")
+                    raise
                 finally:
                     response.body.close()  # a no-op once the body ended; else cancels the stream
                     if response.on_finish is not None:
@@ -717,9 +756,31 @@ class HttpConnection:
                 if batch.done:
                     return
                 batch.add(await _next_chunk(response))
-        except (h11.LocalProtocolError, ResponseAborted, trio.TooSlowError):
-            # The body is wrong (not its Content-Length), broken or stalled: drop the socket.
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._cut(response, "response", Cause.CLIENT_GONE, "the HTTP client went away")
+            raise
+        except h11.LocalProtocolError:
+            # The body is wrong (not its Content-Length): drop the socket.
+            self._cut(response, "response", Cause.BAD_FRAMING,
+                      "the body does not match its Content-Length")
             raise trio.BrokenResourceError from None
+        except ResponseAborted as aborted:
+            self._cut_by(response, aborted.cut)
+            raise trio.BrokenResourceError from None
+        except trio.TooSlowError:
+            self._cut(response, "response", Cause.STALLED,
+                      f"no body bytes for {response.idle_timeout:g}s")
+            raise trio.BrokenResourceError from None
+
+    def _cut(self, response: StreamingResponse, direction: Direction, cause: Cause,
+             reason: str) -> None:
+        self._cut_by(response, Cut(direction, cause, reason))
+
+    def _cut_by(self, response: StreamingResponse, cut: Cut) -> None:
+        """``response`` will not complete: the first cause seen is the one told."""
+        if response.cut is None:
+            response.cut = cut
+        self._reset_on_close = True
 
     async def _take_ready(self, batch: _Batch) -> None:
         """What of the body is there already, into ``batch``; if the body turns out broken, the
@@ -759,10 +820,13 @@ class HttpConnection:
         with self._pipe_idle:
             self._pipe_moved()
             await self._run_pipe(response, sink, first)
+        if self._pipe_idle.cancelled_caught:
+            self._cut(response, "response", Cause.STALLED,
+                      f"nothing passed either way for {response.idle_timeout:g}s")
 
     async def _run_pipe(self, response: StreamingResponse, sink: UpgradeSink, first: bytes) -> None:
         async with trio.open_nursery() as pipe:
-            pipe.start_soon(self._pipe_up, sink, first, pipe.cancel_scope)
+            pipe.start_soon(self._pipe_up, response, sink, first, pipe.cancel_scope)
             try:
                 while (chunk := await response.body.receive()) is not None:
                     await self.stream.send_all(chunk)
@@ -770,8 +834,13 @@ class HttpConnection:
                     response.sent_bytes += len(chunk)
                     response.body.consumed(len(chunk))
                 await self._send_eof()
-            except (ResponseAborted, trio.BrokenResourceError, trio.ClosedResourceError):
-                pipe.cancel_scope.cancel()  # the backend side broke, or the client is gone
+            except ResponseAborted as aborted:
+                self._cut_by(response, aborted.cut)  # the backend side broke, or the tunnel
+                pipe.cancel_scope.cancel()
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._cut(response, "response", Cause.CLIENT_GONE, "the HTTP client went away")
+                pipe.cancel_scope.cancel()
                 return
             pipe.cancel_scope.deadline = min(pipe.cancel_scope.deadline,
                                              trio.current_time() + PIPE_LINGER)
@@ -779,15 +848,24 @@ class HttpConnection:
     def _pipe_moved(self) -> None:
         self._pipe_idle.deadline = trio.current_time() + self._pipe_idle_timeout
 
-    async def _pipe_up(self, sink: UpgradeSink, first: bytes, scope: trio.CancelScope) -> None:
+    async def _pipe_up(self, response: StreamingResponse, sink: UpgradeSink, first: bytes,
+                       scope: trio.CancelScope) -> None:
         try:
             if first:
                 await sink.send(first)
+                response.received_bytes += len(first)
             while data := await self.stream.receive_some(RECEIVE_SIZE):
                 self._pipe_moved()
                 await sink.send(bytes(data))
+                response.received_bytes += len(data)
             sink.end()
-        except (ResponseAborted, trio.BrokenResourceError, trio.ClosedResourceError):
+        except ResponseAborted as aborted:
+            self._cut_by(response, aborted.cut)
+            scope.cancel()
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # A reset, not a close: a client that closes its side ends the pipe cleanly above.
+            self._cut(response, "request", Cause.CLIENT_GONE, "the HTTP client went away")
             scope.cancel()
             return
         scope.deadline = min(scope.deadline, trio.current_time() + PIPE_LINGER)

@@ -47,6 +47,7 @@ _POLL = wire.POLL_PATH.encode()
 _SESSION = wire.SESSION_HEADER.lower().encode()
 _SEQ = wire.SEQ_HEADER.lower().encode()
 _ACK = wire.ACK_HEADER.lower().encode()
+_REASON = wire.REASON_HEADER.lower().encode()
 NO_CACHE = (b"Cache-Control", b"no-store")
 
 
@@ -224,7 +225,7 @@ class LongPoll:
                 return await self._poll(session, _number(request, _ACK))
             if method == b"POST":
                 return await self._receive(session, request, _number(request, _SEQ))
-            await session.aclose(1000, "client closed the session")
+            await session.aclose(1000, _closing_reason(request))
             return _no_content()
         except SessionGone as gone:
             return simple_response(410, f"Long-poll session closed: {gone}", headers=[NO_CACHE])
@@ -232,7 +233,7 @@ class LongPoll:
             # Frames are missing one way or the other: the session cannot go on, as a WebSocket
             # with a broken frame cannot.
             self.log.warning("WS   ERR", session=session.sid, err=str(exc))
-            await session.aclose(1002, "long-poll protocol error")
+            await session.aclose(1002, f"long-poll protocol error: {exc}")
             return simple_response(400, f"Long-poll protocol error: {exc}")
 
     def _find(self, request: IncomingRequest) -> PollSession | None:
@@ -295,6 +296,13 @@ class LongPoll:
             raise ValueError(f"malformed body: {exc}") from None
         await session.deliver(seq, messages)
         return _no_content()
+
+
+def _closing_reason(request: IncomingRequest) -> str:
+    """Why the client closes its session (its DELETE's reason header, printable and short)."""
+    given = (request.header(_REASON) or b"")[:wire.MAX_REASON].decode("utf-8", "replace")
+    given = "".join(ch for ch in given if ch.isprintable()).strip()
+    return f"client closed the session: {given}" if given else "client closed the session"
 
 
 def _number(request: IncomingRequest, name: bytes) -> int | None:

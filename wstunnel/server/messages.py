@@ -16,10 +16,12 @@ from typing import Protocol
 
 from wstunnel import framing
 from wstunnel.headers import Headers
+from wstunnel.server.aborts import AbortTally, Cause, Cut
 
 __all__ = [
     "AnyResponse", "BodyBroken", "BodyError", "BodySource", "BodyTimeout", "BodyTooLarge",
-    "RequestBodySource", "ResponseAborted", "StreamingResponse", "UpgradeSink", "simple_response",
+    "BodyVanished", "RequestBodySource", "ResponseAborted", "StreamingResponse", "UpgradeSink",
+    "simple_response",
 ]
 
 
@@ -27,26 +29,41 @@ __all__ = [
 
 
 class BodyError(Exception):
-    """The request body cannot be read to its end; ``status`` and ``text`` say what to answer."""
+    """The request body cannot be read to its end; ``status`` and ``text`` say what to answer,
+    ``cause`` how the aborted upload is counted."""
 
     status = 400
     text = "Malformed request body"
+    cause = Cause.BAD_FRAMING
+
+    def cut(self) -> Cut:
+        """The upload's break, for its ``HTTP ABORT`` line."""
+        return Cut("request", self.cause, self.text)
 
 
 class BodyTooLarge(BodyError):
     status = 413
     text = "Request body too large"
+    cause = Cause.TOO_LARGE
 
 
 class BodyTimeout(BodyError):
     status = 408
     text = "Request body not received in time"
+    cause = Cause.STALLED
 
 
 class BodyBroken(BodyError):
-    """The HTTP client went away (or broke the framing) in the middle of its body."""
+    """The HTTP client broke the framing in the middle of its body (or went away)."""
 
     text = "Request body incomplete"
+
+
+class BodyVanished(BodyBroken):
+    """The HTTP client's connection ended (closed or reset) in the middle of its body."""
+
+    text = "Request body incomplete: the HTTP client went away"
+    cause = Cause.CLIENT_GONE
 
 
 class RequestBodySource(Protocol):
@@ -86,7 +103,12 @@ class RequestBodySource(Protocol):
 
 
 class ResponseAborted(Exception):
-    """A streamed response body cannot be completed (the tunnel reset it or died)."""
+    """A streamed response body (or an upgraded connection) cannot be completed: the tunnel
+    reset the stream or died; ``cut`` says which way broke, and why."""
+
+    def __init__(self, cut: Cut) -> None:
+        super().__init__(cut.reason)
+        self.cut = cut
 
 
 class BodySource(Protocol):
@@ -141,6 +163,12 @@ class StreamingResponse:
     on_finish: Callable[[StreamingResponse], None] | None = None
     # For a 101: the way up. ``body`` is then the way down, the backend's bytes.
     upgraded: UpgradeSink | None = None
+    received_bytes: int = 0  # for a 101: the HTTP client's bytes passed up
+    # Set by the front when the body (or, for a 101, either way) did not complete; on_finish
+    # then logs and counts the abort.
+    cut: Cut | None = None
+    # The abort tally of the tunnel connection that carries the stream.
+    tunnel_aborts: AbortTally | None = None
 
 
 AnyResponse = framing.Response | StreamingResponse

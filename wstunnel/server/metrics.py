@@ -4,8 +4,9 @@ Written by hand: the format is a few lines of text, not worth a dependency. Noth
 token, not even its prefix: tokens are secrets, and one label value per token would also let any
 client that invents tokens grow the scrape without bound.
 
-Counters and the latency histogram are kept as requests finish (:meth:`Metrics.observe`); gauges
-are read from the registry at scrape time, so they cannot drift from what ``/_status`` shows.
+Counters and the latency histogram are kept as requests finish (:meth:`Metrics.observe`) and as
+streams break off (:meth:`Metrics.aborted`); gauges are read from the registry and the process at
+scrape time, so they cannot drift from what ``/_status`` shows.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from wstunnel import procstats
+from wstunnel.server.aborts import Cause, Direction
+from wstunnel.server.capacity import Snapshot
 from wstunnel.server.rendezvous import Registry
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -92,6 +96,7 @@ class Metrics:
         self.request_bytes = 0
         self.response_bytes = 0
         self.duration = Histogram(buckets)
+        self.aborted_streams: Counter[tuple[Direction, Cause]] = Counter()
 
     def observe(self, *, status: int, seconds: float, request_bytes: int, response_bytes: int) -> None:
         """Count one request answered for a token, whatever the answer (404 and 5xx included)."""
@@ -100,7 +105,11 @@ class Metrics:
         self.response_bytes += response_bytes
         self.duration.observe(max(seconds, 0.0))
 
-    def render(self, gauges: Gauges, *, uptime: float) -> str:
+    def aborted(self, direction: Direction, cause: Cause) -> None:
+        """Count one stream whose body broke off (wstunnel.server.aborts)."""
+        self.aborted_streams[direction, cause] += 1
+
+    def render(self, gauges: Gauges, *, uptime: float, files: Snapshot | None = None) -> str:
         out: list[str] = []
         _family(out, "wstunnel_build_info", "gauge", "Version of the running server; always 1.",
                 [({"version": self.version}, 1)])
@@ -121,6 +130,22 @@ class Metrics:
                 "Body bytes of requests for a token.", [({}, self.request_bytes)])
         _family(out, "wstunnel_response_bytes_total", "counter",
                 "Body bytes of the answers to requests for a token.", [({}, self.response_bytes)])
+        _family(out, "wstunnel_streams_aborted_total", "counter",
+                "Streamed bodies that broke off, by direction (request: the HTTP client's bytes, "
+                "response: the backend's) and reason.",
+                [({"direction": direction, "reason": str(cause)}, n)
+                 for (direction, cause), n in sorted(self.aborted_streams.items())])
+        # What the process holds: a leak shows as one of these growing with the traffic.
+        for name, help_text, value in (
+            ("wstunnel_trio_tasks", "Tasks alive in the server's trio run.", procstats.trio_tasks()),
+            ("process_open_fds", "Number of open file descriptors.", procstats.open_fds()),
+            ("process_resident_memory_bytes", "Resident memory size in bytes.",
+             procstats.resident_bytes()),
+        ):
+            if value is not None:
+                _family(out, name, "gauge", help_text, [({}, value)])
+        if files is not None:
+            _open_files(out, files)
         # The names prometheus_client's process collector uses: dashboards know them. Cyclic
         # garbage made per request shows as collected objects growing with the request count.
         stats = gc.get_stats()
@@ -138,6 +163,19 @@ class Metrics:
         out.append(_sample(f"{name}_sum", {}, self.duration.sum))
         out.append(_sample(f"{name}_count", {}, self.duration.count))
         return "\n".join(out) + "\n"
+
+
+def _open_files(out: list[str], files: Snapshot) -> None:
+    # process_max_fds: prometheus_client's process collector's name (process_open_fds, listed
+    # afresh, is with the other process gauges).
+    _family(out, "process_max_fds", "gauge", "Maximum number of open file descriptors.",
+            [({}, files.limit)])
+    _family(out, "wstunnel_open_files_high_water", "gauge",
+            "Open files past which new tunnels and requests get 503 (the rest is kept for the "
+            "server's own endpoints).", [({}, files.high_water)])
+    _family(out, "wstunnel_capacity_refusals_total", "counter",
+            "Tunnels and requests refused with 503 at the open-files high-water mark.",
+            [({}, files.refused)])
 
 
 def _family(out: list[str], name: str, kind: str, help_text: str,

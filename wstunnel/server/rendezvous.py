@@ -27,6 +27,7 @@ import trio
 
 from wstunnel import framing
 from wstunnel.logs import EventLogger
+from wstunnel.server.aborts import AbortTally, Cut
 from wstunnel.server.audit import TunnelAudit
 from wstunnel.server.messages import RequestBodySource, StreamingResponse
 from wstunnel.tokens import Token
@@ -44,6 +45,10 @@ class QueueFull(Exception):
 class Failure:
     status: int
     text: str
+    # Set when the request's body was under way and broke off: the upload's abort.
+    cut: Cut | None = None
+    # The abort tally of the tunnel connection that held the request, if one did.
+    tunnel_aborts: AbortTally | None = None
 
 
 class Carrier(Protocol):
@@ -78,6 +83,11 @@ class Carrier(Protocol):
 
     @property
     def in_flight(self) -> dict[int, PendingRequest]: ...
+
+    @property
+    def aborts(self) -> AbortTally:
+        """The streams it carried that broke off (wstunnel.server.aborts)."""
+        ...
 
     def idle_secs(self) -> float:
         """Seconds since the client last sent anything."""
@@ -248,6 +258,9 @@ class Rendezvous:
         self.blocked = False
         # Trio clock of the last request, tunnel message, client arriving or leaving, or
         # console action: what idle_for() counts from, and what the console's feed watches.
+        # Aborted streams of every connection the token had, and why its last one closed.
+        self.aborts = AbortTally()
+        self.last_close: str | None = None
         self.last_activity = trio.current_time()
         self.created_wall = trio.current_time()
         self._ids = itertools.cycle(range(1, framing.MAX_ASSIGNED_ID + 1))
@@ -268,8 +281,12 @@ class Rendezvous:
             self._direct.append(direct)
         self.touch()  # a client coming or going is activity (the console shows it)
 
-    def detach(self, connection: Carrier, direct: DirectCarrier | None) -> None:
+    def detach(self, connection: Carrier, direct: DirectCarrier | None,
+               reason: str | None = None) -> None:
+        """A connection stops serving the token; ``reason`` says why it closed."""
         self.connections.remove(connection)
+        if reason is not None:
+            self.last_close = reason
         if direct is None:
             self._queue_only -= 1
         else:

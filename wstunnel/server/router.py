@@ -17,6 +17,7 @@ import trio
 from wstunnel import framing
 from wstunnel.server import status
 from wstunnel.server.admission import SHUTTING_DOWN, Admission, Refusal, is_loopback
+from wstunnel.server.capacity import FileBudget
 from wstunnel.server.console import api as console_api
 from wstunnel.server.forwarding import Forwarder
 from wstunnel.server.front import IncomingRequest
@@ -39,6 +40,7 @@ class Router:
     started_at: float = field(kw_only=True)
     draining: Callable[[], bool] = field(kw_only=True)
     console: console_api.Console | None = field(kw_only=True, default=None)
+    files: FileBudget | None = field(default=None, kw_only=True)  # open files, for status/metrics
     _endpoints: dict[bytes, Endpoint] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -75,7 +77,8 @@ class Router:
         # Token prefixes and client addresses are for operators, as /_stats details are.
         if not self.admission.from_inside(request):
             return simple_response(403, "Status is for localhost and trusted proxies only")
-        body = status.render_status(self.registry, started_at=self.started_at)
+        files = self.files.snapshot().as_dict() if self.files is not None else None
+        body = status.render_status(self.registry, started_at=self.started_at, open_files=files)
         response = simple_response(200, body)
         response.headers = [(b"Content-Type", b"application/json")]
         return response
@@ -85,7 +88,8 @@ class Router:
         if not self.admission.from_inside(request):
             return simple_response(403, "Metrics are for localhost and trusted proxies only")
         body = self.metrics.render(Gauges.of(self.registry),
-                                   uptime=trio.current_time() - self.started_at)
+                                   uptime=trio.current_time() - self.started_at,
+                                   files=self.files.snapshot() if self.files is not None else None)
         response = simple_response(200, body)
         response.headers = [(b"Content-Type", CONTENT_TYPE)]
         return response

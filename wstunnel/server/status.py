@@ -55,7 +55,10 @@ def render_stats(registry: Registry, *, detailed: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_status(registry: Registry, *, started_at: float) -> str:
+def render_status(registry: Registry, *, started_at: float,
+                  open_files: dict[str, int | bool] | None = None) -> str:
+    """``open_files``: descriptors in use, the limit, the high-water mark past which new
+    tunnels and requests are refused, whether they are now, and how many were."""
     now = trio.current_time()
     wall_now = time.time()
     tunnels = []
@@ -71,7 +74,8 @@ def render_status(registry: Registry, *, started_at: float) -> str:
                 "idle_secs": round(conn.idle_secs(), 1),
                 "in_flight": len(conn.in_flight),
                 "answered": conn.answered,
-                "flow": conn.flow(),
+                "aborted": conn.aborts.total,
+                **({"flow": flow} if (flow := conn.flow()) is not None else {}),
             }
             for conn in rendezvous.connections
         ]
@@ -83,6 +87,9 @@ def render_status(registry: Registry, *, started_at: float) -> str:
                 "queued": len(rendezvous.queue),
                 "completed": rendezvous.counters.completed,
                 "errored": rendezvous.counters.errored,
+                # Streams whose body broke off, by direction and cause (wstunnel.server.aborts).
+                "aborted": rendezvous.aborts.by_direction(),
+                "last_close": rendezvous.last_close,
                 "last_activity": _iso(wall_now - (now - rendezvous.last_activity)),
                 "idle_secs": round(now - rendezvous.last_activity, 1),
             }
@@ -90,6 +97,7 @@ def render_status(registry: Registry, *, started_at: float) -> str:
     document = {
         "version": __version__,
         "uptime_secs": round(now - started_at, 1),
+        **({"open_files": open_files} if open_files is not None else {}),
         "tunnels": tunnels,
     }
     return json.dumps(document, indent=2) + "\n"

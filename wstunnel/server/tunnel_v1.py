@@ -82,7 +82,7 @@ class TunnelConnectionV1(TunnelConnection):
             try:
                 body = await source.read_all(self.max_body_size)
             except BodyError as exc:
-                failure = Failure(exc.status, exc.text)
+                failure = Failure(exc.status, exc.text, cut=exc.cut(), tunnel_aborts=self.aborts)
         self._reading.pop(pending.id, None)
         if scope.cancelled_caught or failure is not None:
             self.in_flight.pop(pending.id, None)
@@ -129,12 +129,13 @@ class TunnelConnectionV1(TunnelConnection):
                 request_id, payload = framing.split_message(message)
             except TunnelMessageError as exc:
                 self.log.warning("WS   ERR", token=self.token, err=str(exc))
-                await self.close(1003 if isinstance(message, str) else 1002, "protocol error")
+                await self.close(1003 if isinstance(message, str) else 1002,
+                                 f"protocol error: {exc}")
                 return
             pending = self.in_flight.pop(request_id, None)
             if pending is None:
                 self.log.warning("WS   ERR", token=self.token, id=request_id, err="unknown request id")
-                await self.close(1002, "unknown request id")
+                await self.close(1002, f"protocol error: response for unknown request id {request_id}")
                 return
             pending.holder = None
             self.log.info("WS   RCV", token=self.token, id=request_id, ws=self.addr, len=len(message))

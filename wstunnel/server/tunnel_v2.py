@@ -30,6 +30,7 @@ import trio_websocket
 from wstunnel import v2
 from wstunnel.errors import FramingError, StreamClosedError
 from wstunnel.headers import Headers, without
+from wstunnel.server.aborts import Cause, Cut, Direction
 from wstunnel.server.connection import ConnectionOptions, TunnelConnection, short_target
 from wstunnel.server.messages import (
     BodyError,
@@ -63,7 +64,7 @@ class _Stream:
     switched: bool = False  # that head was a 101: DATA is the upgraded byte stream, not a body
     received: int = 0  # body bytes so far (max_stream_size)
     finished: bool = False  # ended or reset: nothing more will come
-    aborted: str | None = None
+    aborted: Cut | None = None  # why the body will never complete
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     trailers: Headers = field(default_factory=list)  # from the END, once the body is whole
 
@@ -85,7 +86,7 @@ class _StreamBody:
         try:
             item = stream.chunks.receive_nowait()  # trio.WouldBlock: nothing buffered yet
         except trio.EndOfChannel:
-            raise ResponseAborted(stream.aborted or "stream aborted") from None
+            raise ResponseAborted(self._connection.cut_of(stream, "response")) from None
         if item is _END:
             return None
         assert isinstance(item, bytes)
@@ -114,8 +115,8 @@ class _UpgradedUpload:
     async def send(self, data: bytes) -> None:
         try:
             await self._connection.endpoint.send_data(self._stream.id, data)
-        except StreamClosedError:
-            raise ResponseAborted(self._stream.aborted or "stream closed") from None
+        except StreamClosedError as exc:
+            raise ResponseAborted(self._connection.cut_of(self._stream, "request", exc.code)) from None
 
     def end(self) -> None:
         # Reset meanwhile: the pipe is over anyway.
@@ -153,15 +154,29 @@ class TunnelConnectionV2(TunnelConnection):
 
     def _lost(self) -> None:
         self.endpoint.close()
+        reason = f"tunnel connection lost: {self.close_description()}"
         for stream in list(self.streams.values()):
-            self._abort(stream, "tunnel connection lost")
+            self._abort(stream, Cut("response", Cause.TUNNEL_LOST, reason))
         self._fail_in_flight()
 
     def flow(self) -> dict[str, int]:
-        return self.endpoint.flow()
+        return {"streams": len(self.streams), **self.endpoint.flow()}
 
     def _widened(self, rtt: float, grants: list[v2.Window]) -> None:
         log_widened(self.log, self.token, self.endpoint.conn, rtt, grants, addr=self.addr)
+
+    def cut_of(self, stream: _Stream, direction: Direction, code: int | None = None) -> Cut:
+        """Why ``stream`` broke off, as its reader or writer on the HTTP side learns it (``code``:
+        the RESET's, when the stream was reset after its response had ended)."""
+        if stream.aborted is not None:
+            return stream.aborted
+        if self.ws.closed is not None or self._closing:
+            return Cut(direction, Cause.TUNNEL_LOST,
+                       f"tunnel connection lost: {self.close_description()}")
+        if code is not None:
+            return Cut(direction, _RESET_CAUSES.get(code, Cause.RESET),
+                       f"reset by the tunnel client (code {code})")
+        return Cut(direction, Cause.RESET, "stream reset")
 
     # -- helpers used by the HTTP side -------------------------------------------------------
 
@@ -293,14 +308,14 @@ class TunnelConnectionV2(TunnelConnection):
         stream.finished = True
         self.endpoint.reset(stream.id, code, exc.text)
         if stream.headed:
-            stream.aborted = exc.text
+            stream.aborted = exc.cut()
             stream.chunks.close()
             return
         pending = stream.pending
         assert pending is not None  # kept until the response head came
         self.in_flight.pop(pending.id, None)
         pending.holder = None
-        pending.finish(Failure(exc.status, exc.text))
+        pending.finish(Failure(exc.status, exc.text, cut=exc.cut(), tunnel_aborts=self.aborts))
         self.rendezvous.release(pending)
 
     # -- receiving ----------------------------------------------------------------------------
@@ -314,7 +329,7 @@ class TunnelConnectionV2(TunnelConnection):
                 return
             except FramingError as exc:
                 self.log.warning("WS   ERR", token=self.token, err=str(exc))
-                await self.close(1002, "protocol error")
+                self._end_soon(1002, f"protocol error: {exc}")  # exc names the frame at fault
                 return
             rendezvous.touch()
 
@@ -330,10 +345,8 @@ class TunnelConnectionV2(TunnelConnection):
         stream.received += len(event.data)
         if stream.received > self.max_stream_size and not stream.switched:
             reason = "response body larger than max_stream_size"
-            self.log.warning("WS   ERR", token=self.token, id=stream.request_id, stream=stream.id,
-                             err=reason)
             self.cancel_stream(stream, v2.ErrorCode.TOO_LARGE, reason)  # releases its bytes
-            stream.aborted = reason
+            stream.aborted = Cut("response", Cause.TOO_LARGE, reason)  # its HTTP ABORT line says it
             stream.chunks.close()
             return True
         stream.chunks.send_nowait(event.data)
@@ -352,8 +365,11 @@ class TunnelConnectionV2(TunnelConnection):
         stream = self.streams.get(event.stream)
         if stream is not None:
             stream.finished = True
-            self._abort(stream, f"reset by the tunnel client: {event.reason or event.code}",
-                        code=event.code)
+            cause = _RESET_CAUSES.get(event.code, Cause.RESET)
+            # Before the response head, the request's body is what the reset cut off.
+            direction: Direction = "response" if stream.headed else "request"
+            reason = f"reset by the tunnel client: {event.reason or f'code {event.code}'}"
+            self._abort(stream, Cut(direction, cause, reason), code=event.code)
 
     def on_response(self, event: v2.ResponseReceived) -> None:
         stream = self.streams.get(event.stream)
@@ -377,16 +393,17 @@ class TunnelConnectionV2(TunnelConnection):
             pending.finish(StreamingResponse(
                 status=event.status, reason=event.reason, headers=event.headers,
                 body=_StreamBody(self, stream), idle_timeout=self.httptimeout, upgraded=upgraded,
+                tunnel_aborts=self.aborts,
             ))
         stream.pending = None
         self.rendezvous.release(pending)
 
-    def _abort(self, stream: _Stream, reason: str, code: int | None = None) -> None:
+    def _abort(self, stream: _Stream, cut: Cut, code: int | None = None) -> None:
         """The stream will never complete: fail or retry its request, or abort its response."""
         self._forget(stream.id)
         stream.scope.cancel()
         if stream.headed:
-            stream.aborted = reason
+            stream.aborted = cut
             stream.chunks.close()  # the reader gets EndOfChannel after what was buffered
             return
         pending = stream.pending
@@ -395,8 +412,21 @@ class TunnelConnectionV2(TunnelConnection):
             return  # the tunnel died: _fail_in_flight retries or fails what it holds
         self.in_flight.pop(pending.id, None)
         pending.holder = None
+        # Only a body under way was cut; a request whose body was whole just failed.
+        source = pending.body_source
+        upload = cut if source is not None and source.started else None
         if code == v2.ErrorCode.TOO_LARGE:
-            pending.finish(Failure(413, "Request body too large for the tunnel client"))
+            failure = Failure(413, "Request body too large for the tunnel client", cut=upload)
         else:
-            pending.finish(Failure(502, "Tunnel client reset the request"))
+            failure = Failure(502, "Tunnel client reset the request", cut=upload)
+        failure.tunnel_aborts = self.aborts
+        pending.finish(failure)
         self.rendezvous.release(pending)
+
+
+# How the tunnel client's RESET codes are counted.
+_RESET_CAUSES: dict[int, Cause] = {
+    v2.ErrorCode.BACKEND_ERROR: Cause.BACKEND_FAILED,
+    v2.ErrorCode.TOO_LARGE: Cause.TOO_LARGE,
+    v2.ErrorCode.TIMEOUT: Cause.STALLED,
+}

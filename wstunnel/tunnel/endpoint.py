@@ -28,7 +28,7 @@ from wstunnel import v2
 from wstunnel.logs import EventLogger
 from wstunnel.tokens import Token
 from wstunnel.tunnel.outbox import BACKLOG_HIGH_WATER, FrameOutbox
-from wstunnel.tunnel.transport import MessageTransport
+from wstunnel.tunnel.transport import ConnectionClosed, MessageTransport
 
 __all__ = ["StreamHandler", "V2Endpoint", "Widened"]
 
@@ -186,8 +186,13 @@ class V2Endpoint:
                 continue
             probe = tuner.start()
             began = trio.current_time()
-            with trio.move_on_after(PROBE_TIMEOUT) as waited:
-                await self.transport.ping()
+            try:
+                with trio.move_on_after(PROBE_TIMEOUT) as waited:
+                    await self.transport.ping()
+            except ConnectionClosed:
+                # The tunnel is over: its receive loop sees the close too, and ends it. Out of
+                # here the error would end the whole daemon (it did, a client vanishing mid-probe).
+                return
             if waited.cancelled_caught:
                 continue
             round_trip = trio.current_time() - began
@@ -237,8 +242,12 @@ class V2Endpoint:
     # -- status ------------------------------------------------------------------------------
 
     def flow(self) -> dict[str, int]:
-        """Flow-control figures for status pages: receive window sizes, probes, widenings."""
-        tuner = self.tuner
-        return {"tunnel_window": self.conn.tunnel_window, "widest_stream_window": tuner.widest_stream,
-                "buffered": self.conn.buffered_bytes, "window_probes": tuner.probes,
-                "windows_widened": tuner.widened, "outbox": self._outbox.backlog}
+        """Flow-control figures for status pages, STATS lines and leak checks: the windows each
+        way, what is buffered and owed, the streams the protocol still tracks, and the tuner's
+        probes and widenings."""
+        tuner, conn = self.tuner, self.conn
+        return {"tunnel_window": conn.tunnel_window, "widest_stream_window": tuner.widest_stream,
+                "buffered": conn.buffered_bytes, "window_probes": tuner.probes,
+                "windows_widened": tuner.widened, "outbox": self._outbox.backlog,
+                "protocol_streams": conn.open_streams, "send_window": conn.send_window,
+                "receive_window": conn.receive_window, "credit_owed": conn.credit_owed}

@@ -25,6 +25,10 @@ SESSION_HEADER = "X-Wstunnel-Session"
 SEQ_HEADER = "X-Wstunnel-Seq"
 # A poll acknowledges the last batch its client received.
 ACK_HEADER = "X-Wstunnel-Ack"
+# On the DELETE that closes a session: why, as a WebSocket Close frame's reason would say.
+REASON_HEADER = "X-Wstunnel-Reason"
+# A reason is at most this long (a Close frame's reason is at most 123 bytes).
+MAX_REASON = 123
 # The server holds a poll at most this long (it says how long in the session's open answer, at
 # most half its wstimeout, so that a live client always polls again in time).
 MAX_POLL_WAIT = 25.0

@@ -79,6 +79,10 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
                     raise trio.ClosedResourceError("socket was already closed") from None
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
+    def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
+        """As trio.SocketStream.setsockopt."""
+        self.inner.setsockopt(level, option, value)
+
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
 

@@ -61,7 +61,6 @@ class MessageTransport(Protocol):
         ...
 
 
-
 class Activity(Protocol):
     """When the peer was last heard from (trio clock): the server's silence watch reads it."""
 

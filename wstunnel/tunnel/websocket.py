@@ -60,7 +60,7 @@ class WebSocket:
     __slots__ = (
         "_closed", "_connection", "_is_server", "_max_message_size", "_message_size", "_messages",
         "_parts", "_peer_closed", "_pings", "_read_done", "_reading", "_receive_size", "_send_lock",
-        "_stream", "subprotocol",
+        "_stream", "_stream_end", "subprotocol",
     )
 
     def __init__(self, stream: trio.abc.Stream, connection: Connection, *,
@@ -82,6 +82,7 @@ class WebSocket:
         self._reading = False
         self._read_done = trio.lowlevel.ParkingLot()  # aclose waits here while another reads
         self._send_lock = trio.Lock()  # hands itself to the next waiting sender, in order
+        self._stream_end = "connection closed"  # how the stream ended, if it ends unannounced
 
     @property
     def closed(self) -> CloseReason | None:
@@ -113,6 +114,7 @@ class WebSocket:
                 data = await self._stream.receive_some(self._receive_size)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
+                self._stream_end = "connection reset"
             if self._connection.state is CLOSED:
                 self._peer_closed = True  # after our Close and its reply: nothing more to read
                 return
@@ -173,7 +175,10 @@ class WebSocket:
             return
         # The peer closes (send_message fails from now on), or, after our Close, its reply came,
         # or the stream ended without a Close (1006).
-        self._closing(event.code, event.reason or None)
+        reason = event.reason or None
+        if reason is None and event.code == ABNORMAL_CLOSURE:
+            reason = self._vanished(self._stream_end)
+        self._closing(event.code, reason)
         if state is ConnectionState.REMOTE_CLOSING:
             await self._send_quietly(self._connection.send(event.response()))  # RFC 6455 5.5.1
         self._peer_closed = True
@@ -224,7 +229,7 @@ class WebSocket:
         try:
             await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._closing(ABNORMAL_CLOSURE, None)
+            self._closing(ABNORMAL_CLOSURE, self._vanished("connection broken while sending"))
             raise ConnectionClosed(self._closed) from None
         finally:
             lock.release()
@@ -237,14 +242,22 @@ class WebSocket:
     # -- closing ----------------------------------------------------------------------------
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
-        """Close: send Close, wait (at most CLOSE_TIMEOUT) for the reply, hang up. Idempotent."""
-        if self._closed is None:
-            self._closing(code, reason)
-            if self._connection.state is OPEN:
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await self._send_quietly(self._connection.send(CloseConnection(code, reason)))
-                    await self._wait_for_close_reply()
-        await self._close_stream()
+        """Close: send Close, wait (at most CLOSE_TIMEOUT) for the reply, hang up. Idempotent.
+
+        The stream is closed however this ends: a caller's own deadline may cut the handshake
+        short (a peer cut off, whose socket takes no more bytes), and the socket must not
+        outlive it (it did, one per cut tunnel).
+        """
+        try:
+            if self._closed is None:
+                self._closing(code, reason)
+                if self._connection.state is OPEN:
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await self._send_quietly(self._connection.send(CloseConnection(code, reason)))
+                        await self._wait_for_close_reply()
+        finally:
+            # trio's aclose closes the stream even when cancelled (then it raises Cancelled).
+            await self._close_stream()
 
     async def _wait_for_close_reply(self) -> None:
         while not self._peer_closed and self._connection.state is not CLOSED:
@@ -256,6 +269,10 @@ class WebSocket:
     async def _close_stream(self) -> None:
         with contextlib.suppress(trio.BrokenResourceError):  # already gone: closed either way
             await self._stream.aclose()
+
+    def _vanished(self, how: str) -> str:
+        """The close reason when the peer went without a Close frame (killed, cut off)."""
+        return f"{'client' if self._is_server else 'server'} vanished ({how}, no Close frame)"
 
     def _closing(self, code: int, reason: str | None) -> None:
         """Closed from now on (the first reason given stays); pings waiting for a pong end."""

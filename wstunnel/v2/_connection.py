@@ -200,6 +200,27 @@ class V2Connection:
         return {state.id: (state.consumed, state.window) for state in self._streams.values()
                 if state.receiving is not _Phase.ENDED}
 
+    @property
+    def send_window(self) -> int:
+        """Body bytes we may still send, every stream together, before the peer grants more."""
+        return self._send_window
+
+    @property
+    def receive_window(self) -> int:
+        """Body bytes the peer may still send us, every stream together (what we granted)."""
+        return self._receive_window
+
+    @property
+    def credit_owed(self) -> int:
+        """Bytes consumed whose tunnel credit is not granted back yet (it goes in batches): at
+        rest, ``receive_window + credit_owed`` is the tunnel window's size (``tunnel_window``)."""
+        return self._unacked
+
+    @property
+    def open_streams(self) -> int:
+        """Streams this side still keeps state for (open, half-closed, or holding buffered bytes)."""
+        return len(self._streams)
+
     def send_capacity(self, stream: int) -> int:
         """How many body bytes ``stream`` may send now; 0 means wait for WindowUpdated."""
         state = self._sendable(stream)
