@@ -185,3 +185,70 @@ async def test_a_closed_outbox_lets_its_waiting_senders_go() -> None:
             nursery.start_soon(outbox.wait_room)
             await trio.testing.wait_all_tasks_blocked()
             outbox.close()
+
+
+async def test_a_quiet_tunnels_frames_leave_from_the_task_that_put_them() -> None:
+    outbox = FrameOutbox(batched=True)
+    transport = RecordingTransport()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.pump, transport, name="writer")
+            await trio.testing.wait_all_tasks_blocked()
+            outbox.hold()
+            outbox.put(b"h" * 6)
+            outbox.put(b"d" * 6)
+            await outbox.send_early(transport, quiet=True)  # type: ignore[arg-type]
+            assert transport.sent == [[b"h" * 6, b"d" * 6]]
+            assert transport.senders == [trio.lowlevel.current_task().name]
+            outbox.close()
+
+
+async def test_held_frames_wait_for_their_task_and_others_frames_still_wake_the_writer() -> None:
+    outbox = FrameOutbox(batched=True)
+    transport = RecordingTransport()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.pump, transport, name="writer")
+            await trio.testing.wait_all_tasks_blocked()
+            outbox.hold()
+            outbox.put(b"a" * 6)
+            # (A test may look; a holder must not checkpoint before its send_early.)
+            await trio.testing.wait_all_tasks_blocked()
+            assert transport.sent == []  # the writer was not woken for them
+            await outbox.send_early(transport)  # type: ignore[arg-type]  # not quiet: the writer's
+            await trio.testing.wait_all_tasks_blocked()
+            assert transport.sent == [[b"a" * 6]] and transport.senders == ["writer"]
+
+            outbox.hold()
+            outbox.put(b"b" * 6)
+
+            async def other() -> None:
+                outbox.put(b"c" * 6)
+
+            nursery.start_soon(other)
+            await trio.testing.wait_all_tasks_blocked()
+            assert transport.sent[1:] == [[b"b" * 6, b"c" * 6]]  # another task's frame woke it
+            outbox.release()
+            outbox.close()
+    assert transport.senders == ["writer", "writer"]
+
+
+async def test_a_quiet_send_waits_behind_a_message_on_its_way() -> None:
+    outbox = FrameOutbox(batched=True)
+    transport = RecordingTransport()
+    transport.release = trio.Event()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.pump, transport, name="writer")
+            outbox.put(b"1" * 6)
+            await trio.testing.wait_all_tasks_blocked()
+            assert transport.in_flight == 1
+            outbox.hold()
+            outbox.put(b"2" * 6)
+            await outbox.send_early(transport, quiet=True)  # type: ignore[arg-type]
+            assert transport.in_flight == 1  # left for the writer, in order
+            transport.release.set()
+            await trio.testing.wait_all_tasks_blocked()
+            outbox.close()
+    assert transport.sent == [[b"1" * 6], [b"2" * 6]]
+    assert transport.most_in_flight == 1
