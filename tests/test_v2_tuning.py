@@ -86,6 +86,33 @@ def test_the_sample_is_scaled_to_one_round_trip() -> None:
     assert tuner.finish(probe, 0.05, 0.05) != []  # the same in one round trip: bound
 
 
+def test_a_round_trip_lengthened_by_a_queue_does_not_widen_the_window() -> None:
+    """A pong that waited behind queued bytes times the queue, not the link: samples are scaled
+    to the link's round trip, the shortest of the last probes' (BBR's min_rtt)."""
+
+    def window_bound_probe(tuner: WindowTuner, client: V2Connection, server: V2Connection,
+                           stream: int) -> list[Window]:
+        # A window consumed in each of the two round trips, each round trip 50 ms long.
+        probe = tuner.start()
+        for _ in range(v2.SAMPLE_ROUND_TRIPS):
+            deliver(client, server, stream, INITIAL_STREAM_WINDOW)
+        return tuner.finish(probe, 0.05, 0.05 * v2.SAMPLE_ROUND_TRIPS)
+
+    server, client, stream = open_download()
+    tuner = WindowTuner(server, WindowLimits())
+    assert tuner.finish(tuner.start(), 0.001, 0.002) == []  # the link's own: 1 ms, idle
+    for _ in range(5):
+        assert window_bound_probe(tuner, client, server, stream) == []
+    assert server.receiving_streams()[stream][1] == INITIAL_STREAM_WINDOW
+    assert server.tunnel_window == INITIAL_TUNNEL_WINDOW
+
+    # The same samples on a link whose round trip is 50 ms do widen it.
+    server, client, stream = open_download()
+    tuner = WindowTuner(server, WindowLimits())
+    assert window_bound_probe(tuner, client, server, stream) != []
+    assert server.receiving_streams()[stream][1] > INITIAL_STREAM_WINDOW
+
+
 def test_the_tunnel_window_grows_with_what_all_streams_consumed() -> None:
     server, client, stream = open_download()
     tuner = WindowTuner(server, WindowLimits(stream=16 * MiB, tunnel=16 * MiB))

@@ -90,9 +90,10 @@ class Watch:
 
 
 async def clients_on(http: httpx.AsyncClient, server: str) -> int:
+    """Tunnel connections on the server, every transport together (-1 if it shows none)."""
     text = (await http.get(server + "/_metrics")).text
-    found = re.search(r"^wstunnel_clients (\d+)$", text, re.M)
-    return int(found.group(1)) if found else -1
+    found = re.findall(r"^wstunnel_clients(?:\{[^}]*\})? (\d+)$", text, re.M)
+    return sum(int(n) for n in found) if found else -1
 
 
 async def fetch(args: argparse.Namespace, watch: Watch) -> dict[str, Any]:

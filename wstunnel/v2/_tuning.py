@@ -23,10 +23,19 @@ one burst where the window allows two, half the rate; so a sample spans SAMPLE_R
 trips and is scaled back to one. The timing itself (a WebSocket ping, a long-poll request) is the
 trio side's: :meth:`WindowTuner.start` when the probe leaves, :meth:`WindowTuner.finish` with the
 round trip's length and the time sampled.
+
+The round trip a probe times is not always the link's: its pong waits behind whatever is queued
+ahead of it, and on a busy link that is mostly the window's own bytes. Scaled by such a round
+trip, a window-bound sample would call for a wider window, whose bytes would lengthen the next
+round trip, and so on to the limit: on loopback, windows of megabytes and the memory they hold
+where a few hundred kilobytes fill the link. So, as BBR does with its ``min_rtt``, a sample is
+scaled to the shortest round trip of the last few probes: the link's own. Across a 50 ms link that
+is about 50 ms, as before; a queue no longer makes a window grow.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from wstunnel.v2._connection import V2Connection
@@ -41,6 +50,9 @@ SAMPLE_ROUND_TRIPS = 2
 # The window a bound sample calls for, as a multiple of the sample: the window doubles per round
 # trip, as TCP's congestion window does in slow start.
 GROWTH = 2**SAMPLE_ROUND_TRIPS
+# How many probes' round trips the shortest is taken from: long enough to span a queue's life,
+# short enough that a link whose round trip grew (a new route) is followed within seconds.
+ROUND_TRIP_MEMORY = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +91,7 @@ class WindowTuner:
         self.probes = 0  # round trips sampled, windows widened, the widest stream window: for
         self.widened = 0  # status pages and tests
         self.widest_stream = INITIAL_STREAM_WINDOW
+        self._round_trips: deque[float] = deque(maxlen=ROUND_TRIP_MEMORY)
 
     def can_grow(self) -> bool:
         """Whether a window is still below its limit: else a probe could change nothing."""
@@ -92,11 +105,14 @@ class WindowTuner:
         return Probe(self.conn.consumed_bytes, streams)
 
     def finish(self, probe: Probe, round_trip: float = 1.0, sampled: float = 1.0) -> list[Window]:
-        """``sampled`` seconds after ``start``, knowing that a round trip takes ``round_trip``:
-        widen what the bytes consumed per round trip call for; the WINDOW frames."""
+        """``sampled`` seconds after ``start``, the probe's ping having taken ``round_trip``:
+        widen what the bytes consumed per round trip of the link (the shortest of the last
+        probes') call for; the WINDOW frames."""
         self.probes += 1
         conn, limits = self.conn, self.limits
-        scale = round_trip / sampled if sampled > 0 else 1.0
+        self._round_trips.append(round_trip)
+        link = min(self._round_trips)
+        scale = link / sampled if sampled > 0 else 1.0
         frames = self._grow(0, int((conn.consumed_bytes - probe.tunnel) * scale),
                             conn.tunnel_window, limits.tunnel)
         for stream, (consumed, window) in conn.receiving_streams().items():
