@@ -335,12 +335,13 @@ def tree_cpu_seconds(pid: int) -> float:
 class Proc:
     """A process in its own process group, output to a log file; ``stop`` ends the whole group."""
 
-    def __init__(self, name: str, argv: list[str], logdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, name: str, argv: list[str], logdir: Path, env: dict[str, str],
+                 cwd: Path = ROOT) -> None:
         self.name = name
         self.log_path = logdir / f"{name}.log"
         with self.log_path.open("ab") as out:
             self.popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, cwd=ROOT, env=env,
+                                          stdin=subprocess.DEVNULL, cwd=cwd, env=env,
                                           start_new_session=True)
         self.pid = self.popen.pid
 
@@ -376,9 +377,10 @@ class Procs:
         self.counter = 0
         self.started: list[int] = []  # every pid, for the record (the test checks none is left)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+              cwd: Path = ROOT) -> Proc:
         self.counter += 1
-        proc = Proc(f"{self.counter:03d}-{name}", argv, self.logdir, env or child_env())
+        proc = Proc(f"{self.counter:03d}-{name}", argv, self.logdir, env or child_env(), cwd)
         self.running.append(proc)
         self.started.append(proc.pid)
         return proc
@@ -396,9 +398,15 @@ class Procs:
                 log(f"stopping {proc.name}: {exc!r}")
 
 
-def child_env(**extra: str) -> dict[str, str]:
+def child_env(*, checkout: bool = True, **extra: str) -> dict[str, str]:
+    """The environment of a child: with this checkout first on its module path for our programs
+    (the daemons run on Debian's python3, not the venv); without it for a ``--reference``, which
+    must run its own code (an older tree of ours would otherwise import this one's)."""
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if checkout:
+        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    else:
+        env.pop("PYTHONPATH", None)
     env.update(extra)
     return env
 
@@ -471,6 +479,15 @@ class Target:
     def headers(self) -> dict[str, str]:
         return {"X-Token": self.token} if self.tunnel else {}
 
+    def env(self, **extra: str) -> dict[str, str]:
+        return child_env(checkout=self.ours, **extra)
+
+    @property
+    def cwd(self) -> Path:
+        """Where its processes start: ``python -m`` looks in the current directory first, so a
+        reference starts outside this checkout."""
+        return ROOT if self.ours else Path("/")
+
     def server_argv(self, port: int) -> list[str]:
         assert self.program is not None
         argv = [*self.program, "srv", "-port", str(port)]
@@ -489,8 +506,8 @@ class Target:
                 "-server", backend]
         if self.ours:
             argv += ["-transport", self.transport] if self.transport else []
-            return argv, child_env(WSTUNCLI_TOKEN=self.token)
-        return [*argv, "-token", self.token], child_env()
+            return argv, self.env(WSTUNCLI_TOKEN=self.token)
+        return [*argv, "-token", self.token], self.env()
 
     def pids(self) -> dict[str, int]:
         if self.server is None or self.client is None:
@@ -500,7 +517,7 @@ class Target:
 
 def start_server(procs: Procs, target: Target, port: int, clock: Clock,
                  name: str = "srv") -> Proc:
-    proc = procs.start(f"{target.name}-{name}", target.server_argv(port))
+    proc = procs.start(f"{target.name}-{name}", target.server_argv(port), target.env(), target.cwd)
 
     def healthy() -> bool:
         if not proc.alive():
@@ -535,7 +552,7 @@ def start_tunnel(procs: Procs, target: Target, backend: str, clock: Clock,
     if link_delay:
         target.link_port = start_link(procs, target.name, target.port, link_delay, clock)
     argv, env = target.client_argv(target.port, backend)
-    target.client = procs.start(f"{target.name}-cli", argv, env)
+    target.client = procs.start(f"{target.name}-cli", argv, env, target.cwd)
     client = target.client
 
     def through() -> bool:
