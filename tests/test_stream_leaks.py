@@ -232,9 +232,19 @@ def cut_round(rig: Rig, n: int) -> None:
         # Both ends must have noticed before the path heals.
         wait_until(lambda: all(rig.server.clients(token) == 0 for token in rig.tokens.values()),
                    timeout=WSTIMEOUT + 10, what="the server to drop the cut tunnels")
-        wait_until(lambda: all("WS   RECONNECT" in client.process.output().rpartition("WS   CONNECTED")[2]
-                               for client in [*rig.steady.values(), rig.flappy]),
-                   timeout=TIMEOUT * 3 + 10, what="every client to notice the cut")
+        clients = {**rig.steady, "flappy": rig.flappy}
+
+        def unaware() -> dict[str, str]:
+            """Each client that has not noticed yet, with its log since it last connected."""
+            return {name: since[-1500:] for name, client in clients.items()
+                    if "WS   RECONNECT" not in (since := client.process.output().rpartition(
+                        "WS   CONNECTED")[2])}
+
+        try:
+            wait_until(lambda: not unaware(), timeout=TIMEOUT * 3 + 10,
+                       what="every client to notice the cut")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; not yet: {unaware()}") from None
     finally:
         rig.space.heal()
     rig.wait_all_connected()

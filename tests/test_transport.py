@@ -252,3 +252,65 @@ async def test_a_quiet_send_waits_behind_a_message_on_its_way() -> None:
             outbox.close()
     assert transport.sent == [[b"1" * 6], [b"2" * 6]]
     assert transport.most_in_flight == 1
+
+
+async def test_an_early_send_outlives_its_tasks_cancellation_but_not_the_tunnels_end() -> None:
+    """A request's cancellation must not cut its message in half while the tunnel lives; once
+    the tunnel is over (a link that fell silent: the send waits for room that never comes),
+    ``abort`` ends the send, so the nursery of the session's handlers can close."""
+    outbox = FrameOutbox(batched=True)
+    transport = RecordingTransport()
+    transport.release = trio.Event()  # the link: silent
+    done: list[str] = []
+
+    async def request() -> None:
+        outbox.hold()
+        outbox.put(b"r" * 6)
+        await outbox.send_early(transport, quiet=True)  # type: ignore[arg-type]
+        done.append("returned")  # cancelled at its next checkpoint, never here
+        await trio.lowlevel.checkpoint()
+
+    async def watchdog() -> None:  # a shielded wait ignores fail_after: the link comes back
+        await trio.sleep(10)
+        done.append("the link came back first")
+        transport.release.set()
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(watchdog)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request)
+            await trio.testing.wait_all_tasks_blocked()
+            assert transport.in_flight == 1
+            nursery.cancel_scope.cancel()
+            # Cancelled, the request still waits on its message: the shield holds.
+            with trio.CancelScope(shield=True):
+                await trio.testing.wait_all_tasks_blocked()
+            assert transport.in_flight == 1 and done == []
+            outbox.abort()
+        outer.cancel_scope.cancel()
+    assert transport.in_flight == 0 and transport.sent == [] and done == ["returned"]
+
+
+async def test_after_abort_no_early_send_starts_and_the_writer_ends() -> None:
+    """The handlers' last sends (in their finally clauses) may come after the session's abort:
+    they must not start a shielded send to the dead link."""
+    outbox = FrameOutbox(batched=True)
+    transport = RecordingTransport()
+    transport.release = trio.Event()  # the link: silent
+    outbox.put(b"a" * 6)
+    outbox.abort()
+    outbox.put(b"b" * 6)  # dropped: the tunnel is gone
+
+    async def watchdog() -> None:
+        await trio.sleep(10)
+        transport.release.set()
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(watchdog)
+        with trio.CancelScope() as cancelled:
+            cancelled.cancel()  # as a handler's finally clause runs: cancelled
+            await outbox.send_early(transport, quiet=True)  # type: ignore[arg-type]
+        outer.cancel_scope.cancel()
+    assert transport.sent == [] and transport.in_flight == 0
+    assert await outbox.next_message() is not None  # the writer may still take what was put
+    assert await outbox.next_message() is None

@@ -126,13 +126,13 @@ class ClientSessionV2:
 
     async def run(self) -> None:
         endpoint = self.endpoint
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                # The writer returns on ConnectionClosed: the receive loop sees the close too and
-                # ends the session with one error, not a group of two it could not describe.
-                nursery.start_soon(endpoint.run_writer)
-                nursery.start_soon(endpoint.run_tuner, self._widened)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            # The writer returns on ConnectionClosed: the receive loop sees the close too and
+            # ends the session with one error, not a group of two it could not describe.
+            nursery.start_soon(endpoint.run_writer)
+            nursery.start_soon(endpoint.run_tuner, self._widened)
+            try:
                 while True:
                     try:
                         await endpoint.receive()  # ConnectionClosed ends the session
@@ -140,8 +140,11 @@ class ClientSessionV2:
                         with trio.move_on_after(2):
                             await self.ws.aclose(1002, "protocol error")
                         raise TunnelMessageError(str(exc)) from None
-        finally:
-            endpoint.close()
+            finally:
+                # Here, before the nursery waits for the handlers: one of them may be sending,
+                # shielded, to a link that fell silent (the keepalive's ping timeout ends the
+                # session), and would hold the session until the kernel gave up on the socket.
+                endpoint.abort()
 
     def _widened(self, rtt: float, grants: list[v2.Window]) -> None:
         log_widened(self.log, self.token, self.endpoint.conn, rtt, grants)

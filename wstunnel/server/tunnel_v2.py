@@ -153,7 +153,7 @@ class TunnelConnectionV2(TunnelConnection):
         await self._receive_frames()
 
     def _lost(self) -> None:
-        self.endpoint.close()
+        self.endpoint.abort()  # a request task's send under way ends now, not with the socket
         reason = f"tunnel connection lost: {self.close_description()}"
         for stream in list(self.streams.values()):
             self._abort(stream, Cut("response", Cause.TUNNEL_LOST, reason))

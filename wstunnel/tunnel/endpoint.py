@@ -168,9 +168,9 @@ class V2Endpoint:
         """The writer task: until the outbox is closed or the transport is."""
         await self._outbox.pump(self.transport)
 
-    def close(self) -> None:
-        """Nothing more will be sent: the writer ends once what was put is out."""
-        self._outbox.close()
+    def abort(self) -> None:
+        """The tunnel is over: ``close``, and end a send under way (FrameOutbox.abort)."""
+        self._outbox.abort()
 
     async def run_tuner(self, widened: Widened | None = None) -> None:
         """The window tuner's task: while windows are granted back (their consumers keep up)

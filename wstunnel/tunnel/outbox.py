@@ -47,6 +47,9 @@ class FrameOutbox:
         self._room = trio.lowlevel.ParkingLot()  # senders waiting for the backlog to shrink
         # The task whose frames do not wake the writer (``hold``), until its ``send_early``.
         self._holder: trio.lowlevel.Task | None = None
+        # The shield of an early send under way: ``abort`` lifts it, and allows no more.
+        self._early: trio.CancelScope | None = None
+        self._aborted = False
 
     @property
     def backlog(self) -> int:
@@ -85,6 +88,18 @@ class FrameOutbox:
         self._ready.unpark_all()
         self._room.unpark_all()
 
+    def abort(self) -> None:
+        """The tunnel is over: ``close``, and end an early send under way despite its shield.
+
+        The shield keeps a request's cancellation from cutting a message in half while the
+        tunnel lives. Once it is over, a send to a link that went silent would wait for room
+        until the kernel gives up on the connection (many minutes), and hold its task, and the
+        nursery that waits for that task, all that time."""
+        self.close()
+        self._aborted = True  # the handlers' last sends, in their finally clauses, come after
+        if self._early is not None:
+            self._early.cancel()
+
     async def pump(self, transport: MessageTransport) -> None:
         """The writer task: send what is put, in order, until closed (or the transport is)."""
         while (message := await self.next_message()) is not None:
@@ -100,11 +115,14 @@ class FrameOutbox:
         Quiet: the caller's is the only request in flight, so nothing would join its frames in
         a batch if they waited for the writer; with many in flight they wait and go together."""
         frames = self._frames
-        if frames and not self._sending and (
+        if frames and not self._sending and not self._aborted and (
                 quiet or (self.batched and len(frames) >= EARLY_SEND_FRAMES)):
             self._holder = None  # what _send leaves behind wakes the writer
-            with trio.CancelScope(shield=True):
-                await self._send(transport, self._take())
+            with trio.CancelScope(shield=True) as self._early:
+                try:
+                    await self._send(transport, self._take())
+                finally:
+                    self._early = None
             return
         self.release()
 
