@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import netns
 from tests.support.debpkg import SharedBuild
 from tests.support.harness import Harness
 
@@ -38,6 +39,22 @@ def harness(tmp_path: Path, transport: str | None) -> Iterator[Harness]:
         h.close()
     leaks = h.leaked_tokens()
     assert not leaks, f"whole tokens in logs: {leaks}"
+
+
+@pytest.fixture
+def namespace() -> Iterator[netns.Netns]:
+    """A network namespace joined to this host by a veth pair: an address that is not loopback,
+    on this host's side (10.213.N.1) and on the far side (10.213.N.2); skips where namespaces
+    cannot be made (netns.unavailable says why)."""
+    reason = netns.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    space = netns.Netns.for_this_process()
+    try:
+        space.create()
+        yield space
+    finally:
+        space.remove()
 
 
 @pytest.fixture(scope="session")

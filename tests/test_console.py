@@ -16,11 +16,9 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.support import netns
 from tests.support.browser import NEEDS_CHROMIUM, chromium
@@ -71,20 +69,6 @@ def no_whole_token(harness: Harness, *texts: str | bytes) -> None:
         leaked = [token[:8] for token in harness.tokens if token in blob]
         assert not leaked, f"whole tokens {leaked} in {blob[:200]!r}..."
 
-
-@pytest.fixture
-def namespace() -> Iterator[netns.Netns]:
-    """A network namespace joined to this host by a veth pair: an address that is not loopback,
-    on this host's side (10.213.N.1) and on the far side (10.213.N.2)."""
-    reason = netns.unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    space = netns.Netns.for_this_process()
-    try:
-        space.create()
-        yield space
-    finally:
-        space.remove()
 
 
 # -- the page, in a browser ----------------------------------------------------------------------

@@ -389,18 +389,6 @@ class NetnsServer(Server):
         return f"ws://{self.tunnel_host}:{self.port}"
 
 
-@pytest.fixture
-def namespace() -> Iterator[netns.Netns]:
-    reason = netns.unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    space = netns.Netns.for_this_process()
-    try:
-        space.create()
-        yield space
-    finally:
-        space.remove()
-
 
 def test_silent_network_cut_is_detected_by_ping_timeout_and_tunnel_heals(
         harness: Harness, namespace: netns.Netns) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -198,18 +197,6 @@ def test_server_killed_mid_stream_the_client_cancels_every_backend_request(
 
 # -- 3. the tunnel cut silently ---------------------------------------------------------------
 
-
-@pytest.fixture
-def namespace() -> Iterator[netns.Netns]:
-    reason = netns.unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    space = netns.Netns.for_this_process()
-    try:
-        space.create()
-        yield space
-    finally:
-        space.remove()
 
 
 @pytest.mark.both_transports
