@@ -27,6 +27,7 @@ import pytest
 import trio
 import trio_websocket
 
+from tests.support.backend_app import body_pieces
 from tests.support.harness import Harness, Server, free_port, wait_until
 from tests.support.wire import (
     answer_forever,
@@ -111,35 +112,11 @@ class StreamingBackend:
 
             do_PUT = do_POST
 
-            def _body_chunks(self) -> Iterator[bytes]:
-                """The request body piece by piece, as it arrives; EOFError if it breaks off."""
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    while True:
-                        line = self.rfile.readline()
-                        if not line:
-                            raise EOFError
-                        size = int(line.split(b";")[0].strip(), 16)
-                        if size == 0:
-                            self.rfile.readline()
-                            return
-                        yield from self._exactly(size)
-                        self.rfile.readline()
-                else:
-                    yield from self._exactly(int(self.headers.get("Content-Length") or 0))
-
-            def _exactly(self, size: int) -> Iterator[bytes]:
-                while size:
-                    chunk = self.rfile.read1(min(size, 256 * 1024))
-                    if not chunk:
-                        raise EOFError
-                    size -= len(chunk)
-                    yield chunk
-
             def _sink(self) -> None:
                 digest = hashlib.sha256()
                 size = 0
                 try:
-                    for chunk in self._body_chunks():
+                    for chunk in body_pieces(self):
                         digest.update(chunk)
                         size += len(chunk)
                         backend.upload_bytes = size

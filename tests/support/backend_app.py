@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BufferedIOBase
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -137,6 +138,35 @@ def page(path: str, query: dict[str, str]) -> tuple[int, bytes, str]:
     return 200, file.read_bytes(), PAGE_TYPES.get(file.suffix, "application/octet-stream")
 
 
+def body_pieces(handler: BaseHTTPRequestHandler) -> Iterator[bytes]:
+    """A request's body piece by piece, as it arrives (chunked or by Content-Length); EOFError if
+    it breaks off."""
+    rfile = handler.rfile
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        while True:
+            line = rfile.readline()
+            if not line:
+                raise EOFError
+            size = int(line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass  # trailer fields
+                return
+            yield from _exactly(rfile, size)
+            rfile.readline()
+    else:
+        yield from _exactly(rfile, int(handler.headers.get("Content-Length") or 0))
+
+
+def _exactly(rfile: BufferedIOBase, size: int) -> Iterator[bytes]:
+    while size:
+        chunk = rfile.read1(min(size, 256 * 1024))
+        if not chunk:
+            raise EOFError
+        size -= len(chunk)
+        yield chunk
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     # Head and body go out in separate writes: with Nagle on, the second can wait ~40 ms for the
@@ -147,32 +177,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def _body(self) -> bytes:
-        return b"".join(self._body_chunks())
-
-    def _body_chunks(self) -> Iterator[bytes]:
-        """The request body piece by piece, as it arrives; EOFError if it breaks off."""
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            while True:
-                line = self.rfile.readline()
-                if not line:
-                    raise EOFError
-                size = int(line.split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass  # trailer fields
-                    return
-                yield from self._exactly(size)
-                self.rfile.readline()
-        else:
-            yield from self._exactly(int(self.headers.get("Content-Length") or 0))
-
-    def _exactly(self, size: int) -> Iterator[bytes]:
-        while size:
-            chunk = self.rfile.read1(min(size, 256 * 1024))
-            if not chunk:
-                raise EOFError
-            size -= len(chunk)
-            yield chunk
+        return b"".join(body_pieces(self))
 
     def _send(self, status: int, body: bytes, content_type: str = "text/plain",
               extra: dict[str, str] | None = None) -> None:
@@ -269,7 +274,7 @@ class Handler(BaseHTTPRequestHandler):
         with STATE.lock:
             STATE.sink_bytes = 0
         try:
-            for chunk in self._body_chunks():
+            for chunk in body_pieces(self):
                 digest.update(chunk)
                 size += len(chunk)
                 with STATE.lock:
