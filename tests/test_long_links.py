@@ -90,6 +90,9 @@ def test_32_mib_each_way_across_the_link_and_the_windows_grow(harness: Harness) 
     assert upload_sha256(server, token, size) == big_body_sha256(size)
     # Uploads: cli receives; its tunnel window grew past the protocol's, one line each time.
     windows = client_windows(harness)
+    print(f"\n[long links] download: srv widened {grown['windows_widened']} times, widest stream "
+          f"window {grown['widest_stream_window']}, tunnel window {grown['tunnel_window']}; "
+          f"upload: cli tunnel windows {windows}")
     assert windows and windows == sorted(windows) and windows[-1] > INITIAL_TUNNEL_WINDOW
 
 
@@ -133,6 +136,8 @@ def test_a_slow_reader_keeps_its_window_and_memory_bounded(harness: Harness) -> 
                      "cli": max(peaks["cli"], rss_mib(cli.pid))}
             time.sleep(0.1)  # the pace of a slow client, not a wait for a condition
         slow = flow(server)
+    print(f"\n[long links] slow reader: {received} bytes in 4 s, peak RSS {peaks} MiB, "
+          f"stream window {slow['widest_stream_window']}, buffered {slow['buffered']}")
     assert received < 2 * MiB
     assert slow["widest_stream_window"] == INITIAL_STREAM_WINDOW and slow["windows_widened"] == 0
     assert slow["buffered"] <= INITIAL_STREAM_WINDOW
@@ -175,6 +180,8 @@ def test_a_small_request_is_not_queued_behind_a_bulk_transfer(harness: Harness,
     finally:
         done.set()
         worker.join(30)
+    print(f"\n[long links] small request ({mb_per_s or 'unbounded'} MB/s link): idle "
+          f"{idle:.3f} s, during a bulk transfer {busy:.3f} s")
     assert busy < idle + 3 * ROUND_TRIP + 0.2, (idle, busy)
 
 
@@ -200,6 +207,7 @@ def test_two_downloads_share_the_link(harness: Harness) -> None:
     shares = [count / sum(counts) for count in counts]
     for worker in workers:
         worker.join(30)
+    print(f"\n[long links] two downloads: shares {[round(x, 3) for x in shares]}")
     assert min(shares) >= 0.4, shares
 
 
@@ -218,6 +226,7 @@ def test_512_mib_down_and_256_mib_up_with_the_shipped_defaults(harness: Harness)
     assert download_sha256(server, token, down) == big_body_sha256(down)
     assert upload_sha256(server, token, up) == big_body_sha256(up)
     peaks = {"srv": peak_rss_mib(server.process.pid), "cli": peak_rss_mib(client.process.pid)}
+    print(f"\n[long links] 512 MiB down, 256 MiB up, shipped defaults: peak RSS {peaks} MiB")
     assert peaks["srv"] < 80 and peaks["cli"] < 80, peaks
 
 
