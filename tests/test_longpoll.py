@@ -261,8 +261,15 @@ def test_a_lost_poll_answer_is_sent_again_and_a_repeated_post_is_taken_once(
         # Its answer "was lost": the client polls again acknowledging 0, and gets batch 1 again.
         again = httpx.get(url, headers={SESSION: sid, "X-Wstunnel-Ack": "0"}, timeout=10)
         assert (again.headers["x-wstunnel-seq"], again.content) == ("1", first.content)
-        empty = httpx.get(url, headers={SESSION: sid, "X-Wstunnel-Ack": "1"}, timeout=10)
-        assert (empty.headers["x-wstunnel-seq"], empty.content) == ("1", b"")
+        # The request's body may have come with its HEAD or after it, as batch 2: then that is
+        # what this poll gets, and only the next one is empty.
+        acked = "1"
+        empty = httpx.get(url, headers={SESSION: sid, "X-Wstunnel-Ack": acked}, timeout=10)
+        if empty.headers["x-wstunnel-seq"] == "2":
+            assert empty.content, "batch 2 without frames"
+            acked = "2"
+            empty = httpx.get(url, headers={SESSION: sid, "X-Wstunnel-Ack": acked}, timeout=10)
+        assert (empty.headers["x-wstunnel-seq"], empty.content) == (acked, b"")
         for seq in ("1", "1", "2"):  # a repeated POST is answered, and not taken twice
             posted = httpx.post(url, headers={SESSION: sid, "X-Wstunnel-Seq": seq}, content=b"",
                                 timeout=10)
