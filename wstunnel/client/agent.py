@@ -46,6 +46,10 @@ RESTART_ONLY_SETTINGS = ("token", "tunnel", "proxy", "client_ports", "certfile",
                          "client_cert", "client_key")
 
 
+# The reason of our Close frame (or long-poll DELETE) when the client stops.
+SHUTTING_DOWN = "client shutting down"
+
+
 class PingTimeout(Exception):
     pass
 
@@ -254,13 +258,18 @@ class TunnelClient:
         self.notifier.status(f"connected to {url} ({transport}) since {since}")
         self._ws = ws
         try:
-            await self._serve(ws, backend)
+            if not self.stopping:  # else close() came while we connected: no transport to close
+                await self._serve(ws, backend)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 if self.stopping:
                     # close() is mid-close-handshake: let it read the reply before we hang up.
+                    # If it came before self._ws was set, the goodbye is said here (a second
+                    # close is harmless), so the server still learns why the client went.
                     await self._goodbye_said.wait()
-                await ws.aclose()
+                    await ws.aclose(1001, SHUTTING_DOWN)
+                else:
+                    await ws.aclose()
             self._ws = None
             nursery.cancel_scope.cancel()
 
@@ -317,7 +326,7 @@ class TunnelClient:
         try:
             if self._ws is not None:
                 with trio.move_on_after(2):
-                    await self._ws.aclose(1001, "client shutting down")
+                    await self._ws.aclose(1001, SHUTTING_DOWN)
         finally:
             self._goodbye_said.set()
 
