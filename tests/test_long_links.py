@@ -27,6 +27,7 @@ from tests.support.harness import Harness, Server, wait_until
 from tests.support.links import older_version, start_link
 
 KiB, MiB = 1024, 1024 * 1024
+FIRST_REQUEST_WINDOW = 2 * MiB  # what our client offers for request bodies as a tunnel opens
 ONE_WAY_MS = 25.0
 ROUND_TRIP = 2 * ONE_WAY_MS / 1000
 INITIAL_STREAM_WINDOW, INITIAL_TUNNEL_WINDOW = 256 * KiB, 4 * MiB
@@ -36,12 +37,12 @@ FIXED_WINDOWS = ("-max-stream-window", str(INITIAL_STREAM_WINDOW),
 
 def tunnel_over_link(harness: Harness, server_flags: tuple[str, ...] = (),
                      client_flags: tuple[str, ...] = (), *, server_tree: Path | None = None,
-                     client_tree: Path | None = None, mb_per_s: float | None = None
-                     ) -> tuple[Server, str]:
+                     client_tree: Path | None = None, mb_per_s: float | None = None,
+                     one_way_ms: float = ONE_WAY_MS) -> tuple[Server, str]:
     """A server, a client dialling it through the long link, and the token."""
     server = (harness.server(*server_flags) if server_tree is None
               else harness.server(*server_flags, cwd=server_tree))
-    link = start_link(harness, server.port, ONE_WAY_MS, mb_per_s)
+    link = start_link(harness, server.port, one_way_ms, mb_per_s)
     token = harness.new_token()
     tree = {} if client_tree is None else {"cwd": client_tree}
     harness.client(f"ws://127.0.0.1:{link}", token, *client_flags, wait=False, **tree)
@@ -71,6 +72,19 @@ def flow(server: Server) -> dict[str, int]:
     (tunnel,) = server.status()["tunnels"]
     (client,) = tunnel["clients"]
     return dict(client["flow"])
+
+
+def agreed_request_windows(harness: Harness) -> list[int]:
+    """The first window of request bodies each of the client's tunnels opened with (its WS
+    CONNECTED lines; the server counts a tunnel once it sent its answer, which may still be on
+    the link: so wait for the first)."""
+    (client,) = [p for p in harness.processes if p.name == "cli"]
+
+    def windows() -> list[int]:
+        return [int(n) for n in re.findall(r"WS   CONNECTED .* request_window=(\d+)", client.output())]
+
+    wait_until(windows, timeout=30, what="the client's WS CONNECTED line")
+    return windows()
 
 
 def client_windows(harness: Harness) -> list[int]:
@@ -106,6 +120,31 @@ def test_fixed_windows_on_both_ends_grant_no_more_than_the_protocol(harness: Har
     assert fixed["windows_widened"] == 0 and fixed["window_probes"] == 0
     assert fixed["tunnel_window"] == INITIAL_TUNNEL_WINDOW
     assert client_windows(harness) == []
+
+
+@pytest.mark.parametrize("agreed", [True, False], ids=["2MiB-first-window", "protocol-first-window"])
+def test_a_request_body_crosses_a_long_link_in_one_round_trip(harness: Harness, agreed: bool) -> None:
+    """The client offers a 2 MiB first window for request bodies as its tunnel opens, and the
+    server takes it: a 1.5 MiB upload across a 2 s round trip then takes one round trip (the
+    body out, the answer back), where the protocol's 256 KiB first window takes two (the rest of
+    the body waits for the grant of the first 256 KiB to come back). Limits at the protocol's
+    windows make the client offer nothing: the contrast, in the same test."""
+    one_way = 1.0
+    server, token = tunnel_over_link(harness, (), () if agreed else FIXED_WINDOWS,
+                                     one_way_ms=one_way * 1000)
+    first_window = FIRST_REQUEST_WINDOW if agreed else INITIAL_STREAM_WINDOW
+    assert flow(server)["request_window"] == first_window
+    assert agreed_request_windows(harness) == [first_window]
+    size = 3 * MiB // 2
+    start = time.monotonic()
+    assert upload_sha256(server, token, size) == big_body_sha256(size)
+    elapsed = time.monotonic() - start
+    print(f"\n[long links] 1.5 MiB upload, {2 * one_way:.0f} s round trip, first window "
+          f"{first_window // KiB} KiB: {elapsed:.2f} s")
+    if agreed:  # one round trip, with a round trip's room for a busy machine
+        assert elapsed < 3 * one_way, elapsed
+    else:  # two round trips at least, whatever the machine
+        assert elapsed >= 4 * one_way, elapsed
 
 
 def rss_mib(pid: int) -> float:
@@ -252,5 +291,10 @@ def test_a_peer_from_before_windows_grew(harness: Harness, fixed_windows_tree: P
     assert upload_sha256(server, token, size) == big_body_sha256(size)
     if older == "client":  # our server widened what the old client may send it
         assert flow(server)["windows_widened"] > 0
+        # The old client offered no first window for request bodies: the protocol's holds.
+        assert flow(server)["request_window"] == INITIAL_STREAM_WINDOW
     else:  # the old server has no flow figures; our client widened what it receives
         assert client_windows(harness), "the new client never widened its window"
+        # Our offer went unanswered: the client keeps the protocol's first window, as the
+        # old server does (else the server's DATA would be refused as beyond a window).
+        assert agreed_request_windows(harness) == [INITIAL_STREAM_WINDOW]

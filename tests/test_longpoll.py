@@ -101,6 +101,11 @@ def test_small_large_post_and_concurrent_requests(harness: Harness) -> None:
     client = harness.client(server, token)
     assert _transports(server, token) == ["longpoll"]
     assert "transport=longpoll" in client.process.output()
+    # The open agreed on a 2 MiB first window for request bodies, as a WebSocket handshake does.
+    (polling,) = _tunnel(server, token)["clients"]
+    assert polling["flow"]["request_window"] == 2 * 1024 * 1024
+    wait_until(lambda: "request_window=2097152" in client.process.output(),
+               what="the client's WS CONNECTED line with the agreed request window")
 
     small = server.get("/hello?x=1", token)
     assert small.status_code == 200 and small.text == "backend page /hello\n"
@@ -109,6 +114,10 @@ def test_small_large_post_and_concurrent_requests(harness: Harness) -> None:
     echoed = server.get("/echo", token, method="POST", content=body)
     assert echoed.status_code == 200
     assert echoed.json()["body"].encode("latin-1") == body
+    body = secrets.token_bytes(5 * 1024 * 1024)  # past the first window: more credit follows
+    sunk = server.get("/sink", token, method="POST", content=body)
+    assert sunk.status_code == 200
+    assert sunk.json()["sha256"] == hashlib.sha256(body).hexdigest()
 
     size = 6 * 1024 * 1024 + 17  # many poll answers of at most 1 MiB each
     digest = hashlib.sha256()
@@ -185,6 +194,8 @@ def test_session_open_checks_token_allowed_tokens_and_password(harness: Harness)
     server = harness.server("-config", str(config))
     assert _open(server, None).status_code == 400
     assert _open(server, "short").status_code == 400
+    window = _open(server, token, **{"X-Wstunnel-Request-Window": "2 MiB"})
+    assert window.status_code == 400 and "X-Wstunnel-Request-Window" in window.text
     assert _open(server, other).status_code == 403
     missing = _open(server, token)
     assert missing.status_code == 401 and "www-authenticate" in missing.headers
@@ -379,6 +390,8 @@ def test_longpoll_through_nginx_buffering_whole_requests_and_responses(
     echoed = server.get("/echo", token, method="POST", content=body)
     assert echoed.status_code == 200 and echoed.json()["body"].encode("latin-1") == body
     assert _transports(server, token) == ["longpoll"]
+    (polling,) = _tunnel(server, token)["clients"]  # the offer and its answer crossed nginx
+    assert polling["flow"]["request_window"] == 2 * 1024 * 1024
 
 
 def test_longpoll_sessions_stay_on_their_instance_behind_the_cluster_config(

@@ -263,6 +263,11 @@ def test_cli_registers_through_nginx_and_curl_gets_answers(frontend: Frontend) -
     tunnel = next(t for t in frontend.server.status()["tunnels"] if t["token"] == frontend.token[:8] + "...")
     assert [c["address"] for c in tunnel["clients"]] == ["127.0.0.1"]
     assert f"wss://localhost:{frontend.nginx.tls_port}" in frontend.client.process.output()
+    # The client's offer of a first window for request bodies crossed nginx, and the server's
+    # answer came back through it (the client logs what was agreed).
+    assert [c["flow"]["request_window"] for c in tunnel["clients"]] == [2 * 1024 * 1024]
+    wait_until(lambda: "request_window=2097152" in frontend.client.process.output(),
+               what="the client's WS CONNECTED line with the agreed request window")
 
     by_header = frontend.curl("/echo/by-header?x=1", token=True)
     assert by_header.status == 200, by_header.body

@@ -416,6 +416,26 @@ def test_tunnel_address_behind_a_trusted_proxy_is_the_forwarded_one(harness: Har
         assert "tunnel00_tun_addr=10.9.8.7" in server.get("/_stats").text
 
 
+@pytest.mark.parametrize("offer", ["lots", "1024"])
+def test_a_request_window_offer_that_is_not_a_window_is_refused_with_400(harness: Harness,
+                                                                        offer: str) -> None:
+    server = harness.server()
+    token = harness.new_token()
+    handshake = (
+        "GET /_tunnel HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Protocol: wstunnel.v2\r\nOrigin: {token}\r\n"
+        f"X-Wstunnel-Request-Window: {offer}\r\n\r\n"
+    ).encode()
+    answer = raw_exchange(server.port, handshake)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert server.clients(token) == 0
+    wait_until(lambda: "X-Wstunnel-Request-Window" in server.process.output(),
+               what="the refusal's WS REFUSE line")
+    harness.client(server, token)  # our client's own offer is taken
+    assert server.get("/after", token).status_code == 200
+
+
 def test_port_in_use_is_one_clear_line(harness: Harness) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

@@ -28,7 +28,7 @@ from wstunnel.client.session_v1 import ClientSessionV1
 from wstunnel.client.session_v2 import ClientSessionV2
 from wstunnel.config import ClientSettings
 from wstunnel.errors import DialError, TunnelMessageError, sole_exception
-from wstunnel.headers import basic_credentials
+from wstunnel.headers import basic_credentials, get
 from wstunnel.logs import EventLogger
 from wstunnel.service import ServiceNotifier
 from wstunnel.tokens import Token
@@ -203,6 +203,7 @@ class TunnelClient:
             await self._connect_longpoll(backend)
             return
         url = self.address.url + self.address.resource
+        offer = v2.offered_request_window(self.settings.window_limits)
         self.log.info("WS   DIAL", token=self.token, url=url,
                       proxy=str(self.proxy) if self.proxy else None)
         async with trio.open_nursery() as nursery:
@@ -214,23 +215,26 @@ class TunnelClient:
                 try:
                     ws = await websocket.connect(
                         stream, self.address.host_header, self.address.resource,
-                        extra_headers=self._handshake_headers(),
+                        extra_headers=self._handshake_headers(offer),
                         # v2 if the server picks it (batched if it knows how); an original
                         # server picks none and we speak v1.
                         subprotocols=[v2.BATCH_SUBPROTOCOL, v2.SUBPROTOCOL],
                         max_message_size=self.settings.max_body_size + framing.MAX_HEAD_SIZE,
                         receive_size=WS_RECEIVE_SIZE,
                     )
+                    request_window = self._agreed_request_window(offer, ws.answer_headers)
                 except BaseException:
                     # Refused, timed out, or the server went in the middle of the handshake:
                     # the socket is ours to close (it leaked, one per failed handshake).
                     await trio.aclose_forcefully(stream)
                     raise
             local = tcp.socket.getsockname()
-            await self._run_connected(nursery, ws, backend, url, local=f"{local[0]}:{local[1]}")
+            await self._run_connected(nursery, ws, backend, url, request_window,
+                                      local=f"{local[0]}:{local[1]}")
 
     async def _connect_longpoll(self, backend: Backend) -> None:
         base = longpoll.poll_base(self.settings.tunnel)
+        offer = v2.offered_request_window(self.settings.window_limits)
         self.log.info("WS   DIAL", token=self.token, url=base + POLL_PATH,
                       proxy=str(self.proxy) if self.proxy else None, transport="longpoll")
         if self._http is None:
@@ -239,27 +243,36 @@ class TunnelClient:
         async with trio.open_nursery() as nursery:
             with trio.fail_after(self.settings.timeout):
                 transport = await longpoll.connect(nursery, self._http, base, token=self.token,
-                                                   headers=self._handshake_headers(),
+                                                   headers=self._handshake_headers(offer),
                                                    request_timeout=self.settings.timeout)
+            try:
+                request_window = self._agreed_request_window(offer, transport.answer_headers)
+            except DialError:
+                await transport.aclose(1002, "bad request window answer")
+                raise
             if self.settings.transport == "auto":
                 nursery.start_soon(self._retry_websocket_later, transport)
             await self._run_connected(nursery, transport, backend, base + POLL_PATH,
-                                      session=transport.sid)
+                                      request_window, session=transport.sid)
 
     async def _run_connected(self, nursery: trio.Nursery, ws: MessageTransport,
-                             backend: Backend, url: str, **details: object) -> None:
-        """Serve a connected transport until it ends; then close it and stop its tasks."""
+                             backend: Backend, url: str, request_window: int,
+                             **details: object) -> None:
+        """Serve a connected transport until it ends; then close it and stop its tasks
+        (``request_window``: the first window of request bodies the opening agreed on)."""
         transport = "longpoll" if isinstance(ws, longpoll.LongPollTransport) else "websocket"
         self.sessions += 1
         self.backoff.reset()
+        v2_tunnel = self._protocol(ws) == "v2"
         self.log.info("WS   CONNECTED", token=self.token, url=url, **details,
-                      protocol=self._protocol(ws), transport=transport)
+                      protocol=self._protocol(ws), transport=transport,
+                      request_window=request_window if v2_tunnel else None)
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.notifier.status(f"connected to {url} ({transport}) since {since}")
         self._ws = ws
         try:
             if not self.stopping:  # else close() came while we connected: no transport to close
-                await self._serve(ws, backend)
+                await self._serve(ws, backend, request_window)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 if self.stopping:
@@ -292,18 +305,29 @@ class TunnelClient:
             await transport.aclose(1000, "trying the WebSocket again")
             return
 
-    def _handshake_headers(self) -> list[tuple[bytes, bytes]]:
+    def _handshake_headers(self, offer: int | None) -> list[tuple[bytes, bytes]]:
+        """Our opening's headers (``offer``: the first window of request bodies we offer)."""
         headers = [
             (b"Origin", self.token.reveal().encode("utf-8", "surrogateescape")),
             (VERSION_HEADER, __version__.encode()),
             (b"User-Agent", f"wstunnel/{__version__}".encode()),
         ]
+        if offer is not None:
+            headers.append((v2.REQUEST_WINDOW_HEADER, str(offer).encode()))
         if self.settings.password is not None:
             # The later Go fork's scheme: HTTP Basic, the token as user name.
             headers.append((b"Authorization", basic_credentials(
                 self.token.reveal(), self.settings.password.get_secret_value()
             )))
         return headers
+
+    @staticmethod
+    def _agreed_request_window(offer: int | None, answer: tuple[tuple[bytes, bytes], ...]) -> int:
+        """The first window of request bodies: ours if the server took our offer, else v2's."""
+        try:
+            return v2.agreed_request_window(offer, get(answer, v2.REQUEST_WINDOW_HEADER.lower()))
+        except ValueError as exc:
+            raise DialError(f"bad opening answer: {exc}") from None
 
     def apply(self, settings: ClientSettings) -> tuple[list[str], list[str]]:
         """Take new settings without a restart; returns (applied, needing a restart)."""
@@ -334,14 +358,14 @@ class TunnelClient:
     def _protocol(ws: MessageTransport) -> str:
         return "v2" if ws.subprotocol in (v2.SUBPROTOCOL, v2.BATCH_SUBPROTOCOL) else "v1"
 
-    async def _serve(self, ws: MessageTransport, backend: Backend) -> None:
+    async def _serve(self, ws: MessageTransport, backend: Backend, request_window: int) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keepalive, ws)
             if self._protocol(ws) == "v2":
                 session = self._session_v2 = self._ended_v2 = ClientSessionV2(
                     ws, backend, limiter=self.limiter, log=self.log, token=self.token,
                     batched=ws.subprotocol == v2.BATCH_SUBPROTOCOL, aborts=self.stream_aborts,
-                    limits=self.settings.window_limits,
+                    limits=self.settings.window_limits, request_window=request_window,
                 )
                 try:
                     await session.run()

@@ -91,8 +91,8 @@ async def connect(nursery: trio.Nursery, http: httpx.AsyncClient, base: str, *, 
     except ValueError:
         raise DialError("long-poll open: the answer is not a session") from None
     transport = LongPollTransport(http, base, opened.session, poll_wait=opened.poll_wait,
-                                  timeout=request_timeout,
-                                  routing=_routing(token))
+                                  timeout=request_timeout, routing=_routing(token),
+                                  answer_headers=tuple(response.headers.raw))
     nursery.start_soon(transport.run)
     return transport
 
@@ -111,9 +111,12 @@ class LongPollTransport(wire.PolledMessages):
     subprotocol = v2.SUBPROTOCOL
 
     def __init__(self, http: httpx.AsyncClient, base: str, sid: str, *, poll_wait: float,
-                 timeout: float, routing: dict[str, str] | None = None) -> None:
+                 timeout: float, routing: dict[str, str] | None = None,
+                 answer_headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__()
         self.http = http
+        # The headers of the server's answer to the open (what else it agreed to).
+        self.answer_headers = answer_headers
         self._routing = routing or {}
         self.url = base + wire.POLL_PATH
         self.sid = Token(sid)  # str() shows a prefix only

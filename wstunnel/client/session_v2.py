@@ -109,13 +109,15 @@ class ClientSessionV2:
     def __init__(self, ws: MessageTransport, backend: Backend, *,
                  limiter: trio.CapacityLimiter, log: EventLogger,
                  token: Token, batched: bool = False, aborts: Counter[str] | None = None,
-                 limits: v2.WindowLimits | None = None) -> None:
+                 limits: v2.WindowLimits | None = None,
+                 request_window: int = v2.INITIAL_STREAM_WINDOW) -> None:
         self.ws = ws
         self.backend = backend
         self.limiter = limiter
         self.log = log
         self.token = token
-        self.endpoint = V2Endpoint("client", ws, self, batched=batched, limits=limits)
+        self.endpoint = V2Endpoint("client", ws, self, batched=batched, limits=limits,
+                                   request_window=request_window)
         self.conn = self.endpoint.conn
         self.streams: dict[int, _Stream] = {}
         self._nursery: trio.Nursery | None = None  # the handlers', while run() runs

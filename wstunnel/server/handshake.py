@@ -46,8 +46,10 @@ def client_version(request: IncomingRequest) -> str:
 def new_connection(rendezvous: Rendezvous, ws: MessageTransport, stream: Activity,
                    settings: ServerSettings, log: EventLogger, *, subprotocol: str | None,
                    addr: str, version: str, transport: str,
-                   client_subject: str | None = None) -> TunnelConnection:
-    """The connection for a tunnel that speaks ``subprotocol`` (None: v1)."""
+                   client_subject: str | None = None,
+                   request_window: int | None = None) -> TunnelConnection:
+    """The connection for a tunnel that speaks ``subprotocol`` (None: v1); ``request_window``
+    is the first window of request bodies the client offered and we took (None: v2's own)."""
     if subprotocol is None:
         return TunnelConnectionV1(rendezvous, ws, stream, addr=addr, client_version=version,
                                   transport=transport, wstimeout=settings.wstimeout, log=log,
@@ -59,6 +61,7 @@ def new_connection(rendezvous: Rendezvous, ws: MessageTransport, stream: Activit
         wstimeout=settings.wstimeout, log=log, httptimeout=settings.httptimeout,
         max_streams=settings.max_streams_per_tunnel, max_stream_size=settings.max_stream_size,
         batched=subprotocol == v2.BATCH_SUBPROTOCOL, limits=settings.window_limits,
+        request_window=request_window or v2.INITIAL_STREAM_WINDOW,
     )
 
 
@@ -82,6 +85,12 @@ class TunnelAcceptor:
         # A missing or short token is admit()'s to refuse, and to count as a failure.
         if origin and len(origin) >= MIN_LENGTH and (key is None or ws_version != b"13"):
             await _refuse(stream, Refusal(400, "Not a WebSocket version 13 handshake"))
+            return
+        try:
+            request_window = v2.accept_request_window(request.header(v2.REQUEST_WINDOW_HEADER.lower()))
+        except ValueError as exc:
+            self.log.warning("WS   REFUSE", addr=addr, err=str(exc))
+            await _refuse(stream, Refusal(400, str(exc)))
             return
         admitted = self.admission.admit(request, addr)
         if isinstance(admitted, Refusal):
@@ -109,7 +118,8 @@ class TunnelAcceptor:
             with trio.fail_after(settings.header_timeout):
                 ws = await websocket.accept(
                     stream, subprotocol=subprotocol,
-                    extra_headers=[(VERSION_HEADER, __version__.encode())],
+                    extra_headers=[(VERSION_HEADER, __version__.encode()),
+                                   *request_window_answer(request_window, subprotocol)],
                     max_message_size=max_message, receive_size=WS_RECEIVE_SIZE,
                 )
         except HandshakeError as exc:
@@ -121,8 +131,17 @@ class TunnelAcceptor:
             self.registry.register(token), ws, stream, settings, self.log,
             subprotocol=subprotocol, addr=addr, version=client_version(request),
             transport="websocket", client_subject=self.admission.client_subject(request),
+            request_window=request_window if subprotocol is not None else None,
         )
         await connection.serve_logged()
+
+
+def request_window_answer(window: int | None, subprotocol: str | None) -> Headers:
+    """The opening's answer to a client's request window offer: the window taken, if any (a v1
+    tunnel has no windows to take it for)."""
+    if window is None or subprotocol is None:
+        return []
+    return [(v2.REQUEST_WINDOW_HEADER, str(window).encode())]
 
 
 def _chosen_subprotocol(request: IncomingRequest) -> str | None:

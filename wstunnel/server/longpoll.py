@@ -33,7 +33,7 @@ from wstunnel.logs import EventLogger
 from wstunnel.server.admission import Admission, Refusal
 from wstunnel.server.connection import TunnelConnection
 from wstunnel.server.front import IncomingRequest
-from wstunnel.server.handshake import client_version, new_connection
+from wstunnel.server.handshake import client_version, new_connection, request_window_answer
 from wstunnel.server.messages import BodyError, BodyTooLarge, RequestBodySource, simple_response
 from wstunnel.server.rendezvous import Registry
 from wstunnel.tokens import Token
@@ -243,6 +243,11 @@ class LongPoll:
         return self.sessions.get(sid.decode("latin-1"))
 
     async def _open(self, request: IncomingRequest) -> framing.Response:
+        try:
+            request_window = v2.accept_request_window(request.header(v2.REQUEST_WINDOW_HEADER.lower()))
+        except ValueError as exc:
+            self.log.warning("WS   REFUSE", addr=self.admission.client_address(request), err=str(exc))
+            return simple_response(400, str(exc))
         addr = self.admission.client_address(request)
         admitted = self.admission.admit(request, addr)
         if isinstance(admitted, Refusal):
@@ -253,12 +258,15 @@ class LongPoll:
             self.registry.register(admitted), session, session, self.settings(), self.log,
             subprotocol=v2.SUBPROTOCOL, addr=addr, version=client_version(request),
             transport="longpoll", client_subject=self.admission.client_subject(request),
+            request_window=request_window,
         )
         self.sessions[sid] = session
         assert self._nursery is not None, "LongPoll.run() is not running"
         await self._nursery.start(self._serve, session, connection)
         body = wire.SessionOpened(sid, self.poll_wait()).encode()
-        return framing.Response(200, b"OK", [(b"Content-Type", b"application/json"), NO_CACHE], body)
+        return framing.Response(200, b"OK", [(b"Content-Type", b"application/json"), NO_CACHE,
+                                             *request_window_answer(request_window, session.subprotocol)],
+                                body)
 
     async def _serve(self, session: PollSession, connection: TunnelConnection, *,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -132,6 +132,7 @@ class TunnelConnectionV2(TunnelConnection):
     def __init__(self, rendezvous: Rendezvous, ws: MessageTransport, stream: Activity, *,
                  httptimeout: float = math.inf, max_streams: int = 256, max_stream_size: int = 0,
                  batched: bool = False, limits: v2.WindowLimits | None = None,
+                 request_window: int = v2.INITIAL_STREAM_WINDOW,
                  **options: Unpack[ConnectionOptions]) -> None:
         super().__init__(rendezvous, ws, stream, **options)
         self.direct = self  # requests are handed to it too (start_now)
@@ -140,7 +141,8 @@ class TunnelConnectionV2(TunnelConnection):
         self.max_stream_size = max_stream_size or math.inf  # of a response body
         # Replaced each time a stream leaves self.streams; the sender waits on it at the cap.
         self._stream_left = trio.Event()
-        self.endpoint = V2Endpoint("server", ws, self, batched=batched, limits=limits)
+        self.endpoint = V2Endpoint("server", ws, self, batched=batched, limits=limits,
+                                   request_window=request_window)
         self.conn = self.endpoint.conn
         self.streams: dict[int, _Stream] = {}
         self._nursery: trio.Nursery | None = None

@@ -82,8 +82,10 @@ class V2Endpoint:
     """A V2Connection, its outbox and its transport, for either role."""
 
     def __init__(self, role: v2.Role, transport: MessageTransport, handler: StreamHandler, *,
-                 batched: bool, limits: v2.WindowLimits | None = None) -> None:
-        self.conn = v2.V2Connection(role)
+                 batched: bool, limits: v2.WindowLimits | None = None,
+                 request_window: int = v2.INITIAL_STREAM_WINDOW) -> None:
+        # request_window: a request body's first window, as the tunnel's opening agreed.
+        self.conn = v2.V2Connection(role, request_window=request_window)
         self.transport = transport
         self.batched = batched  # wstunnel.v2.batch: several frames a message
         self._handler = handler
@@ -246,7 +248,8 @@ class V2Endpoint:
         way, what is buffered and owed, the streams the protocol still tracks, and the tuner's
         probes and widenings."""
         tuner, conn = self.tuner, self.conn
-        return {"tunnel_window": conn.tunnel_window, "widest_stream_window": tuner.widest_stream,
+        return {"tunnel_window": conn.tunnel_window, "request_window": conn.request_window,
+                "widest_stream_window": tuner.widest_stream,
                 "buffered": conn.buffered_bytes, "window_probes": tuner.probes,
                 "windows_widened": tuner.widened, "outbox": self._outbox.backlog,
                 "protocol_streams": conn.open_streams, "send_window": conn.send_window,

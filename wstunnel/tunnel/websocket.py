@@ -60,15 +60,18 @@ class WebSocket:
     __slots__ = (
         "_closed", "_connection", "_is_server", "_max_message_size", "_message_size", "_messages",
         "_parts", "_peer_closed", "_pings", "_read_done", "_reading", "_receive_size", "_send_lock",
-        "_stream", "_stream_end", "subprotocol",
+        "_stream", "_stream_end", "answer_headers", "subprotocol",
     )
 
     def __init__(self, stream: trio.abc.Stream, connection: Connection, *,
-                 subprotocol: str | None, max_message_size: int, receive_size: int) -> None:
+                 subprotocol: str | None, max_message_size: int, receive_size: int,
+                 answer_headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         self._stream = stream
         self._connection = connection
         self._is_server = not connection.client
         self.subprotocol = subprotocol
+        # The client's: the headers of the server's 101 answer (what else it agreed to).
+        self.answer_headers = answer_headers
         self._max_message_size = max_message_size
         self._receive_size = receive_size
         self._closed: CloseReason | None = None
@@ -355,6 +358,7 @@ async def connect(stream: trio.abc.Stream, host: str, resource: str, *,
                 return await _opened(WebSocket(
                     stream, connection, subprotocol=event.subprotocol,
                     max_message_size=max_message_size, receive_size=receive_size,
+                    answer_headers=tuple(event.extra_headers),
                 ))
             if isinstance(event, RejectConnection):
                 if not event.has_body:

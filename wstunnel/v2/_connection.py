@@ -139,7 +139,9 @@ class V2Connection:
 
     ``role`` is "server" for the side that receives HTTP requests and opens streams (``srv``),
     "client" for the side that answers them (``cli``). The window sizes are the protocol's; both
-    ends must use the same, and only tests change them.
+    ends must use the same, and only tests change them, but for ``request_window``: the first
+    window of each request body, which the two ends may agree on as the tunnel opens
+    (``wstunnel.v2.agreed_request_window``).
 
     Methods that send return the frames to send, in order; ``receive`` returns events. A peer's
     violation raises a FramingError (ProtocolError, TunnelMessageError or HttpPayloadError) and
@@ -154,14 +156,17 @@ class V2Connection:
         *,
         stream_window: int = INITIAL_STREAM_WINDOW,
         tunnel_window: int = INITIAL_TUNNEL_WINDOW,
+        request_window: int | None = None,
     ) -> None:
         if role not in ("server", "client"):
             raise ValueError(f"role must be 'server' or 'client', not {role!r}")
-        for window in (stream_window, tunnel_window):
+        request_window = stream_window if request_window is None else request_window
+        for window in (stream_window, tunnel_window, request_window):
             if not 1 <= window <= MAX_WINDOW:
                 raise ValueError(f"window {window} out of range (1 to {MAX_WINDOW})")
         self.role: Role = role
         self._initial_stream_window = stream_window
+        self._request_window = request_window  # a request body's first window (server to client)
         # Credit goes back once half a window is consumed (each stream's, and the tunnel's): few
         # WINDOW frames, and the sender still has the other half to send while the grant travels.
         self._send_window = tunnel_window
@@ -189,6 +194,11 @@ class V2Connection:
     def consumed_bytes(self) -> int:
         """Bytes the application consumed, every stream together, since the tunnel began."""
         return self._consumed
+
+    @property
+    def request_window(self) -> int:
+        """The window each request body starts with (the tunnel's opening agreed on it)."""
+        return self._request_window
 
     @property
     def tunnel_window(self) -> int:
@@ -264,7 +274,7 @@ class V2Connection:
             id=stream,
             sending=_Phase.ENDED if end_stream else _Phase.BODY,
             receiving=_Phase.HEAD,
-            send_window=self._initial_stream_window,
+            send_window=self._request_window,
             receive_window=self._initial_stream_window,
             window=self._initial_stream_window,
             upgrade=_wants_upgrade(headers),
@@ -472,15 +482,15 @@ class V2Connection:
             sending=_Phase.HEAD,
             receiving=_Phase.ENDED if frame.end_stream else _Phase.BODY,
             send_window=self._initial_stream_window,
-            receive_window=self._initial_stream_window,
-            window=self._initial_stream_window,
+            receive_window=self._request_window,
+            window=self._request_window,
             upgrade=_wants_upgrade(headers),
             head_request=method == b"HEAD",
         )
         events: list[Event] = [RequestReceived(stream, method, target, headers, frame.end_stream)]
         if frame.end_stream:
             events.append(StreamEnded(stream, []))
-        elif self.start_window > self._initial_stream_window:
+        elif self.start_window > self._request_window:
             # A request body on a tunnel whose transfers widened their windows: all of that now.
             events += [SendFrame(window) for window in self.widen(stream, self.start_window)]
         return events
