@@ -101,6 +101,16 @@ async def test_close_wakes_every_side_with_its_reason() -> None:
         await session.deliver(1, [b"too late"])
 
 
+async def test_a_closed_session_lets_go_of_what_no_poll_will_take() -> None:
+    session = PollSession("s" * 43)
+    await session.send_message(b"a" * 1000)
+    assert await session.poll(5, ack=0) == (1, [b"a" * 1000])  # kept until acknowledged
+    await session.send_message(b"b" * 3000)
+    assert session.held_bytes == 4000
+    await session.aclose(1001, "bye")
+    assert session.held_bytes == 0
+
+
 async def test_a_sender_waits_above_the_high_water_until_a_poll_takes_frames() -> None:
     session = PollSession("s" * 43)
     big = bytes(SEND_HIGH_WATER // 4 + 1)

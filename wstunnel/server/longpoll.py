@@ -82,6 +82,12 @@ class PollSession(wire.PolledMessages):
         # Pings waiting for the client's next request (see ping).
         self._pongs: list[trio.Event] = []
 
+    @property
+    def held_bytes(self) -> int:
+        """What the session holds for the client: messages queued, and the last batch sent until
+        the client acknowledges it."""
+        return self.queued_bytes + sum(len(message) for message in self._unacked)
+
     # -- MessageTransport (the tunnel connection's side) ------------------------------------
 
     @property
@@ -92,6 +98,9 @@ class PollSession(wire.PolledMessages):
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         if self._closed is None:
             self._close_queues(CloseReason(code, reason))
+            # A closed session answers no more polls: what waited for one goes now.
+            self._discard_unsent()
+            self._unacked = []
             self._answer_pings()
 
     async def ping(self, payload: bytes | None = None) -> None:

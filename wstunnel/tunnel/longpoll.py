@@ -108,6 +108,16 @@ class PolledMessages:
             self._room.unpark_all()
         return batch
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of the messages waiting for the other side to take them."""
+        return self._outbox_bytes
+
+    def _discard_unsent(self) -> None:
+        """Drop the messages no request will carry any more (the session is over)."""
+        self._outbox.clear()
+        self._outbox_bytes = 0
+
     def _close_queues(self, reason: CloseReason) -> None:
         """Closed with ``reason``: every waiter wakes; get_message raises once the inbox is read."""
         if self._closed is None:

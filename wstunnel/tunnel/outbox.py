@@ -96,6 +96,10 @@ class FrameOutbox:
         until the kernel gives up on the connection (many minutes), and hold its task, and the
         nursery that waits for that task, all that time."""
         self.close()
+        # Nobody will send what waits: let it go now, not when the tunnel's last reference does
+        # (a dead tunnel's frames, up to its peer's windows, held until a garbage collection).
+        self._frames.clear()
+        self._backlog = 0
         self._aborted = True  # the handlers' last sends, in their finally clauses, come after
         if self._early is not None:
             self._early.cancel()
