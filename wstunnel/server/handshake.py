@@ -86,11 +86,9 @@ class TunnelAcceptor:
         if origin and len(origin) >= MIN_LENGTH and (key is None or ws_version != b"13"):
             await _refuse(stream, Refusal(400, "Not a WebSocket version 13 handshake"))
             return
-        try:
-            request_window = v2.accept_request_window(request.header(v2.REQUEST_WINDOW_HEADER.lower()))
-        except ValueError as exc:
-            self.log.warning("WS   REFUSE", addr=addr, err=str(exc))
-            await _refuse(stream, Refusal(400, str(exc)))
+        request_window = offered_request_window(request, addr, self.log)
+        if isinstance(request_window, Refusal):
+            await _refuse(stream, request_window)
             return
         admitted = self.admission.admit(request, addr)
         if isinstance(admitted, Refusal):
@@ -131,9 +129,20 @@ class TunnelAcceptor:
             self.registry.register(token), ws, stream, settings, self.log,
             subprotocol=subprotocol, addr=addr, version=client_version(request),
             transport="websocket", client_subject=self.admission.client_subject(request),
-            request_window=request_window if subprotocol is not None else None,
+            request_window=request_window,
         )
         await connection.serve_logged()
+
+
+def offered_request_window(request: IncomingRequest, addr: str, log: EventLogger
+                           ) -> int | Refusal | None:
+    """The first window of request bodies the client's opening offers (None: no offer), or the
+    400 for an offer that is not a window; either transport's opening asks here."""
+    try:
+        return v2.accept_request_window(request.header(v2.REQUEST_WINDOW_HEADER.lower()))
+    except ValueError as exc:
+        log.warning("WS   REFUSE", addr=addr, err=str(exc))
+        return Refusal(400, str(exc))
 
 
 def request_window_answer(window: int | None, subprotocol: str | None) -> Headers:

@@ -33,7 +33,12 @@ from wstunnel.logs import EventLogger
 from wstunnel.server.admission import Admission, Refusal
 from wstunnel.server.connection import TunnelConnection
 from wstunnel.server.front import IncomingRequest
-from wstunnel.server.handshake import client_version, new_connection, request_window_answer
+from wstunnel.server.handshake import (
+    client_version,
+    new_connection,
+    offered_request_window,
+    request_window_answer,
+)
 from wstunnel.server.messages import BodyError, BodyTooLarge, RequestBodySource, simple_response
 from wstunnel.server.rendezvous import Registry
 from wstunnel.tokens import Token
@@ -252,12 +257,10 @@ class LongPoll:
         return self.sessions.get(sid.decode("latin-1"))
 
     async def _open(self, request: IncomingRequest) -> framing.Response:
-        try:
-            request_window = v2.accept_request_window(request.header(v2.REQUEST_WINDOW_HEADER.lower()))
-        except ValueError as exc:
-            self.log.warning("WS   REFUSE", addr=self.admission.client_address(request), err=str(exc))
-            return simple_response(400, str(exc))
         addr = self.admission.client_address(request)
+        request_window = offered_request_window(request, addr, self.log)
+        if isinstance(request_window, Refusal):
+            return request_window.response()
         admitted = self.admission.admit(request, addr)
         if isinstance(admitted, Refusal):
             return admitted.response()
