@@ -27,7 +27,10 @@ from tests.support.harness import Harness, Server, wait_until
 from tests.support.links import older_version, start_link
 
 KiB, MiB = 1024, 1024 * 1024
-FIRST_REQUEST_WINDOW = 2 * MiB  # what our client offers for request bodies as a tunnel opens
+# A body's first window on a tunnel that tunes its windows: what our client offers for request
+# bodies as a tunnel opens, and what our server grants each response with its request.
+FIRST_WINDOW = 2 * MiB
+SLOW_ONE_WAY = 1.0  # seconds: the link on which a body's round trips are counted by the clock
 ONE_WAY_MS = 25.0
 ROUND_TRIP = 2 * ONE_WAY_MS / 1000
 INITIAL_STREAM_WINDOW, INITIAL_TUNNEL_WINDOW = 256 * KiB, 4 * MiB
@@ -129,22 +132,44 @@ def test_a_request_body_crosses_a_long_link_in_one_round_trip(harness: Harness, 
     body out, the answer back), where the protocol's 256 KiB first window takes two (the rest of
     the body waits for the grant of the first 256 KiB to come back). Limits at the protocol's
     windows make the client offer nothing: the contrast, in the same test."""
-    one_way = 1.0
     server, token = tunnel_over_link(harness, (), () if agreed else FIXED_WINDOWS,
-                                     one_way_ms=one_way * 1000)
-    first_window = FIRST_REQUEST_WINDOW if agreed else INITIAL_STREAM_WINDOW
+                                     one_way_ms=SLOW_ONE_WAY * 1000)
+    first_window = FIRST_WINDOW if agreed else INITIAL_STREAM_WINDOW
     assert flow(server)["request_window"] == first_window
     assert agreed_request_windows(harness) == [first_window]
     size = 3 * MiB // 2
     start = time.monotonic()
     assert upload_sha256(server, token, size) == big_body_sha256(size)
-    elapsed = time.monotonic() - start
-    print(f"\n[long links] 1.5 MiB upload, {2 * one_way:.0f} s round trip, first window "
+    assert_round_trips("upload", first_window, time.monotonic() - start, 1 if agreed else 2)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["2MiB-first-window", "protocol-first-window"])
+def test_a_response_crosses_a_long_link_in_one_round_trip(harness: Harness, first: bool) -> None:
+    """The server, which receives responses, grants each its 2 MiB first window with the
+    request, on a tunnel that no transfer has widened yet: a 1.5 MiB download across a 2 s
+    round trip takes one round trip (the request out, the response back), where the protocol's
+    256 KiB first window takes two. Limits at the protocol's windows on the server: the
+    contrast, in the same test."""
+    server, token = tunnel_over_link(harness, () if first else FIXED_WINDOWS, (),
+                                     one_way_ms=SLOW_ONE_WAY * 1000)
+    first_window = FIRST_WINDOW if first else INITIAL_STREAM_WINDOW
+    assert flow(server)["start_window"] == first_window
+    size = 3 * MiB // 2
+    start = time.monotonic()
+    assert download_sha256(server, token, size) == big_body_sha256(size)
+    assert_round_trips("download", first_window, time.monotonic() - start, 1 if first else 2)
+    assert flow(server)["windows_widened"] == 0  # the first window did it, not the tuner
+
+
+def assert_round_trips(what: str, first_window: int, elapsed: float, round_trips: int) -> None:
+    """A 1.5 MiB body across the slow link took ``round_trips`` (one: with a round trip's room
+    for a busy machine; two: at least, whatever the machine)."""
+    print(f"\n[long links] 1.5 MiB {what}, {2 * SLOW_ONE_WAY:.0f} s round trip, first window "
           f"{first_window // KiB} KiB: {elapsed:.2f} s")
-    if agreed:  # one round trip, with a round trip's room for a busy machine
-        assert elapsed < 3 * one_way, elapsed
-    else:  # two round trips at least, whatever the machine
-        assert elapsed >= 4 * one_way, elapsed
+    if round_trips == 1:
+        assert elapsed < 3 * SLOW_ONE_WAY, elapsed
+    else:
+        assert elapsed >= 4 * SLOW_ONE_WAY, elapsed
 
 
 def rss_mib(pid: int) -> float:
@@ -155,8 +180,8 @@ def rss_mib(pid: int) -> float:
 
 
 def test_a_slow_reader_keeps_its_window_and_memory_bounded(harness: Harness) -> None:
-    """An HTTP client reading at 100 KiB/s: its window does not grow, so neither srv nor cli
-    holds much of the download, however fast the backend and the link could go."""
+    """An HTTP client reading at 100 KiB/s: its window does not grow past the first, so neither
+    srv nor cli holds much of the download, however fast the backend and the link could go."""
     server, token = tunnel_over_link(harness)
     (srv,) = [p for p in harness.processes if p.name == "srv"]
     (cli,) = [p for p in harness.processes if p.name == "cli"]
@@ -179,7 +204,7 @@ def test_a_slow_reader_keeps_its_window_and_memory_bounded(harness: Harness) -> 
           f"stream window {slow['widest_stream_window']}, buffered {slow['buffered']}")
     assert received < 2 * MiB
     assert slow["widest_stream_window"] == INITIAL_STREAM_WINDOW and slow["windows_widened"] == 0
-    assert slow["buffered"] <= INITIAL_STREAM_WINDOW
+    assert slow["start_window"] == FIRST_WINDOW and slow["buffered"] <= FIRST_WINDOW
     assert peaks["srv"] < 80 and peaks["cli"] < 80, peaks
 
 

@@ -131,7 +131,8 @@ def test_ends_that_did_not_agree_break_the_protocol() -> None:
 def test_a_window_learned_on_the_tunnel_still_widens_a_request_above_the_agreed_one() -> None:
     client = V2Connection("client", request_window=FIRST_REQUEST_WINDOW)
     server = V2Connection("server", request_window=FIRST_REQUEST_WINDOW)
-    client.start_window = 8 * MiB  # a window tuner reached it on an earlier upload
+    client.start_window = 8 * MiB  # a window tuner reached it on an earlier upload...
+    client.widen(0, 16 * MiB)  # ...and made the tunnel window room for two such streams
     stream, head = server.send_request(b"POST", b"/up", HOST)
     grants = [event.frame for event in deliver(client, head) if isinstance(event, v2.SendFrame)]
     assert grants == [v2.Window(stream, 8 * MiB - FIRST_REQUEST_WINDOW)]

@@ -235,3 +235,67 @@ def test_a_client_whose_windows_grew_widens_a_request_body_at_once() -> None:
     assert v2.SendFrame(Window(stream, 2 * MiB - INITIAL_STREAM_WINDOW)) in events
     _bodiless, head = server.send_request(b"GET", b"/", [(b"Host", b"h")], end_stream=True)
     assert not [e for e in client.receive(v2.encode_frame(head)) if isinstance(e, v2.SendFrame)]
+
+
+def test_the_first_window_is_two_mib_within_the_stream_limit_and_the_protocols_when_fixed() -> None:
+    assert v2.first_window(WindowLimits()) == v2.FIRST_WINDOW == 2 * MiB
+    assert v2.first_window(WindowLimits(stream=MiB)) == MiB
+    fixed = WindowLimits(stream=INITIAL_STREAM_WINDOW, tunnel=INITIAL_TUNNEL_WINDOW)
+    assert fixed.fixed and v2.first_window(fixed) == INITIAL_STREAM_WINDOW
+
+
+def test_a_response_gets_its_first_window_with_the_request_and_can_send_it_at_once() -> None:
+    server, client = V2Connection("server"), V2Connection("client")
+    server.start_window = v2.first_window(WindowLimits())  # as a server's endpoint sets it
+    stream, head = server.send_request(b"GET", b"/1MiB", [(b"Host", b"h")], end_stream=True)
+    grants = server.widen(stream, server.opening_window)  # tunnel_v2 sends these behind the HEAD
+    assert grants == [Window(stream, 2 * MiB - INITIAL_STREAM_WINDOW)]
+    client.receive(v2.encode_frame(head))
+    client.receive(v2.encode_frame(grants[0]))
+    server.receive(v2.encode_frame(client.send_response(stream, 200, b"OK", [])))
+    frames, taken = client.data_frames(stream, bytes(MiB), end_stream=True)
+    assert taken == MiB  # the whole body in the first round trip
+    for frame in frames:
+        server.receive(v2.encode_frame(frame))
+    assert server.buffered_bytes == MiB
+
+
+def stall(server: V2Connection, client: V2Connection, window: int) -> int:
+    """A response whose consumer reads nothing: it is granted the opening window and sent all of
+    it; the window it got."""
+    stream, head = server.send_request(b"GET", b"/big", [(b"Host", b"h")], end_stream=True)
+    client.receive(v2.encode_frame(head))
+    for grant in server.widen(stream, window):
+        client.receive(v2.encode_frame(grant))
+    server.receive(v2.encode_frame(client.send_response(stream, 200, b"OK", [])))
+    frames, taken = client.data_frames(stream, bytes(16 * MiB))
+    for frame in frames:
+        server.receive(v2.encode_frame(frame))
+    return taken
+
+
+def test_stalled_consumers_take_half_of_what_is_left_not_a_whole_learned_window() -> None:
+    server, client = V2Connection("server"), V2Connection("client")
+    server.start_window = 16 * MiB  # a tuner reached it on an earlier transfer...
+    for grant in server.widen(0, 32 * MiB):  # ...and widened the tunnel window to two such streams
+        client.receive(v2.encode_frame(grant))
+    assert server.opening_window == 16 * MiB
+    held = [stall(server, client, server.opening_window) for _ in range(7)]
+    # Each stalled stream took half of what the others left, not a whole 16 MiB: two of them
+    # would have held the tunnel window, and every later stream would wait on them. It now
+    # takes eight, as it takes sixteen at the protocol's 256 KiB windows.
+    assert held == [16 * MiB >> shift for shift in range(7)]
+    assert server.buffered_bytes == sum(held) == 32 * MiB - INITIAL_STREAM_WINDOW
+    # So the stream that comes next still moves: its first window is within the tunnel's.
+    stream, head = server.send_request(b"GET", b"/small", [(b"Host", b"h")], end_stream=True)
+    client.receive(v2.encode_frame(head))
+    server.receive(v2.encode_frame(client.send_response(stream, 200, b"OK", [])))
+    assert server.opening_window == client.send_capacity(stream) == INITIAL_STREAM_WINDOW
+
+
+def test_the_opening_window_never_drops_below_the_protocols_initial_window() -> None:
+    server, client = V2Connection("server"), V2Connection("client")
+    server.start_window = 2 * MiB
+    held = [stall(server, client, server.opening_window) for _ in range(4)]
+    assert held == [2 * MiB, MiB, MiB // 2, INITIAL_STREAM_WINDOW]
+    assert server.opening_window == INITIAL_STREAM_WINDOW  # half of the 1/4 MiB left is less

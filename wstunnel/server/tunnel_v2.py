@@ -256,9 +256,10 @@ class TunnelConnectionV2(TunnelConnection):
         self.in_flight[pending.id] = pending
         stream = _Stream(stream_id, pending, pending.id)
         self.streams[stream_id] = stream
-        # On a tunnel whose transfers have widened their windows, the response may send that
-        # much at once, in the request's own message: a round trip sooner than from its first DATA.
-        self.endpoint.emit(head, *self.conn.widen(stream_id, self.conn.start_window))
+        # The response may send its first window at once (``opening_window``: 2 MiB on a tunnel
+        # that tunes its windows, what its transfers reached once they widened them), granted
+        # in the request's own message: a round trip sooner than from its first DATA.
+        self.endpoint.emit(head, *self.conn.widen(stream_id, self.conn.opening_window))
         self.log.info(
             "WS   SND", token=self.token, id=pending.id, stream=stream_id,
             info=f"{pending.method.decode('latin-1')} {short_target(request.target)}",

@@ -92,7 +92,12 @@ class V2Endpoint:
         self._outbox = FrameOutbox(batched=batched)
         # Replaced each time the peer grants credit; a sender short of credit waits on it.
         self._credit = trio.Event()
-        self.tuner = v2.WindowTuner(self.conn, limits or v2.WindowLimits())
+        limits = limits or v2.WindowLimits()
+        self.tuner = v2.WindowTuner(self.conn, limits)
+        if role == "server":
+            # Responses start with the first window, granted with each request (the client's
+            # request bodies start with theirs by the tunnel's opening: request_window).
+            self.conn.start_window = v2.first_window(limits)
         # Set by a grant of credit while the tuner waits for one (a consumer that keeps up).
         self._granting: trio.Event | None = None
 
@@ -249,7 +254,7 @@ class V2Endpoint:
         probes and widenings."""
         tuner, conn = self.tuner, self.conn
         return {"tunnel_window": conn.tunnel_window, "request_window": conn.request_window,
-                "widest_stream_window": tuner.widest_stream,
+                "widest_stream_window": tuner.widest_stream, "start_window": conn.start_window,
                 "buffered": conn.buffered_bytes, "window_probes": tuner.probes,
                 "windows_widened": tuner.widened, "outbox": self._outbox.backlog,
                 "protocol_streams": conn.open_streams, "send_window": conn.send_window,

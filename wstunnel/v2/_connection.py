@@ -172,9 +172,9 @@ class V2Connection:
         self._send_window = tunnel_window
         self._receive_window = tunnel_window
         self._window = tunnel_window  # the tunnel's receive window's size; it only grows
-        # The receive window a stream gets as soon as its body proves to be more than one DATA
-        # frame: the protocol's initial window, or what the tunnel's streams have needed so far
-        # (a window tuner raises it).
+        # The receive window a stream's body gets at once (within ``opening_window``'s bound):
+        # the protocol's initial window, a first window its owner sets (``first_window``), or
+        # what the tunnel's streams have needed so far (a window tuner raises it).
         self.start_window = stream_window
         self._unacked = 0
         self._buffered = 0
@@ -194,6 +194,23 @@ class V2Connection:
     def consumed_bytes(self) -> int:
         """Bytes the application consumed, every stream together, since the tunnel began."""
         return self._consumed
+
+    @property
+    def opening_window(self) -> int:
+        """The receive window a new stream's body gets at once: ``start_window``, but no more
+        than half of the tunnel window its consumers do not hold, and never less than the
+        protocol's initial window.
+
+        A consumer that does not read (an HTTP client gone quiet, a backend that stopped taking
+        a request body) holds what it was sent, and the tunnel window with it. Were each new
+        stream to get ``start_window`` regardless, two such streams could hold a whole tunnel
+        window and leave every other stream of the tunnel waiting on them; halving what is
+        left keeps room for the next stream however many consumers stall."""
+        return self._opening_window(self._buffered)
+
+    def _opening_window(self, held: int) -> int:
+        # held: what the consumers of the tunnel's other streams have been sent and not read.
+        return max(self._initial_stream_window, min(self.start_window, (self._window - held) >> 1))
 
     @property
     def request_window(self) -> int:
@@ -490,9 +507,9 @@ class V2Connection:
         events: list[Event] = [RequestReceived(stream, method, target, headers, frame.end_stream)]
         if frame.end_stream:
             events.append(StreamEnded(stream, []))
-        elif self.start_window > self._request_window:
+        elif (opening := self.opening_window) > self._request_window:
             # A request body on a tunnel whose transfers widened their windows: all of that now.
-            events += [SendFrame(window) for window in self.widen(stream, self.start_window)]
+            events += [SendFrame(window) for window in self.widen(stream, opening)]
         return events
 
     def _on_response(self, frame: Head) -> list[Event]:
@@ -555,8 +572,9 @@ class V2Connection:
             state.receiving = _Phase.ENDED
             events.append(StreamEnded(stream, []))
             self._forget_if_done(state)
-        elif state.window < self.start_window:
-            events += [SendFrame(window) for window in self.widen(stream, self.start_window)]
+        elif state.window < self.start_window and state.window < (
+                opening := self._opening_window(self._buffered - state.buffered)):
+            events += [SendFrame(window) for window in self.widen(stream, opening)]
         return events
 
     def _on_end(self, frame: End) -> list[Event]:

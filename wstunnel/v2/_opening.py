@@ -18,7 +18,7 @@ all its streams together stay within its tunnel window (4 MiB at first).
 from __future__ import annotations
 
 from wstunnel.v2._frames import INITIAL_STREAM_WINDOW, MAX_WINDOW
-from wstunnel.v2._tuning import WindowLimits
+from wstunnel.v2._tuning import FIRST_WINDOW, WindowLimits, first_window
 
 __all__ = [
     "FIRST_REQUEST_WINDOW",
@@ -30,16 +30,15 @@ __all__ = [
 
 # Named in the client's opening (its offer) and in the server's answer (what it took).
 REQUEST_WINDOW_HEADER = b"X-Wstunnel-Request-Window"
-# What our client offers: a few MiB bodies cross in one round trip, and half the initial tunnel
-# window leaves the other half to the requests beside it.
-FIRST_REQUEST_WINDOW = 2 * 1024 * 1024
+# What our client offers: the first window of any body on a tunnel that tunes its windows.
+FIRST_REQUEST_WINDOW = FIRST_WINDOW
 _MAX_DIGITS = len(str(MAX_WINDOW))
 
 
 def offered_request_window(limits: WindowLimits) -> int | None:
     """What a client offers: ``FIRST_REQUEST_WINDOW`` within its stream window limit; None (no
     header) when that is the protocol's own first window."""
-    window = min(FIRST_REQUEST_WINDOW, limits.stream)
+    window = first_window(limits)
     return window if window > INITIAL_STREAM_WINDOW else None
 
 

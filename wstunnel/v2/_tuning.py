@@ -41,7 +41,16 @@ from dataclasses import dataclass
 from wstunnel.v2._connection import V2Connection
 from wstunnel.v2._frames import INITIAL_STREAM_WINDOW, INITIAL_TUNNEL_WINDOW, MAX_WINDOW, Window
 
-__all__ = ["SAMPLE_ROUND_TRIPS", "Probe", "WindowLimits", "WindowTuner"]
+__all__ = ["FIRST_WINDOW", "SAMPLE_ROUND_TRIPS", "Probe", "WindowLimits", "WindowTuner", "first_window"]
+
+# The first window of a body on a tunnel whose windows follow the link, before any transfer has
+# taught it more: a response's (the server grants it with the request) and a request body's (the
+# two ends agree on it as the tunnel opens: ``wstunnel.v2.offered_request_window``). A body of a
+# few MiB, most responses and uploads, then crosses a long link in one round trip, as through the
+# original, which has no flow control; a 1 MiB download across a 50 ms link took two round trips
+# at the protocol's 256 KiB. Half the initial tunnel window, so that one stalled consumer leaves
+# the other half to the streams beside it (``V2Connection.opening_window``).
+FIRST_WINDOW = 2 * 1024 * 1024
 
 # A sample at least this share of the window means the window held the sender back.
 _BOUND_NUMERATOR, _BOUND_DENOMINATOR = 2, 3
@@ -72,6 +81,12 @@ class WindowLimits:
     def fixed(self) -> bool:
         """The protocol's initial windows, never widened (as a peer from before tuning)."""
         return self.stream == INITIAL_STREAM_WINDOW and self.tunnel == INITIAL_TUNNEL_WINDOW
+
+
+def first_window(limits: WindowLimits) -> int:
+    """The first window of a body received under ``limits``: ``FIRST_WINDOW`` within the stream
+    window's limit; the protocol's initial window when the windows are fixed."""
+    return min(FIRST_WINDOW, limits.stream)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,10 +143,12 @@ class WindowTuner:
         frames = self.conn.widen(stream, size)
         if frames:
             self.widened += 1
-            if stream and size > self.widest_stream:
+            if stream:
+                self.widest_stream = max(self.widest_stream, size)
+            if stream and size > self.conn.start_window:
                 # The next transfer on this tunnel starts where this one got to; and the tunnel
                 # window makes room for it and one more: a stream's window is of no use beyond
                 # the tunnel's, which would otherwise grow only once every stream together hit it.
-                self.widest_stream = self.conn.start_window = size
+                self.conn.start_window = size
                 frames += self.conn.widen(0, min(self.limits.tunnel, 2 * size))
         return frames
