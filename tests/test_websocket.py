@@ -4,6 +4,8 @@ refusals, and a peer that vanishes."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -409,3 +411,65 @@ async def test_a_message_in_the_same_read_as_the_101_is_delivered_at_once() -> N
                 assert await ws.get_message() == b"right behind the 101"
             done.set()
             await ws.aclose()
+
+
+async def test_frames_behind_the_101_are_read_even_when_one_is_cut_by_the_read() -> None:
+    """The handshake is given its head alone: the bytes after the 101 are frames, whole or not
+    (here a 100 KiB message whose start shares the 101's read)."""
+    big = bytes(range(256)) * 400
+    done = trio.Event()
+
+    async def accept_and_send_at_once(stream: trio.SocketStream) -> None:
+        handshake = H11Handshake(ConnectionType.SERVER)
+        while not any(isinstance(event, Request) for event in handshake.events()):
+            handshake.receive_data(await stream.receive_some(65536))
+        opening = handshake.send(AcceptConnection())
+        connection = handshake.connection
+        assert connection is not None
+        await stream.send_all(opening + connection.send(BytesMessage(b"first"))
+                              + connection.send(BytesMessage(big)))
+        await done.wait()
+        await stream.aclose()
+
+    with trio.fail_after(10):
+        async with tcp_server(accept_and_send_at_once) as port:
+            ws = await dial(port, receive_size=1024)  # the 101's read ends inside the frame
+            assert await ws.get_message() == b"first"
+            assert await ws.get_message() == big
+            done.set()
+            await ws.aclose()
+
+
+async def test_no_extension_is_agreed_either_way() -> None:
+    """The frame codec knows no extension: our server agrees to none a client offers, and our
+    client refuses a 101 that names one (permessage-deflate) as a handshake error."""
+    with trio.fail_after(10):
+        async with our_server(read_until_closed) as port:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(
+                b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Protocol: one\r\n"
+                b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += await stream.receive_some(65536)
+            await stream.aclose()
+        assert answer.startswith(b"HTTP/1.1 101 ")
+        assert b"sec-websocket-extensions" not in answer.lower()
+
+        async def agree_to_deflate(stream: trio.SocketStream) -> None:
+            request = await stream.receive_some(65536)
+            key = re.search(rb"(?i)sec-websocket-key: *([^\r\n]+)", request)
+            assert key is not None
+            token = base64.b64encode(hashlib.sha1(  # RFC 6455 4.2.2's accept token
+                key.group(1) + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            await stream.send_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + token + b"\r\n"
+                b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n")
+            await stream.aclose()
+
+        async with tcp_server(agree_to_deflate) as port:
+            with pytest.raises(HandshakeError, match="extension"):
+                await dial(port)
