@@ -387,25 +387,32 @@ async def test_the_server_answers_a_request_that_is_no_upgrade_with_400() -> Non
     assert failures and "upgrade" in str(failures[0]).lower()
 
 
-async def test_a_message_in_the_same_read_as_the_101_is_delivered_at_once() -> None:
-    """A server may send its first frame right behind the 101 (ours sends a waiting request as
-    soon as the tunnel is registered): both can arrive in one read, and the message must not
-    wait for the next bytes."""
-    done = trio.Event()
+def accept_and_send_at_once(done: trio.Event, *messages: bytes
+                            ) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """A server (wsproto's, independent of ours) that sends ``messages`` in the write of its
+    101, then nothing more until ``done``."""
 
-    async def accept_and_send_at_once(stream: trio.SocketStream) -> None:
+    async def serve(stream: trio.SocketStream) -> None:
         handshake = H11Handshake(ConnectionType.SERVER)
         while not any(isinstance(event, Request) for event in handshake.events()):
             handshake.receive_data(await stream.receive_some(65536))
         opening = handshake.send(AcceptConnection())
         connection = handshake.connection
         assert connection is not None
-        await stream.send_all(opening + connection.send(BytesMessage(b"right behind the 101")))
+        await stream.send_all(opening + b"".join(connection.send(BytesMessage(m)) for m in messages))
         await done.wait()  # and nothing more on the socket
         await stream.aclose()
 
+    return serve
+
+
+async def test_a_message_in_the_same_read_as_the_101_is_delivered_at_once() -> None:
+    """A server may send its first frame right behind the 101 (ours sends a waiting request as
+    soon as the tunnel is registered): both can arrive in one read, and the message must not
+    wait for the next bytes."""
+    done = trio.Event()
     with trio.fail_after(10):
-        async with tcp_server(accept_and_send_at_once) as port:
+        async with tcp_server(accept_and_send_at_once(done, b"right behind the 101")) as port:
             ws = await dial(port)
             with trio.fail_after(2):
                 assert await ws.get_message() == b"right behind the 101"
@@ -418,21 +425,8 @@ async def test_frames_behind_the_101_are_read_even_when_one_is_cut_by_the_read()
     (here a 100 KiB message whose start shares the 101's read)."""
     big = bytes(range(256)) * 400
     done = trio.Event()
-
-    async def accept_and_send_at_once(stream: trio.SocketStream) -> None:
-        handshake = H11Handshake(ConnectionType.SERVER)
-        while not any(isinstance(event, Request) for event in handshake.events()):
-            handshake.receive_data(await stream.receive_some(65536))
-        opening = handshake.send(AcceptConnection())
-        connection = handshake.connection
-        assert connection is not None
-        await stream.send_all(opening + connection.send(BytesMessage(b"first"))
-                              + connection.send(BytesMessage(big)))
-        await done.wait()
-        await stream.aclose()
-
     with trio.fail_after(10):
-        async with tcp_server(accept_and_send_at_once) as port:
+        async with tcp_server(accept_and_send_at_once(done, b"first", big)) as port:
             ws = await dial(port, receive_size=1024)  # the 101's read ends inside the frame
             assert await ws.get_message() == b"first"
             assert await ws.get_message() == big

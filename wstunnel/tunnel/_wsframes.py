@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 
 __all__ = [
     "INVALID_PAYLOAD", "MESSAGE_TOO_BIG", "NO_STATUS", "PROTOCOL_ERROR", "Close", "Event",
@@ -129,50 +130,30 @@ def encode_close(code: int | None, reason: str | None, *, masked: bool) -> bytes
 
 # -- reading -------------------------------------------------------------------------------------
 
+@dataclass(frozen=True, slots=True)
 class Ping:
-    __slots__ = ("payload",)
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-
-    def __repr__(self) -> str:
-        return f"Ping({self.payload!r})"
+    payload: bytes
 
 
+@dataclass(frozen=True, slots=True)
 class Pong:
-    __slots__ = ("payload",)
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-
-    def __repr__(self) -> str:
-        return f"Pong({self.payload!r})"
+    payload: bytes
 
 
+@dataclass(frozen=True, slots=True)
 class Close:
     """The peer's Close frame: its code (1005 when it gave none) and reason."""
 
-    __slots__ = ("code", "reason")
-
-    def __init__(self, code: int, reason: str) -> None:
-        self.code = code
-        self.reason = reason
-
-    def __repr__(self) -> str:
-        return f"Close({self.code}, {self.reason!r})"
+    code: int
+    reason: str
 
 
+@dataclass(frozen=True, slots=True)
 class Failure:
     """The peer broke the protocol: close the WebSocket with ``code`` and ``reason``."""
 
-    __slots__ = ("code", "reason")
-
-    def __init__(self, code: int, reason: str) -> None:
-        self.code = code
-        self.reason = reason
-
-    def __repr__(self) -> str:
-        return f"Failure({self.code}, {self.reason!r})"
+    code: int
+    reason: str
 
 
 Event = bytes | str | Ping | Pong | Close | Failure
