@@ -884,12 +884,17 @@ def test_fast_journal_messages_are_the_record_path_messages(
     private_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent: list[tuple[str, dict[str, str]]] = []
+    code_fields: list[list[str]] = []
 
-    def send(message: str, **fields: str) -> None:
-        sent.append((message, fields))
+    def sendv(*args: str) -> None:
+        # journal.sendv's arguments: "KEY=value" each, MESSAGE first, as journal.send makes them.
+        pairs = [arg.split("=", 1) for arg in args]
+        assert pairs[0][0] == "MESSAGE"
+        code_fields.append([arg for arg in args if arg.startswith("CODE_")])
+        sent.append((pairs[0][1], {key: value for key, value in pairs[1:] if not key.startswith("CODE_")}))
 
     package = types.ModuleType("systemd")
-    package.journal = types.SimpleNamespace(send=send)  # type: ignore[attr-defined]
+    package.journal = types.SimpleNamespace(sendv=sendv)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "systemd", package)
     handler = logs.JournalHandler("wstunsrv")
     handler.setFormatter(LineFormatter(timestamps=False))
@@ -912,6 +917,12 @@ def test_fast_journal_messages_are_the_record_path_messages(
     )
     assert sent[1][1]["PRIORITY"] == "4"
     assert all(token.reveal() not in message + "".join(fields.values()) for message, fields in sent)
+    # CODE_* name this module's send call, as journal.send's look at its caller found it.
+    for found in code_fields:
+        assert [field.split("=")[0] for field in found] == ["CODE_FILE", "CODE_LINE", "CODE_FUNC"]
+        assert found[0] == f"CODE_FILE={logs.__file__}"
+        assert int(found[1].removeprefix("CODE_LINE=")) > 0
+    assert [found[2] for found in code_fields] == ["CODE_FUNC=_send_event"] * 2 + ["CODE_FUNC=emit"] * 2
 
 
 def test_each_token_renders_as_its_own_prefix_however_many_come_and_go() -> None:
