@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from systemd import journal
 
-from wstunnel import logs
+from wstunnel import logs, logtargets
 from wstunnel.logs import EventLogger, LineFormatter
 from wstunnel.tokens import Token
 
@@ -171,7 +171,7 @@ def test_journal_gets_what_journal_send_sends(private_logger: logging.Logger,
     # is the one thing replaced: there is no journald here (tests/test_systemd.py has one).
     calls: list[tuple[str, ...]] = []
     monkeypatch.setattr(journal, "sendv", lambda *args: calls.append(args))
-    handler = logs.JournalHandler("wstunsrv")
+    handler = logtargets.JournalHandler("wstunsrv")
     handler.setFormatter(LineFormatter(timestamps=False))
     _add(private_logger, handler)
     _refuse_records(private_logger, monkeypatch)
@@ -180,7 +180,7 @@ def test_journal_gets_what_journal_send_sends(private_logger: logging.Logger,
     calls.clear()
     for line, priority, fields in zip(EXPECTED_LINES, EXPECTED_PRIORITIES, EXPECTED_JOURNAL_FIELDS,
                                       strict=True):
-        journal.send(line, CODE_FILE=logs.__file__, CODE_LINE=1, CODE_FUNC="_send_event",
+        journal.send(line, CODE_FILE=logtargets.__file__, CODE_LINE=1, CODE_FUNC="_send_event",
                      PRIORITY=priority, SYSLOG_IDENTIFIER="wstunsrv", **fields)
     theirs = calls[:]
 

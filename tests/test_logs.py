@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 
-from wstunnel import logs
+from wstunnel import logs, logtargets
 from wstunnel.logs import (
     EventLogger,
     LineFormatter,
     ReopenableFileHandler,
-    configure,
     format_event,
     reopen_files,
 )
+from wstunnel.logtargets import configure
 from wstunnel.tokens import Token
 
 SECRET = "tech_xyz_0123456789_do_not_log"
@@ -377,7 +377,7 @@ def syslog_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     sock.settimeout(5)  # only guards against a hang: the datagram is sent before we read
-    monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(path))
+    monkeypatch.setattr(logtargets, "SYSLOG_SOCKET", str(path))
     try:
         yield sock
     finally:
@@ -410,7 +410,7 @@ def test_syslog_socket_is_looked_up_at_configure_time(
     syslog_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     configure(name="wstuncli", syslog_tag="custom-tag")
-    monkeypatch.setattr(logs, "SYSLOG_SOCKET", "/nonexistent/socket")  # too late to matter
+    monkeypatch.setattr(logtargets, "SYSLOG_SOCKET", "/nonexistent/socket")  # too late to matter
     EventLogger("WStuncli").info("WS   CONNECTED", url="ws://h")
     assert syslog_socket.recv(65536) == (
         b"<30>custom-tag[%d]: INFO WS   CONNECTED pkg=WStuncli url=ws://h\x00" % os.getpid()
@@ -448,7 +448,7 @@ def test_syslog_daemon_started_after_us_gets_the_next_lines(
     path = tmp_path / "log"
     if len(os.fsencode(path)) > 100:
         pytest.skip("temporary directory path too long for a unix socket")
-    monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(path))
+    monkeypatch.setattr(logtargets, "SYSLOG_SOCKET", str(path))
     monkeypatch.setattr(logging, "raiseExceptions", True)
     configure(name="wstuncli", syslog_tag="wstuncli")  # no socket yet: as openlog(3), no error
     log = EventLogger("WStuncli")
@@ -468,7 +468,7 @@ def test_syslog_on_a_stream_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         listener.bind(str(path))
         listener.listen(1)
         listener.settimeout(5)
-        monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(path))
+        monkeypatch.setattr(logtargets, "SYSLOG_SOCKET", str(path))
         configure(name="wstunsrv", syslog_tag="wstunsrv")
         connection, _ = listener.accept()
         with connection:
@@ -492,7 +492,7 @@ def test_journal_fields_carry_the_token_prefix_id_status_and_event(
     logger, handler = captured
     token = Token("abcdefgh-the-rest-is-secret")
     logger.info("HTTP RET", token=token, id=19, status=401, url="/a b", err=None, try_="")
-    fields = logs.journal_fields(handler.records[-1])
+    fields = logtargets.journal_fields(handler.records[-1])
     assert fields == {
         "WSTUNNEL_EVENT": "HTTP RET",
         "WSTUNNEL_PKG": "WStunsrv",
@@ -507,7 +507,7 @@ def test_journal_fields_carry_the_token_prefix_id_status_and_event(
 def test_event_names_are_normalised_for_the_journal(captured: tuple[EventLogger, ListHandler]) -> None:
     logger, handler = captured
     logger.info("WS   SND", id=1)
-    assert logs.journal_fields(handler.records[-1])["WSTUNNEL_EVENT"] == "WS SND"
+    assert logtargets.journal_fields(handler.records[-1])["WSTUNNEL_EVENT"] == "WS SND"
 
 
 def test_under_journald_compares_stderr_with_journal_stream(tmp_path: Path,
@@ -516,10 +516,10 @@ def test_under_journald_compares_stderr_with_journal_stream(tmp_path: Path,
     with target.open("w") as stream:
         monkeypatch.setattr(sys, "stderr", stream)
         info = os.fstat(stream.fileno())
-        assert logs.under_journald({"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"})
-        assert not logs.under_journald({"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino + 1}"})
-        assert not logs.under_journald({"JOURNAL_STREAM": "garbage"})
-        assert not logs.under_journald({})
+        assert logtargets.under_journald({"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"})
+        assert not logtargets.under_journald({"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino + 1}"})
+        assert not logtargets.under_journald({"JOURNAL_STREAM": "garbage"})
+        assert not logtargets.under_journald({})
 
 
 # -- the fast path: wstunnel's own handlers without LogRecords -----------------------------------
@@ -542,7 +542,7 @@ def private_logger(monkeypatch: pytest.MonkeyPatch) -> Iterator[logging.Logger]:
     finally:
         logger.propagate = True
         for handler in list(logger.handlers):
-            if isinstance(handler, (ReopenableFileHandler, logs.LineStreamHandler, logs.JournalHandler,
+            if isinstance(handler, (ReopenableFileHandler, logs.LineStreamHandler, logtargets.JournalHandler,
                                     ListHandler)):  # not pytest's own, which pytest removes
                 logger.removeHandler(handler)
                 handler.close()
@@ -896,7 +896,7 @@ def test_fast_journal_messages_are_the_record_path_messages(
     package = types.ModuleType("systemd")
     package.journal = types.SimpleNamespace(sendv=sendv)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "systemd", package)
-    handler = logs.JournalHandler("wstunsrv")
+    handler = logtargets.JournalHandler("wstunsrv")
     handler.setFormatter(LineFormatter(timestamps=False))
     _add(private_logger, handler)
     log = EventLogger("WStunsrv", private_logger)
@@ -920,7 +920,7 @@ def test_fast_journal_messages_are_the_record_path_messages(
     # CODE_* name this module's send call, as journal.send's look at its caller found it.
     for found in code_fields:
         assert [field.split("=")[0] for field in found] == ["CODE_FILE", "CODE_LINE", "CODE_FUNC"]
-        assert found[0] == f"CODE_FILE={logs.__file__}"
+        assert found[0] == f"CODE_FILE={logtargets.__file__}"
         assert int(found[1].removeprefix("CODE_LINE=")) > 0
     assert [found[2] for found in code_fields] == ["CODE_FUNC=_send_event"] * 2 + ["CODE_FUNC=emit"] * 2
 

@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeVar
 
 import trio
 
-from wstunnel import __version__, daemon, limits, logs
+from wstunnel import __version__, daemon, limits, logs, logtargets
 from wstunnel.config import (
     ClientSettings,
     FlagParser,
@@ -223,7 +223,7 @@ def _run(main: Callable[[], Awaitable[None]]) -> None:
 
 
 def _configure_logs(name: str, settings: ServerSettings | ClientSettings) -> None:
-    logs.configure(name=name, level=settings.log_level, logfile=settings.logfile,
+    logtargets.configure(name=name, level=settings.log_level, logfile=settings.logfile,
                    syslog_tag=settings.syslog, target=settings.log_target)
 
 
