@@ -84,6 +84,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+from bench_journal import JournalSink, rerun_in_private_mounts
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -1041,6 +1042,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--link-delay", type=float, default=0.0, metavar="MS",
                         help="a relay holding bytes MS ms each way between cli and srv, and the same "
                              "relay on the direct path to nginx: a long link (0: none)")
+    parser.add_argument("--log-target", choices=["stderr", "journal"], default="stderr",
+                        help="where our daemons log: stderr (default), or journald as under their "
+                             "systemd units, to a journal socket of the run's own (root only; "
+                             "scripts/bench_journal.py)")
     parser.add_argument("--json", type=Path, help="write every result here")
     parser.add_argument("--logs", type=Path, help="copy every process's log to this directory")
     parser.add_argument("--deadline", type=float, default=None,
@@ -1162,7 +1167,11 @@ def run(args: argparse.Namespace) -> int:
         targets.append(Target(name, [program]))
     runs: list[dict[str, Any]] = []
     status = "complete"
+    journal = JournalSink() if args.log_target == "journal" else None
     with tempfile.TemporaryDirectory(prefix="wstunnel-bench-") as tmp, contextlib.ExitStack() as stack:
+        if journal is not None:
+            stack.enter_context(journal.running())
+            log("our daemons log to journald: a journal socket of this run's own")
         work = Path(tmp)
         (work / "logs").mkdir()
         procs = Procs(work / "logs")
@@ -1229,8 +1238,11 @@ def run(args: argparse.Namespace) -> int:
     table = render_table(summary, names)
     runtime = round(time.time() - wall_start, 1)
     print(table)
+    logged = ("" if journal is None else
+              f"; our daemons logged to journald: {journal.entries} entries"
+              + (f" ({journal.malformed} without MESSAGE)" if journal.malformed else ""))
     print(f"\nmedians over {cfg.rounds} round(s), {cfg.duration} s per wrk run; x = tunnel / direct;"
-          f" error counts summed over rounds; {status}; {runtime} s")
+          f" error counts summed over rounds; {status}; {runtime} s{logged}")
     if args.json:
         document = {
             "status": status,
@@ -1242,7 +1254,10 @@ def run(args: argparse.Namespace) -> int:
                        "transfer_duration_s": cfg.transfer_duration, "sizes": cfg.sizes,
                        "idle": cfg.idle, "tokens": cfg.tokens, "reconnect_cap_s": cfg.reconnect_cap,
                        "restart_signal": cfg.restart_signal.name,
-                       "workloads": args.workloads, "targets": names, "smoke": args.smoke},
+                       "workloads": args.workloads, "targets": names, "smoke": args.smoke,
+                       "log_target": args.log_target},
+            "journal": None if journal is None else {"entries": journal.entries,
+                                                      "malformed": journal.malformed},
             "versions": versions(args.reference),
             "workloads": summary,
             "table": table,
@@ -1320,6 +1335,8 @@ def plan(workload: str, cfg: Settings, procs: Procs, backend: str, direct: str, 
 
 def main() -> int:
     args = parse_args()
+    if args.log_target == "journal":
+        rerun_in_private_mounts()  # returns only when already in a mount namespace of its own
     return run(args)
 
 

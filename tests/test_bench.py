@@ -8,6 +8,7 @@ where nothing may fail, and that every process the benchmark started is gone aft
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -101,3 +102,31 @@ def test_bench_help_lists_the_workloads() -> None:
     for name in ("get-c1", "download-large", "busy-latency", "sse", "idle", "tokens", "--reference",
                  "--smoke", "--large-size"):
         assert name in done.stdout
+
+
+def _mounts() -> str:
+    return Path("/proc/self/mountinfo").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--log-target journal needs root (a mount namespace)")
+def test_journal_log_target_sends_every_daemon_line_to_a_journal_socket_of_its_own(
+        tmp_path: Path) -> None:
+    """The packaged daemons log to journald; ``--log-target journal`` measures that path, with a
+    journal socket the run mounts in a namespace of its own (never this machine's journal)."""
+    out = tmp_path / "bench.json"
+    argv = [str(BENCH), "--smoke", "--skip-venv-setup", "--only", "get-c1", "--log-target",
+            "journal", "--deadline", "100", "--json", str(out)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=130, check=False)
+    if done.returncode != 0 and not _tools_present():
+        pytest.skip(f"wrk/nginx could not be installed: {(done.stdout + done.stderr)[-800:]}")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    document = json.loads(out.read_text())
+    assert document["complete"] and document["params"]["log_target"] == "journal"
+    requests = _summary(document, "get-c1", "wstunnel")["rps"]  # over a 1 s run: its requests
+    # Each request logs on both ends (srv's WS SND, its access line, ...): all went to the socket.
+    assert document["journal"]["entries"] >= 2 * requests > 0, document["journal"]
+    assert document["journal"]["malformed"] == 0
+    assert "our daemons logged to journald" in done.stdout
+    # The tmpfs and its socket lived and died with the run's own mount namespace.
+    assert "bench-journal" not in _mounts()
+    assert not [pid for pid in document["pids"] if _alive(pid)]
