@@ -10,18 +10,18 @@ to a stream, and the journal fields next to what systemd-python's own journal.se
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from systemd import journal
 
+from tests.support import private_logs
+from tests.support.private_logs import add_handler, refuse_records
 from wstunnel import logs, logtargets
 from wstunnel.logs import EventLogger, LineFormatter
 from wstunnel.tokens import Token
 
-NOW = 1_396_633_229.9  # 2014/04/04 17:40:29 UTC
 TOKEN = Token("tech_xyz_0123456789_do_not_log")
 ODD_TOKEN = Token('ab"c d\nefgh-the-rest-is-secret')  # quoted and escaped, still shortened
 
@@ -62,32 +62,8 @@ EXPECTED_LINES = [
 
 @pytest.fixture
 def private_logger(monkeypatch: pytest.MonkeyPatch) -> Iterator[logging.Logger]:
-    """A logger of its own at a fixed time; _add() makes it non-propagating (EventLogger's fast
-    path), not this fixture: pytest adds its capture handler to every non-propagating logger
-    when a test phase starts, and a handler not ours means LogRecords."""
-    monkeypatch.setattr(time, "time", lambda: NOW)
-    logger = logging.getLogger("wstunnel.test-bytes")
-    logger.setLevel(logging.DEBUG)
-    try:
+    with private_logs.private_logger("wstunnel.test-bytes", monkeypatch, (logs.EventHandler,)) as logger:
         yield logger
-    finally:
-        logger.propagate = True
-        for handler in list(logger.handlers):
-            if isinstance(handler, logs.EventHandler):  # not pytest's own, which pytest removes
-                logger.removeHandler(handler)
-                handler.close()
-
-
-def _add(logger: logging.Logger, handler: logging.Handler) -> None:
-    logger.propagate = False
-    logger.addHandler(handler)
-
-
-def _refuse_records(logger: logging.Logger, monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kwargs: object) -> logging.LogRecord:
-        raise AssertionError("the fast path made a LogRecord")
-
-    monkeypatch.setattr(logger, "makeRecord", refuse)
 
 
 def test_file_lines_are_these_bytes(tmp_path: Path, private_logger: logging.Logger,
@@ -95,8 +71,8 @@ def test_file_lines_are_these_bytes(tmp_path: Path, private_logger: logging.Logg
     path = tmp_path / "wstunsrv.log"
     handler = logs.ReopenableFileHandler(path, encoding="utf-8")
     handler.setFormatter(LineFormatter(timestamps=True))
-    _add(private_logger, handler)
-    _refuse_records(private_logger, monkeypatch)
+    add_handler(private_logger, handler)
+    refuse_records(private_logger, monkeypatch)
     _log_request_lines(EventLogger("WStunsrv", private_logger))
     expected = "".join(f"2014/04/04 17:40:29 {line}\n" for line in EXPECTED_LINES)
     assert path.read_bytes() == expected.encode("utf-8")
@@ -110,8 +86,8 @@ def test_stderr_lines_are_these_bytes(tmp_path: Path, private_logger: logging.Lo
     with path.open("w", encoding="utf-8", errors="backslashreplace") as stream:
         handler = logs.LineStreamHandler(stream)
         handler.setFormatter(LineFormatter(timestamps=True))
-        _add(private_logger, handler)
-        _refuse_records(private_logger, monkeypatch)
+        add_handler(private_logger, handler)
+        refuse_records(private_logger, monkeypatch)
         _log_request_lines(EventLogger("WStunsrv", private_logger))
     expected = "".join(f"2014/04/04 17:40:29 {line}\n" for line in EXPECTED_LINES)
     assert path.read_bytes() == expected.encode("utf-8", "backslashreplace")
@@ -128,7 +104,7 @@ def test_debug_lines_of_an_info_logger_are_not_rendered(
     path = tmp_path / "info.log"
     handler = logs.ReopenableFileHandler(path, encoding="utf-8")
     handler.setFormatter(LineFormatter(timestamps=False))
-    _add(private_logger, handler)
+    add_handler(private_logger, handler)
     log = EventLogger("WStuncli", private_logger)
     log.debug("WS   WINDOW", token=TOKEN, value=Loud())
     log.info("WS   SND", token=TOKEN, id=1, status=200)
@@ -173,8 +149,8 @@ def test_journal_gets_what_journal_send_sends(private_logger: logging.Logger,
     monkeypatch.setattr(journal, "sendv", lambda *args: calls.append(args))
     handler = logtargets.JournalHandler("wstunsrv")
     handler.setFormatter(LineFormatter(timestamps=False))
-    _add(private_logger, handler)
-    _refuse_records(private_logger, monkeypatch)
+    add_handler(private_logger, handler)
+    refuse_records(private_logger, monkeypatch)
     _log_request_lines(EventLogger("WStunsrv", private_logger))
     ours = calls[:]
     calls.clear()

@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import sys
-import time
 import types
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -17,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests.support import private_logs
+from tests.support.private_logs import add_handler, refuse_records
 from wstunnel import logs, logtargets
 from wstunnel.logs import (
     EventLogger,
@@ -524,40 +525,11 @@ def test_under_journald_compares_stderr_with_journal_stream(tmp_path: Path,
 
 # -- the fast path: wstunnel's own handlers without LogRecords -----------------------------------
 
-NOW = 1_396_633_229.9  # 2014/04/04 17:40:29 UTC
-
-
 @pytest.fixture
 def private_logger(monkeypatch: pytest.MonkeyPatch) -> Iterator[logging.Logger]:
-    """A logger without handlers, at a fixed time; _add() makes it non-propagating.
-
-    Not here: pytest (9) attaches its capture handler to every logger that is non-propagating
-    when a test phase starts, and any handler but ours means LogRecords, not the fast path.
-    """
-    monkeypatch.setattr(time, "time", lambda: NOW)  # both paths read the clock through time.time
-    logger = logging.getLogger("wstunnel.test-fast")
-    logger.setLevel(logging.DEBUG)
-    try:
+    ours = (ReopenableFileHandler, logs.LineStreamHandler, logtargets.JournalHandler, ListHandler)
+    with private_logs.private_logger("wstunnel.test-fast", monkeypatch, ours) as logger:
         yield logger
-    finally:
-        logger.propagate = True
-        for handler in list(logger.handlers):
-            if isinstance(handler, (ReopenableFileHandler, logs.LineStreamHandler, logtargets.JournalHandler,
-                                    ListHandler)):  # not pytest's own, which pytest removes
-                logger.removeHandler(handler)
-                handler.close()
-
-
-def _add(logger: logging.Logger, handler: logging.Handler) -> None:
-    logger.propagate = False
-    logger.addHandler(handler)
-
-
-def _no_records(logger: logging.Logger, monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kwargs: object) -> logging.LogRecord:
-        raise AssertionError("the fast path made a LogRecord")
-
-    monkeypatch.setattr(logger, "makeRecord", refuse)
 
 
 def _log_table(log: EventLogger) -> None:
@@ -586,10 +558,10 @@ def test_fast_file_lines_are_the_record_path_lines(
         handler.setFormatter(LineFormatter(timestamps=timestamps))
         if way == "records":
             handler.addFilter(_always)  # a filter needs a record: the logging module's path
-        _add(private_logger, handler)
+        add_handler(private_logger, handler)
         with monkeypatch.context() as patch:
             if way == "fast":
-                _no_records(private_logger, patch)
+                refuse_records(private_logger, patch)
             _log_table(EventLogger("WStunsrv", private_logger))
         private_logger.removeHandler(handler)
         handler.close()
@@ -607,7 +579,7 @@ def test_a_pkg_field_replaces_the_loggers_pkg(tmp_path: Path, private_logger: lo
     path = tmp_path / "pkg.log"
     handler = ReopenableFileHandler(path, encoding="utf-8")
     handler.setFormatter(LineFormatter(timestamps=False))
-    _add(private_logger, handler)
+    add_handler(private_logger, handler)
     EventLogger("WStunsrv", private_logger).info("Own pkg", n=1, pkg="other")
     assert path.read_text() == "INFO Own pkg       pkg=other n=1\n"  # as format_event has it
 
@@ -627,10 +599,10 @@ def test_fast_stream_lines_are_the_record_path_lines(
             handler.setFormatter(LineFormatter(timestamps=True))
             if way == "records":
                 handler.addFilter(_always)
-            _add(private_logger, handler)
+            add_handler(private_logger, handler)
             with monkeypatch.context() as patch:
                 if way == "fast":
-                    _no_records(private_logger, patch)
+                    refuse_records(private_logger, patch)
                 _log_table(EventLogger("WStuncli", private_logger))
             private_logger.removeHandler(handler)
         outputs[way] = path.read_bytes()
@@ -646,8 +618,8 @@ def test_fast_stream_without_a_file_descriptor_writes_to_the_stream(
     stream = io.StringIO()
     handler = logs.LineStreamHandler(stream)
     handler.setFormatter(LineFormatter(timestamps=False))
-    _add(private_logger, handler)
-    _no_records(private_logger, monkeypatch)
+    add_handler(private_logger, handler)
+    refuse_records(private_logger, monkeypatch)
     EventLogger("WStunsrv", private_logger).info("HTTP RET", token=TOKEN, id=1, status=200)
     assert stream.getvalue() == "INFO HTTP RET      pkg=WStunsrv token=tech_xyz... id=1 status=200\n"
 
@@ -679,9 +651,9 @@ def test_fast_path_levels(tmp_path: Path, private_logger: logging.Logger, monkey
     handler = ReopenableFileHandler(path, encoding="utf-8")
     handler.setFormatter(LineFormatter(timestamps=False))
     handler.setLevel(handler_level)
-    _add(private_logger, handler)
+    add_handler(private_logger, handler)
     private_logger.setLevel(logger_level)
-    _no_records(private_logger, monkeypatch)
+    refuse_records(private_logger, monkeypatch)
     log = EventLogger("WStunsrv", private_logger)
     log.debug("D")
     log.info("I")
@@ -695,8 +667,8 @@ def test_fast_path_after_close_and_reopen(tmp_path: Path, private_logger: loggin
     path = tmp_path / "wstunsrv.log"
     handler = ReopenableFileHandler(path, encoding="utf-8", delay=True)
     handler.setFormatter(LineFormatter(timestamps=False))
-    _add(private_logger, handler)
-    _no_records(private_logger, monkeypatch)
+    add_handler(private_logger, handler)
+    refuse_records(private_logger, monkeypatch)
     log = EventLogger("WStunsrv", private_logger)
     assert not path.exists()
     log.info("One")  # delay=True: opened by the first line, as FileHandler.emit does
@@ -720,11 +692,11 @@ def test_a_closed_write_mode_file_stays_closed_as_in_filehandler(
         handler.setFormatter(LineFormatter(timestamps=False))
         if way == "records":
             handler.addFilter(_always)
-        _add(private_logger, handler)
+        add_handler(private_logger, handler)
         log = EventLogger("WStunsrv", private_logger)
         with monkeypatch.context() as patch:
             if way == "fast":
-                _no_records(private_logger, patch)
+                refuse_records(private_logger, patch)
             log.info("Kept")
             handler.close()
             log.info("Dropped")
@@ -740,7 +712,7 @@ def test_reopen_keeps_the_old_file_when_the_new_one_cannot_be_opened(
     path = directory / "wstunsrv.log"
     handler = ReopenableFileHandler(path, encoding="utf-8")
     handler.setFormatter(LineFormatter(timestamps=False))
-    _add(private_logger, handler)
+    add_handler(private_logger, handler)
     log = EventLogger("WStunsrv", private_logger)
     log.info("One")
     rotated = tmp_path / "rotated.log"
@@ -757,8 +729,8 @@ def test_foreign_handlers_still_get_records(tmp_path: Path, private_logger: logg
     own = ReopenableFileHandler(path, encoding="utf-8")
     own.setFormatter(LineFormatter(timestamps=False))
     foreign = ListHandler(LineFormatter(timestamps=False))
-    _add(private_logger, own)
-    _add(private_logger, foreign)
+    add_handler(private_logger, own)
+    add_handler(private_logger, foreign)
     log = EventLogger("WStunsrv", private_logger)
     log.info("HTTP RET", token=TOKEN, id=3, status=200)
     line = "INFO HTTP RET      pkg=WStunsrv token=tech_xyz... id=3 status=200"
@@ -783,7 +755,7 @@ def test_a_handler_swapped_in_place_is_seen(tmp_path: Path, private_logger: logg
     own = ReopenableFileHandler(tmp_path / "own.log", encoding="utf-8")
     own.setFormatter(LineFormatter(timestamps=False))
     foreign = ListHandler(LineFormatter(timestamps=False))
-    _add(private_logger, own)
+    add_handler(private_logger, own)
     log = EventLogger("WStunsrv", private_logger)
     log.info("First")
     private_logger.handlers[0] = foreign
@@ -804,7 +776,7 @@ def test_propagating_loggers_and_subclasses_take_the_record_path(
 
     custom = Custom(tmp_path / "custom.log")
     custom.setFormatter(LineFormatter(timestamps=False))
-    _add(private_logger, custom)
+    add_handler(private_logger, custom)
     log = EventLogger("WStunsrv", private_logger)
     log.info("Listening", port=1)
     assert custom.seen == "Listening     pkg=WStunsrv port=1"
@@ -838,7 +810,7 @@ def test_a_failed_write_is_reported_not_raised(
 ) -> None:
     handler = ReopenableFileHandler(tmp_path / "full.log", encoding="utf-8")
     handler.setFormatter(LineFormatter(timestamps=False))
-    _add(private_logger, handler)
+    add_handler(private_logger, handler)
 
     def full(fd: int, data: bytes) -> int:
         raise OSError(28, "No space left on device")
@@ -857,7 +829,7 @@ def test_a_short_write_is_completed(tmp_path: Path, private_logger: logging.Logg
     path = tmp_path / "pipe-like.log"
     handler = ReopenableFileHandler(path, encoding="utf-8")
     handler.setFormatter(LineFormatter(timestamps=False))
-    _add(private_logger, handler)
+    add_handler(private_logger, handler)
     real_write = os.write
     monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:5])))
     EventLogger("WStunsrv", private_logger).info("HTTP RET", id=1, status=200)
@@ -898,11 +870,11 @@ def test_fast_journal_messages_are_the_record_path_messages(
     monkeypatch.setitem(sys.modules, "systemd", package)
     handler = logtargets.JournalHandler("wstunsrv")
     handler.setFormatter(LineFormatter(timestamps=False))
-    _add(private_logger, handler)
+    add_handler(private_logger, handler)
     log = EventLogger("WStunsrv", private_logger)
     token = Token("abcdefgh-the-rest-is-secret")
     with monkeypatch.context() as patch:
-        _no_records(private_logger, patch)
+        refuse_records(private_logger, patch)
         log.info("HTTP RET", token=token, id=19, status=401, url="/a b", err=None, try_="")
         log.warning("WS   SND", id=1)
     handler.addFilter(_always)
@@ -946,7 +918,7 @@ def test_own_handlers_with_other_formatters_or_filters_get_records(
     plain = ReopenableFileHandler(tmp_path / "plain.log", encoding="utf-8")
     plain.setFormatter(LineFormatter(timestamps=False))
     for handler in (formatted, filtered, plain):
-        _add(private_logger, handler)
+        add_handler(private_logger, handler)
     log = EventLogger("WStunsrv", private_logger)
     log.info("Kept", n=1)
     log.info("Dropped", n=2)
