@@ -293,13 +293,21 @@ def test_backend_dying_mid_body_aborts_its_streams_only(
     # One tunnel all along: the fault was the backend's, not the tunnel's.
     assert len(faultlog.events(output, "WS   NEW")) == 1 and not faultlog.events(output, "WS   CLOSE")
     assert server.clients(token) == 1
-    aborts = faultlog.aborts_by_tag(output)
+    # srv logs a stream's ABORT as it ends it, which may be just after its HTTP client saw the
+    # reset: wait for the lines, not for a read of the log that raced them.
+    dying = {f"dies-{kind}" for kind in ("download", "sse", "websocket")}
+    wait_until(lambda: dying <= set(faultlog.aborts_by_tag(server.process.output())),
+               timeout=15, what="srv's ABORT lines of the backend's streams")
+    aborts = faultlog.aborts_by_tag(server.process.output())
     for kind in ("download", "sse", "websocket"):
         line = aborts[f"dies-{kind}"]
         assert line["cause"] == "backend_failed" and "reset by the tunnel client" in line["reason"], line
     assert "survivor" not in aborts
     if outcomes["upload"] == "status 502":  # the backend went before it answered: said so
         assert "Backend unreachable" in probes["upload"].detail
+    tags = {p.tag for p in probes.values()}
+    wait_until(lambda: tags <= set(faultlog.aborts_by_tag(client.process.output(), server=False)),
+               timeout=15, what="cli's ABORT lines of the backend's streams")
     client_aborts = faultlog.aborts_by_tag(client.process.output(), server=False)
     assert set(client_aborts) == {p.tag for p in probes.values()}, client_aborts
     assert all(line["cause"] == "backend_failed" for line in client_aborts.values()), client_aborts
