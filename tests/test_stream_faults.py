@@ -24,7 +24,7 @@ import pytest
 
 from tests.support import faultlog, netns
 from tests.support.harness import PYTHON, SUPPORT, Backend, Client, Harness, Server, free_port, wait_until
-from tests.support.streams import KINDS, Download, Events, Probe, Upload
+from tests.support.streams import KINDS, Download, Events, Probe, Upload, unread_bytes
 
 TIMEOUT = 3.0  # the client's -timeout: pings every second, a pong 3 s late ends the tunnel
 WSTIMEOUT = 3.0  # the server's: a tunnel silent for 3 s is dropped (a long-poll session expires)
@@ -58,6 +58,23 @@ def wait_under_way(probes: dict[str, Probe] | list[Probe]) -> None:
 
 def finish(probes: dict[str, Probe]) -> dict[str, str]:
     return {kind: probe.finish() for kind, probe in probes.items()}
+
+
+def hang_with_input_pending(backend: Backend, websocket_peer: int, attempts: int = 5) -> None:
+    """Stop the backend once its WebSocket holds input it has not read. Killed without, it
+    would end those bytes with a FIN, which the tunnel rightly passes on as a clean end. The
+    probe sends its next message a pace step after each echo, so input comes, unless the stop
+    fell between reading a message and echoing it: then the backend runs on and is stopped
+    again."""
+    for _ in range(attempts):
+        backend.process.signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            if (unread_bytes(backend.port, websocket_peer) or 0) > 0:
+                return
+            time.sleep(0.02)
+        backend.process.signal(signal.SIGCONT)
+    raise AssertionError(f"the backend's WebSocket never held unread input in {attempts} stops")
 
 
 def backend_state(backend: Backend) -> dict:
@@ -277,10 +294,10 @@ def test_backend_dying_mid_body_aborts_its_streams_only(
     survivor = Download("127.0.0.1", server.port, token, "survivor", size=8 * 1024 * 1024)
     survivor.start()
     wait_under_way([*probes.values(), survivor])
+    websocket_peer = backend_state(doomed)["websocket_peers"]["dies-websocket"]
     # Hung, then killed (as a watchdog or the OOM killer would): what it had not read yet turns
     # its close into a reset, as any process dying with input pending.
-    doomed.process.signal(signal.SIGSTOP)
-    time.sleep(0.2)  # the probes' next writes reach its socket: not a synchronisation
+    hang_with_input_pending(doomed, websocket_peer)
     doomed.process.kill()
     outcomes = finish(probes)
     assert survivor.finish() == "complete", survivor.detail

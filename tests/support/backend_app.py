@@ -81,13 +81,16 @@ class State:
         self.websockets = 0  # WebSocket connections accepted
         self.websockets_cut = 0  # ... that ended without a Close frame
         self.cut_tags: list[str] = []  # the ``tag`` parameters of the requests cut off
+        # The client port of each tagged WebSocket: a test finds its socket in /proc/net/tcp.
+        self.websocket_peers: dict[str, int] = {}
 
     def document(self) -> dict[str, int]:
         with self.lock:
             return {"sink_bytes": self.sink_bytes, "sinks_done": self.sinks_done,
                     "sinks_cut": self.sinks_cut, "bigs_cut": self.bigs_cut,
                     "sses_cut": self.sses_cut, "websockets": self.websockets,
-                    "websockets_cut": self.websockets_cut, "cut_tags": list(self.cut_tags)}
+                    "websockets_cut": self.websockets_cut, "cut_tags": list(self.cut_tags),
+                    "websocket_peers": dict(self.websocket_peers)}
 
     def cut(self, counter: str, tag: str | None) -> None:
         with self.lock:
@@ -329,8 +332,11 @@ class Handler(BaseHTTPRequestHandler):
             for event in ws.events():
                 if isinstance(event, Request):
                     self.wfile.write(ws.send(AcceptConnection()))
+                    tag = parse_qs(urlsplit(self.path).query).get("tag", [None])[0]
                     with STATE.lock:
                         STATE.websockets += 1
+                        if tag is not None:
+                            STATE.websocket_peers[tag] = self.client_address[1]
                 elif isinstance(event, TextMessage | BytesMessage):
                     # Fragments are echoed as they come, each with its own end-of-message flag.
                     self.wfile.write(ws.send(type(event)(data=event.data,

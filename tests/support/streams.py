@@ -27,6 +27,7 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 from typing import ClassVar
 
 from wsproto import ConnectionType, WSConnection
@@ -39,6 +40,18 @@ PACE_BYTES = 64 * 1024  # a paced probe moves this much at a time...
 PACE_GAP = 0.02  # ... then waits this long: about 3 MB/s
 POLL = 0.05  # socket timeout: how often a waiting probe looks at its flags
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, zero timeout: close() sends a reset
+
+
+def unread_bytes(local_port: int, remote_port: int) -> int | None:
+    """What the kernel holds unread for the IPv4 TCP socket with these ports (None: no such
+    socket). A process that dies with unread input resets its connections; one that had read
+    everything closes them with a FIN, as a clean end would."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, queues = fields[1], fields[2], fields[4]
+        if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == remote_port:
+            return int(queues.split(":")[1], 16)
+    return None
 
 
 class _Vanish(Exception):
