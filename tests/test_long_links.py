@@ -208,6 +208,44 @@ def test_a_slow_reader_keeps_its_window_and_memory_bounded(harness: Harness) -> 
     assert peaks["srv"] < 80 and peaks["cli"] < 80, peaks
 
 
+def test_a_reader_that_stops_after_its_window_grew_leaves_at_most_that_window(
+        harness: Harness) -> None:
+    """A fast HTTP client grows its stream's window to the cap, then stops reading: srv holds
+    what the window let the cli send, and no more (the cap is what a stopped consumer costs).
+    The cap is set below the shipped 32 MiB, which a loopback reader's round trips need not
+    reach."""
+    cap = 8 * MiB
+    server, token = tunnel_over_link(harness, ("-max-stream-window", str(cap)))
+    (srv,) = [p for p in harness.processes if p.name == "srv"]
+    before = rss_mib(srv.pid)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+        sock.sendall(f"GET /big?size={2048 * MiB} HTTP/1.1\r\nHost: t\r\nX-Token: {token}\r\n\r\n"
+                     .encode())
+        received = 0
+        deadline = time.monotonic() + 60
+        # Read at full speed until srv has widened the stream to the cap (bounded by bytes and time).
+        while flow(server)["widest_stream_window"] < cap:
+            assert received < 1536 * MiB and time.monotonic() < deadline, flow(server)
+            for _ in range(128):
+                chunk = sock.recv(256 * KiB)
+                assert chunk, "the download ended early"
+                received += len(chunk)
+        # Stopped: the cli sends what credit it has left, then waits. Watched for 3 s (30
+        # samples): an upper bound, which more time could only break.
+        wait_until(lambda: flow(server)["buffered"] >= cap // 2, timeout=30,
+                   what="srv to hold what the stopped reader left")
+        buffered, held = 0, 0.0
+        for _ in range(30):
+            buffered = max(buffered, flow(server)["buffered"])
+            held = max(held, rss_mib(srv.pid) - before)
+            time.sleep(0.1)
+    print(f"\n[long links] stopped reader: read {received // MiB} MiB, then srv held at most "
+          f"{buffered} bytes (stream window cap {cap}), RSS +{held:.1f} MiB")
+    assert buffered <= cap
+    assert held < cap / MiB + 8, held
+
+
 def timed_get(server: Server, token: str) -> float:
     started = time.monotonic()
     response = httpx.get(f"{server.url}/echo", headers={"X-Token": token}, timeout=30)

@@ -102,7 +102,7 @@ class _Common(BaseSettings):
         0, ge=0, description="largest body streamed over protocol v2, bytes (0: no limit)"
     )
     max_stream_window: int = Field(
-        16 * MiB, ge=256 * 1024, le=2**31 - 1,
+        32 * MiB, ge=256 * 1024, le=2**31 - 1,
         description="largest v2 receive window of one stream, bytes (it grows with the link)",
     )
     max_tunnel_window: int = Field(
