@@ -16,10 +16,10 @@ from wstunnel.server.aborts import Cause, Cut
 from wstunnel.server.front import (
     FrontLimits,
     HttpConnection,
-    IncomingRequest,
     ResponseAborted,
     StreamingResponse,
 )
+from wstunnel.server.incoming import IncomingRequest
 
 LIMITS = FrontLimits(max_header_size=16 * 1024, max_header_count=100,
                      max_body_size=1024 * 1024, header_timeout=5.0)

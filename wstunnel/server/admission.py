@@ -22,8 +22,8 @@ from wstunnel.config import ServerSettings, password_pairs
 from wstunnel.headers import Headers
 from wstunnel.logs import EventLogger
 from wstunnel.server.blocklist import Blocklist
-from wstunnel.server.front import IncomingRequest
 from wstunnel.server.guard import BASIC_REALM, FailureBrake, HandshakeTurns, PasswordBook
+from wstunnel.server.incoming import IncomingRequest
 from wstunnel.server.messages import simple_response
 from wstunnel.server.rendezvous import Registry
 from wstunnel.tokens import MIN_LENGTH, Token

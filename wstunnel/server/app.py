@@ -45,9 +45,10 @@ from wstunnel.server.console import api as console_api
 from wstunnel.server.console.api import Console
 from wstunnel.server.console.snapshot import ServerFacts
 from wstunnel.server.forwarding import Forwarder
-from wstunnel.server.front import FrontLimits, HttpConnection, IncomingRequest
+from wstunnel.server.front import FrontLimits, HttpConnection
 from wstunnel.server.handshake import TunnelAcceptor
 from wstunnel.server.hosts import HostRouting
+from wstunnel.server.incoming import IncomingRequest
 from wstunnel.server.longpoll import LongPoll
 from wstunnel.server.messages import AnyResponse, StreamingResponse, simple_response
 from wstunnel.server.metrics import Metrics

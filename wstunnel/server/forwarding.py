@@ -24,8 +24,8 @@ from wstunnel.logs import EventLogger
 from wstunnel.server.aborts import AbortTally, Cut, StreamAbort
 from wstunnel.server.admission import BLOCKED, SUBJECT_HEADER, Admission, Refusal
 from wstunnel.server.audit import BACKEND_ERROR, ErrorLog
-from wstunnel.server.front import IncomingRequest
 from wstunnel.server.hosts import HostMatch, HostRouting
+from wstunnel.server.incoming import IncomingRequest
 from wstunnel.server.messages import AnyResponse, StreamingResponse, simple_response
 from wstunnel.server.metrics import Metrics
 from wstunnel.server.rendezvous import Failure, QueueFull, Registry, Rendezvous

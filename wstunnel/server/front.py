@@ -13,11 +13,12 @@ hands each good request to the application. A WebSocket upgrade on ``/_tunnel`` 
 application receives the raw stream, with the handshake bytes replayed, and owns it from then on.
 
 Request bodies. A small body (a Content-Length up to SMALL_BODY) is read whole before the request
-goes to the application: one cheap step for the common case. A larger or chunked body is handed over
-as a :class:`RequestBody` that whoever forwards the request pulls from the socket as it goes (a v2
-tunnel streams it; a v1 tunnel reads it whole), so nothing reads a body the request's tunnel cannot
-take yet. A response sent before its request body was read to the end closes the connection after
-it: the rest of the body would have to be read and thrown away first.
+goes to the application: one cheap step for the common case. A larger or chunked body is handed
+over as a :class:`~wstunnel.server.incoming.RequestBody` that whoever forwards the request pulls
+from the socket as it goes (a v2 tunnel streams it; a v1 tunnel reads it whole), so nothing reads
+a body the request's tunnel cannot take yet. A response sent before its request body was read to
+the end closes the connection after it: the rest of the body would have to be read and thrown away
+first.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import math
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import h11
 import trio
@@ -43,13 +44,11 @@ from wstunnel.server.fasthttp import (
     H11Encoder,
     read_simple_request,
 )
+from wstunnel.server.incoming import RECEIVE_SIZE, IncomingRequest, RequestBody
 from wstunnel.server.messages import (
     AnyResponse,
-    BodyBroken,
     BodyError,
-    BodyTimeout,
     BodyTooLarge,
-    BodyVanished,
     ResponseAborted,
     StreamingResponse,
     UpgradeSink,
@@ -58,7 +57,6 @@ from wstunnel.server.messages import (
 from wstunnel.tunnel.sockets import DirectSocketStream
 from wstunnel.tunnel.transport import ActivityStream, tune_tunnel_socket
 
-RECEIVE_SIZE = 64 * 1024
 # How long an idle keep-alive connection may wait for its next request.
 KEEPALIVE_TIMEOUT = 75.0
 # Bodies declared this small are read before the request is routed; larger ones are streamed.
@@ -74,168 +72,6 @@ SEND_BATCH = 64 * 1024
 PIPE_LINGER = 5.0
 # SO_LINGER on, with a zero timeout: close() sends a TCP reset instead of a FIN.
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
-
-
-@dataclass(slots=True)
-class IncomingRequest:
-    method: bytes
-    target: bytes
-    headers: Headers
-    peer: str
-    body: bytes = b""
-    # Set instead of ``body`` when the body is streamed: the body still on the socket.
-    body_source: RequestBody | None = None
-    # The subject of the client certificate verified on this connection (srv's own TLS).
-    client_subject: str | None = None
-    # Lowercased name -> first value, built at the first look-up: the server looks up several
-    # headers per request (framing, upgrade, token, forwarding...), each a scan otherwise.
-    _index: dict[bytes, bytes] | None = field(default=None, repr=False, compare=False)
-
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of the header ``name`` (lowercase); ``headers`` must not change."""
-        index = self._index
-        if index is None:
-            index = self._index = {}
-            for key, value in self.headers:
-                index.setdefault(key.lower(), value)
-        return index.get(name)
-
-    @property
-    def path(self) -> bytes:
-        return self.target.split(b"?", 1)[0]
-
-    def is_websocket_upgrade(self) -> bool:
-        upgrade = (self.header(b"upgrade") or b"").lower()
-        return b"websocket" in upgrade
-
-    def head_size(self) -> int:
-        """Bytes of the request line and headers, as they came on the wire (near enough)."""
-        line = len(self.method) + len(self.target) + len(b"  HTTP/1.1\r\n")
-        return line + sum(len(k) + len(v) + 4 for k, v in self.headers)
-
-    def declared_length(self) -> int:
-        """The Content-Length the client announced (h11 has checked it is a number), else 0."""
-        value = self.header(b"content-length")
-        return int(value) if value is not None else 0
-
-    def body_size(self) -> int:
-        """Body bytes received so far (all of them, once the request is over)."""
-        return self.body_source.size if self.body_source is not None else len(self.body)
-
-
-class RequestBody:
-    """A request body still on the socket, read chunk by chunk by whoever forwards the request.
-
-    Only one task reads it at a time (the tunnel's sender), while the connection's own task waits
-    for the response; ``lock`` lets the connection take the socket back once the body's reader is
-    done. A stall longer than ``timeout`` between two chunks is a BodyTimeout, so a body that keeps
-    moving never times out, whatever its size.
-    """
-
-    def __init__(self, connection: HttpConnection, max_size: float, timeout: float) -> None:
-        self._connection = connection
-        self._max_size = max_size
-        self._timeout = timeout
-        self.size = 0
-        self.complete = False
-        self.started = False  # a chunk was handed out: the request can no longer be replayed
-        self.last_activity: float | None = None
-        self.lock = trio.Lock()
-        self._closed = False
-        self._early: list[bytes] = []  # parsed by prime(), not handed out yet
-
-    def prime(self) -> None:
-        """Parse what came with the head, without waiting: a body broken (or too large) from its
-        first bytes is refused before routing, and a body that came whole is read whole."""
-        conn = self._connection.conn
-        while not self.complete:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError:
-                raise BodyBroken from None
-            if event is h11.NEED_DATA:
-                return
-            if isinstance(event, h11.Data):
-                self.size += len(event.data)
-                if self.size > self._max_size:
-                    raise BodyTooLarge
-                self._early.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                self.complete = True
-            else:
-                raise BodyBroken
-
-    @property
-    def buffered(self) -> int:
-        """Bytes of the body held in memory (what came with the head), not handed out yet."""
-        return sum(len(chunk) for chunk in self._early)
-
-    def take_early(self) -> bytes:
-        early, self._early = b"".join(self._early), []
-        return early
-
-    async def receive(self) -> bytes | None:
-        """The next chunk, or None at the end; BodyError if the body will never be whole."""
-        if self._early:
-            self.started = True
-            self.last_activity = trio.current_time()
-            return self._early.pop(0)
-        if self.complete:
-            return None
-        async with self.lock:
-            if self._closed:
-                raise BodyBroken
-            connection = self._connection
-            await connection.continue_if_expected()
-            conn = connection.conn
-            while True:
-                try:
-                    event = conn.next_event()
-                except h11.RemoteProtocolError:
-                    self._closed = True
-                    raise BodyBroken from None
-                if event is h11.NEED_DATA:
-                    with trio.move_on_after(self._timeout) as waited:
-                        try:
-                            data = await connection.stream.receive_some(RECEIVE_SIZE)
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            data = b""
-                    if waited.cancelled_caught:
-                        self._closed = True
-                        raise BodyTimeout
-                    if not data:  # the client closed or reset its connection mid-body
-                        self._closed = True
-                        raise BodyVanished
-                    conn.receive_data(bytes(data))  # bytes already: no copy
-                    continue
-                if isinstance(event, h11.Data):
-                    self.size += len(event.data)
-                    if self.size > self._max_size:
-                        self._closed = True
-                        raise BodyTooLarge
-                    self.started = True
-                    self.last_activity = trio.current_time()
-                    return bytes(event.data)
-                if isinstance(event, h11.EndOfMessage):
-                    self.complete = True
-                    return None
-                self._closed = True
-                raise BodyBroken
-
-    async def read_all(self, limit: float = math.inf) -> bytes:
-        """The whole rest of the body (a v1 tunnel carries bodies whole); BodyTooLarge as soon
-        as the body passes ``limit`` bytes."""
-        chunks: list[bytes] = []
-        while (chunk := await self.receive()) is not None:
-            chunks.append(chunk)
-            if self.size > limit:
-                self._closed = True
-                raise BodyTooLarge
-        return b"".join(chunks)
-
-    def close(self) -> None:
-        """Nobody will read further: the connection will not be reused."""
-        self._closed = True
 
 
 @dataclass(frozen=True, slots=True)

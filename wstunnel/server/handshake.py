@@ -20,7 +20,7 @@ from wstunnel.headers import Headers
 from wstunnel.logs import EventLogger
 from wstunnel.server.admission import SHUTTING_DOWN, Admission, Refusal
 from wstunnel.server.connection import TunnelConnection
-from wstunnel.server.front import IncomingRequest
+from wstunnel.server.incoming import IncomingRequest
 from wstunnel.server.rendezvous import Registry, Rendezvous
 from wstunnel.server.tunnel_v1 import TunnelConnectionV1
 from wstunnel.server.tunnel_v2 import TunnelConnectionV2

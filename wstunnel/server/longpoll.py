@@ -32,13 +32,13 @@ from wstunnel.config import ServerSettings
 from wstunnel.logs import EventLogger
 from wstunnel.server.admission import Admission, Refusal
 from wstunnel.server.connection import TunnelConnection
-from wstunnel.server.front import IncomingRequest
 from wstunnel.server.handshake import (
     client_version,
     new_connection,
     offered_request_window,
     request_window_answer,
 )
+from wstunnel.server.incoming import IncomingRequest
 from wstunnel.server.messages import BodyError, BodyTooLarge, RequestBodySource, simple_response
 from wstunnel.server.rendezvous import Registry
 from wstunnel.tokens import Token

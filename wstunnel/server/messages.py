@@ -1,9 +1,9 @@
 """What the HTTP front and the tunnels hand each other: request bodies still arriving, responses
 still streaming, and the errors of both; plus the server's plain-text answers.
 
-The front (``wstunnel.server.front``) implements the request side (its RequestBody reads the
-client's socket) and consumes the response side; a tunnel connection does the opposite. Neither
-imports the other: both import this.
+The front (``wstunnel.server.front``) implements the request side (its RequestBody, in
+``wstunnel.server.incoming``, reads the client's socket) and consumes the response side; a tunnel
+connection does the opposite. Neither imports the other: both import this.
 """
 
 from __future__ import annotations

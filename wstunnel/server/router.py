@@ -20,8 +20,8 @@ from wstunnel.server.admission import SHUTTING_DOWN, Admission, Refusal, is_loop
 from wstunnel.server.capacity import FileBudget
 from wstunnel.server.console import api as console_api
 from wstunnel.server.forwarding import Forwarder
-from wstunnel.server.front import IncomingRequest
 from wstunnel.server.hosts import HostMatch
+from wstunnel.server.incoming import IncomingRequest
 from wstunnel.server.messages import AnyResponse, simple_response
 from wstunnel.server.metrics import CONTENT_TYPE, Gauges, Metrics
 from wstunnel.server.rendezvous import Registry

@@ -8,7 +8,7 @@ stream's DATA frames. Credit goes back to the client only as the HTTP front writ
 client (``consumed``), which is the backpressure: a slow HTTP client stalls its own stream only.
 
 Request bodies stream the same way the other way round: a body still on the HTTP client's socket
-(front.RequestBody) is read only while the stream has credit, so the server holds at most a chunk
+(incoming.RequestBody) is read only while the stream has credit, so the server holds at most a chunk
 of it, and a slow backend slows its HTTP client down (TCP backpressure) instead of filling memory.
 At most ``max_streams`` streams are open at once on one tunnel; further requests wait in the queue.
 

@@ -43,7 +43,7 @@ from wstunnel.config import ServerSettings
 from wstunnel.logs import EventLogger
 from wstunnel.password_hash import PasswordHash, parse_password_hash
 from wstunnel.server.admission import Admission, is_loopback
-from wstunnel.server.front import IncomingRequest
+from wstunnel.server.incoming import IncomingRequest
 
 SESSION_COOKIE = "wstunnel_console"
 COOKIE_PATH = "/_admin/"

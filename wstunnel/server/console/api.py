@@ -31,7 +31,7 @@ from wstunnel.server.console.access import Gate, Grant, json_answer, refusal
 from wstunnel.server.console.actions import Actions
 from wstunnel.server.console.events import LiveFeed
 from wstunnel.server.console.snapshot import ServerFacts, StateReader
-from wstunnel.server.front import IncomingRequest
+from wstunnel.server.incoming import IncomingRequest
 from wstunnel.server.messages import AnyResponse, BodyError, StreamingResponse
 from wstunnel.server.metrics import Metrics
 from wstunnel.server.rendezvous import Registry
