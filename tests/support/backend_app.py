@@ -328,11 +328,11 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         ws = WSConnection(ConnectionType.SERVER)
         ws.initiate_upgrade_connection(list(self.headers.items()), self.path)
+        tag = parse_qs(urlsplit(self.path).query).get("tag", [None])[0]
         while True:
             for event in ws.events():
                 if isinstance(event, Request):
                     self.wfile.write(ws.send(AcceptConnection()))
-                    tag = parse_qs(urlsplit(self.path).query).get("tag", [None])[0]
                     with STATE.lock:
                         STATE.websockets += 1
                         if tag is not None:
@@ -348,7 +348,7 @@ class Handler(BaseHTTPRequestHandler):
                     return
             data = self.rfile.read1(65536)
             if not data:  # the connection ended without a Close frame: cut off
-                STATE.cut("websockets_cut", parse_qs(urlsplit(self.path).query).get("tag", [None])[0])
+                STATE.cut("websockets_cut", tag)
                 return
             ws.receive_data(data)
 
