@@ -300,6 +300,24 @@ def test_configure_replaces_and_closes_earlier_handlers(tmp_path: Path) -> None:
     assert re.fullmatch(rf"{STAMP} WARN Loud          pkg=WStunsrv n=1\n", second), second
 
 
+def test_lines_held_when_the_logs_are_reconfigured_go_where_they_were_logged(tmp_path: Path) -> None:
+    # A reload that moves the log (SIGHUP with a new logfile): a line the event loop still
+    # holds belongs in the file it was logged for, and the old handler is closed next.
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    configure(name="wstunsrv", logfile=first)
+    logs.hold_lines()
+    try:
+        EventLogger("WStunsrv").info("Held", n=1)
+        assert first.read_text() == ""
+        configure(name="wstunsrv", logfile=second)
+        assert first.read_text().endswith("INFO Held          pkg=WStunsrv n=1\n")
+        EventLogger("WStunsrv").info("Next", n=2)
+    finally:
+        logs.release_lines()
+    assert second.read_text().endswith("INFO Next          pkg=WStunsrv n=2\n")
+    assert "Next" not in first.read_text()
+
+
 @pytest.mark.parametrize(("level", "shown"), [("debug", 4), ("info", 3), ("warning", 2), ("error", 1)])
 def test_configure_level(tmp_path: Path, level: str, shown: int) -> None:
     path = tmp_path / "level.log"
@@ -626,7 +644,8 @@ def test_fast_stream_without_a_file_descriptor_writes_to_the_stream(
 
 def test_fast_lines_reach_the_file_before_the_call_returns(tmp_path: Path) -> None:
     # Daemons may be SIGKILLed and tests read their logs while they run: nothing may wait in
-    # a buffer of ours. Read through another descriptor right after each call.
+    # a buffer of ours. Read through another descriptor right after each call. (The daemons'
+    # event loop holds info lines for a turn or two: tests/test_held_lines.py.)
     path = tmp_path / "wstunsrv.log"
     configure(name="wstunsrv", logfile=path)
     log = EventLogger("WStunsrv")

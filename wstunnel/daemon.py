@@ -42,6 +42,22 @@ async def reload_on_sighup(reload: Callable[[], Awaitable[None]]) -> None:
             await reload()
 
 
+class HeldLinesWriter(trio.abc.Instrument):
+    """Writes the log lines held for the loop (``logs.HeldLines``) when it is about to wait for
+    I/O: all of them when it has nothing left to run (``timeout`` > 0), else the lines of earlier
+    turns, so the tasks this turn woke send first. A trio instrument, not a task: holding and
+    writing lines costs no trip through the scheduler."""
+
+    def __init__(self, held: logs.HeldLines) -> None:
+        self._held = held
+
+    def before_io_wait(self, timeout: float) -> None:
+        if timeout > 0:
+            self._held.write()
+        else:
+            self._held.turn_ends()
+
+
 async def report_on_sigusr1(report: Callable[[], None]) -> None:
     """SIGUSR1: log a STATS line (tasks, file descriptors, memory: what a leak would grow)."""
     with trio.open_signal_receiver(signal.SIGUSR1) as signals:

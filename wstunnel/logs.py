@@ -165,15 +165,26 @@ class EventLogger:
             self._handlers_checked = (list(handlers), own)
         # (A field named pkg replaces the logger's own in place: the record path knows how.)
         if own and not logger.propagate and not logger.filters and "pkg" not in fields:
-            # format_event(event, {"pkg": pkg, **fields}), without copying the fields.
-            head = self._heads.get(event) or self._head(event)
-            text = f"{head} {format_fields(fields)}" if fields else head
             created = time.time()
-            for handler in own:
-                if level >= handler.level:
-                    handler.emit_event(self, level, created, event, fields, text)
+            held = _held
+            if held is not None and held.thread == threading.get_ident():
+                if level < logging.WARNING:
+                    held.add((self, own, level, created, event, fields))
+                    return
+                held.write()  # a warning goes at once, after what is held
+            self._emit(own, level, created, event, fields)
             return
+        write_held_lines()  # what is held goes first: lines keep their order
         logger.handle(self.make_record(level, event, fields))
+
+    def _emit(self, own: tuple[EventHandler, ...], level: int, created: float, event: str,
+              fields: dict[str, Any]) -> None:
+        # format_event(event, {"pkg": pkg, **fields}), without copying the fields.
+        head = self._heads.get(event) or self._head(event)
+        text = f"{head} {format_fields(fields)}" if fields else head
+        for handler in own:
+            if level >= handler.level:
+                handler.emit_event(self, level, created, event, fields, text)
 
     def _head(self, event: str) -> str:
         """ "EVENT         pkg=..." for this event, made once per EventLogger and event."""
@@ -209,6 +220,89 @@ class EventLogger:
 
     def error(self, event: str, /, **fields: Any) -> None:
         self._log(logging.ERROR, event, fields)
+
+
+_HeldLine = tuple["EventLogger", tuple["EventHandler", ...], int, float, str, dict[str, Any]]
+
+
+class HeldLines:
+    """Info and debug lines of EventLogger's fast path, held back until the event loop has
+    run every task it had to run: those tasks send responses and requests on their way.
+
+    A request's log lines cost a few µs each to render and write, and more for journald's
+    fields and datagram. Written the moment they are logged, that time sits between the
+    request's bytes and the socket they are on their way to, in both daemons. Held, they are
+    written when the loop is about to wait for I/O (``wstunnel.daemon.HeldLinesWriter``): all of
+    them (``write``) when it has nothing left to run, else those of the turns before
+    (``turn_ends``), so the tasks a line's turn woke (the one sending the response the line is
+    about, say) run first. Each line keeps the time it was logged at and its place in the order.
+
+    What waits is bounded: MAX_HELD_LINES lines, and only info and debug ones logged on the
+    thread that holds them (the event loop's). A warning or an error, a line that takes logging's
+    record path, and ``release_lines`` write what is held first, then go at once: the lines that
+    explain a failure are never the ones a crash loses.
+    """
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        self._lines: list[_HeldLine] = []
+        self._before_this_turn = 0  # how many of _lines were held before the current turn
+
+    def add(self, line: _HeldLine) -> None:
+        lines = self._lines
+        lines.append(line)
+        if len(lines) >= MAX_HELD_LINES:
+            self.write()
+
+    def write(self) -> None:
+        """Write every held line, oldest first."""
+        self._before_this_turn = 0
+        while self._lines:
+            lines, self._lines = self._lines, []
+            self._emit(lines)
+
+    def turn_ends(self) -> None:
+        """A turn of the loop ended with tasks it woke still to run (they may be about to send
+        what this turn's lines are about): write the lines of earlier turns, hold this one's."""
+        earlier = self._before_this_turn
+        if earlier:
+            lines = self._lines[:earlier]
+            del self._lines[:earlier]
+            self._emit(lines)
+        self._before_this_turn = len(self._lines)
+
+    @staticmethod
+    def _emit(lines: list[_HeldLine]) -> None:
+        for source, own, level, created, event, fields in lines:
+            source._emit(own, level, created, event, fields)
+
+
+# A loop that runs many tasks between waits for I/O: past this many lines, they go at once.
+MAX_HELD_LINES = 256
+_held: HeldLines | None = None
+
+
+def hold_lines() -> HeldLines:
+    """From now on, hold this thread's fast-path info and debug lines until ``HeldLines.write``."""
+    global _held
+    release_lines()
+    _held = HeldLines()
+    return _held
+
+
+def write_held_lines() -> None:
+    """Write what this thread holds now (before its handlers change, say), and go on holding."""
+    held = _held
+    if held is not None and held.thread == threading.get_ident():
+        held.write()
+
+
+def release_lines() -> None:
+    """Write what is held and hold no more lines."""
+    global _held
+    held, _held = _held, None
+    if held is not None:
+        held.write()
 
 
 class LineFormatter(logging.Formatter):

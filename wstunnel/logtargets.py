@@ -26,6 +26,7 @@ from wstunnel.logs import (
     _quoted,
     _render_value,
     own_event_handler,
+    write_held_lines,
 )
 from wstunnel.tokens import Token
 
@@ -292,6 +293,7 @@ def configure(
     when ``target`` is ``journal``), else stderr.
     """
     logger = logging.getLogger("wstunnel")
+    write_held_lines()  # to the handlers they were logged for, before those are closed
     for earlier in list(logger.handlers):
         logger.removeHandler(earlier)
         earlier.close()

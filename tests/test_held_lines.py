@@ -1,0 +1,170 @@
+"""Log lines held for a turn of the daemons' event loop (``logs.HeldLines``,
+``daemon.HeldLinesWriter``): written later, but whole, in order, with the time they were logged
+at, and never later than the first warning."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from tests.support import private_logs
+from tests.support.private_logs import add_handler, refuse_records
+from wstunnel import daemon, logs
+from wstunnel.logs import EventLogger, LineFormatter, ReopenableFileHandler
+
+
+@pytest.fixture
+def log_file(tmp_path: Path,
+             monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], tuple[EventLogger, Path]]]:
+    """Makes an EventLogger on a private logger writing to a file, the clock one second further
+    at each line; no holder is left behind.
+
+    Made in the test's body: pytest gives a non-propagating logger its capture handler as each
+    test phase starts, and any handler but ours means LogRecords, not the fast path."""
+    path = tmp_path / "held.log"
+    with private_logs.private_logger("wstunnel.test-held", monkeypatch, (logs.EventHandler,)) as logger:
+        clock = iter(range(1_396_633_229, 1_396_633_229 + 10_000))
+        monkeypatch.setattr(time, "time", lambda: float(next(clock)))
+
+        def make() -> tuple[EventLogger, Path]:
+            handler = ReopenableFileHandler(path, encoding="utf-8")
+            handler.setFormatter(LineFormatter(timestamps=True))
+            add_handler(logger, handler)
+            refuse_records(logger, monkeypatch)
+            return EventLogger("WStunsrv", logger), path
+
+        try:
+            yield make
+        finally:
+            logs.release_lines()
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_held_lines_wait_for_write_and_keep_their_times_and_order(
+        log_file: Callable[[], tuple[EventLogger, Path]]) -> None:
+    log, path = log_file()
+    held = logs.hold_lines()
+    log.info("HTTP RCV", id=1, url=b"/a")
+    log.debug("D", id=1)
+    log.info("HTTP RET", id=1, status=200)
+    assert _lines(path) == []
+    held.write()
+    assert _lines(path) == [
+        "2014/04/04 17:40:29 INFO HTTP RCV      pkg=WStunsrv id=1 url=/a",
+        "2014/04/04 17:40:30 DBUG D             pkg=WStunsrv id=1",
+        "2014/04/04 17:40:31 INFO HTTP RET      pkg=WStunsrv id=1 status=200",
+    ]
+    log.info("Next", n=2)
+    logs.release_lines()
+    assert _lines(path)[-1] == "2014/04/04 17:40:32 INFO Next          pkg=WStunsrv n=2"
+    log.info("After", n=3)  # nothing holds lines now: at once
+    assert _lines(path)[-1] == "2014/04/04 17:40:33 INFO After         pkg=WStunsrv n=3"
+
+
+def test_a_busy_turn_writes_the_lines_of_the_turns_before_it(
+        log_file: Callable[[], tuple[EventLogger, Path]]) -> None:
+    log, path = log_file()
+    held = logs.hold_lines()
+    log.info("T1", n=1)
+    held.turn_ends()  # tasks still to run: turn 1's line waits for them
+    assert _lines(path) == []
+    log.info("T2", n=2)
+    log.info("T2", n=3)
+    held.turn_ends()  # turn 1's line goes, turn 2's wait
+    assert [line.split()[-1] for line in _lines(path)] == ["n=1"]
+    held.turn_ends()  # a turn that logged nothing: turn 2's lines go
+    assert [line.split()[-1] for line in _lines(path)] == ["n=1", "n=2", "n=3"]
+    log.info("T4", n=4)
+    held.write()  # nothing left to run: everything goes
+    held.turn_ends()
+    assert [line.split()[-1] for line in _lines(path)] == ["n=1", "n=2", "n=3", "n=4"]
+
+
+def test_a_warning_goes_at_once_after_what_is_held(log_file: Callable[[], tuple[EventLogger, Path]]) -> None:
+    log, path = log_file()
+    logs.hold_lines()
+    log.info("HTTP RCV", id=1)
+    log.warning("HTTP RET", id=1, status=503, err="queue full")
+    assert [line.split()[2] for line in _lines(path)] == ["INFO", "WARN"]
+    log.error("Stopped")
+    assert len(_lines(path)) == 3
+
+
+def test_a_record_path_line_goes_at_once_after_what_is_held(
+        log_file: Callable[[], tuple[EventLogger, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    log, path = log_file()
+    monkeypatch.undo()  # records allowed again (and the real clock)
+    logs.hold_lines()
+    log.info("First", n=1)
+    log.info("Own pkg", pkg="other")  # a pkg field takes logging's record path
+    assert [line.split()[3] for line in _lines(path)] == ["First", "Own"]
+
+
+def test_another_threads_lines_are_not_held(log_file: Callable[[], tuple[EventLogger, Path]]) -> None:
+    log, path = log_file()
+    held = logs.hold_lines()
+    log.info("Loop line")
+    thread = threading.Thread(target=lambda: log.info("Thread line"))
+    thread.start()
+    thread.join(10)
+    assert [line.split()[3] for line in _lines(path)] == ["Thread"]
+    held.write()
+    assert [line.split()[3] for line in _lines(path)] == ["Thread", "Loop"]
+
+
+def test_at_most_max_held_lines_wait(log_file: Callable[[], tuple[EventLogger, Path]]) -> None:
+    log, path = log_file()
+    logs.hold_lines()
+    for number in range(logs.MAX_HELD_LINES - 1):
+        log.info("L", n=number)
+    assert _lines(path) == []
+    log.info("L", n=logs.MAX_HELD_LINES - 1)
+    lines = _lines(path)
+    assert len(lines) == logs.MAX_HELD_LINES
+    assert lines[-1].endswith(f"n={logs.MAX_HELD_LINES - 1}")
+
+
+def test_the_daemons_lines_go_once_the_turns_tasks_have_run(
+        log_file: Callable[[], tuple[EventLogger, Path]]) -> None:
+    log, path = log_file()
+    seen: dict[str, list[str]] = {}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            peer_may_run = trio.Event()
+
+            async def peer() -> None:  # stands for the task about to send a response
+                await peer_may_run.wait()
+                seen["peer"] = _lines(path)
+
+            nursery.start_soon(peer)
+            await trio.testing.wait_all_tasks_blocked()
+            log.info("WS   RCV", id=7, status=200)
+            peer_may_run.set()  # the peer wakes for the next turn: the line waits for it
+            await trio.lowlevel.checkpoint()
+            seen["logger"] = _lines(path)
+        await trio.testing.wait_all_tasks_blocked()
+        seen["idle"] = _lines(path)
+        log.info("HTTP RET", id=7, status=200)  # the loop ends before its next wait for I/O
+
+    for _ in range(20):  # trio runs a turn's tasks in either order: try both, many times
+        path.write_text("")
+        held = logs.hold_lines()
+        try:
+            trio.run(main, instruments=[daemon.HeldLinesWriter(held)])
+        finally:
+            logs.release_lines()
+        assert seen["peer"] == seen["logger"] == []
+        assert [line.split()[3] for line in seen["idle"]] == ["WS"]
+        assert [line.split()[3] for line in _lines(path)] == ["WS", "HTTP"]
+        log.info("Not held")
+        assert len(_lines(path)) == 3
