@@ -4,6 +4,8 @@ at, and never later than the first warning."""
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -168,3 +170,45 @@ def test_the_daemons_lines_go_once_the_turns_tasks_have_run(
         assert [line.split()[3] for line in _lines(path)] == ["WS", "HTTP"]
         log.info("Not held")
         assert len(_lines(path)) == 3
+
+
+def test_a_turns_held_lines_reach_a_file_in_one_write_as_the_same_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outputs: dict[str, bytes] = {}
+    writes: list[int] = []
+    real_write = os.write
+
+    def counted_write(fd: int, data: bytes) -> int:
+        writes.append(fd)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counted_write)
+    with private_logs.private_logger("wstunnel.test-held-bytes", monkeypatch,
+                                     (logs.EventHandler,)) as logger:
+        for way in ("at once", "held"):
+            path = tmp_path / f"{way}.log"
+            handler = ReopenableFileHandler(path, encoding="utf-8")
+            handler.setFormatter(LineFormatter(timestamps=True))
+            handler.setLevel(logging.INFO)  # the debug lines are left out, held or not
+            add_handler(logger, handler)
+            refuse_records(logger, monkeypatch)
+            log = EventLogger("WStuncli", logger)
+            held = logs.hold_lines() if way == "held" else None
+            writes.clear()
+            try:
+                for number in range(50):
+                    log.info("WS   RCV", id=number, verb=b"GET", url=b"/caf\xc3\xa9 x")
+                    log.debug("D", id=number)
+                    log.info("WS   SND", id=number, status=200)
+                if held is not None:
+                    assert path.read_bytes() == b""
+                    held.write()
+            finally:
+                logs.release_lines()
+            outputs[way] = path.read_bytes()
+            assert len(writes) == (1 if way == "held" else 100)
+            logger.removeHandler(handler)
+            handler.close()
+    assert outputs["held"] == outputs["at once"]
+    assert len(outputs["held"].splitlines()) == 100
+    assert 'url="/café x"' in outputs["held"].decode()

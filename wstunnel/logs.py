@@ -179,12 +179,15 @@ class EventLogger:
 
     def _emit(self, own: tuple[EventHandler, ...], level: int, created: float, event: str,
               fields: dict[str, Any]) -> None:
-        # format_event(event, {"pkg": pkg, **fields}), without copying the fields.
-        head = self._heads.get(event) or self._head(event)
-        text = f"{head} {format_fields(fields)}" if fields else head
+        text = self._text(event, fields)
         for handler in own:
             if level >= handler.level:
                 handler.emit_event(self, level, created, event, fields, text)
+
+    def _text(self, event: str, fields: Mapping[str, Any]) -> str:
+        # format_event(event, {"pkg": pkg, **fields}), without copying the fields.
+        head = self._heads.get(event) or self._head(event)
+        return f"{head} {format_fields(fields)}" if fields else head
 
     def _head(self, event: str) -> str:
         """ "EVENT         pkg=..." for this event, made once per EventLogger and event."""
@@ -273,8 +276,23 @@ class HeldLines:
 
     @staticmethod
     def _emit(lines: list[_HeldLine]) -> None:
-        for source, own, level, created, event, fields in lines:
+        if len(lines) == 1:
+            source, own, level, created, event, fields = lines[0]
             source._emit(own, level, created, event, fields)
+            return
+        # Each handler takes its lines of a run with the same handlers at once: one write for
+        # a file or stderr, however many requests the turn answered.
+        start = 0
+        while start < len(lines):
+            own = lines[start][1]
+            end = start + 1
+            while end < len(lines) and lines[end][1] is own:
+                end += 1
+            events = [(source, level, created, event, fields, source._text(event, fields))
+                      for source, _, level, created, event, fields in lines[start:end]]
+            for handler in own:
+                handler.emit_events([line for line in events if line[1] >= handler.level])
+            start = end
 
 
 # A loop that runs many tasks between waits for I/O: past this many lines, they go at once.
@@ -345,6 +363,10 @@ class LineFormatter(logging.Formatter):
             self._starts = {}
 
 
+# What emit_event takes: the EventLogger, level, time, event name, fields and rendered text.
+Event = tuple["EventLogger", int, float, str, Mapping[str, Any], str]
+
+
 class EventHandler(logging.Handler):
     """A handler of ours that EventLogger hands events to without a LogRecord.
 
@@ -364,6 +386,12 @@ class EventHandler(logging.Handler):
     ) -> None:
         raise NotImplementedError
 
+    def emit_events(self, events: list[Event]) -> None:
+        """Several events, oldest first (held lines): each as ``emit_event`` takes it, unless
+        the handler can do better with all of them at once."""
+        for source, level, created, event, fields, text in events:
+            self.emit_event(source, level, created, event, fields, text)
+
 
 _STATELESS_CODECS = frozenset({"utf-8", "ascii", "iso8859-1"})
 
@@ -376,7 +404,8 @@ def _write_rest(fd: int, data: bytes, written: int) -> None:
 
 
 class _DirectWrites(EventHandler):
-    """EventLogger's fast path for a handler with a stream: one os.write per line.
+    """EventLogger's fast path for a handler with a stream: one os.write per line, or per turn's
+    worth of held lines.
 
     TextIOWrapper.write plus flush cost about as much as the write system call itself, and
     the line goes to the OS before the call returns either way. Streams that are not plain
@@ -406,31 +435,52 @@ class _DirectWrites(EventHandler):
             return
         with self.lock:
             try:
-                stream = self.stream
-                if stream is not self._direct_stream:
-                    stream = self._direct_to(stream)
-                    if stream is None:
-                        return
-                # LineFormatter.event_line plus the terminator, in one string.
-                if formatter.timestamps and int(created) != formatter._stamp_second:
-                    formatter._set_second(int(created))
-                start = formatter._starts.get(level) or formatter._start(level)
-                line = f"{start}{text}{self.terminator}"
-                fd = self._direct_fd
-                if fd is None:
-                    stream.write(line)
-                    stream.flush()
-                    return
-                if self._flush_first:
-                    stream.flush()
-                data = line.encode(self._direct_encoding, self._direct_errors)
-                written = os.write(fd, data)
-                if written != len(data):
-                    _write_rest(fd, data, written)
+                self._write(self._line(formatter, level, created, text))
             except RecursionError:  # as StreamHandler.emit: no handleError for these
                 raise
             except Exception:
                 self.handleError(source.make_record(level, event, fields, created))
+
+    def emit_events(self, events: list[Event]) -> None:
+        """Held lines: all of them in one write."""
+        formatter = self.formatter
+        if len(events) < 2 or formatter.__class__ is not LineFormatter or self.filters:
+            super().emit_events(events)
+            return
+        with self.lock:
+            try:
+                self._write("".join([self._line(formatter, level, created, text)
+                                     for _, level, created, _, _, text in events]))
+            except RecursionError:
+                raise
+            except Exception:
+                source, level, created, event, fields, _ = events[0]
+                self.handleError(source.make_record(level, event, fields, created))
+
+    def _line(self, formatter: LineFormatter, level: int, created: float, text: str) -> str:
+        """LineFormatter.event_line plus the terminator, in one string."""
+        if formatter.timestamps and int(created) != formatter._stamp_second:
+            formatter._set_second(int(created))
+        start = formatter._starts.get(level) or formatter._start(level)
+        return f"{start}{text}{self.terminator}"
+
+    def _write(self, lines: str) -> None:
+        stream = self.stream
+        if stream is not self._direct_stream:
+            stream = self._direct_to(stream)
+            if stream is None:
+                return
+        fd = self._direct_fd
+        if fd is None:
+            stream.write(lines)
+            stream.flush()
+            return
+        if self._flush_first:
+            stream.flush()
+        data = lines.encode(self._direct_encoding, self._direct_errors)
+        written = os.write(fd, data)
+        if written != len(data):
+            _write_rest(fd, data, written)
 
     def _direct_to(self, stream: TextIO | None) -> TextIO | None:
         """Takes a new stream (or opens a file handler's): the one to write to, or None."""
