@@ -1337,6 +1337,10 @@ def main() -> int:
     args = parse_args()
     if args.log_target == "journal":
         rerun_in_private_mounts()  # returns only when already in a mount namespace of its own
+    # SIGTERM (timeout(1), a CI job cancelled) ends a run as Ctrl-C does: partial results, and
+    # every process it started stopped. Python's default for SIGTERM ends it on the spot and
+    # left nginx, the daemons and the co-hosted clients running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     return run(args)
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,39 @@ def test_smoke_run_reports_every_workload_on_both_paths(tmp_path: Path) -> None:
 
     # Everything the benchmark started (nginx, srv, cli, co-hosted clients) was stopped.
     assert document["pids"]
+    left = [pid for pid in document["pids"] if _alive(pid)]
+    assert not left, left
+
+
+def test_a_run_ended_by_sigterm_stops_everything_it_started(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = [str(BENCH), "--only", "get-c1", "--rounds", "1", "--duration", "60", "--skip-venv-setup",
+            "--json", str(out)]
+    bench = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    seen: list[str] = []
+    try:
+        assert bench.stdout is not None
+        for line in bench.stdout:  # bounded: the bench's own deadline, and the kill below
+            seen.append(line)
+            if "srv on port" in line:
+                break  # nginx and a tunnel are up
+        bench.send_signal(signal.SIGTERM)
+        output, _ = bench.communicate(timeout=120)
+        seen.append(output)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        # Should this test fail, the daemons the bench said it started go too.
+        for pid in re.findall(r"'(?:srv|cli)': (\d+)", "".join(seen)):
+            if _alive(int(pid)):
+                os.killpg(int(pid), signal.SIGKILL)
+    if not out.exists() and not _tools_present():
+        pytest.skip("wrk/nginx could not be installed")
+    document = json.loads(out.read_text())
+    assert "interrupted" in document["status"], document["status"]
+    assert document["pids"], seen
     left = [pid for pid in document["pids"] if _alive(pid)]
     assert not left, left
 
