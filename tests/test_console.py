@@ -156,7 +156,7 @@ def test_actions_from_the_page_disconnect_block_unblock_drain(harness: Harness, 
         page.wait_card(token, lambda c: len(c["clients"]) == 1, "the card with its client")
 
         # Disconnect: the client goes, and comes back on its own.
-        page.click(token, "disconnect", times=2)
+        page.click(token, "disconnect", confirm=True)
         wait_until(lambda: "disconnected (1 client(s))" in page.message(), timeout=10,
                    what="the page to say it disconnected")
         wait_until(lambda: "ADMIN DISCONNECT" in server.process.output(), what="the log line")
@@ -165,7 +165,7 @@ def test_actions_from_the_page_disconnect_block_unblock_drain(harness: Harness, 
                    timeout=20, what="the client to come back")
 
         # Block: the next request gets 403, and the page says so.
-        page.click(token, "block", times=2)
+        page.click(token, "block", confirm=True)
         card = page.wait_card(token, lambda c: c["blocked"], "the card to show the token blocked")
         assert "BLOCKED" in card["text"].upper()
         response = server.get("/after-block", token)
@@ -209,7 +209,7 @@ def test_actions_from_the_page_disconnect_block_unblock_drain(harness: Harness, 
         assert "ADMIN UNBLOCK" in again.process.output()
 
         # Drain: no more requests for tokens, tunnels closed, the console still live.
-        page.press("#drain", times=2)
+        page.press("#drain", confirm=True)
         wait_until(lambda: driver.execute_script("return !document.getElementById('draining').hidden"),
                    timeout=10, what="the page to say draining")
         drained = again.get("/after-drain", token)
@@ -454,7 +454,7 @@ def test_remote_login_over_tls_in_a_browser(harness: Harness, tmp_path: Path,
         card = page.wait_card(token, lambda c: len(c["clients"]) == 1, "the tunnel")
         assert card["clients"][0]["protocol"] == "v2"
         assert driver.execute_script("return !document.getElementById('logout').hidden")
-        page.click(token, "disconnect", times=2)
+        page.click(token, "disconnect", confirm=True)
         wait_until(lambda: "disconnected" in page.message(), timeout=15, what="the action to work")
         who = f'by="{namespace.host_address} (password, session 1)"'
         wait_until(lambda: who in server.process.output(), what="the action logged with its author")

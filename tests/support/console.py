@@ -191,24 +191,47 @@ class ConsolePage:
     def message(self) -> str:
         return str(self.driver.execute_script("return document.getElementById('message').innerText"))
 
-    def click(self, token: str, action: str, *, times: int = 1) -> None:
-        """Click the card's ``action`` button (``times`` clicks: destructive ones ask twice)."""
+    def click(self, token: str, action: str, *, confirm: bool = False) -> None:
+        """Click the card's ``action`` button (``confirm``: a destructive one, which asks twice)."""
         selector = f'article.tunnel[data-token="{token[:8]}..."] button[data-action="{action}"]'
-        self.press(selector, times=times)
+        self.press(selector, confirm=confirm)
 
-    def press(self, selector: str, *, times: int = 1) -> None:
-        """Click the element ``selector`` finds, ``times`` times, scrolled to the middle of the
-        window first (the sticky header must not be the one to get the click)."""
-        for _ in range(times):
-            def press() -> bool:
-                try:
-                    element = self.driver.find_element(By.CSS_SELECTOR, selector)
-                    self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
-                    element.click()
-                except (StaleElementReferenceException, WebDriverException):
-                    return False  # redrawn under us, or covered for a moment: again
-                return True
-            wait_until(press, timeout=10, what=f"a click on {selector}")
+    def press(self, selector: str, *, confirm: bool = False) -> None:
+        """Click the element ``selector`` finds, scrolled to the middle of the window first (the
+        sticky header must not be the one to get the click).
+
+        ``confirm``: a destructive button, which a first click only arms, for a few seconds. The
+        second click goes in the page itself, and only while the button is armed: on a machine
+        slow enough to let the arming lapse, the button is armed again, never clicked once more
+        in a state the test did not see."""
+        if not confirm:
+            wait_until(lambda: self._click(selector), timeout=10, what=f"a click on {selector}")
+            return
+
+        def armed_then_confirmed() -> bool:
+            if not self._is_armed(selector):
+                wait_until(lambda: self._click(selector), timeout=10, what=f"a click on {selector}")
+                wait_until(lambda: self._is_armed(selector), timeout=10, what=f"{selector} armed")
+            return bool(self.driver.execute_script(
+                "const button = document.querySelector(arguments[0]);"
+                "if (!button || !button.classList.contains('armed')) return false;"
+                "button.click(); return true;", selector))
+
+        wait_until(armed_then_confirmed, timeout=30, what=f"a confirmed click on {selector}")
+
+    def _click(self, selector: str) -> bool:
+        try:
+            element = self.driver.find_element(By.CSS_SELECTOR, selector)
+            self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+            element.click()
+        except (StaleElementReferenceException, WebDriverException):
+            return False  # redrawn under us, or covered for a moment: again
+        return True
+
+    def _is_armed(self, selector: str) -> bool:
+        return bool(self.driver.execute_script(
+            "const button = document.querySelector(arguments[0]);"
+            "return !!button && button.classList.contains('armed');", selector))
 
     def screenshot(self, name: str) -> Path:
         """The whole page, not only the window: the window grows to the page's height for it."""
