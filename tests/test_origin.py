@@ -19,7 +19,8 @@ import trio
 import trio.testing
 import trustme
 
-from wstunnel.client.origin import OriginPool, Response, Target, Timeouts, default_ssl_context, parse_base
+from wstunnel.client.origin import OriginPool, Response, Timeouts, default_ssl_context
+from wstunnel.client.wire import Target, parse_base
 from wstunnel.errors import BackendTimeout, ConnectError, LocalRequestError, RemoteProtocolError
 
 DEADLINE = 10.0

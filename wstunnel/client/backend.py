@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import trio
 
 from wstunnel import framing, limits
-from wstunnel.client.origin import OriginPool, Response, Timeouts, default_ssl_context, parse_base
+from wstunnel.client.origin import OriginPool, Response, Timeouts, default_ssl_context
+from wstunnel.client.wire import parse_base
 from wstunnel.errors import BackendError, BackendTimeout, OutOfFiles
 from wstunnel.headers import get as get_header
 from wstunnel.headers import without_hop_by_hop

@@ -12,6 +12,10 @@ the backend closed it or sent junk). A request that fails on a reused connection
 response byte is retried once on a fresh connection when its body can be sent again (bytes, not a
 stream). A connection whose exchange did not end cleanly with both sides DONE is closed, never
 pooled: ``Connection: close``, read-until-close bodies, errors, a body left unread or cancelled.
+
+The bytes themselves (a request's head, the common response head read without h11, a base URL
+parsed) are ``wstunnel.client.wire``'s, which does no I/O; this module is the pool and its
+connections.
 """
 
 from __future__ import annotations
@@ -20,18 +24,16 @@ import functools
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
-from urllib.parse import quote, urlsplit
 
 import certifi
 import h11
 import trio
 
-from wstunnel import http1
+from wstunnel.client.wire import Origin, Outgoing, ResponseHead, Target, fast_head
 from wstunnel.errors import (
     BackendError,
     BackendTimeout,
     ConnectError,
-    InvalidURL,
     LocalRequestError,
     OutOfFiles,
     ReadError,
@@ -43,16 +45,9 @@ from wstunnel.limits import out_of_files
 from wstunnel.tunnel.sockets import DirectSocketStream
 
 READ_SIZE = 64 * 1024
-# httpcore's limit on a response head; h11's own default (16 KiB) refuses some real backends.
-MAX_HEAD_SIZE = 100 * 1024
 # A request body up to this size goes out in the same write as its head.
 COALESCE_SIZE = 64 * 1024
-_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _RETRYABLE = (ReadError, WriteError, RemoteProtocolError)
-
-_NO_BODY_STATUSES = frozenset({204, 304})
-# Request headers h11 needs to see to read the response right: keep-alive and protocol switches.
-_SLOW_PATH_HEADERS = frozenset({b"connection", b"upgrade"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,46 +58,6 @@ class Timeouts:
     # httpx's default: an idle connection older than this may be closing on the backend's side
     # (many servers time out idle keep-alive at 5 s), and a streamed upload cannot be retried.
     keepalive: float = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class Origin:
-    scheme: str  # "http" or "https"
-    host: str  # ASCII (IDNA), IPv6 literals without brackets
-    port: int
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A backend base URL, parsed once: where to connect, the Host header, the path prefix."""
-
-    origin: Origin
-    host_header: bytes
-    prefix: bytes
-
-
-@functools.lru_cache(maxsize=256)
-def parse_base(url: str) -> Target:
-    """``http[s]://host[:port][/prefix]`` as a Target; InvalidURL if it is not one."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-        host = parts.hostname
-    except ValueError as exc:
-        raise InvalidURL(f"{url!r}: {exc}") from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise InvalidURL(f"{url!r}: not an http:// or https:// URL with a host")
-    netloc = parts.netloc.rpartition("@")[2]  # userinfo is never sent
-    try:
-        if not host.isascii():
-            host = host.encode("idna").decode("ascii")
-        host_header = netloc.encode("ascii") if netloc.isascii() else netloc.encode("idna")
-    except UnicodeError as exc:
-        raise InvalidURL(f"{url!r}: {exc}") from None
-    if port is None:
-        port = 443 if parts.scheme == "https" else 80
-    prefix = quote(parts.path, safe="/%:@!$&'()*+,;=~").encode("ascii")
-    return Target(Origin(parts.scheme, host, port), host_header, prefix)
 
 
 def default_ssl_context(verify: ssl.SSLContext | bool = True) -> ssl.SSLContext:
@@ -134,7 +89,7 @@ class _Connection:
         self.origin = origin
         self.stream = stream
         self.socket = socket
-        # The current exchange's response parser when it is off the fast path (see _Outgoing),
+        # The current exchange's response parser when it is off the fast path (see Outgoing),
         # else None: h11 only where its generality is needed.
         self.h11: h11.Connection | None = None
         # The fast path's verdict: keep-alive and nothing read past the response.
@@ -150,138 +105,6 @@ class _Connection:
         # Synchronous on purpose: it runs in cancelled scopes and finally blocks. A TLS
         # connection goes without close_notify, which backends take as a plain close.
         self.socket.close()
-
-
-class _Outgoing:
-    """A request's head as bytes, built and checked once even if it goes out twice.
-
-    h11 cost ~35 µs per small exchange (issue 7: event objects, header normalisation, its state
-    machine); writing the head ourselves against h11's own grammar costs a few. A response to a
-    ``simple`` request (no Connection or Upgrade header, not CONNECT) is read on a fast path
-    when it is the common case; anything else goes to h11, told the request's method and
-    keep-alive/upgrade headers, so every unusual response is read exactly as before.
-    """
-
-    __slots__ = ("head", "length", "method", "simple", "special")
-
-    def __init__(self, target: Target, method: bytes, path: bytes, headers: Headers,
-                 body: bytes | AsyncIterable[bytes]) -> None:
-        request_target = target.prefix + path
-        try:
-            http1.check_method(method)
-            http1.check_target(request_target)
-            http1.check_field(b"Host", target.host_header)
-            for name, value in headers:
-                http1.check_field(name, value)
-        except http1.HeadError as exc:
-            raise LocalRequestError(str(exc)) from None
-        lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, request_target, target.host_header)]
-        length: bytes | None = None
-        special: Headers = []
-        for name, value in headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                normalized = http1.content_length(value)
-                if normalized is None:
-                    raise LocalRequestError("bad Content-Length")
-                value = normalized
-                if length is not None:
-                    if value != length:
-                        raise LocalRequestError("conflicting Content-Length headers")
-                    continue  # as h11: one of identical Content-Length headers
-                length = value
-            elif lower == b"host":
-                raise LocalRequestError("Found multiple Host: headers")
-            elif lower == b"transfer-encoding":
-                raise LocalRequestError("the request body's framing is the pool's: no Transfer-Encoding")
-            elif lower in _SLOW_PATH_HEADERS:
-                special.append((name, value))
-            lines.append(b"%s: %s\r\n" % (name, value))
-        # A streamed body's declared size, or None: chunked.
-        self.length: int | None = None
-        if isinstance(body, bytes | bytearray | memoryview):
-            if length is not None:
-                if int(length) != len(body):
-                    raise LocalRequestError("body size differs from the declared Content-Length")
-            elif body or method in _BODY_METHODS:
-                lines.append(b"Content-Length: %d\r\n" % len(body))
-        elif length is None:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        else:
-            self.length = int(length)
-        lines.append(b"\r\n")
-        self.head = b"".join(lines)
-        self.method = method
-        self.special = special
-        self.simple = not special and method != b"CONNECT"
-
-    def parser(self) -> h11.Connection:
-        """An h11 client that has "sent" this request: it reads the response as it would have."""
-        h = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_SIZE)
-        # The body is ours to frame, so h11 sees none; the headers that matter to the response
-        # (keep-alive, a protocol switch) and the method (HEAD, CONNECT) are the request's.
-        h.send(h11.Request(method=self.method, target=b"/", headers=[(b"Host", b"origin"), *self.special]))
-        h.send(h11.EndOfMessage())
-        return h
-
-
-class _Head:
-    """A final response head (or a 101), from h11 or the fast path."""
-
-    __slots__ = ("body", "headers", "http_version", "length", "reason", "status")
-
-    def __init__(self, status: int, reason: bytes, headers: Headers, http_version: bytes,
-                 length: int | None = None, body: bytes = b"") -> None:
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.http_version = http_version
-        # The fast path's Content-Length and the body bytes read with the head; None: h11 reads.
-        self.length = length
-        self.body = body
-
-
-def _fast_head(data: bytes, method: bytes) -> tuple[_Head, bool] | None:
-    """The common response, parsed from the first bytes read: an HTTP/1.1 final head whole in
-    ``data``, framed by Content-Length (or bodyless), no obs-fold, no Transfer-Encoding; and
-    whether it allows keep-alive. None for anything else, which h11 then reads (and rejects,
-    if it is bad): this accepts only what h11 accepts, and means by it what h11 does."""
-    split = http1.split_head(data)
-    if split is None:
-        return None
-    start, block, end = split
-    line = http1.parse_status_line(start)
-    if line is None or line[0] != b"1.1" or line[1] < 200:
-        return None
-    fields = http1.parse_fields(block)
-    if fields is None:
-        return None
-    _version, status, reason = line
-    headers: Headers = []
-    length: bytes | None = None
-    keep_alive = True
-    for name, value in fields:
-        lower = name.lower()
-        if lower == b"content-length":
-            normalized = http1.content_length(value)
-            if normalized is None or (length is not None and normalized != length):
-                return None
-            value = normalized
-            if length is not None:
-                continue  # h11 keeps one of identical Content-Length headers
-            length = value
-        elif lower == b"transfer-encoding":
-            return None
-        elif lower == b"connection" and b"close" in [part.strip().lower() for part in value.split(b",")]:
-            keep_alive = False
-        headers.append((name, value))
-    if method == b"HEAD" or status in _NO_BODY_STATUSES:
-        size = 0
-    elif length is None:
-        return None  # read until close
-    else:
-        size = int(length)
-    return _Head(status, reason, headers, b"1.1", size, data[end:]), keep_alive
 
 
 class UpgradedStream(trio.abc.Stream):
@@ -331,7 +154,8 @@ class Response:
     __slots__ = ("_borrower", "_connection", "_length", "_peeked", "_pending", "_pool", "_remaining",
                  "complete", "headers", "http_version", "reason", "status", "stream", "trailers")
 
-    def __init__(self, pool: OriginPool, connection: _Connection, borrower: object, head: _Head) -> None:
+    def __init__(self, pool: OriginPool, connection: _Connection, borrower: object,
+                 head: ResponseHead) -> None:
         self.status: int = head.status
         self.reason: bytes = head.reason
         self.headers: Headers = head.headers
@@ -478,7 +302,7 @@ class OriginPool:
         goes chunked unless ``headers`` hold its Content-Length. Host comes from ``target``.
         """
         replayable = isinstance(body, bytes | bytearray | memoryview)
-        outgoing = _Outgoing(target, method, path, headers, body)
+        outgoing = Outgoing(target, method, path, headers, body)
         borrower = object()
         try:
             # Without a wait, no trip through the scheduler (trio hands a freed slot straight
@@ -514,16 +338,16 @@ class OriginPool:
             response.stream = UpgradedStream(connection, bytes(trailing))
         return response
 
-    async def _exchange(self, connection: _Connection, outgoing: _Outgoing,
-                        body: bytes | AsyncIterable[bytes]) -> _Head:
+    async def _exchange(self, connection: _Connection, outgoing: Outgoing,
+                        body: bytes | AsyncIterable[bytes]) -> ResponseHead:
         # One deadline for the whole exchange, not one per read and write: a cancel scope costs
         # ~10 µs. A streamed body moves it on with each chunk written, so a long upload is fine.
         with trio.CancelScope(deadline=trio.current_time() + self.timeouts.io) as scope:
             return await self._exchange_in(connection, outgoing, body, scope)
         raise BackendTimeout("the backend did not take the request or answer in time")
 
-    async def _exchange_in(self, connection: _Connection, outgoing: _Outgoing,
-                           body: bytes | AsyncIterable[bytes], scope: trio.CancelScope) -> _Head:
+    async def _exchange_in(self, connection: _Connection, outgoing: Outgoing,
+                           body: bytes | AsyncIterable[bytes], scope: trio.CancelScope) -> ResponseHead:
         connection.received = False
         connection.reusable = False
         connection.h11 = None
@@ -563,10 +387,10 @@ class OriginPool:
             raise
         return await self._head(connection, outgoing)
 
-    async def _head(self, connection: _Connection, outgoing: _Outgoing) -> _Head:
+    async def _head(self, connection: _Connection, outgoing: Outgoing) -> ResponseHead:
         data = await self.receive(connection)
         if outgoing.simple:
-            fast = _fast_head(data, outgoing.method)
+            fast = fast_head(data, outgoing.method)
             if fast is not None:
                 head, connection.reusable = fast
                 return head
@@ -577,7 +401,7 @@ class OriginPool:
             if type(event) is h11.Response or (type(event) is h11.InformationalResponse
                                                and event.status_code == 101):
                 assert isinstance(event, h11.Response | h11.InformationalResponse)
-                return _Head(event.status_code, event.reason, list(event.headers.raw_items()),
+                return ResponseHead(event.status_code, event.reason, list(event.headers.raw_items()),
                              event.http_version)
             if type(event) is h11.InformationalResponse:
                 continue  # 100 Continue, 103 Early Hints: for this hop only
