@@ -10,7 +10,7 @@ before: the front hands h11 the request's own bytes first (``HttpConnection._to_
 sees the same conversation it always did, and answers, refuses or closes exactly as it would have.
 
 Both encoders give the bytes of a response's head, body chunks and end; the front's batching does
-the writing (``front._Batch``).
+the writing (``outgoing.ResponseBatch``).
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ from wstunnel.server.messages import (
     UpgradeSink,
     simple_response,
 )
+from wstunnel.server.outgoing import SEND_BATCH, ResponseBatch, declared_length, next_chunk
 from wstunnel.tunnel.sockets import DirectSocketStream
 from wstunnel.tunnel.transport import ActivityStream, tune_tunnel_socket
 
@@ -66,8 +67,6 @@ SMALL_BODY = 64 * 1024
 # response in the client's receive buffer before the client has read it.
 LINGER_TIMEOUT = 2.0
 LINGER_BYTES = 4 * 1024 * 1024
-# A streamed response's pieces are gathered into one write up to about this size.
-SEND_BATCH = 64 * 1024
 # Once one side of an upgraded (101) connection has ended, how long the other side gets to follow.
 PIPE_LINGER = 5.0
 # SO_LINGER on, with a zero timeout: close() sends a TCP reset instead of a FIN.
@@ -86,88 +85,6 @@ class FrontLimits:
 Responder = Callable[[IncomingRequest], Awaitable[AnyResponse]]
 TunnelTaker = Callable[[IncomingRequest, ActivityStream], Awaitable[None]]
 IsTunnel = Callable[[IncomingRequest], bool]
-
-
-def _declared_length(headers: Headers) -> int | None:
-    """The one valid Content-Length of ``headers``; None when absent or doubtful (h11 judges)."""
-    values = [value for name, value in headers if name.lower() == b"content-length"]
-    if len(values) != 1 or not values[0].isdigit():
-        return None
-    return int(values[0])
-
-
-async def _next_chunk(response: StreamingResponse) -> bytes | None:
-    """The body's next chunk (None at its end); TooSlowError after ``idle_timeout`` without one.
-
-    A bare cancel scope: trio.fail_after's generator-based context manager costs as much again.
-    """
-    with trio.CancelScope(deadline=trio.current_time() + response.idle_timeout):
-        return await response.body.receive()
-    raise trio.TooSlowError
-
-
-class _Batch:
-    """The bytes of a streamed response that go out in its next write, and their accounts."""
-
-    def __init__(self, encoder: Encoder, response: StreamingResponse, length: int | None
-                 ) -> None:
-        self.encoder = encoder
-        self.response = response
-        # The declared Content-Length (0 for a bodyless response); None for a chunked (or
-        # HTTP/1.0, ended by closing) body.
-        self.length = length
-        self.out: list[bytes] = []
-        self.size = 0  # body bytes in ``out``
-        self.uncredited = 0  # bytes taken from the body, credited once written
-        self.done = False  # the end of the message is in ``out``, or already written
-
-    def head(self, status: int, reason: bytes, headers: Headers) -> None:
-        """The response head; a bodyless response ends with it (h11 must see its end too, or
-        it would not let the connection serve another request)."""
-        self.out.append(self.encoder.head(status, reason, headers))
-        if self.length == 0:
-            self._end()
-
-    def add(self, chunk: bytes | None) -> None:
-        """One chunk from the body source (None: its end)."""
-        if chunk is None:
-            self._end()
-            return
-        self.uncredited += len(chunk)
-        self.out.append(self.encoder.data(chunk))
-        self.size += len(chunk)
-        if self.length is not None and self.response.sent_bytes + self.size >= self.length:
-            # Whole: the client may reuse the connection without waiting for the stream's END.
-            self._end()
-
-    def take_ready(self) -> None:
-        """Add what the body source has without waiting, up to about SEND_BATCH bytes."""
-        body = self.response.body
-        while not self.done and self.size < SEND_BATCH:
-            try:
-                chunk = body.receive_nowait()
-            except trio.WouldBlock:
-                return
-            self.add(chunk)
-
-    def _end(self) -> None:
-        # Trailers only where chunked coding carries them (h11 refuses them elsewhere).
-        trailers = self.response.body.trailers if self.encoder.chunked else []
-        self.out.append(self.encoder.end(trailers))
-        self.done = True
-
-    async def write(self, stream: trio.abc.SendStream) -> None:
-        data = b"".join(self.out)
-        self.out.clear()
-        if data:
-            await stream.send_all(data)
-        self.response.sent_bytes += self.size
-        self.size = 0
-        # Credit goes back only once the bytes are in the client's socket: a slow client
-        # slows its own stream, nothing else.
-        if self.uncredited:
-            self.response.body.consumed(self.uncredited)
-            self.uncredited = 0
 
 
 class HttpConnection:
@@ -567,7 +484,7 @@ class HttpConnection:
             if k.lower() not in (b"connection", b"keep-alive", b"transfer-encoding")
         ]
         bodyless = head_only or response.status in (204, 304) or response.status < 200
-        length = 0 if bodyless else _declared_length(headers)
+        length = 0 if bodyless else declared_length(headers)
         await self._start_response()
         if self.draining() or self._body_unread():
             headers.append((b"Connection", b"close"))
@@ -577,7 +494,7 @@ class HttpConnection:
         try:
             encoder = self._encoder(response.status, response.reason, headers, length,
                                     bodyless=bodyless, head_only=head_only)
-            batch = _Batch(encoder, response, length)
+            batch = ResponseBatch(encoder, response, length)
             batch.head(response.status, response.reason, headers)
             await self._take_ready(batch)
             if not batch.done:
@@ -591,7 +508,7 @@ class HttpConnection:
                 await batch.write(self.stream)
                 if batch.done:
                     return
-                batch.add(await _next_chunk(response))
+                batch.add(await next_chunk(response))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._cut(response, "response", Cause.CLIENT_GONE, "the HTTP client went away")
             raise
@@ -618,7 +535,7 @@ class HttpConnection:
             response.cut = cut
         self._reset_on_close = True
 
-    async def _take_ready(self, batch: _Batch) -> None:
+    async def _take_ready(self, batch: ResponseBatch) -> None:
         """What of the body is there already, into ``batch``; if the body turns out broken, the
         client still gets what came before, as it would unbatched, and the error goes on."""
         try:
