@@ -212,3 +212,42 @@ def test_a_turns_held_lines_reach_a_file_in_one_write_as_the_same_bytes(
     assert outputs["held"] == outputs["at once"]
     assert len(outputs["held"].splitlines()) == 100
     assert 'url="/café x"' in outputs["held"].decode()
+
+
+def test_lines_of_several_event_loggers_share_the_write_and_a_bad_line_costs_only_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    writes: list[int] = []
+    real_write = os.write
+
+    def counted_write(fd: int, data: bytes) -> int:
+        writes.append(fd)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counted_write)
+    path = tmp_path / "ascii.log"
+    ours = (logs.EventHandler,)
+    with private_logs.private_logger("wstunnel.test-held-ascii", monkeypatch, ours) as logger, \
+            path.open("w", encoding="ascii", errors="strict") as stream:
+        handler = logs.LineStreamHandler(stream)
+        handler.setFormatter(LineFormatter(timestamps=False))
+        add_handler(logger, handler)
+        refuse_records(logger, monkeypatch)
+        front, tunnel = EventLogger("WStunsrv", logger), EventLogger("WStunsrv", logger)
+        held = logs.hold_lines()
+        try:
+            front.info("HTTP RCV", id=1)
+            tunnel.info("WS   RCV", id=1)
+            held.write()
+            assert len(writes) == 1  # two EventLoggers, one handler: one write
+            front.info("A", n=1)
+            tunnel.info("B", text="café")  # no ascii for this one
+            front.info("C", n=3)
+            monkeypatch.undo()  # handleError makes a record of the line it reports
+            held.write()
+        finally:
+            logs.release_lines()
+            logger.removeHandler(handler)
+    assert path.read_text().splitlines() == [
+        "INFO HTTP RCV      pkg=WStunsrv id=1", "INFO WS   RCV      pkg=WStunsrv id=1",
+        "INFO A             pkg=WStunsrv n=1", "INFO C             pkg=WStunsrv n=3"]
+    assert "UnicodeEncodeError" in capsys.readouterr().err  # logging's report of the lost line

@@ -286,7 +286,7 @@ class HeldLines:
         while start < len(lines):
             own = lines[start][1]
             end = start + 1
-            while end < len(lines) and lines[end][1] is own:
+            while end < len(lines) and lines[end][1] == own:  # the handlers, not the tuple
                 end += 1
             events = [(source, level, created, event, fields, source._text(event, fields))
                       for source, _, level, created, event, fields in lines[start:end]]
@@ -448,9 +448,15 @@ class _DirectWrites(EventHandler):
             super().emit_events(events)
             return
         with self.lock:
+            lines = "".join([self._line(formatter, level, created, text)
+                             for _, level, created, _, _, text in events])
             try:
-                self._write("".join([self._line(formatter, level, created, text)
-                                     for _, level, created, _, _, text in events]))
+                self._write(lines)
+            except UnicodeError:
+                # A line this stream's codec cannot take: one by one, so only that line is lost
+                # (and reported), as without holding. Nothing was written yet: the encoding
+                # comes first.
+                super().emit_events(events)
             except RecursionError:
                 raise
             except Exception:
