@@ -360,11 +360,18 @@ def test_log_lines_use_original_event_names_and_hide_token(harness: Harness) -> 
     token = harness.new_token()
     harness.client(server, token)
     assert server.get("/logged", token).status_code == 200
-    text = server.process.output()
+    # A request's lines are written once the server has sent what it was sending: just after
+    # the response, not before it.
+    events = ("HTTP RCV", "WS   SND", "WS   RCV", "HTTP RET")
+
+    def all_four() -> str | None:
+        text = server.process.output()
+        return text if all(event in text for event in events) else None
+
+    text = wait_until(all_four, what="the request's four lines")
     prefix = f"token={token[:8]}..."
-    for event in ("HTTP RCV", "WS   SND", "WS   RCV", "HTTP RET"):
+    for event in events:
         lines = [line for line in text.splitlines() if event in line]
-        assert lines, f"no {event} line in {text}"
         assert prefix in lines[-1]
         assert "pkg=WStunsrv" in lines[-1]
 

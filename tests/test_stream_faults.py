@@ -60,13 +60,16 @@ def finish(probes: dict[str, Probe]) -> dict[str, str]:
     return {kind: probe.finish() for kind, probe in probes.items()}
 
 
-def hang_with_input_pending(backend: Backend, websocket_peer: int, attempts: int = 5) -> None:
+def hang_with_input_pending(backend: Backend, websocket_peer: int, probe: Probe,
+                            attempts: int = 5) -> None:
     """Stop the backend once its WebSocket holds input it has not read. Killed without, it
     would end those bytes with a FIN, which the tunnel rightly passes on as a clean end. The
     probe sends its next message a pace step after each echo, so input comes, unless the stop
-    fell between reading a message and echoing it: then the backend runs on and is stopped
-    again."""
+    fell between reading a message and echoing it: then the backend is let run until the probe
+    has its echo (stopped again at once, a backend the machine had not scheduled meanwhile would
+    be caught in the same place every time), and stopped again."""
     for _ in range(attempts):
+        echoed = probe.progress
         backend.process.signal(signal.SIGSTOP)
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
@@ -74,6 +77,8 @@ def hang_with_input_pending(backend: Backend, websocket_peer: int, attempts: int
                 return
             time.sleep(0.02)
         backend.process.signal(signal.SIGCONT)
+        wait_until(lambda echoed=echoed: probe.progress > echoed, timeout=15,
+                   what="the WebSocket probe's next echo")
     raise AssertionError(f"the backend's WebSocket never held unread input in {attempts} stops")
 
 
@@ -297,7 +302,7 @@ def test_backend_dying_mid_body_aborts_its_streams_only(
     websocket_peer = backend_state(doomed)["websocket_peers"]["dies-websocket"]
     # Hung, then killed (as a watchdog or the OOM killer would): what it had not read yet turns
     # its close into a reset, as any process dying with input pending.
-    hang_with_input_pending(doomed, websocket_peer)
+    hang_with_input_pending(doomed, websocket_peer, probes["websocket"])
     doomed.process.kill()
     outcomes = finish(probes)
     assert survivor.finish() == "complete", survivor.detail
