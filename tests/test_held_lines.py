@@ -47,6 +47,19 @@ def log_file(tmp_path: Path,
             logs.release_lines()
 
 
+def count_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every os.write from now on, by its file descriptor, in a list (the writes still happen)."""
+    writes: list[int] = []
+    real_write = os.write
+
+    def counted_write(fd: int, data: bytes) -> int:
+        writes.append(fd)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counted_write)
+    return writes
+
+
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines()
 
@@ -175,14 +188,7 @@ def test_the_daemons_lines_go_once_the_turns_tasks_have_run(
 def test_a_turns_held_lines_reach_a_file_in_one_write_as_the_same_bytes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     outputs: dict[str, bytes] = {}
-    writes: list[int] = []
-    real_write = os.write
-
-    def counted_write(fd: int, data: bytes) -> int:
-        writes.append(fd)
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", counted_write)
+    writes = count_writes(monkeypatch)
     with private_logs.private_logger("wstunnel.test-held-bytes", monkeypatch,
                                      (logs.EventHandler,)) as logger:
         for way in ("at once", "held"):
@@ -216,14 +222,7 @@ def test_a_turns_held_lines_reach_a_file_in_one_write_as_the_same_bytes(
 
 def test_lines_of_several_event_loggers_share_the_write_and_a_bad_line_costs_only_itself(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    writes: list[int] = []
-    real_write = os.write
-
-    def counted_write(fd: int, data: bytes) -> int:
-        writes.append(fd)
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", counted_write)
+    writes = count_writes(monkeypatch)
     path = tmp_path / "ascii.log"
     ours = (logs.EventHandler,)
     with private_logs.private_logger("wstunnel.test-held-ascii", monkeypatch, ours) as logger, \

@@ -276,7 +276,7 @@ class HeldLines:
 
     @staticmethod
     def _emit(lines: list[_HeldLine]) -> None:
-        if len(lines) == 1:
+        if len(lines) == 1:  # the common turn at low load: no grouping to do
             source, own, level, created, event, fields = lines[0]
             source._emit(own, level, created, event, fields)
             return
