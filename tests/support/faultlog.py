@@ -47,6 +47,13 @@ def ids_by_tag(output: str, event: str = "HTTP RCV") -> dict[str, str]:
     return found
 
 
+def lines_of_tags(output: str, tags: set[str]) -> list[str]:
+    """The server's log lines about the tagged requests (by the id its ``HTTP RCV`` gave each),
+    for a failure's message: what srv said of a stream whose outcome a test waited for."""
+    ids = {request_id for tag, request_id in ids_by_tag(output).items() if tag in tags}
+    return [line for line in output.splitlines() if fields(line).get("id") in ids]
+
+
 def aborts_by_tag(output: str, *, server: bool = True) -> dict[str, dict[str, str]]:
     """The abort line of each tagged request: the server's ``HTTP ABORT`` or the client's
     ``WS   ABORT``."""
