@@ -11,6 +11,8 @@ It reads requests with limits on everything a peer controls (head size, header c
 time to send the head), answers malformed ones with a 4xx instead of dropping the connection, and
 hands each good request to the application. A WebSocket upgrade on ``/_tunnel`` leaves HTTP: the
 application receives the raw stream, with the handshake bytes replayed, and owns it from then on.
+Another upgrade that the backend accepts (a 101 through a v2 tunnel) leaves HTTP too: the pipe of
+``wstunnel.server.upgraded`` then carries its bytes both ways.
 
 Request bodies. A small body (a Content-Length up to SMALL_BODY) is read whole before the request
 goes to the application: one cheap step for the common case. A larger or chunked body is handed
@@ -29,6 +31,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import h11
 import trio
@@ -51,10 +54,10 @@ from wstunnel.server.messages import (
     BodyTooLarge,
     ResponseAborted,
     StreamingResponse,
-    UpgradeSink,
     simple_response,
 )
 from wstunnel.server.outgoing import SEND_BATCH, ResponseBatch, declared_length, next_chunk
+from wstunnel.server.upgraded import pipe_upgraded, switching_headers
 from wstunnel.tunnel.sockets import DirectSocketStream
 from wstunnel.tunnel.transport import ActivityStream, tune_tunnel_socket
 
@@ -67,8 +70,6 @@ SMALL_BODY = 64 * 1024
 # response in the client's receive buffer before the client has read it.
 LINGER_TIMEOUT = 2.0
 LINGER_BYTES = 4 * 1024 * 1024
-# Once one side of an upgraded (101) connection has ended, how long the other side gets to follow.
-PIPE_LINGER = 5.0
 # SO_LINGER on, with a zero timeout: close() sends a TCP reset instead of a FIN.
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
@@ -127,8 +128,6 @@ class HttpConnection:
         self._responding = False
         self._continuing = False
         self._continued = trio.Event()
-        self._pipe_idle = trio.CancelScope()  # an upgraded connection's, pushed on by its bytes
-        self._pipe_idle_timeout = math.inf
         # A response was cut short: the connection ends with a TCP reset, not a FIN, so that no
         # client can take what it got for the whole (a body ended by the close, a pass-through).
         self._reset_on_close = False
@@ -545,19 +544,15 @@ class HttpConnection:
             raise
 
     async def _pipe(self, response: StreamingResponse) -> None:
-        """Send the 101, then carry raw bytes both ways until both sides have closed."""
+        """Send the 101, then hand the connection to the pipe (``wstunnel.server.upgraded``),
+        which carries raw bytes both ways until both sides have closed."""
         sink = response.upgraded
         self._to_h11()
         if sink is None or self.conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
             # Only an upgrade request can be switched, and only through a v2 stream.
             await self._send_error(502, "Unexpected 101 response from the tunnel client")
             return
-        headers = [
-            (k, v) for k, v in response.headers
-            if k.lower() not in (b"connection", b"keep-alive", b"transfer-encoding",
-                                 b"content-length")
-        ]
-        headers.append((b"Connection", b"Upgrade"))
+        headers = switching_headers(response.headers)
         await self._start_response()
         try:
             await self._send(h11.InformationalResponse(
@@ -567,61 +562,7 @@ class HttpConnection:
             raise trio.BrokenResourceError from None
         # What the client sent after its request (a first WebSocket frame) is the new protocol's.
         first = bytes(self.conn.trailing_data[0])
-        # Like any transfer, a pipe may last as long as it moves; one that carried nothing either
-        # way for the idle timeout ends, or a vanished peer would hold it forever.
-        self._pipe_idle_timeout = response.idle_timeout
-        with self._pipe_idle:
-            self._pipe_moved()
-            await self._run_pipe(response, sink, first)
-        if self._pipe_idle.cancelled_caught:
-            self._cut(response, "response", Cause.STALLED,
-                      f"nothing passed either way for {response.idle_timeout:g}s")
-
-    async def _run_pipe(self, response: StreamingResponse, sink: UpgradeSink, first: bytes) -> None:
-        async with trio.open_nursery() as pipe:
-            pipe.start_soon(self._pipe_up, response, sink, first, pipe.cancel_scope)
-            try:
-                while (chunk := await response.body.receive()) is not None:
-                    await self.stream.send_all(chunk)
-                    self._pipe_moved()
-                    response.sent_bytes += len(chunk)
-                    response.body.consumed(len(chunk))
-                await self._send_eof()
-            except ResponseAborted as aborted:
-                self._cut_by(response, aborted.cut)  # the backend side broke, or the tunnel
-                pipe.cancel_scope.cancel()
-                return
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._cut(response, "response", Cause.CLIENT_GONE, "the HTTP client went away")
-                pipe.cancel_scope.cancel()
-                return
-            pipe.cancel_scope.deadline = min(pipe.cancel_scope.deadline,
-                                             trio.current_time() + PIPE_LINGER)
-
-    def _pipe_moved(self) -> None:
-        self._pipe_idle.deadline = trio.current_time() + self._pipe_idle_timeout
-
-    async def _pipe_up(self, response: StreamingResponse, sink: UpgradeSink, first: bytes,
-                       scope: trio.CancelScope) -> None:
-        try:
-            if first:
-                await sink.send(first)
-                response.received_bytes += len(first)
-            while data := await self.stream.receive_some(RECEIVE_SIZE):
-                self._pipe_moved()
-                await sink.send(bytes(data))
-                response.received_bytes += len(data)
-            sink.end()
-        except ResponseAborted as aborted:
-            self._cut_by(response, aborted.cut)
-            scope.cancel()
-            return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # A reset, not a close: a client that closes its side ends the pipe cleanly above.
-            self._cut(response, "request", Cause.CLIENT_GONE, "the HTTP client went away")
-            scope.cancel()
-            return
-        scope.deadline = min(scope.deadline, trio.current_time() + PIPE_LINGER)
+        await pipe_upgraded(self.stream, response, sink, first, partial(self._cut_by, response))
 
     async def _send_error(self, status: int, text: str) -> None:
         """Answer a request we will not serve, then close: we cannot trust the framing further."""
