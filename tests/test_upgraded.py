@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from wstunnel.headers import Headers
+from tests.support.bodies import FakeBody
 from wstunnel.server.aborts import Cause, Cut
 from wstunnel.server.messages import ResponseAborted, StreamingResponse
 from wstunnel.server.upgraded import PIPE_LINGER, pipe_upgraded, switching_headers
@@ -22,36 +22,6 @@ from wstunnel.server.upgraded import PIPE_LINGER, pipe_upgraded, switching_heade
 # of hanging it. In seconds of trio's clock: mock time in the tests that jump the clock.
 PROMPTLY = 5.0
 EVENTUALLY = 1000.0
-
-
-class _Backend:
-    """The backend's bytes as the pipe takes them (the response's body): chunks the test pushes,
-    None for the end, or a ResponseAborted to raise; and the credit the pipe gives back."""
-
-    def __init__(self) -> None:
-        self._in, self._out = trio.open_memory_channel[bytes | ResponseAborted | None](math.inf)
-        self.credited: list[int] = []
-        self.trailers: Headers = []
-
-    def push(self, item: bytes | ResponseAborted | None) -> None:
-        self._in.send_nowait(item)
-
-    def _unwrap(self, item: bytes | ResponseAborted | None) -> bytes | None:
-        if isinstance(item, ResponseAborted):
-            raise item
-        return item
-
-    async def receive(self) -> bytes | None:
-        return self._unwrap(await self._out.receive())
-
-    def receive_nowait(self) -> bytes | None:
-        return self._unwrap(self._out.receive_nowait())
-
-    def consumed(self, amount: int) -> None:
-        self.credited.append(amount)
-
-    def close(self) -> None:
-        pass
 
 
 class _Sink:
@@ -70,7 +40,7 @@ class _Sink:
 @dataclass
 class _Rig:
     client: trio.abc.HalfCloseableStream  # the HTTP client's end of its connection
-    backend: _Backend
+    backend: FakeBody
     sink: _Sink
     response: StreamingResponse
     cuts: list[Cut] = field(default_factory=list)
@@ -88,7 +58,7 @@ async def _piping(*, first: bytes = b"", idle_timeout: float = math.inf,
         receive = server.receive_stream
         assert isinstance(receive, trio.testing.MemoryReceiveStream)
         receive.receive_some_hook = receive_hook
-    backend, sink = _Backend(), _Sink()
+    backend, sink = FakeBody(), _Sink()
     response = StreamingResponse(101, b"Switching Protocols", [], backend,
                                  idle_timeout=idle_timeout, upgraded=sink)
     rig = _Rig(client, backend, sink, response)
@@ -125,9 +95,9 @@ async def test_bytes_pass_both_ways_until_both_sides_have_closed() -> None:
             assert await rig.sink.received.receive() == b"hello"  # before anything the client sends
             await rig.client.send_all(b"up")
             assert await rig.sink.received.receive() == b"up"
-            rig.backend.push(b"down")
+            rig.backend.put(b"down")
             assert await rig.client.receive_some() == b"down"
-            rig.backend.push(None)
+            rig.backend.put(None)
             assert await rig.client.receive_some() == b""  # the backend's end, as a half-close
             await rig.client.send_all(b"still up")  # the client's side stays open
             assert await rig.sink.received.receive() == b"still up"
@@ -136,7 +106,7 @@ async def test_bytes_pass_both_ways_until_both_sides_have_closed() -> None:
             assert await rig.sink.received.receive() is None
             await rig.done.wait()
     assert rig.cuts == []
-    assert (rig.response.sent_bytes, rig.backend.credited) == (4, [4])
+    assert (rig.response.sent_bytes, [amount for amount, _ in rig.backend.credits]) == (4, [4])
     assert rig.response.received_bytes == len(b"hello" + b"up" + b"still up")
 
 
@@ -145,7 +115,7 @@ async def test_once_one_side_has_ended_the_other_gets_pipe_linger_to_follow(
 ) -> None:
     with trio.fail_after(EVENTUALLY):
         async with _piping() as rig:
-            rig.backend.push(None)
+            rig.backend.put(None)
             assert await rig.client.receive_some() == b""
             ended = trio.current_time()
             await rig.done.wait()  # the client never closes its side
@@ -172,7 +142,7 @@ async def test_a_broken_backend_is_reported_and_ends_the_way_up_too() -> None:
     cut = Cut("response", Cause.BACKEND_FAILED, "the backend's connection broke")
     with trio.fail_after(PROMPTLY):
         async with _piping() as rig:
-            rig.backend.push(ResponseAborted(cut))
+            rig.backend.put(ResponseAborted(cut))
             await rig.done.wait()  # though the client has not closed its side
     assert rig.cuts == [cut]
     assert _nothing_more(rig.sink)  # no end told upward: the tunnel's stream is reset instead
