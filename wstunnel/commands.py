@@ -208,7 +208,10 @@ def _log_client_limits(log: logs.EventLogger, settings: ClientSettings,
 
 
 def _run(main: Callable[[], Awaitable[None]]) -> None:
-    daemon.tune_collector()
+    # What exists now (modules, settings, logging) lives as long as the process: out of the
+    # cyclic collector's sight, its full collections walk only what serving creates (srv: GC
+    # time 0.34 -> 0.24 s, cli 0.15 -> 0.05 s in 5 s of 1 KiB GETs at -c32).
+    gc.freeze()
     held = logs.hold_lines()
     try:
         trio.run(main, instruments=[daemon.HeldLinesWriter(held)])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
@@ -15,28 +14,6 @@ from pydantic import BaseModel
 from wstunnel import logs
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-# Container objects allocated (net of those freed) before the cyclic collector runs on the
-# youngest generation; CPython's default is 700. A daemon with requests in flight builds a few
-# thousand per turn of its loop (heads, frames, events) and frees nearly all of them by reference
-# counting, after the turn: at 700 each such turn set off collections that found no garbage. With
-# 100 tokens under load, srv collected 64 times a second, 14 µs of CPU per request (5 % of it).
-YOUNG_GENERATION_THRESHOLD = 10_000
-
-
-def tune_collector() -> None:
-    """Ready the cyclic garbage collector for serving, just before the main loop starts.
-
-    What exists now (modules, settings, logging) lives as long as the process: frozen, out of
-    the collector's sight, full collections walk only what serving creates (srv: GC time 0.34 ->
-    0.24 s, cli 0.15 -> 0.05 s in 5 s of 1 KiB GETs at -c32). And the youngest generation is
-    collected after YOUNG_GENERATION_THRESHOLD allocations, not 700: real cyclic garbage is rare
-    on the request path (a closed connection's few objects), so it waits a little longer, at a
-    cost of at most that many objects' memory.
-    """
-    gc.freeze()
-    _, middle, oldest = gc.get_threshold()
-    gc.set_threshold(YOUNG_GENERATION_THRESHOLD, middle, oldest)
 
 
 def signal_name(signum: int) -> str:

@@ -22,7 +22,6 @@ import trio
 
 from wstunnel.client.agent import TunnelClient
 from wstunnel.config import ClientSettings
-from wstunnel.daemon import tune_collector
 from wstunnel.limits import raise_open_files_limit
 from wstunnel.logs import EventLogger
 
@@ -85,7 +84,6 @@ def main() -> None:
     # Each client holds a descriptor or two: thousands need more than the usual 1,024, as the
     # daemons raise their limit themselves.
     raise_open_files_limit()
-    tune_collector()  # as the daemons do: the co-hosted clients stand for cli processes
     trio.run(run, args, tokens)
 
 
