@@ -16,7 +16,8 @@ import trio.testing
 from tests.support.bodies import FakeBody
 from wstunnel.server.aborts import Cause, Cut
 from wstunnel.server.messages import ResponseAborted, StreamingResponse
-from wstunnel.server.upgraded import PIPE_LINGER, pipe_upgraded, switching_headers
+from wstunnel.server.upgraded import pipe_upgraded, switching_headers
+from wstunnel.tunnel.endpoint import PIPE_LINGER
 
 # Not waits: bounds on waits that should end sooner, so that a broken pipe fails the test instead
 # of hanging it. In seconds of trio's clock: mock time in the tests that jump the clock.

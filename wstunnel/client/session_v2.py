@@ -38,14 +38,12 @@ from wstunnel.headers import get as get_header
 from wstunnel.logs import EventLogger
 from wstunnel.tokens import Token
 from wstunnel.tunnel.chunks import ChunkQueue
-from wstunnel.tunnel.endpoint import V2Endpoint, log_widened
+from wstunnel.tunnel.endpoint import PIPE_LINGER, V2Endpoint, log_widened
 from wstunnel.tunnel.transport import MessageTransport
 
 # Request body bytes handed to the backend client at once, at most: fewer, larger writes to the backend.
 FEED_SIZE = 256 * 1024
 PIPE_READ_SIZE = 64 * 1024
-# Once one side of an upgraded connection has ended, how long the other side gets to follow.
-PIPE_LINGER = 5.0
 
 
 @dataclass(eq=False)

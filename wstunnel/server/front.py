@@ -59,7 +59,7 @@ from wstunnel.server.messages import (
 from wstunnel.server.outgoing import SEND_BATCH, ResponseBatch, declared_length, next_chunk
 from wstunnel.server.upgraded import pipe_upgraded, switching_headers
 from wstunnel.tunnel.sockets import DirectSocketStream
-from wstunnel.tunnel.transport import ActivityStream, tune_tunnel_socket
+from wstunnel.tunnel.transport import ActivityStream, half_close, tune_tunnel_socket
 
 # How long an idle keep-alive connection may wait for its next request.
 KEEPALIVE_TIMEOUT = 75.0
@@ -287,18 +287,13 @@ class HttpConnection:
         # Whoever was reading the body lets go of the socket once its stream is cancelled.
         with trio.move_on_after(LINGER_TIMEOUT):
             async with source.lock:
-                await self._send_eof()
+                await half_close(self.stream)  # the linger that follows runs either way
                 drained = 0
                 while drained < LINGER_BYTES:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
                     if not data:
                         break
                     drained += len(data)
-
-    async def _send_eof(self) -> None:
-        """Half-close where the stream can: TLS cannot (the linger that follows still runs)."""
-        if isinstance(self.stream, trio.abc.HalfCloseableStream):
-            await self.stream.send_eof()
 
     async def continue_if_expected(self) -> None:
         """Send ``100 Continue`` if the client waits for it: its body is wanted now."""

@@ -20,9 +20,8 @@ from wstunnel.headers import Headers
 from wstunnel.server.aborts import Cause, Cut
 from wstunnel.server.incoming import RECEIVE_SIZE
 from wstunnel.server.messages import ResponseAborted, StreamingResponse, UpgradeSink
-
-# Once one side of an upgraded (101) connection has ended, how long the other side gets to follow.
-PIPE_LINGER = 5.0
+from wstunnel.tunnel.endpoint import PIPE_LINGER
+from wstunnel.tunnel.transport import half_close
 
 CutReporter = Callable[[Cut], None]
 
@@ -87,9 +86,7 @@ class _Pipe:
                     self._moved()
                     response.sent_bytes += len(chunk)
                     response.body.consumed(len(chunk))
-                # Half-close where the stream can (TLS cannot): the client may still send.
-                if isinstance(self.stream, trio.abc.HalfCloseableStream):
-                    await self.stream.send_eof()
+                await half_close(self.stream)  # the client may still send
             except ResponseAborted as aborted:
                 self.on_cut(aborted.cut)  # the backend side broke, or the tunnel
                 pipe.cancel_scope.cancel()

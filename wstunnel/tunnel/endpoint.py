@@ -30,12 +30,15 @@ from wstunnel.tokens import Token
 from wstunnel.tunnel.outbox import BACKLOG_HIGH_WATER, FrameOutbox
 from wstunnel.tunnel.transport import ConnectionClosed, MessageTransport
 
-__all__ = ["StreamHandler", "V2Endpoint", "Widened"]
+__all__ = ["PIPE_LINGER", "StreamHandler", "V2Endpoint", "Widened"]
 
 # Told of each round trip that widened windows: its length in seconds, and the WINDOW frames.
 Widened = Callable[[float, list[v2.Window]], None]
 
 # A round-trip probe unanswered this long is given up (the keepalive watches the tunnel itself).
+# A stream that a 101 made a byte pipe, at either end: once one side has ended, how long the other
+# side gets to follow before the pipe is over.
+PIPE_LINGER = 5.0
 PROBE_TIMEOUT = 10.0
 # At most one probe per this many seconds: on a short link the round trip is over at once, and
 # probing it again and again would cost CPU to learn what the initial windows already cover.

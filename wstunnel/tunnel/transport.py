@@ -31,6 +31,7 @@ __all__ = [
     "ConnectionClosed",
     "HandshakeError",
     "MessageTransport",
+    "half_close",
     "tune_tunnel_socket",
 ]
 
@@ -73,6 +74,13 @@ class Activity(Protocol):
 # transfer's (the kernel's autotuned send buffer, megabytes, would hold them all in line). Sent
 # bytes awaiting their acknowledgement do not count, so throughput is unchanged.
 NOTSENT_LOWAT = 128 * 1024
+
+
+async def half_close(stream: trio.abc.Stream) -> None:
+    """Send EOF where ``stream`` can take one (TCP can, TLS cannot), leaving its peer free to go
+    on sending: the end of one direction of a pipe, or of a response before a linger."""
+    if isinstance(stream, trio.abc.HalfCloseableStream):
+        await stream.send_eof()
 
 
 def tune_tunnel_socket(sock: trio.socket.SocketType) -> None:
