@@ -3,6 +3,7 @@ when a streamed body's credit goes back."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 
 import h11
@@ -11,9 +12,11 @@ import trio
 import trio.testing
 
 from tests.support.bodies import FakeBody
+from wstunnel.alarms import Alarms
 from wstunnel.headers import Headers
 from wstunnel.server.aborts import Cause, Cut
 from wstunnel.server.front import (
+    KEEPALIVE_TIMEOUT,
     FrontLimits,
     HttpConnection,
     ResponseAborted,
@@ -58,7 +61,8 @@ def _response(body: FakeBody, headers: Headers | None = None) -> StreamingRespon
 
 
 def _connection(stream: Recording,
-                respond: Callable[[IncomingRequest], Awaitable[StreamingResponse]]) -> HttpConnection:
+                respond: Callable[[IncomingRequest], Awaitable[StreamingResponse]],
+                alarms: Alarms | None = None) -> HttpConnection:
     """The front's connection on ``stream``, answering with ``respond`` (never a tunnel)."""
 
     async def take_tunnel(request: IncomingRequest, stream: object) -> None:
@@ -68,7 +72,7 @@ def _connection(stream: Recording,
         stream, "127.0.0.1", LIMITS,  # type: ignore[arg-type]
         respond=respond, is_tunnel=lambda request: False,
         take_tunnel=take_tunnel,  # type: ignore[arg-type]
-        draining=lambda: False,
+        draining=lambda: False, alarms=alarms if alarms is not None else Alarms(),
     )
 
 
@@ -286,6 +290,84 @@ async def test_stalled_body_drops_the_connection_after_the_idle_timeout() -> Non
             assert await client.receive_some(65536) == b""  # closed, with no last chunk
             assert trio.current_time() - start >= 0.15
     assert body.closed
+
+
+# -- the head's deadline: one alarm per wait, one cancel scope per connection ----------------
+
+
+async def _answer_ok(request: IncomingRequest) -> StreamingResponse:
+    return _response(FakeBody(b"ok", None), [(b"Content-Length", b"2")])
+
+
+async def test_a_head_not_in_by_its_deadline_gets_408_and_a_silent_wait_none(
+        autojump_clock: trio.testing.MockClock) -> None:
+    alarms = Alarms()
+    with trio.fail_after(KEEPALIVE_TIMEOUT * 2):  # mock time: a deadline missed fails, no hang
+        await _two_waits_past_their_deadlines(alarms)
+    assert alarms.armed == 0
+
+
+async def _two_waits_past_their_deadlines(alarms: Alarms) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(alarms.run)
+        # Part of a head, then nothing: 408 at header_timeout (not before), and the end.
+        client, server = trio.testing.memory_stream_pair()
+        start = trio.current_time()
+        nursery.start_soon(_connection(Recording(server), _answer_ok, alarms).serve)
+        await client.send_all(b"GET /x HTTP/1.1\r\nHost: exa")
+        parser = h11.Connection(h11.CLIENT)
+        parser.send(h11.Request(method="GET", target="/x", headers=[("Host", "example")]))
+        events = await _read_response(client, parser)
+        assert isinstance(events[0], h11.Response) and events[0].status_code == 408
+        assert LIMITS.header_timeout <= trio.current_time() - start <= LIMITS.header_timeout + 0.1
+        # A request served, then silence past the keep-alive wait: closed without a word.
+        client, server = trio.testing.memory_stream_pair()
+        nursery.start_soon(_connection(Recording(server), _answer_ok, alarms).serve)
+        parser = h11.Connection(h11.CLIENT)
+        await client.send_all(GET)
+        parser.send(h11.Request(method="GET", target="/x", headers=[("Host", "example")]))
+        parser.send(h11.EndOfMessage())
+        await _read_response(client, parser)
+        answered = trio.current_time()
+        assert await client.receive_some(65536) == b""
+        assert trio.current_time() - answered >= KEEPALIVE_TIMEOUT
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_head_whole_just_as_its_deadline_passes_gets_408_not_a_cut_answer() -> None:
+    """The alarm cancels the connection's scope while the head's last bytes are on their way
+    to the reading task: the scope cannot be uncancelled, so the request is not started (its
+    forwarding would be cut at its first wait) and the client hears why."""
+    alarms = Alarms()
+    incoming = trio.testing.MemoryReceiveStream()
+    outgoing = trio.testing.MemorySendStream()
+    answered: list[IncomingRequest] = []
+
+    async def respond(request: IncomingRequest) -> StreamingResponse:
+        answered.append(request)
+        return await _answer_ok(request)
+
+    connection = _connection(Recording(trio.StapledStream(outgoing, incoming)),  # type: ignore[arg-type]
+                             respond, alarms)
+    with trio.fail_after(5):
+        await _race(connection, incoming, alarms)
+    parser = h11.Connection(h11.CLIENT)
+    parser.send(h11.Request(method="GET", target="/x", headers=[("Host", "example")]))
+    parser.send(h11.EndOfMessage())
+    parser.receive_data(outgoing.get_data_nowait())
+    event = parser.next_event()
+    assert isinstance(event, h11.Response) and event.status_code == 408
+    assert answered == []
+
+
+async def _race(connection: HttpConnection, incoming: trio.testing.MemoryReceiveStream,
+                alarms: Alarms) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.serve)
+        await trio.testing.wait_all_tasks_blocked()  # waiting for the head
+        assert alarms.armed == 1
+        incoming.put_data(GET)  # wakes the reader; it has not run yet...
+        alarms.fire_due(math.inf)  # ...when the alarm goes off
 
 
 async def test_header_look_ups_take_the_first_value_whatever_the_case() -> None:

@@ -30,6 +30,7 @@ from tests.support.harness import Backend, Harness, free_port, wait_until
 from tests.support.reference import OUR_SRV, PAIRINGS, Pairing, open_pairing, pending_requests
 from tests.support.wire import exchange, raw_v1_server
 from wstunnel import framing
+from wstunnel.alarms import Alarms
 from wstunnel.server.rendezvous import Failure, Rendezvous
 from wstunnel.tokens import Token
 
@@ -321,7 +322,7 @@ async def test_the_original_client_reads_request_ids_only_up_to_7fff(
 
 
 async def test_our_server_assigns_ids_from_1_to_7fff_then_wraps() -> None:
-    rendezvous = Rendezvous(Token("unit-test-token-0123456789"), max_requests=1)
+    rendezvous = Rendezvous(Token("unit-test-token-0123456789"), alarms=Alarms(), max_requests=1)
     ids = []
     for _ in range(0x7FFF + 2):
         pending = rendezvous.new_request(framing.Request(b"GET", b"/"))

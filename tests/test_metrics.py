@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.support.harness import Harness, Server
+from wstunnel.alarms import Alarms
 from wstunnel.server.aborts import Cause
 from wstunnel.server.metrics import DURATION_BUCKETS, Gauges, Histogram, Metrics
 from wstunnel.server.rendezvous import Registry
@@ -183,7 +184,7 @@ def test_histogram_refuses_unsorted_bounds() -> None:
 
 
 async def test_gauges_come_from_the_registry_and_name_no_token() -> None:
-    registry = Registry(max_requests=5, token_idle_timeout=60)
+    registry = Registry(alarms=Alarms(), max_requests=5, token_idle_timeout=60)
     secret = "s3cr3t-token-value-0123456789"
     registry.register(Token(secret))
     gauges = Gauges.of(registry)

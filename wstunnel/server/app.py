@@ -33,6 +33,7 @@ from functools import partial
 import trio
 
 from wstunnel import __version__, daemon, limits, procstats, tls
+from wstunnel.alarms import Alarms
 from wstunnel.config import ServerSettings
 from wstunnel.errors import ConfigError
 from wstunnel.logs import EventLogger
@@ -81,7 +82,11 @@ class TunnelServer:
                                 count=procstats.open_fds, clock=trio.current_time)
         self.draining = False
         self.stop_requested = trio.Event()
+        # Deadlines that something else nearly always beats (a request's answer), without a
+        # cancel scope each: alarms.run, in the root nursery, fires those that came due.
+        self.alarms = Alarms()
         self.registry = Registry(
+            alarms=self.alarms,
             max_requests=settings.max_requests_per_tunnel,
             token_idle_timeout=settings.token_idle_timeout,
             max_bytes=settings.max_queued_bytes,
@@ -180,6 +185,7 @@ class TunnelServer:
                       reserve=files.reserve, **extra)
         async with trio.open_nursery() as root:
             self._root = root
+            root.start_soon(self.alarms.run)
             root.start_soon(self.registry.reap_forever, self.log)
             root.start_soon(files.watch)
             await root.start(self.longpoll.run)
@@ -340,7 +346,8 @@ class TunnelServer:
         connection = HttpConnection(
             stream, peer, self.limits,
             respond=respond, is_tunnel=self._is_tunnel, take_tunnel=self.acceptor.take_tunnel,
-            draining=lambda: self.draining and not polling, client_subject=subject,
+            draining=lambda: self.draining and not polling, alarms=self.alarms,
+            client_subject=subject,
         )
         try:
             await connection.serve()
@@ -372,7 +379,7 @@ class TunnelServer:
             stream, peer, dataclasses.replace(self.limits, header_timeout=header_timeout),
             respond=respond, is_tunnel=_never, take_tunnel=self.acceptor.take_tunnel,
             draining=lambda: True,  # close after the answer: the descriptor goes back
-            client_subject=subject,
+            alarms=self.alarms, client_subject=subject,
         )
         files.waiting_for_head(silent)
         try:

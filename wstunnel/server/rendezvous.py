@@ -26,6 +26,7 @@ from typing import Protocol
 import trio
 
 from wstunnel import framing
+from wstunnel.alarms import Alarms
 from wstunnel.logs import EventLogger
 from wstunnel.server.aborts import AbortTally, Cut
 from wstunnel.server.audit import TunnelAudit
@@ -146,6 +147,7 @@ class PendingRequest:
     holder: Carrier | None = None
     # A v1 tunnel answers with a whole Response; a v2 tunnel with a StreamingResponse.
     outcome: framing.Response | StreamingResponse | Failure | None = None
+    # Set with the outcome, or by the alarm of the wait for it (exchange).
     done: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -248,8 +250,10 @@ class RequestCounters:
 class Rendezvous:
     """Everything the server knows about one token."""
 
-    def __init__(self, token: Token, *, max_requests: int, max_bytes: int | None = None) -> None:
+    def __init__(self, token: Token, *, alarms: Alarms, max_requests: int,
+                 max_bytes: int | None = None) -> None:
         self.token = token
+        self.alarms = alarms  # the daemon's: a request's wait for its answer ends at one
         self.queue = RequestQueue(max_requests, max_bytes)
         self.connections: list[Carrier] = []
         self.counters = RequestCounters()
@@ -372,14 +376,22 @@ class Rendezvous:
             if taker is not None:
                 await taker.send_early()
             while True:
-                with trio.move_on_at(deadline):
+                # An alarm, not a cancel scope: the answer ends nearly every wait, and a scope
+                # per request cost more than the wait (see wstunnel.alarms).
+                alarm = self.alarms.at(deadline, pending.done.set)
+                try:
                     await pending.done.wait()
+                finally:
+                    alarm.cancel()
+                if pending.outcome is not None:
+                    break
                 # An upload that keeps moving is not late, whatever its size: the deadline
                 # counts from its last byte.
                 moved = pending.last_activity()
-                if pending.done.is_set() or moved is None or moved + timeout <= deadline:
+                if moved is None or moved + timeout <= deadline:
                     break
                 deadline = moved + timeout
+                pending.done = trio.Event()  # the alarm set the last one
         finally:
             if pending.outcome is None:
                 # Timed out or the HTTP client went away: leave the queue, free the id.
@@ -402,8 +414,9 @@ class Rendezvous:
 class Registry:
     """All tokens the server currently knows, and those it awaits just after a (re)start."""
 
-    def __init__(self, *, max_requests: int, token_idle_timeout: float,
+    def __init__(self, *, alarms: Alarms, max_requests: int, token_idle_timeout: float,
                  max_bytes: int | None = None) -> None:
+        self.alarms = alarms
         self._by_token: dict[Token, Rendezvous] = {}
         self.max_requests = max_requests
         self.max_bytes = max_bytes
@@ -431,7 +444,8 @@ class Registry:
         """The token's rendez-vous for a new tunnel; requests awaiting it may go now."""
         rendezvous = self._by_token.get(token)
         if rendezvous is None:
-            rendezvous = Rendezvous(token, max_requests=self.max_requests, max_bytes=self.max_bytes)
+            rendezvous = Rendezvous(token, alarms=self.alarms, max_requests=self.max_requests,
+                                    max_bytes=self.max_bytes)
             self._by_token[token] = rendezvous
         rendezvous.touch()
         arrival = self._awaited.pop(token, None)
