@@ -432,6 +432,25 @@ async def test_streamed_upload_with_length_or_chunked() -> None:
             assert server.accepted == 1
 
 
+async def test_an_upload_that_keeps_moving_outlives_the_io_timeout() -> None:
+    """The exchange's deadline counts from the last chunk written: five chunks 0.1 s apart
+    take twice the 0.2 s timeout, and go through; a gap past it ends the exchange."""
+
+    async def paced(gaps: list[float]) -> AsyncIterator[bytes]:
+        for gap in gaps:
+            await trio.sleep(gap)
+            yield b"chunk"
+
+    with trio.fail_after(DEADLINE):
+        async with serving(answer_all) as server:
+            http = pool(timeouts=Timeouts(connect=5.0, io=0.2))
+            response = await http.request(server.target, b"PUT", b"/a", [], paced([0.1] * 5))
+            assert response.status == 200 and await body_of(response) == b"/a"
+            assert server.requests[0].body == b"chunk" * 5
+            with pytest.raises(BackendTimeout):
+                await http.request(server.target, b"PUT", b"/b", [], paced([0.1, 0.6]))
+
+
 async def test_cancelled_mid_body_closes_the_connection() -> None:
     async def answer(peer: Peer, server: Server) -> None:
         if server.accepted > 1:
@@ -504,8 +523,10 @@ async def test_silent_backend_times_out() -> None:
     with trio.fail_after(DEADLINE):
         async with serving(silent) as server:
             http = pool(timeouts=Timeouts(connect=5.0, io=0.2))
+            started = trio.current_time()
             with pytest.raises(BackendTimeout):
                 await http.request(server.target, b"GET", b"/", [])
+            assert 0.2 <= trio.current_time() - started < 0.2 + 1.0
             assert http.open_connections == 0
 
 
