@@ -305,6 +305,7 @@ class PassThrough(Probe):
                                         extra_headers=[("X-Token", self.token), *x_host])))
         accepted = closing = False
         sent = echoed = 0
+        echo = ""  # the echo so far: wsproto hands over a message in pieces as its bytes come
         while True:
             if accepted and not closing:
                 if self._hurry.is_set() or echoed == self.messages:  # close cleanly
@@ -321,8 +322,12 @@ class PassThrough(Probe):
                 if isinstance(event, AcceptConnection):
                     accepted = True
                 elif isinstance(event, TextMessage):
-                    if event.data != f"message {echoed + 1} of {self.tag}":
-                        return "corrupt", f"echo {event.data!r}"
+                    echo += event.data
+                    if not event.message_finished:
+                        continue
+                    if echo != f"message {echoed + 1} of {self.tag}":
+                        return "corrupt", f"echo {echo!r}"
+                    echo = ""
                     echoed += 1
                     self.moved(1)
                     self.pace()
