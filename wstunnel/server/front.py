@@ -200,15 +200,18 @@ class HttpConnection:
             alarm = self.alarms.at(trio.current_time() + timeout, head_wait.cancel)
             try:
                 request = await self._read_head()
-                self.idle = False
             except h11.RemoteProtocolError as exc:
-                alarm.cancel()  # now: the answer is no head to wait for
-                status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
+                malformed: h11.RemoteProtocolError | None = exc
+            else:
+                malformed = None
+            finally:
+                alarm.cancel()  # before any answer: the alarm must not cut it
+            if malformed is not None:
+                status = malformed.error_status_hint if 400 <= malformed.error_status_hint < 500 else 400
                 text = "Request headers too large" if status == 431 else "Malformed request"
                 await self._send_error(status, text)
                 return False
-            finally:
-                alarm.cancel()
+            self.idle = False
             if request is None:
                 return False
             if head_wait.cancel_called:
