@@ -9,6 +9,7 @@ auto fallback behind a proxy that refuses upgrades, and proxies.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import secrets
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from tests.support.fronts import (
     PROXY_PASSWORD,
@@ -42,6 +44,9 @@ from tests.support.nginx_frontend import (
     start_cluster,
     write_config,
 )
+from wstunnel.client import longpoll
+from wstunnel.tokens import Token
+from wstunnel.tunnel.transport import ConnectionClosed
 
 OPEN = "/_tunnel/poll/open"
 POLL = "/_tunnel/poll"
@@ -301,6 +306,62 @@ def test_a_client_closing_its_session_deletes_it(harness: Harness) -> None:
     server.wait_clients(token, 0)
     assert httpx.post(url, headers={SESSION: sid}, content=b"", timeout=10).status_code == 404
     assert "client closed the session" in server.process.output()
+
+
+def test_the_clients_requests_leave_nothing_for_the_cycle_collector(harness: Harness) -> None:
+    """httpx's Response and its stream refer to each other; the transport unbinds them, so
+    that each POST and poll is freed by reference counting as soon as it is read. Else some
+    forty objects a request wait for the collector, and the client's memory swings with its
+    timing (tests/test_stream_leaks.py measures that memory)."""
+    server = harness.server()
+    token = harness.new_token("lpcycles-")
+    rounds = 40
+
+    async def main() -> int:
+        http = longpoll.http_client(proxy=None, context=None, timeout=10)
+        async with http, trio.open_nursery() as nursery:
+            transport = await longpoll.connect(
+                nursery, http, server.url, token=Token(token),
+                headers=[(b"Origin", token.encode())], request_timeout=10)
+            harness.tokens.add(transport.sid.reveal())
+            for _ in range(3):  # the pool's connections, opened once
+                await transport.ping()
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(rounds):
+                    await transport.ping()  # one POST and its answer
+                found = gc.collect()
+            finally:
+                gc.enable()
+            await transport.aclose()
+            nursery.cancel_scope.cancel()
+        return found
+
+    found = trio.run(main)
+    assert found < rounds, f"{found} objects in cycles after {rounds} POSTs"
+
+
+def test_a_closed_client_session_lets_go_of_the_frames_it_did_not_send() -> None:
+    """Its tasks' tracebacks can keep a transport that ended by an error alive until the
+    collector's oldest generation runs; what it had queued (up to SEND_HIGH_WATER) must not
+    wait with it."""
+
+    async def main() -> None:
+        async with longpoll.http_client(proxy=None, context=None, timeout=2) as http:
+            # Nothing listens there: the DELETE that says goodbye fails, as for a dead server.
+            transport = longpoll.LongPollTransport(http, f"http://127.0.0.1:{free_port()}",
+                                                   "sid-" + secrets.token_hex(8), poll_wait=1,
+                                                   timeout=2)
+            for _ in range(3):
+                await transport.send_message(b"x" * 100_000)
+            assert transport.queued_bytes == 300_000
+            await transport.aclose(1006, "server unreachable")
+            assert transport.queued_bytes == 0
+            with pytest.raises(ConnectionClosed):
+                await transport.send_message(b"late")
+
+    trio.run(main)
 
 
 # ------------------------------------------------------------------------ auto behind nginx

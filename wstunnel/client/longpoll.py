@@ -239,12 +239,20 @@ class LongPollTransport(wire.PolledMessages):
         """One request, sent again (same numbers) when its connection fails, ATTEMPTS in all."""
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                return await self.http.request(method, self.url, headers=headers, content=body,
-                                               timeout=deadlines)
+                response = await self.http.request(method, self.url, headers=headers,
+                                                   content=body, timeout=deadlines)
             except httpx.TransportError:
                 if attempt == ATTEMPTS:
                     raise
-            await trio.sleep(RETRY_DELAY * attempt)
+                await trio.sleep(RETRY_DELAY * attempt)
+                continue
+            # httpx's Response and its stream refer to each other, so every request would leave
+            # some forty objects (its request, the pool's bookkeeping, both heads) to the cycle
+            # collector, and the process's memory would swing with the collector's timing. The
+            # body is read and the stream closed: a stream of those bytes, not bound to the
+            # response, lets reference counting free it all as soon as the caller is done.
+            response.stream = httpx.ByteStream(response.content)
+            return response
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _accepted(self, response: httpx.Response, expected: int, what: str) -> bool:

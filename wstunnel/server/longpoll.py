@@ -102,9 +102,8 @@ class PollSession(wire.PolledMessages):
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         if self._closed is None:
-            self._close_queues(CloseReason(code, reason))
             # A closed session answers no more polls: what waited for one goes now.
-            self._discard_unsent()
+            self._close_queues(CloseReason(code, reason))
             self._unacked = []
             self._answer_pings()
 

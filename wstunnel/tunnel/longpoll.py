@@ -113,15 +113,17 @@ class PolledMessages:
         """Bytes of the messages waiting for the other side to take them."""
         return self._outbox_bytes
 
-    def _discard_unsent(self) -> None:
-        """Drop the messages no request will carry any more (the session is over)."""
-        self._outbox.clear()
-        self._outbox_bytes = 0
-
     def _close_queues(self, reason: CloseReason) -> None:
-        """Closed with ``reason``: every waiter wakes; get_message raises once the inbox is read."""
+        """Closed with ``reason``: every waiter wakes; get_message raises once the inbox is read.
+
+        The outbox is emptied at once: no request carries it any more, and a session that
+        ends by an error often lives on as garbage in a reference cycle (its tasks'
+        tracebacks) until the collector's oldest generation runs, with up to SEND_HIGH_WATER
+        of frames in it."""
         if self._closed is None:
             self._closed = reason
+        self._outbox.clear()
+        self._outbox_bytes = 0
         self._inbox_in.close()
         self._frames_ready.unpark_all()
         self._room.unpark_all()
