@@ -334,12 +334,13 @@ class TunnelServer:
         # client's: it has to keep polling, on the connections it has, while its in-flight
         # requests finish (new connections are no longer accepted by then).
         polling = False
+        connection: HttpConnection | None = None
 
         async def respond(request: IncomingRequest) -> AnyResponse:
             nonlocal polling
             # Known before the answer: a held poll is what a stop waits to see answered.
             polling = self._is_poll(request)
-            if polling:
+            if polling and connection is not None:
                 self._polling.add(connection)
             return await self._respond(request)
 
@@ -353,6 +354,10 @@ class TunnelServer:
             await connection.serve()
         finally:
             self._polling.discard(connection)
+            # respond() holds the connection, and the connection respond(): let go here,
+            # the pair (with its socket, h11 state and last request) is freed now by
+            # reference counting, not at the cycle collector's next pass.
+            connection = None
 
     def _is_tunnel(self, request: IncomingRequest) -> bool:
         if request.path != self._tunnel_path or not request.is_websocket_upgrade():
