@@ -246,6 +246,12 @@ def test_counts_move_after_requests(harness: Harness) -> None:
     assert token[:8] not in after.text
 
 
+def _collected(server: Server) -> float:
+    """Objects the server's cycle collector has found unreachable so far."""
+    families = parse(scrape(server).text)
+    return sum(families["python_gc_objects_collected_total"].samples.values())
+
+
 def test_tunnelled_requests_leave_no_cyclic_garbage(harness: Harness) -> None:
     """Each request's objects are freed as it ends, not left in reference cycles for the
     collector (a stream that kept its request once answered made ~30 objects of garbage a
@@ -254,16 +260,12 @@ def test_tunnelled_requests_leave_no_cyclic_garbage(harness: Harness) -> None:
     token = harness.new_token()
     harness.client(server, token)
 
-    def collected() -> float:
-        families = parse(scrape(server).text)
-        return sum(families["python_gc_objects_collected_total"].samples.values())
-
     with httpx.Client(base_url=server.url, headers={"X-Token": token}, timeout=30) as http:
         assert http.get("/bytes?size=1000").status_code == 200  # connections and pools made
-        before = collected()
+        before = _collected(server)
         for _ in range(400):
             assert http.get("/bytes?size=1000").status_code == 200
-    assert collected() - before < 400  # 15,673 with that cycle
+    assert _collected(server) - before < 400  # 15,673 with that cycle
 
 
 def test_connections_leave_no_cyclic_garbage(harness: Harness) -> None:
@@ -274,19 +276,15 @@ def test_connections_leave_no_cyclic_garbage(harness: Harness) -> None:
     token = harness.new_token()
     harness.client(server, token)
 
-    def collected() -> float:
-        families = parse(scrape(server).text)
-        return sum(families["python_gc_objects_collected_total"].samples.values())
-
     def one_connection() -> None:
         with httpx.Client(base_url=server.url, headers={"X-Token": token}, timeout=30) as http:
             assert http.get("/bytes?size=1000").status_code == 200
 
     one_connection()
-    before = collected()
+    before = _collected(server)
     for _ in range(200):
         one_connection()
-    assert collected() - before < 200  # 5,701 with that cycle
+    assert _collected(server) - before < 200  # 5,701 with that cycle
 
 
 def test_only_loopback_and_trusted_proxies_get_metrics(harness: Harness) -> None:
