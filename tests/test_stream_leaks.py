@@ -24,7 +24,9 @@ chunk of body: tens of kilobytes at the least) would show as tens of megabytes a
 near one megabyte (the figures are printed). Plus one allowance that is not a leak: receive
 windows widen with the transfers (issue 14), and a wider window lets a process hold more body
 bytes at once, a peak the allocator keeps (freed, not returned). So the slack also grows by how
-far the measured tunnels' windows widened past the size they started at (printed too).
+far the measured tunnels' windows widened past the size they started at (printed too). And a
+long-poll client holds what it sends until its next POST takes it: up to a tunnel window of
+frames at once, a peak of the same kind (``QUEUED_PEAK``).
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ from wstunnel.v2 import INITIAL_TUNNEL_WINDOW
 STREAMS = int(os.environ.get("WSTUNNEL_LEAK_STREAMS", "1000"))
 TIMEOUT = WSTIMEOUT = 3.0
 RSS_SLACK = 4 * 1024 * 1024
+# The long-poll client's queue of frames to send can hold up to a tunnel window of them when a
+# download outruns its POSTs; freed, that peak stays with the allocator. Whether it comes before
+# the first measurement or after is chance: its memory grew +4.69 and +4.85 MiB in runs where it
+# came after (Python's own allocations moved by under 0.6 MiB, tracemalloc), -0.34 to +2.37 in
+# the others. The websocket client's frames go to its socket as they come.
+QUEUED_PEAK = {"longpoll": INITIAL_TUNNEL_WINDOW, "websocket": 0}
 # How long a connection that a round cut may hold a task and a socket: the header and idle
 # timeouts the daemons use here are a few wstimeouts at most.
 SETTLE_TIMEOUT = 30.0
@@ -365,16 +373,18 @@ def widest_windows(seen: list[dict[str, tuple[dict[str, int], dict[str, str]]]])
 
 
 def compare(name: str, before: dict[str, int], after: dict[str, int], pid: int,
-            widened: int) -> None:
+            allowance: int) -> None:
+    """``allowance``: peaks the allocator may keep beyond RSS_SLACK (widened windows, and a
+    long-poll client's queue)."""
     growth = after["rss"] - before["rss"]
     print(f"[leaks] {name}: tasks {before['tasks']} -> {after['tasks']}, fds {before['fds']} -> "
           f"{after['fds']}, RSS {before['rss'] / 2**20:.1f} -> {after['rss'] / 2**20:.1f} MiB "
-          f"({growth / 2**20:+.2f} MiB; windows widened by {widened / 2**20:.2f} MiB)")
+          f"({growth / 2**20:+.2f} MiB; allowed beyond the slack: {allowance / 2**20:.2f} MiB)")
     if after["fds"] != before["fds"]:
         print(f"[leaks] {name} has open:\n  " + "\n  ".join(faultlog.open_files(pid)))
     assert after["tasks"] == before["tasks"], (name, before, after)
     assert after["fds"] == before["fds"], (name, before, after)
-    assert growth <= RSS_SLACK + widened, (name, before, after, widened)
+    assert growth <= RSS_SLACK + allowance, (name, before, after, allowance)
 
 
 # -- the test -----------------------------------------------------------------------------------
@@ -444,7 +454,8 @@ def test_a_thousand_aborted_streams_leave_no_task_fd_memory_or_credit_behind(rig
             sum(n for end, n in widened.items() if end.startswith("server ")))
     for transport, figures in clients_after.items():
         compare(f"{transport} client", clients_before[transport], figures,
-                rig.steady[transport].process.pid, widened[f"{transport} client"])
+                rig.steady[transport].process.pid,
+                widened[f"{transport} client"] + QUEUED_PEAK[transport])
     assert total >= STREAMS
     # Every stream cut while the server lived was counted there, once.
     assert by_server == server_told
