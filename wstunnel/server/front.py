@@ -198,16 +198,16 @@ class HttpConnection:
             first = False
             self._became_idle()
             alarm = self.alarms.at(trio.current_time() + timeout, head_wait.cancel)
+            malformed: h11.RemoteProtocolError | None = None
             try:
                 request = await self._read_head()
             except h11.RemoteProtocolError as exc:
-                malformed: h11.RemoteProtocolError | None = exc
-            else:
-                malformed = None
+                malformed = exc
             finally:
                 alarm.cancel()  # before any answer: the alarm must not cut it
             if malformed is not None:
-                status = malformed.error_status_hint if 400 <= malformed.error_status_hint < 500 else 400
+                hint = malformed.error_status_hint
+                status = hint if 400 <= hint < 500 else 400
                 text = "Request headers too large" if status == 431 else "Malformed request"
                 await self._send_error(status, text)
                 return False
