@@ -67,10 +67,12 @@ def hang_with_input_pending(backend: Backend, websocket_peer: int, probe: Probe,
     probe sends its next message a pace step after each echo, so input comes, unless the stop
     fell between reading a message and echoing it: then the backend is let run until the probe
     has its echo (stopped again at once, a backend the machine had not scheduled meanwhile would
-    be caught in the same place every time), and stopped again."""
+    be caught in the same place every time), and stopped again. Bytes are counted only once
+    every thread has stopped: a thread still in its read would take them (3 runs in 38 under
+    load did, and their kills closed with a FIN)."""
     for _ in range(attempts):
         echoed = probe.progress
-        backend.process.signal(signal.SIGSTOP)
+        backend.process.freeze()
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             if (unread_bytes(backend.port, websocket_peer) or 0) > 0:

@@ -96,6 +96,23 @@ class Process:
         if self.alive():
             self.popen.send_signal(signum)
 
+    def freeze(self, timeout: float = 10.0) -> None:
+        """SIGSTOP, and return once every thread has stopped. The signal only asks: a thread
+        the machine has not run since stops when it next runs, and may first finish a read it
+        was in, taking bytes a test saw waiting in its socket."""
+        self.signal(signal.SIGSTOP)
+        wait_until(self._stopped, timeout=timeout, what=f"every thread of {self.name} to stop")
+
+    def _stopped(self) -> bool:
+        for stat in Path(f"/proc/{self.pid}/task").glob("*/stat"):
+            try:
+                state = stat.read_text().rpartition(")")[2].split()[0]
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # a thread that ended meanwhile
+            if state not in ("T", "t"):
+                return False
+        return True
+
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, wait, SIGKILL if it will not go; returns the exit status."""
         if self.alive():
