@@ -36,6 +36,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def proc_stat(path: Path) -> list[str]:
+    """The fields of a ``/proc/.../stat`` file after the command name (the state first, then the
+    parent's pid); the name, in parentheses, may hold spaces and parentheses. OSError once the
+    process or thread is gone."""
+    return path.read_text().rsplit(")", 1)[1].split()
+
+
 def wait_until(predicate: Callable[[], T], *, timeout: float = 15.0, what: str = "condition") -> T:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -106,8 +113,8 @@ class Process:
     def _stopped(self) -> bool:
         for stat in Path(f"/proc/{self.pid}/task").glob("*/stat"):
             try:
-                state = stat.read_text().rpartition(")")[2].split()[0]
-            except (FileNotFoundError, ProcessLookupError):
+                state = proc_stat(stat)[0]
+            except OSError:
                 continue  # a thread that ended meanwhile
             if state not in ("T", "t"):
                 return False

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.harness import wait_until
+from tests.support.harness import proc_stat, wait_until
 
 SUITE = "bookworm"
 # procps for /bin/kill (the units' ExecReload=); iproute2 for ss (what listens, in the package
@@ -173,11 +173,9 @@ def _children(pid: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            fields = proc_stat(entry / "stat")
         except OSError:
             continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        fields = stat.rsplit(")", 1)[1].split()
         if int(fields[1]) == pid:
             children.append(int(entry.name))
     return children
@@ -231,7 +229,7 @@ class Container:
         if self.nspawn.poll() is not None:
             raise AssertionError(f"container {self.name} is gone: {_tail(self.log_path)}")
         try:
-            parent = int(Path(f"/proc/{self.leader}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            parent = int(proc_stat(Path(f"/proc/{self.leader}/stat"))[1])
             own_mounts = os.readlink(f"/proc/{self.leader}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
         except (OSError, IndexError, ValueError):
             parent, own_mounts = 0, False
@@ -327,7 +325,7 @@ def _shutdown(nspawn: subprocess.Popen[bytes], leader: int | None) -> None:
 
 def _start_time(pid: int) -> str | None:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return proc_stat(Path(f"/proc/{pid}/stat"))[19]
     except (OSError, IndexError):
         return None
 
@@ -339,7 +337,7 @@ def _owner_alive(owner: str) -> bool:
 
 def _gone(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return proc_stat(Path(f"/proc/{pid}/stat"))[0] == "Z"
     except OSError:
         return True
 
