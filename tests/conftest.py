@@ -8,6 +8,22 @@ import pytest
 from tests.support import netns
 from tests.support.debpkg import SharedBuild
 from tests.support.harness import Harness
+from wstunnel import compiled
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Python imports a module's compiled extension before its source: after an edit, the tests
+    # would run the old code without a word. scripts/setup (scripts/test runs it) rebuilds.
+    root = Path(__file__).resolve().parent.parent
+    stale = []
+    for module in compiled.COMPILED_MODULES:
+        source = root / compiled.source_path(module)
+        extensions = source.parent.glob(source.stem + ".*.so")
+        if any(extension.stat().st_mtime < source.stat().st_mtime for extension in extensions):
+            stale.append(module)
+    if stale:
+        pytest.exit(f"compiled modules older than their sources: {', '.join(stale)}; "
+                    "run scripts/setup to rebuild them", returncode=2)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -255,6 +255,12 @@ def test_server_package_alone(world: World) -> None:
         assert box.c.curl("http://127.0.0.1:8080/_health_check") == HEALTHY
         assert box.c.curl(f"http://{world.server_address}:8080/_health_check") == HEALTHY
         assert box.c.run("/usr/bin/wstunnel", "version").stdout.strip() == __version__
+        # The package runs the request path compiled (wstunnel/compiled.py), and mypyc's output
+        # needs nothing at run time that the package does not carry: no build tool came along.
+        compiled = box.c.run("/usr/lib/wstunnel/bin/python", "-c", "\n".join([
+            "import importlib.util", "from wstunnel import compiled",
+            "print(compiled.interpreted(), importlib.util.find_spec('mypy'))"]))
+        assert compiled.stdout.strip() == "[] None", compiled.stdout
         # The daemon runs the package's own environment, as the package's user.
         assert box.c.read(f"/proc/{state['MainPID']}/cmdline").split("\0")[0] == \
             "/usr/lib/wstunnel/bin/python"
