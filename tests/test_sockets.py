@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import struct
+
 import pytest
 import trio
 import trio.testing
@@ -153,3 +156,101 @@ async def test_two_writers_at_once_is_an_error() -> None:
                 await second()
                 nursery.cancel_scope.cancel()
         assert len(failures) == 1
+
+
+# --- reads -------------------------------------------------------------------------------------
+
+
+async def test_a_read_that_finds_data_yields_once_and_one_that_waits_does_not_yield_again() -> None:
+    # trio's SocketStream does the same: a reader that always finds data still lets others run.
+    ours, peer = _pair()
+    async with ours, peer:
+        await peer.send_all(b"ready")
+        steps = _Steps(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(steps)
+        try:
+            assert await ours.receive_some(65536) == b"ready"
+            assert steps.steps == 1
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+
+        async def later() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            await peer.send_all(b"late")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(later)
+            steps = _Steps(trio.lowlevel.current_task())
+            trio.lowlevel.add_instrument(steps)
+            try:
+                assert await ours.receive_some() == b"late"
+                assert steps.steps == 1  # woken once by the data, no yield after it
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+
+
+async def test_a_read_takes_at_most_what_it_asks_for_and_an_empty_read_is_the_end() -> None:
+    ours, peer = _pair()
+    async with ours, peer:
+        await peer.send_all(b"abcdef")
+        assert await ours.receive_some(4) == b"abcd"
+        assert await ours.receive_some(4) == b"ef"
+        await peer.send_eof()
+        assert await ours.receive_some(4) == b""
+        with pytest.raises(ValueError, match="max_bytes"):
+            await ours.receive_some(0)
+
+
+async def test_a_read_is_cancellable_before_it_starts_and_takes_nothing_then() -> None:
+    ours, peer = _pair()
+    async with ours, peer:
+        await peer.send_all(b"kept")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await ours.receive_some(10)
+        assert scope.cancelled_caught
+        assert await ours.receive_some(10) == b"kept"
+
+
+async def test_a_waiting_read_ends_with_the_stream_errors_trio_gives() -> None:
+    ours, peer = _pair()
+    async with trio.open_nursery() as nursery:
+        errors: list[BaseException] = []
+
+        async def reader() -> None:
+            try:
+                await ours.receive_some(10)
+            except trio.ClosedResourceError as exc:
+                errors.append(exc)
+
+        with trio.fail_after(30):
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            await ours.aclose()  # closed by another task while the read waits
+    assert len(errors) == 1
+    with pytest.raises(trio.ClosedResourceError):
+        await ours.receive_some(10)
+    await peer.aclose()
+
+
+async def test_a_reset_connection_is_a_broken_stream() -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    async with trio.open_nursery() as nursery:
+        accepted: list[trio.socket.SocketType] = []
+
+        async def accept() -> None:
+            sock, _ = await listener.accept()
+            accepted.append(sock)
+
+        nursery.start_soon(accept)
+        client = await trio.open_tcp_stream(*listener.getsockname())
+    ours = DirectSocketStream(client)
+    # SO_LINGER 0: the close sends a reset, not a FIN
+    accepted[0].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    accepted[0].close()
+    listener.close()
+    with trio.fail_after(30), pytest.raises(trio.BrokenResourceError):
+        await ours.receive_some(10)
+    await ours.aclose()

@@ -9,8 +9,12 @@ the socket and yields only when the socket is full (waiting until it is writable
 or after FAIR_WRITES writes in a row that never did, so a task that keeps writing still lets the
 others run. Cancellation is checked before each write, as trio does.
 
-Reads stay trio's: a read that has to wait is that one pass anyway, and a reader that always
-finds data (a busy tunnel) must yield to the tasks that consume what it read.
+Reads keep trio's scheduling: a read that has to wait is that one pass anyway, and a read that
+found data at once yields, as trio's does, so that a reader that always finds data (a busy
+tunnel) lets the tasks that consume what it read run. They only skip trio's layers around the
+system call: a generator-based context manager, a socket wrapper and an async context manager
+per read. Paired runs (1 KiB GETs, both daemons): with 100 tokens, four reads per request in
+srv, 226 -> 212 µs of srv's CPU per request and +10 % req/s; at one connection +8 %.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import os
 
 import trio
 
-__all__ = ["FAIR_WRITES", "DirectSocketStream"]
+__all__ = ["DEFAULT_RECEIVE_SIZE", "FAIR_WRITES", "DirectSocketStream"]
 
 # Writes in a row that may go without a yield; then one yields (trio's fairness, now and then).
 FAIR_WRITES = 16
+# What a read asks for when its caller names no size (trio's SocketStream asks for as much).
+DEFAULT_RECEIVE_SIZE = 65536
 
 
 class DirectSocketStream(trio.abc.HalfCloseableStream):
@@ -90,7 +96,30 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
         await self.inner.send_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
+        if max_bytes is None:
+            max_bytes = DEFAULT_RECEIVE_SIZE
+        elif max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        sock = self.socket
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        while True:
+            fd = sock.fileno()  # as in _write: closed by another task, the number may be reused
+            if fd < 0:
+                raise trio.ClosedResourceError("socket was already closed")
+            try:
+                data = os.read(fd, max_bytes)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise trio.ClosedResourceError("socket was already closed") from None
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
 
     async def aclose(self) -> None:
         await self.inner.aclose()
