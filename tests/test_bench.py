@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.support.harness import ROOT
+from wstunnel import compiled
 
 BENCH = ROOT / "scripts" / "bench"
 WORKLOADS = ["get-c1", "get-c32", "get-c128", "download-small", "download-large", "upload-small",
@@ -46,6 +47,9 @@ def test_smoke_run_reports_every_workload_on_both_paths(tmp_path: Path) -> None:
     assert document["complete"], document["status"]
     assert set(document["workloads"]) == set(WORKLOADS)
     assert "wstunnel/direct" in done.stdout  # the table, with its ratio column
+    # It ran the request path compiled, as the package does, and says so.
+    modules = len(compiled.COMPILED_MODULES)
+    assert document["versions"]["compiled"] == f"{modules} of {modules} modules (wstunnel/compiled.py)"
 
     for workload in ("get-c1", "get-c32", "get-c128", "tokens"):
         for target in ("direct", "wstunnel"):
