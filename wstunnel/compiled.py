@@ -7,8 +7,10 @@ same logic with the interpreter's dispatch taken out. Paired runs (1 KiB GETs th
 cli, nginx backend): srv's CPU per request at 32 connections 161-172 µs -> 146-149 µs, cli's
 141-152 -> 132-134, and 5,437-5,797 -> 6,254-6,380 req/s; at one connection +1-3 %.
 
-The coroutines on the request path stay interpreted: compiled as well, they gave +20 % at 32
-connections but -13 % at one, where every request resumes each await chain from the top.
+The coroutines on the request path stay interpreted: compiled as well, they gave +23 % at 32
+connections but -12 % at one, where every request resumes each await chain from the top; no
+group of them (sockets and WebSocket, endpoint and outbox, front, tunnels and rendezvous) gained
+at one connection on top of these eight.
 
 The same sources stay importable uncompiled: ``setup.py`` builds them unless
 ``WSTUNNEL_PURE_PYTHON=1``, and Python imports a module's compiled form first when it is there.
