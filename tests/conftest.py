@@ -7,17 +7,16 @@ import pytest
 
 from tests.support import netns
 from tests.support.debpkg import SharedBuild
-from tests.support.harness import Harness
+from tests.support.harness import ROOT, Harness
 from wstunnel import compiled
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     # Python imports a module's compiled extension before its source: after an edit, the tests
     # would run the old code without a word. scripts/setup (scripts/test runs it) rebuilds.
-    root = Path(__file__).resolve().parent.parent
     stale = []
     for module in compiled.COMPILED_MODULES:
-        source = root / compiled.source_path(module)
+        source = ROOT / compiled.source_path(module)
         extensions = source.parent.glob(source.stem + ".*.so")
         if any(extension.stat().st_mtime < source.stat().st_mtime for extension in extensions):
             stale.append(module)

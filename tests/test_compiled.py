@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.harness import ROOT
 from wstunnel import compiled
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(os.environ.get("WSTUNNEL_PURE_PYTHON") == "1",
@@ -33,10 +33,8 @@ def test_each_listed_module_has_its_source_and_nothing_else_is_compiled() -> Non
 def test_the_same_sources_run_interpreted(tmp_path: Path) -> None:
     # A copy of the package without its extensions imports from the .py files: what a build with
     # WSTUNNEL_PURE_PYTHON=1 runs. A v2 head goes through the interpreted codec and back.
-    copy = tmp_path / "wstunnel"
-    subprocess.run(["cp", "-r", str(ROOT / "wstunnel"), str(copy)], check=True)
-    for extension in copy.rglob("*.so"):
-        extension.unlink()
+    shutil.copytree(ROOT / "wstunnel", tmp_path / "wstunnel",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     script = (
         "from wstunnel import compiled, v2\n"
         "assert sorted(compiled.interpreted()) == sorted(compiled.COMPILED_MODULES)\n"

@@ -33,7 +33,8 @@ DEFAULT_RECEIVE_SIZE = 65536
 
 
 class DirectSocketStream(trio.abc.HalfCloseableStream):
-    """A ``trio.SocketStream`` (``inner``) with writes that skip the scheduler when they can."""
+    """A ``trio.SocketStream`` (``inner``) with writes that skip the scheduler when they can, and
+    reads without trio's wrappers around the system call."""
 
     __slots__ = ("_sending", "_unyielded", "inner", "socket")
 
@@ -69,10 +70,7 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
         waited = False
         offset, size = 0, len(view)
         while True:
-            # Looked up each time: closed by another task (fileno -1), the number may be reused.
-            fd = sock.fileno()
-            if fd < 0:
-                raise trio.ClosedResourceError("socket was already closed")
+            fd = self._fileno()
             if offset >= size:
                 return waited
             try:
@@ -81,9 +79,15 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.wait_writable(sock)
                 waited = True
             except OSError as exc:
-                if exc.errno == errno.EBADF:
-                    raise trio.ClosedResourceError("socket was already closed") from None
-                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+                raise _stream_error(exc) from exc
+
+    def _fileno(self) -> int:
+        # Looked up before each system call: closed by another task (fileno -1), the number may
+        # already belong to another file.
+        fd = self.socket.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("socket was already closed")
+        return fd
 
     def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
         """As trio.SocketStream.setsockopt."""
@@ -104,23 +108,24 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
         while True:
-            fd = sock.fileno()  # as in _write: closed by another task, the number may be reused
-            if fd < 0:
-                raise trio.ClosedResourceError("socket was already closed")
             try:
-                data = os.read(fd, max_bytes)
+                data = os.read(self._fileno(), max_bytes)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
                 waited = True
-                continue
             except OSError as exc:
-                if exc.errno == errno.EBADF:
-                    raise trio.ClosedResourceError("socket was already closed") from None
-                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-            if not waited:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+                raise _stream_error(exc) from exc
+            else:
+                if not waited:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
 
     async def aclose(self) -> None:
         await self.inner.aclose()
 
+
+def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    """trio's stream error for a failed read or write, as its SocketStream gives it."""
+    if exc.errno == errno.EBADF:
+        return trio.ClosedResourceError("socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
