@@ -115,7 +115,8 @@ def test_client_drops_a_silent_server_and_comes_back(harness: Harness) -> None:
         server.process.signal(signal.SIGCONT)
     wait_until(lambda: server.get("/back", token).status_code == 200, timeout=30,
                what="the tunnel to work again")
-    assert "pong" in client.process.output().lower() or "timeout" in client.process.output().lower()
+    reconnects = [line for line in client.process.output().splitlines() if "WS   RECONNECT" in line]
+    assert any("pong" in line.lower() or "timeout" in line.lower() for line in reconnects), reconnects
 
 
 @pytest.mark.both_transports
