@@ -5,6 +5,8 @@ writers let through, h11 reads back as written."""
 
 from __future__ import annotations
 
+import re
+
 import h11
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -12,6 +14,7 @@ from hypothesis import strategies as st
 
 from wstunnel import http1
 from wstunnel.headers import Headers
+from wstunnel.http1._grammar import FIELD_BLOCK_RE, FIELD_LINE, FIELD_TEXT, FIELD_VCHAR
 
 MANY = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -152,6 +155,26 @@ def test_what_check_field_lets_through_h11_reads_back_unchanged(name: bytes, val
     read = _h11_request(head) if head.count(b"\r\n\r\n") == 1 else None
     round_trip = read is not None and read[3] == [(b"Host", b"h"), (name, value)]
     assert allowed == round_trip
+
+
+def test_field_text_is_a_field_vchar_or_a_blank() -> None:
+    for byte in (bytes([b]) for b in range(256)):
+        either = re.fullmatch(FIELD_VCHAR, byte) is not None or byte in (b" ", b"\t")
+        assert (re.fullmatch(FIELD_TEXT, byte) is not None) == either, byte
+
+
+@MANY
+@given(st.lists(st.one_of(pieces, st.binary(max_size=8)), min_size=1, max_size=4))
+@example([b"X: a b \t"])
+@example([b"X:\x0bv"])
+@example([b"X: a\r\nY: b"])
+@example([b"X: a\r\n b"])
+def test_the_block_regex_reads_field_lines_as_the_grammar_says(lines: list[bytes]) -> None:
+    # FIELD_BLOCK_RE says what follows a field line's colon as one character class: it must
+    # accept exactly the blocks whose every line is a FIELD_LINE of the ABNF.
+    block = b"".join(line + b"\r\n" for line in lines)
+    by_grammar = all(re.fullmatch(FIELD_LINE, line) is not None for line in block.split(b"\r\n")[:-1])
+    assert (FIELD_BLOCK_RE.fullmatch(block) is not None) == by_grammar
 
 
 @pytest.mark.parametrize(("method", "target", "error"), [
