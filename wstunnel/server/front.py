@@ -522,7 +522,8 @@ class HttpConnection:
             encoder = self._encoder(response.status, response.reason, headers, length,
                                     bodyless=bodyless, head_only=head_only)
             batch = ResponseBatch(encoder, response, length)
-            batch.head(response.status, response.reason, headers)
+            # Fields left out above, and "Connection: close": a parsed head stays one.
+            batch.head(response.status, response.reason, headers, parsed=response.parsed_head)
             await self._take_ready(batch)
             if not batch.done:
                 # A small body's DATA usually comes in the HEAD's own tunnel message, and is

@@ -169,6 +169,9 @@ class StreamingResponse:
     cut: Cut | None = None
     # The abort tally of the tunnel connection that carries the stream.
     tunnel_aborts: AbortTally | None = None
+    # The reason and headers are a tunnel client's HEAD as read by wstunnel.http1 or h11: the
+    # front writes them without checking each field line again (fasthttp.Encoder.head).
+    parsed_head: bool = False
 
 
 AnyResponse = framing.Response | StreamingResponse

@@ -50,10 +50,10 @@ class ResponseBatch:
         self.uncredited = 0  # bytes taken from the body, credited once written
         self.done = False  # the end of the message is in ``out``, or already written
 
-    def head(self, status: int, reason: bytes, headers: Headers) -> None:
-        """The response head; a bodyless response ends with it (h11 must see its end too, or
-        it would not let the connection serve another request)."""
-        self.out.append(self.encoder.head(status, reason, headers))
+    def head(self, status: int, reason: bytes, headers: Headers, *, parsed: bool = False) -> None:
+        """The response head (``parsed``: as Encoder.head); a bodyless response ends with it (h11
+        must see its end too, or it would not let the connection serve another request)."""
+        self.out.append(self.encoder.head(status, reason, headers, parsed=parsed))
         if self.length == 0:
             self._end()
 

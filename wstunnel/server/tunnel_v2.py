@@ -396,7 +396,7 @@ class TunnelConnectionV2(TunnelConnection):
             pending.finish(StreamingResponse(
                 status=event.status, reason=event.reason, headers=event.headers,
                 body=_StreamBody(self, stream), idle_timeout=self.httptimeout, upgraded=upgraded,
-                tunnel_aborts=self.aborts,
+                tunnel_aborts=self.aborts, parsed_head=True,
             ))
         stream.pending = None
         self.rendezvous.release(pending)
