@@ -365,8 +365,10 @@ class ClientSessionV2:
         status = response.status
         bodyless = stream.method == b"HEAD" or status in (204, 304)
         try:
+            # The backend's head as the origin read it, less its hop-by-hop fields.
             return self.conn.send_response(stream.id, status, response.reason,
-                                           without_hop_by_hop(response.headers), end_stream=bodyless)
+                                           without_hop_by_hop(response.headers), end_stream=bodyless,
+                                           parsed=True)
         except ValueError as exc:
             raise Refusal(502, f"Backend response cannot be carried: {exc}") from None
 

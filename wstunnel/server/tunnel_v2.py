@@ -243,8 +243,10 @@ class TunnelConnectionV2(TunnelConnection):
         headers = without(request.headers, (b"transfer-encoding",))
         bodiless = not request.body and pending.body_source is None and not pending.upgrade
         try:
+            # The HTTP client's request as the front read it (the target may have lost its
+            # /_token/ prefix; X-Forwarded-For is made of read values): a parsed head.
             stream_id, head = self.conn.send_request(
-                request.method, request.target, headers, end_stream=bodiless
+                request.method, request.target, headers, end_stream=bodiless, parsed=True
             )
         except ValueError as exc:
             self.log.warning("WS   ERR", token=self.token, id=pending.id, err=str(exc))

@@ -277,14 +277,16 @@ class V2Connection:
         headers: Iterable[tuple[bytes, bytes]],
         *,
         end_stream: bool = False,
+        parsed: bool = False,
     ) -> tuple[int, Head]:
-        """Open a stream with a request (server side only): its new id and the HEAD to send."""
+        """Open a stream with a request (server side only): its new id and the HEAD to send.
+        ``parsed``: as for ``request_head``."""
         if self.role != "server":
             raise LocalProtocolError("only the server side opens streams")
         if self._last_id >= MAX_STREAM_ID:
             raise LocalProtocolError("stream ids are used up: open a new tunnel")
         headers = list(headers)
-        head = request_head(method, target, headers)
+        head = request_head(method, target, headers, parsed=parsed)
         stream = self._last_id + 1
         self._last_id = stream
         self._streams[stream] = _Stream(
@@ -307,8 +309,10 @@ class V2Connection:
         headers: Iterable[tuple[bytes, bytes]],
         *,
         end_stream: bool = False,
+        parsed: bool = False,
     ) -> Head:
-        """A response head (client side only): any 1xx first, then the final one (>= 200 or 101)."""
+        """A response head (client side only): any 1xx first, then the final one (>= 200 or 101).
+        ``parsed``: as for ``response_head``."""
         if self.role != "client":
             raise LocalProtocolError("only the client side sends responses")
         state = self._sendable(stream)
@@ -319,7 +323,7 @@ class V2Connection:
             raise LocalProtocolError(f"stream {stream}: an informational response cannot end the stream")
         if status == 101 and not state.upgrade:
             raise LocalProtocolError(f"stream {stream}: 101 Switching Protocols to a request without Upgrade")
-        head = response_head(status, reason, headers)
+        head = response_head(status, reason, headers, parsed=parsed)
         if final:
             self._final_response(state, status, end_stream=end_stream, sent=True)
         return Head(stream, head, end_stream)

@@ -68,8 +68,14 @@ def _fast_fields(block: bytes, *, request: bool) -> Headers | None:
     """The header fields of ``block`` (field lines, each ending with CRLF) as h11 would return
     them, or None to leave the head to h11."""
     headers = http1.parse_fields(block)
-    if headers is None:
+    if headers is None or not _plain(headers, request=request):
         return None
+    return headers
+
+
+def _plain(headers: Headers, *, request: bool) -> bool:
+    """Whether h11 would read these fields as they are: its rules for the three fields it
+    minds (the rest of the fast path's reading is the grammar's)."""
     hosts = lengths = 0
     for name, value in headers:
         size = len(name)  # only three names matter, and only their lengths are checked per line
@@ -78,12 +84,11 @@ def _fast_fields(block: bytes, *, request: bool) -> Headers | None:
         elif size == 14 and name.lower() == b"content-length":
             lengths += 1
             if lengths > 1 or _PLAIN_LENGTH_RE.fullmatch(value) is None:
-                return None
+                return False
         elif size == 17 and name.lower() == b"transfer-encoding":
-            return None  # h11 lowercases it and refuses codings other than chunked
-    if request and hosts != 1:
-        return None  # h11 refuses an HTTP/1.1 request without exactly one Host
-    return headers
+            return False  # h11 lowercases it and refuses codings other than chunked
+    # h11 refuses an HTTP/1.1 request without exactly one Host
+    return not request or hosts == 1
 
 
 def _fast_request_head(head: bytes) -> tuple[bytes, bytes, Headers] | None:
@@ -168,36 +173,51 @@ def _h11_response_head(head: bytes) -> tuple[int, bytes, Headers]:
     return event.status_code, bytes(event.reason), _raw_headers(event)
 
 
-def request_head(method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+def request_head(method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]], *,
+                 parsed: bool = False) -> bytes:
     """The HEAD payload for a request; ValueError if it would not parse.
 
     As in v1, a request without ``Host`` (an HTTP/1.0 client's) gets an empty one: the tunnel
     speaks HTTP/1.1, which requires it.
+
+    ``parsed``: the method, the target and every field came out of a head read by
+    wstunnel.http1's grammar or h11's (the HTTP client's request, at srv), unchanged but for
+    fields left out, or added from such values and constants (X-Forwarded-For): each is a
+    field line already, and the head is not read back when its fields are plain (``_plain``)
+    and it is not too large. That reading back was most of what building a head cost.
     """
     headers = list(headers)
     if get(headers, b"host") is None:
         headers.insert(0, (b"Host", b""))
     head = http1.head_bytes(http1.request_line(method, target), headers)
+    if parsed and len(head) <= MAX_HEAD_SIZE and _plain(headers, request=True):
+        return head
     try:
-        parsed = parse_request_head(head)
+        read_back = parse_request_head(head)
     except HttpPayloadError as exc:
         raise ValueError(str(exc)) from None
-    if parsed != (method, target, headers):  # e.g. spaces around a value, which h11 strips
+    if read_back != (method, target, headers):  # e.g. spaces around a value, which h11 strips
         raise ValueError(f"request head does not survive a round trip: {head!r}")
     return head
 
 
-def response_head(status: int, reason: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """The HEAD payload for a response (final or 1xx); ValueError if it would not parse."""
+def response_head(status: int, reason: bytes, headers: Iterable[tuple[bytes, bytes]], *,
+                  parsed: bool = False) -> bytes:
+    """The HEAD payload for a response (final or 1xx); ValueError if it would not parse.
+
+    ``parsed``: as for ``request_head``, the reason and the fields as read from a head (the
+    backend's response, at cli)."""
     if not 100 <= status <= 999:
         raise ValueError(f"status {status} out of range")
     headers = list(headers)
     head = http1.head_bytes(http1.status_line(status, reason), headers)
+    if parsed and len(head) <= MAX_HEAD_SIZE and _plain(headers, request=False):
+        return head
     try:
-        parsed = parse_response_head(head)
+        read_back = parse_response_head(head)
     except HttpPayloadError as exc:
         raise ValueError(str(exc)) from None
-    if parsed != (status, reason, headers):
+    if read_back != (status, reason, headers):
         raise ValueError(f"response head does not survive a round trip: {head!r}")
     return head
 
