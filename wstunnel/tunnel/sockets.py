@@ -69,17 +69,17 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
         sock = self.socket
         waited = False
         offset, size = 0, len(view)
-        while True:
-            fd = self._fileno()
-            if offset >= size:
-                return waited
+        fd = self._fileno()  # a closed socket fails even a write of nothing, as trio's does
+        while offset < size:
             try:
                 offset += os.write(fd, view[offset:])
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(sock)
                 waited = True
+                fd = self._fileno()  # only a wait lets another task close it meanwhile
             except OSError as exc:
                 raise _stream_error(exc) from exc
+        return waited
 
     def _fileno(self) -> int:
         # Looked up before each system call: closed by another task (fileno -1), the number may
