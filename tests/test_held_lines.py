@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -250,3 +250,93 @@ def test_lines_of_several_event_loggers_share_the_write_and_a_bad_line_costs_onl
         "INFO HTTP RCV      pkg=WStunsrv id=1", "INFO WS   RCV      pkg=WStunsrv id=1",
         "INFO A             pkg=WStunsrv n=1", "INFO C             pkg=WStunsrv n=3"]
     assert "UnicodeEncodeError" in capsys.readouterr().err  # logging's report of the lost line
+
+
+def _run_with_late_writes(main: Callable[[], Awaitable[None]]) -> None:
+    """``main`` in a loop that holds lines and writes them late (``write_late`` beside it), on a
+    clock that jumps to the next deadline whenever every task waits."""
+    writer = daemon.HeldLinesWriter(logs.hold_lines())
+
+    async def beside_write_late() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.write_late)
+            await main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(beside_write_late, clock=trio.testing.MockClock(autojump_threshold=0),
+                 instruments=[writer])
+    finally:
+        logs.release_lines()
+
+
+def test_a_quiet_loops_lines_wait_for_the_next_ones_then_go_in_one_write(
+        log_file: Callable[[], tuple[EventLogger, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    log, path = log_file()
+    writes = count_writes(monkeypatch)
+    seen: dict[str, list[str]] = {}
+
+    async def main() -> None:
+        log.info("HTTP RCV", id=1)
+        # Waits with nothing to run, as a daemon between requests: without write_late, each
+        # would write what was logged before it.
+        await trio.sleep(daemon.WRITE_AFTER / 4)
+        seen["first wait"] = _lines(path)
+        log.info("HTTP RET", id=1, status=200)
+        await trio.sleep(daemon.WRITE_AFTER / 4)
+        seen["second wait"] = _lines(path)
+        await trio.sleep(daemon.WRITE_AFTER)  # nothing more is logged: they go all the same
+        seen["later"] = _lines(path)
+
+    _run_with_late_writes(main)
+    assert seen["first wait"] == seen["second wait"] == []
+    assert [line.split()[4] for line in seen["later"]] == ["RCV", "RET"]
+    assert len(writes) == 1
+
+
+def test_lines_wait_for_write_late_only_while_they_are_few(
+        log_file: Callable[[], tuple[EventLogger, Path]]) -> None:
+    log, path = log_file()
+    seen: dict[str, list[str]] = {}
+
+    async def main() -> None:
+        log.info("First", n=0)
+        await trio.sleep(daemon.WRITE_AFTER / 8)  # write_late sleeps now; "First" waits
+        for number in range(1, daemon.WRITE_BATCH):
+            log.info("L", n=number)
+        # WRITE_BATCH lines held: the next wait writes them as it would without write_late
+        # (those of earlier turns: the ones this turn's tasks logged wait for them to run).
+        await trio.sleep(daemon.WRITE_AFTER / 8)
+        seen["batch"] = _lines(path)
+
+    _run_with_late_writes(main)
+    assert [line.split()[-1] for line in seen["batch"]] == ["n=0"]
+    assert [line.split()[-1] for line in _lines(path)] == [
+        f"n={number}" for number in range(daemon.WRITE_BATCH)]
+
+
+def test_lines_go_at_each_wait_again_once_write_late_is_over(
+        log_file: Callable[[], tuple[EventLogger, Path]]) -> None:
+    log, path = log_file()
+    writer = daemon.HeldLinesWriter(logs.hold_lines())
+    seen: dict[str, list[str]] = {}
+
+    async def main() -> None:
+        with trio.move_on_after(daemon.WRITE_AFTER / 2):  # write_late cancelled while it sleeps
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.write_late)
+                await trio.testing.wait_all_tasks_blocked()
+                log.info("Held")
+                await trio.sleep_forever()
+        await trio.sleep(daemon.WRITE_AFTER / 8)
+        seen["after"] = _lines(path)
+        log.info("Later")
+        await trio.sleep(daemon.WRITE_AFTER / 8)
+        seen["later"] = _lines(path)
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0), instruments=[writer])
+    finally:
+        logs.release_lines()
+    assert [line.split()[3] for line in seen["after"]] == ["Held"]
+    assert [line.split()[3] for line in seen["later"]] == ["Held", "Later"]

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO, TypeVar, cast
 
 from wstunnel.tokens import Token
@@ -238,7 +238,9 @@ class HeldLines:
     written when the loop is about to wait for I/O (``wstunnel.daemon.HeldLinesWriter``): all of
     them (``write``) when it has nothing left to run, else those of the turns before
     (``turn_ends``), so the tasks a line's turn woke (the one sending the response the line is
-    about, say) run first. Each line keeps the time it was logged at and its place in the order.
+    about, say) run first. A daemon's lines may also wait a few milliseconds for the next ones
+    (``HeldLinesWriter.write_late``). Each line keeps the time it was logged at and its place in
+    the order.
 
     What waits is bounded: MAX_HELD_LINES lines, and only info and debug ones logged on the
     thread that holds them (the event loop's). A warning or an error, a line that takes logging's
@@ -250,9 +252,16 @@ class HeldLines:
         self.thread = threading.get_ident()
         self._lines: list[_HeldLine] = []
         self._before_this_turn = 0  # how many of _lines were held before the current turn
+        # Called when a line is held and none was: what writes held lines later may want to know.
+        self.on_first: Callable[[], object] | None = None
+
+    def __len__(self) -> int:
+        return len(self._lines)
 
     def add(self, line: _HeldLine) -> None:
         lines = self._lines
+        if not lines and self.on_first is not None:
+            self.on_first()
         lines.append(line)
         if len(lines) >= MAX_HELD_LINES:
             self.write()
