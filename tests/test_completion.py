@@ -21,7 +21,8 @@ import pytest
 
 from wstunnel import commands
 from wstunnel.completion import Leaf, leaves, script
-from wstunnel.config import ClientSettings, ServerSettings, flag_name
+from wstunnel.config import ClientSettings, ServerSettings
+from wstunnel.flags import flag_name
 from wstunnel.ops import admin, configcheck, status, token
 
 BASH = shutil.which("bash") or "/bin/bash"

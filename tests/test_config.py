@@ -14,15 +14,13 @@ import pytest
 from wstunnel import commands
 from wstunnel.config import (
     ClientSettings,
-    FlagParser,
     ServerSettings,
     Settings,
-    flag_name,
     load_settings,
-    parse_flags,
     parse_port_ranges,
 )
 from wstunnel.errors import ConfigError
+from wstunnel.flags import FlagParser, flag_name, parse_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cr3t-t0ken-0123456789abcdef"

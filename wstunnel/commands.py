@@ -17,15 +17,9 @@ from typing import Any, NoReturn, TypeVar
 import trio
 
 from wstunnel import __version__, daemon, limits, logs, logtargets
-from wstunnel.config import (
-    ClientSettings,
-    FlagParser,
-    ServerSettings,
-    add_flags,
-    load_settings,
-    parse_flags,
-)
+from wstunnel.config import ClientSettings, ServerSettings, load_settings
 from wstunnel.errors import ConfigError, DialError, sole_exception
+from wstunnel.flags import FlagParser, add_flags, parse_flags
 from wstunnel.service import ServiceNotifier
 
 EX_CONFIG = 78

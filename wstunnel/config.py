@@ -10,13 +10,12 @@ Errors name where the bad value came from: the flag, the variable, or the file a
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import math
 import re
 import stat
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -39,6 +38,7 @@ from pydantic_settings import (
 
 from wstunnel import hostnames, tls
 from wstunnel.errors import ConfigError
+from wstunnel.flags import flag_name
 from wstunnel.password_hash import check_password_hash
 from wstunnel.tokens import MIN_LENGTH
 from wstunnel.v2 import WindowLimits
@@ -480,46 +480,6 @@ def parse_port_ranges(spec: str) -> list[int]:
 Settings = TypeVar("Settings", ServerSettings, ClientSettings)
 
 
-def flag_name(field: str) -> str:
-    return field.replace("_", "-")
-
-
-class FlagParser(argparse.ArgumentParser):
-    """The daemons' flags, read as Go's flag package reads them.
-
-    No abbreviations, ``-help`` as well as ``-h``, and a flag that takes a value takes the next
-    argument whatever it looks like (see parse_flags). Which flags take one is kept here, as
-    add_flags declares them: argparse has no public list of its own.
-    """
-
-    def __init__(self, prog: str) -> None:
-        # add_help=False: argparse's own -h would read -help as -h with a stray "elp".
-        super().__init__(prog=prog, allow_abbrev=False, add_help=False)
-        self.add_argument("-h", "-help", "--help", action="help", help="show the flags and exit")
-        self.value_flags: set[str] = set()
-
-
-def add_flags(parser: FlagParser, model: type[BaseSettings]) -> None:
-    """One flag per setting, both ``-name`` and ``--name``; values stay strings for pydantic."""
-    for name, info in model.model_fields.items():
-        flag = flag_name(name)
-        options = (f"-{flag}", f"--{flag}")
-        help_text = info.description or ""
-        if info.annotation is bool:
-            # Go's flag package: -insecure alone means true, -insecure=false is allowed, and a
-            # boolean never takes the next argument as its value.
-            parser.add_argument(
-                *options, dest=name, nargs="?", const="true",
-                default=None, metavar="BOOL", help=help_text,
-            )
-        else:
-            parser.add_argument(
-                *options, dest=name, default=None,
-                metavar=flag.upper().replace("-", "_"), help=help_text,
-            )
-            parser.value_flags.update(options)
-
-
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as file:
@@ -595,27 +555,3 @@ def _describe(exc: ValidationError, origin: Mapping[str, str], env_prefix: str) 
             where = origin.get(key, f"setting '{key}'")
         lines.append(f"{where}: {message}")
     return "\n".join(lines)
-
-
-def _join_flag_values(value_flags: set[str], argv: Sequence[str]) -> list[str]:
-    """``-flag value`` pairs as ``-flag=value`` for every flag that takes a value.
-
-    Go's flag package hands such a flag the next argument whatever it looks like, so the
-    original takes ``-token -s3cr3t...``; argparse would read ``-s3cr3t...`` as a flag of its own
-    and refuse the command line. Boolean flags never take a separate value in Go.
-    """
-    joined: list[str] = []
-    items = iter(argv)
-    for item in items:
-        if item == "--":
-            joined += [item, *items]
-            break
-        value = next(items, None) if item in value_flags else None
-        joined.append(item if value is None else f"{item}={value}")
-    return joined
-
-
-def parse_flags(parser: FlagParser, argv: Sequence[str]) -> dict[str, Any]:
-    """The flags given in ``argv``, by setting name, as strings; exits 2 on a usage error."""
-    namespace = parser.parse_args(_join_flag_values(parser.value_flags, argv))
-    return {key: value for key, value in vars(namespace).items() if value is not None}
