@@ -10,7 +10,7 @@ cli, nginx backend): srv's CPU per request at 32 connections 161-172 µs -> 146-
 The coroutines on the request path stay interpreted: compiled as well, they gave +23 % at 32
 connections but -12 % at one, where every request resumes each await chain from the top; no
 group of them (sockets and WebSocket, endpoint and outbox, front, tunnels and rendezvous) gained
-at one connection on top of these eight.
+at one connection on top of the modules below.
 
 The same sources stay importable uncompiled: ``setup.py`` builds them unless
 ``WSTUNNEL_PURE_PYTHON=1``, and Python imports a module's compiled form first when it is there.
@@ -31,6 +31,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "wstunnel.v2._connection",
     "wstunnel.v2._frames",
     "wstunnel.v2._heads",
+    "wstunnel.v2._state",
 )
 
 

@@ -1,4 +1,4 @@
-"""One end of a protocol v2 tunnel, sans-I/O: every stream's state and both flow-control windows.
+"""One end of a protocol v2 tunnel, sans-I/O: its streams (``_state``) and both flow-control windows.
 
 ``V2Connection`` builds the frames to send (``send_request``, ``send_response``, ``data_frames``,
 ``send_end``, ``reset``, ``consumed``) and turns received messages into events (``receive``).
@@ -8,13 +8,11 @@ without a checkpoint in between), or a frame may follow the RESET that ended its
 
 from __future__ import annotations
 
-import enum
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Literal
 
-from wstunnel.errors import HttpPayloadError, LocalProtocolError, ProtocolError, StreamClosedError
+from wstunnel.errors import LocalProtocolError, ProtocolError, StreamClosedError
 from wstunnel.headers import get
 from wstunnel.v2._events import (
     DataReceived,
@@ -43,6 +41,7 @@ from wstunnel.v2._frames import (
     decode_frame,
 )
 from wstunnel.v2._heads import (
+    OnStream,
     encode_trailers,
     parse_request_head,
     parse_response_head,
@@ -50,84 +49,14 @@ from wstunnel.v2._heads import (
     request_head,
     response_head,
 )
+from wstunnel.v2._state import Gone, Phase, Stream, StreamState, credit_due
 
 __all__ = [
     "Role",
-    "StreamState",
     "V2Connection",
 ]
 
-# Statuses whose responses never carry a body, whatever their headers say.
-_BODYLESS_STATUSES = frozenset({204, 304})
-# Credit goes back once half a window is consumed, and also, once an eighth is, whenever the
-# application has taken everything received: on a long link data comes in bursts, a window's
-# worth a round trip, and a grant made in the middle of one would leave the rest of it consumed
-# but unacknowledged until the next: the peer could then use only half its window.
-_DRAINED_SHIFT = 3
-
 Role = Literal["server", "client"]
-
-
-class StreamState(enum.Enum):
-    IDLE = "idle"  # never opened
-    OPEN = "open"
-    HALF_CLOSED_LOCAL = "half-closed (local)"  # we ended our side; the peer may still send
-    HALF_CLOSED_REMOTE = "half-closed (remote)"  # the peer ended its side; we may still send
-    CLOSED = "closed"
-    RESET = "reset"
-
-
-class _Phase(enum.Enum):
-    HEAD = "before the final head"
-    BODY = "open"
-    ENDED = "ended"
-
-
-@dataclass(slots=True, eq=False)
-class _Stream:
-    id: int
-    sending: _Phase
-    receiving: _Phase
-    send_window: int
-    receive_window: int
-    # The receive window's size: the peer's credit plus what we hold and have not yet granted
-    # back. It starts at the protocol's initial window and only grows (``widen``).
-    window: int
-    unacked: int = 0  # consumed but not yet granted back
-    buffered: int = 0  # received but not yet consumed
-    consumed: int = 0  # in all: what a window tuner samples
-    upgrade: bool = False  # the request has Upgrade: a 101 may answer it
-    switched: bool = False  # a 101 answered it: DATA is the upgraded byte stream
-    head_request: bool = False  # a HEAD request: its response has no body
-    bodyless_response: bool = False
-
-
-@dataclass(slots=True)
-class _Gone:
-    """A reset stream, remembered for a while."""
-
-    code: int
-    peer_may_send: bool  # we reset it before the peer's END: its HEAD/DATA/END may still arrive
-
-
-class _OnStream:
-    """Name the stream in a malformed head's or trailers' error (a class: a generator-based
-    context manager costs a few microseconds, on every head)."""
-
-    __slots__ = ("stream",)
-
-    def __init__(self, stream: int) -> None:
-        self.stream = stream
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: object) -> None:
-        if isinstance(error, HttpPayloadError):
-            raise HttpPayloadError(f"stream {self.stream}: {error}") from None
-
-
 
 
 def _wants_upgrade(headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -179,9 +108,9 @@ class V2Connection:
         self._unacked = 0
         self._buffered = 0
         self._consumed = 0
-        self._streams: dict[int, _Stream] = {}
+        self._streams: dict[int, Stream] = {}
         self._last_id = 0  # the highest stream id opened so far (sent by a server, received by a client)
-        self._gone: OrderedDict[int, _Gone] = OrderedDict()
+        self._gone: OrderedDict[int, Gone] = OrderedDict()
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -225,7 +154,7 @@ class V2Connection:
     def receiving_streams(self) -> dict[int, tuple[int, int]]:
         """Each stream that may still receive DATA: ``(bytes consumed, its window's size)``."""
         return {state.id: (state.consumed, state.window) for state in self._streams.values()
-                if state.receiving is not _Phase.ENDED}
+                if state.receiving is not Phase.ENDED}
 
     @property
     def send_window(self) -> int:
@@ -261,12 +190,7 @@ class V2Connection:
             if stream > self._last_id or stream < 1:
                 return StreamState.IDLE
             return StreamState.RESET if stream in self._gone else StreamState.CLOSED
-        sent, received = state.sending is _Phase.ENDED, state.receiving is _Phase.ENDED
-        if sent and received:
-            return StreamState.CLOSED  # ended both ways; kept until its buffered bytes are consumed
-        if sent:
-            return StreamState.HALF_CLOSED_LOCAL
-        return StreamState.HALF_CLOSED_REMOTE if received else StreamState.OPEN
+        return state.state
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -289,10 +213,10 @@ class V2Connection:
         head = request_head(method, target, headers, parsed=parsed)
         stream = self._last_id + 1
         self._last_id = stream
-        self._streams[stream] = _Stream(
+        self._streams[stream] = Stream(
             id=stream,
-            sending=_Phase.ENDED if end_stream else _Phase.BODY,
-            receiving=_Phase.HEAD,
+            sending=Phase.ENDED if end_stream else Phase.BODY,
+            receiving=Phase.HEAD,
             send_window=self._request_window,
             receive_window=self._initial_stream_window,
             window=self._initial_stream_window,
@@ -316,7 +240,7 @@ class V2Connection:
         if self.role != "client":
             raise LocalProtocolError("only the client side sends responses")
         state = self._sendable(stream)
-        if state.sending is not _Phase.HEAD:
+        if state.sending is not Phase.HEAD:
             raise LocalProtocolError(f"stream {stream}: the final response head was already sent")
         final = status >= 200 or status == 101
         if not final and end_stream:
@@ -325,7 +249,8 @@ class V2Connection:
             raise LocalProtocolError(f"stream {stream}: 101 Switching Protocols to a request without Upgrade")
         head = response_head(status, reason, headers, parsed=parsed)
         if final:
-            self._final_response(state, status, end_stream=end_stream, sent=True)
+            state.final_response(status, end_stream=end_stream, sent=True)
+            self._forget_if_done(state)
         return Head(stream, head, end_stream)
 
     def data_frames(
@@ -351,17 +276,17 @@ class V2Connection:
                 frames[-1] = Data(stream, frames[-1].data, end_stream=True)
             else:
                 frames.append(Data(stream, b"", end_stream=True))
-            state.sending = _Phase.ENDED
+            state.sending = Phase.ENDED
             self._forget_if_done(state)
         return frames, taken
 
     def send_end(self, stream: int, trailers: Iterable[tuple[bytes, bytes]] = ()) -> End:
         """End our side of ``stream``, with trailers if any."""
         state = self._sendable(stream)
-        if state.sending is _Phase.HEAD:
+        if state.sending is Phase.HEAD:
             raise LocalProtocolError(f"stream {stream}: END before the final response head")
         block = encode_trailers(trailers)
-        state.sending = _Phase.ENDED
+        state.sending = Phase.ENDED
         self._forget_if_done(state)
         return End(stream, block)
 
@@ -378,7 +303,7 @@ class V2Connection:
         frames: list[Frame] = [Reset(stream, code, reason)]
         del self._streams[stream]
         frames += self._drop_buffered(state)
-        self._remember(stream, _Gone(code, peer_may_send=state.receiving is not _Phase.ENDED))
+        self._remember(stream, Gone(code, peer_may_send=state.receiving is not Phase.ENDED))
         return frames
 
     def consumed(self, stream: int, amount: int) -> list[Window]:
@@ -402,10 +327,9 @@ class V2Connection:
         state.consumed += amount
         self._consumed += amount
         frames: list[Window] = []
-        if state.receiving is not _Phase.ENDED:  # no more DATA can come: no point in stream credit
+        if state.receiving is not Phase.ENDED:  # no more DATA can come: no point in stream credit
             state.unacked += amount
-            if state.unacked >= (state.window >> 1 or 1) or (
-                    not state.buffered and state.unacked >= state.window >> _DRAINED_SHIFT):
+            if credit_due(state.unacked, state.window, state.buffered):
                 frames.append(Window(stream, state.unacked))
                 state.receive_window += state.unacked
                 state.unacked = 0
@@ -427,7 +351,7 @@ class V2Connection:
             self._receive_window += extra
             return [Window(0, extra)]
         state = self._streams.get(stream)
-        if state is None or state.receiving is _Phase.ENDED or size <= state.window:
+        if state is None or state.receiving is Phase.ENDED or size <= state.window:
             return []
         extra = size - state.window
         state.window = size
@@ -465,7 +389,7 @@ class V2Connection:
             if stream > self._last_id:
                 raise ProtocolError(f"WINDOW frame on stream {stream}, which was never opened", stream)
             return []  # the peer granted before it saw the stream close
-        if state.sending is _Phase.ENDED:
+        if state.sending is Phase.ENDED:
             return []
         if state.send_window + increment > MAX_WINDOW:
             raise ProtocolError(
@@ -484,7 +408,7 @@ class V2Connection:
         del self._streams[stream]
         events: list[Event] = [StreamReset(stream, frame.code, frame.reason)]
         events += [SendFrame(window) for window in self._drop_buffered(state)]
-        self._remember(stream, _Gone(frame.code, peer_may_send=False))
+        self._remember(stream, Gone(frame.code, peer_may_send=False))
         return events
 
     def _on_request(self, frame: Head) -> list[Event]:
@@ -495,13 +419,13 @@ class V2Connection:
             raise ProtocolError(
                 f"request HEAD on stream {stream}: new stream ids must be above {self._last_id}", stream
             )
-        with _OnStream(stream):
+        with OnStream(stream):
             method, target, headers = parse_request_head(frame.head)
         self._last_id = stream
-        self._streams[stream] = _Stream(
+        self._streams[stream] = Stream(
             id=stream,
-            sending=_Phase.HEAD,
-            receiving=_Phase.ENDED if frame.end_stream else _Phase.BODY,
+            sending=Phase.HEAD,
+            receiving=Phase.ENDED if frame.end_stream else Phase.BODY,
             send_window=self._initial_stream_window,
             receive_window=self._request_window,
             window=self._request_window,
@@ -523,9 +447,9 @@ class V2Connection:
         state = self._live(frame)
         if state is None:
             return []
-        if state.receiving is not _Phase.HEAD:
+        if state.receiving is not Phase.HEAD:
             raise ProtocolError(f"HEAD frame on stream {stream} after the final response head", stream)
-        with _OnStream(stream):
+        with OnStream(stream):
             status, reason, headers = parse_response_head(frame.head)
         final = status >= 200 or status == 101
         if not final and frame.end_stream:
@@ -536,7 +460,8 @@ class V2Connection:
             )
         events: list[Event] = [ResponseReceived(stream, status, reason, headers, frame.end_stream)]
         if final:
-            self._final_response(state, status, end_stream=frame.end_stream, sent=False)
+            state.final_response(status, end_stream=frame.end_stream, sent=False)
+            self._forget_if_done(state)
         if frame.end_stream:
             events.append(StreamEnded(stream, []))
         return events
@@ -551,12 +476,12 @@ class V2Connection:
                 raise self._tunnel_overrun(stream, size)
             self._receive_window -= size
             return [SendFrame(window) for window in self._credit_tunnel(size)]
-        if state.receiving is _Phase.HEAD:
+        if state.receiving is Phase.HEAD:
             raise ProtocolError(f"DATA frame on stream {stream} before the final response head", stream)
-        if state.receiving is _Phase.ENDED:
+        if state.receiving is Phase.ENDED:
             raise ProtocolError(f"DATA frame on stream {stream} after the end of the stream", stream)
         if size:
-            reason = self._body_forbidden(state, sending=False)
+            reason = state.body_forbidden(requests=self.role == "client")
             if reason:
                 raise ProtocolError(f"DATA frame on stream {stream}: {reason}", stream)
         if size > state.receive_window:
@@ -573,7 +498,7 @@ class V2Connection:
         if size:
             events.append(DataReceived(stream, frame.data, frame.end_stream))
         if frame.end_stream:
-            state.receiving = _Phase.ENDED
+            state.receiving = Phase.ENDED
             events.append(StreamEnded(stream, []))
             self._forget_if_done(state)
         elif state.window < self.start_window and state.window < (
@@ -586,19 +511,19 @@ class V2Connection:
         state = self._live(frame)
         if state is None:
             return []
-        if state.receiving is _Phase.HEAD:
+        if state.receiving is Phase.HEAD:
             raise ProtocolError(f"END frame on stream {stream} before the final response head", stream)
-        if state.receiving is _Phase.ENDED:
+        if state.receiving is Phase.ENDED:
             raise ProtocolError(f"END frame on stream {stream} after the end of the stream", stream)
-        with _OnStream(stream):
+        with OnStream(stream):
             trailers = parse_trailers(frame.trailers)
-        state.receiving = _Phase.ENDED
+        state.receiving = Phase.ENDED
         self._forget_if_done(state)
         return [StreamEnded(stream, trailers)]
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _live(self, frame: Head | Data | End) -> _Stream | None:
+    def _live(self, frame: Head | Data | End) -> Stream | None:
         """The open stream a HEAD, DATA or END from the peer is for, or None to ignore the frame."""
         stream = frame.stream
         state = self._streams.get(stream)
@@ -620,7 +545,7 @@ class V2Connection:
         message = f"DATA of {size} bytes on stream {stream} exceeds the tunnel window ({window})"
         return ProtocolError(message, stream)
 
-    def _sendable(self, stream: int) -> _Stream:
+    def _sendable(self, stream: int) -> Stream:
         state = self._streams.get(stream)
         if state is None:
             if stream < 1 or stream > self._last_id:
@@ -629,58 +554,37 @@ class V2Connection:
             if gone is not None:
                 raise StreamClosedError(f"stream {stream} was reset (code {gone.code})", stream, gone.code)
             raise StreamClosedError(f"stream {stream} is closed", stream)
-        if state.sending is _Phase.ENDED:
+        if state.sending is Phase.ENDED:
             raise StreamClosedError(f"stream {stream}: our side has ended", stream)
         return state
 
-    def _body_forbidden(self, state: _Stream, *, sending: bool) -> str | None:
-        """Why body bytes may not flow this way on ``state`` now, or None if they may."""
-        requests = sending == (self.role == "server")  # does this direction carry the request?
-        if requests:
-            if state.upgrade and not state.switched:
-                return "body bytes on an upgrade request before its 101 Switching Protocols"
-        elif state.bodyless_response:
-            return "body bytes in a response to HEAD, or in a 204 or 304 response"
-        return None
-
-    def _check_body_allowed(self, state: _Stream, *, nonempty: bool) -> None:
-        if state.sending is _Phase.HEAD:
+    def _check_body_allowed(self, state: Stream, *, nonempty: bool) -> None:
+        if state.sending is Phase.HEAD:
             raise LocalProtocolError(f"stream {state.id}: DATA before the final response head")
         if nonempty:
-            reason = self._body_forbidden(state, sending=True)
+            reason = state.body_forbidden(requests=self.role == "server")
             if reason:
                 raise LocalProtocolError(f"stream {state.id}: {reason}")
 
-    def _final_response(self, state: _Stream, status: int, *, end_stream: bool, sent: bool) -> None:
-        state.switched = status == 101
-        state.bodyless_response = state.head_request or status in _BODYLESS_STATUSES
-        phase = _Phase.ENDED if end_stream else _Phase.BODY
-        if sent:
-            state.sending = phase
-        else:
-            state.receiving = phase
-        self._forget_if_done(state)
-
     def _credit_tunnel(self, amount: int) -> list[Window]:
         self._unacked += amount
-        if self._unacked < (self._window >> 1 or 1) and (
-                self._buffered or self._unacked < self._window >> _DRAINED_SHIFT):
+        if not credit_due(self._unacked, self._window, self._buffered):
             return []
         increment, self._unacked = self._unacked, 0
         self._receive_window += increment
         return [Window(0, increment)]
 
-    def _drop_buffered(self, state: _Stream) -> list[Window]:
+    def _drop_buffered(self, state: Stream) -> list[Window]:
         """Release what a reset stream had buffered: the application will never consume it."""
         dropped, state.buffered = state.buffered, 0
         self._buffered -= dropped
         return self._credit_tunnel(dropped) if dropped else []
 
-    def _forget_if_done(self, state: _Stream) -> None:
-        if state.sending is _Phase.ENDED and state.receiving is _Phase.ENDED and not state.buffered:
+    def _forget_if_done(self, state: Stream) -> None:
+        if state.done:
             del self._streams[state.id]
 
-    def _remember(self, stream: int, gone: _Gone) -> None:
+    def _remember(self, stream: int, gone: Gone) -> None:
         self._gone[stream] = gone
         while len(self._gone) > RESET_GRACE:
             self._gone.popitem(last=False)
