@@ -18,15 +18,15 @@ import pytest
 
 from tests.support import private_logs
 from tests.support.private_logs import add_handler, refuse_records
-from wstunnel import logs, logtargets
+from wstunnel import logs, logtargets, logtext
 from wstunnel.logs import (
     EventLogger,
     LineFormatter,
     ReopenableFileHandler,
-    format_event,
     reopen_files,
 )
 from wstunnel.logtargets import configure
+from wstunnel.logtext import format_event
 from wstunnel.tokens import Token
 
 SECRET = "tech_xyz_0123456789_do_not_log"
@@ -191,7 +191,7 @@ RENDERED: list[tuple[object, str]] = [
     (TOKEN, "tech_xyz..."),
     (Token("my token is secret"), '"my token..."'),
     (Path("/var/log/x.log"), "/var/log/x.log"),
-    # Types the fast loop of format_fields leaves to _render_value, and exact-type look-alikes.
+    # Types the fast loop of format_fields leaves to render_value, and exact-type look-alikes.
     (HTTPStatus.NOT_FOUND, "404"),
     (10**30, "1" + "0" * 30),
     (-1.23456, "-1.235"),
@@ -207,9 +207,9 @@ RENDERED: list[tuple[object, str]] = [
 
 @pytest.mark.parametrize(("value", "rendered"), RENDERED)
 def test_value_rendering(value: object, rendered: str) -> None:
-    assert logs.format_fields({"k": value}) == f"k={rendered}"
+    assert logtext.format_fields({"k": value}) == f"k={rendered}"
     # The journal's fields and exc= render through the one-value function: same text.
-    assert logs._render_value(value) == rendered
+    assert logtext.render_value(value) == rendered
 
 
 def test_rendered_lines_stay_on_one_line_and_encode() -> None:
@@ -220,12 +220,12 @@ def test_rendered_lines_stay_on_one_line_and_encode() -> None:
 
 
 def test_trailing_underscore_is_dropped_from_keys() -> None:
-    assert logs.format_fields({"try_": "", "class_": "x", "id": 1}) == "try= class=x id=1"
-    assert logs.format_fields({"try_": 2}) == "try=2"
+    assert logtext.format_fields({"try_": "", "class_": "x", "id": 1}) == "try= class=x id=1"
+    assert logtext.format_fields({"try_": 2}) == "try=2"
 
 
 def test_field_order_is_kept() -> None:
-    assert logs.format_fields({"z": 1, "a": 2, "m": 3}) == "z=1 a=2 m=3"
+    assert logtext.format_fields({"z": 1, "a": 2, "m": 3}) == "z=1 a=2 m=3"
 
 
 @pytest.mark.parametrize(
@@ -918,11 +918,12 @@ def test_fast_journal_messages_are_the_record_path_messages(
 
 def test_each_token_renders_as_its_own_prefix_however_many_come_and_go() -> None:
     # Many short-lived Tokens, each only ever shown as its own prefix.
-    for number in range(3 * logs._MAX_CACHED):
+    for number in range(3 * logtext.MAX_CACHED):
         prefix = f"{number:08d}"
         token = Token(prefix + "-the-rest-is-secret")
-        assert logs.format_fields({"token": token}) == f"token={prefix}..."
-        assert logs.format_fields({"token": token, "again": token}) == f"token={prefix}... again={prefix}..."
+        assert logtext.format_fields({"token": token}) == f"token={prefix}..."
+        assert (logtext.format_fields({"token": token, "again": token})
+                == f"token={prefix}... again={prefix}...")
         del token
 
 

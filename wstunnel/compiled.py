@@ -26,6 +26,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "wstunnel.headers",
     "wstunnel.http1._grammar",
     "wstunnel.http1._readers",
+    "wstunnel.logtext",
     "wstunnel.server.fasthttp",
     "wstunnel.tunnel._wsframes",
     "wstunnel.v2._connection",

@@ -1,10 +1,11 @@
-"""Log lines in the original WStunnel's ``key=value`` form: how they are made, and written to
-stderr or a file (journald, syslog and choosing among them: ``wstunnel.logtargets``).
+"""Log lines in the original WStunnel's ``key=value`` form: how they are logged, held and written
+to stderr or a file (their text: ``wstunnel.logtext``; journald, syslog and choosing among them:
+``wstunnel.logtargets``).
 
 Every event is one line: ``LEVEL EVENT  key=value ...`` with the original's event names
 ("HTTP RCV", "WS   SND", ...), so the original's log scrapers keep working. Values that are
-:class:`~wstunnel.tokens.Token` objects render as their 8-character prefix plus ``...``; nothing
-else in this module knows about secrets, so passing a Token is the one rule for callers.
+:class:`~wstunnel.tokens.Token` objects render as their 8-character prefix plus ``...``
+(``logtext.render_value``): passing a Token is the one rule for callers.
 
 The structured fields ride along on each ``logging.LogRecord`` (``record.wstunnel_fields``) so a
 handler such as journald's can send them as fields of their own. wstunnel's own handlers also
@@ -23,9 +24,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO, TypeVar, cast
 
-from wstunnel.tokens import Token
+from wstunnel.logtext import MAX_CACHED, event_column, format_event, format_fields, key_prefix, render_value
 
-EVENT_WIDTH = 14
 _LEVEL_NAMES = {
     logging.DEBUG: "DBUG",
     logging.INFO: "INFO",
@@ -33,99 +33,6 @@ _LEVEL_NAMES = {
     logging.ERROR: "EROR",
     logging.CRITICAL: "CRIT",
 }
-
-
-def _render_value(value: Any) -> str:
-    # Every request logs a few lines of mostly strs, ints, bytes and Tokens: those are checked
-    # first, by exact type (a bool is an int, and an enum or a subclass must take the generic path).
-    kind = type(value)
-    text: str
-    if kind is str:
-        text = value
-    elif kind is int:
-        return str(value)
-    elif kind is bytes:
-        text = value.decode("utf-8", "replace")
-    elif kind is Token:
-        text = str(value)  # the Token's own redacted form, never its secret
-    elif value is None:
-        return ""
-    elif isinstance(value, bool):
-        return "true" if value else "false"
-    elif isinstance(value, int | float):
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-    else:
-        if isinstance(value, bytes):
-            value = value.decode("utf-8", "replace")
-        text = str(value)
-    # A value needs quotes when it holds a space, '=', '"', '\\' or an unprintable character.
-    # Four `in` tests beat one regex search on the short values of the request lines.
-    if text.isprintable() and " " not in text and "=" not in text and '"' not in text and "\\" not in text:
-        return text  # the empty string too: printable, nothing to quote
-    return _quoted(text)
-
-
-def _quoted(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-    escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
-    # Any other unprintable character (a terminal escape, NUL, a lone surrogate left by a
-    # surrogateescape-decoded header) as \xNN/\uNNNN: it could forge output, and a surrogate
-    # cannot even be encoded, so the handler would drop the whole line.
-    escaped = "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in escaped
-    )
-    return f'"{escaped}"'
-
-
-# "key=" for each field name seen: a trailing underscore lets callers use keywords as keys
-# (try_=1 logs "try=1"). Field names are literals in the code, so the cache stays small; the
-# bound only guards against a caller that makes names up from data.
-_KEY_PREFIXES: dict[str, str] = {}
-_MAX_CACHED = 512
-
-
-def _key_prefix(key: str) -> str:
-    prefix = _KEY_PREFIXES.get(key)
-    if prefix is None:
-        prefix = key.rstrip("_") + "="
-        if len(_KEY_PREFIXES) < _MAX_CACHED:
-            _KEY_PREFIXES[key] = prefix
-    return prefix
-
-
-def format_fields(fields: Mapping[str, Any]) -> str:
-    # _render_value inlined for the request lines' common types: a function call per field was
-    # a good part of the cost of a line. Anything else still goes through _render_value.
-    parts: list[str] = []
-    append = parts.append
-    for key, value in fields.items():
-        kind = type(value)
-        if kind is int:
-            text = str(value)
-        else:
-            if kind is str:
-                text = value
-            elif kind is bytes:
-                text = value.decode("utf-8", "replace")
-            else:  # a Token among others: _render_value shows its redacted form only
-                append((_KEY_PREFIXES.get(key) or _key_prefix(key)) + _render_value(value))
-                continue
-            if not (text.isprintable() and " " not in text and "=" not in text and '"' not in text
-                    and "\\" not in text):
-                text = _quoted(text)
-        append((_KEY_PREFIXES.get(key) or _key_prefix(key)) + text)
-    return " ".join(parts)
-
-
-def format_event(event: str, fields: Mapping[str, Any]) -> str:
-    """The text of one event, without level or time: ``HTTP RCV      pkg=... id=1``."""
-    rendered = format_fields(fields)
-    # Pad to EVENT_WIDTH but always keep one space: "WS   RECONNECT" is itself 14 characters.
-    return f"{event:<{EVENT_WIDTH - 1}} {rendered}".rstrip() if rendered else event
-
-
-def _event_column(event: str) -> str:
-    return f"{event:<{EVENT_WIDTH - 1}} "
 
 
 # What a LogRecord holds when logging is not asked to look for the caller (Logger.findCaller's
@@ -139,7 +46,7 @@ class EventLogger:
     def __init__(self, pkg: str, logger: logging.Logger | None = None) -> None:
         self.pkg = pkg
         self._logger = logger or logging.getLogger("wstunnel")
-        self._pkg_text = _key_prefix("pkg") + _render_value(pkg)
+        self._pkg_text = key_prefix("pkg") + render_value(pkg)
         self._heads: dict[str, str] = {}
         # logger.handlers as last seen, and the same handlers as ours if each one is (else
         # None): the fast path's test, made again only when the logger's handlers change. One
@@ -191,8 +98,8 @@ class EventLogger:
 
     def _head(self, event: str) -> str:
         """ "EVENT         pkg=..." for this event, made once per EventLogger and event."""
-        head = _event_column(event) + self._pkg_text
-        if len(self._heads) < _MAX_CACHED:
+        head = event_column(event) + self._pkg_text
+        if len(self._heads) < MAX_CACHED:
             self._heads[event] = head
         return head
 
@@ -347,7 +254,7 @@ class LineFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = f"{_LEVEL_NAMES.get(record.levelno, record.levelname)} {record.getMessage()}"
         if record.exc_info and record.levelno >= logging.ERROR:
-            line += " exc=" + _render_value(self.formatException(record.exc_info))
+            line += " exc=" + render_value(self.formatException(record.exc_info))
         if self.timestamps:
             self._set_second(int(record.created))
             line = f"{self._stamp} {line}"

@@ -17,17 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from wstunnel.logs import (
-    _MAX_CACHED,
     EventHandler,
     EventLogger,
     LineFormatter,
     LineStreamHandler,
     ReopenableFileHandler,
-    _quoted,
-    _render_value,
     own_event_handler,
     write_held_lines,
 )
+from wstunnel.logtext import MAX_CACHED, quoted, render_value
 from wstunnel.tokens import Token
 
 SYSLOG_SOCKET = "/dev/log"
@@ -69,12 +67,12 @@ def _journal_fields(event: str | None, all_fields: Mapping[str, Any]) -> dict[st
                 text = value if kind is str else value.decode("utf-8", "replace")
                 if not (text.isprintable() and " " not in text and "=" not in text
                         and '"' not in text and "\\" not in text):
-                    text = _quoted(text).strip('"')
+                    text = quoted(text).strip('"')
         elif value is None or value == "":
             continue
         else:
             prefix = getattr(value, "prefix", None)
-            text = prefix if isinstance(prefix, str) else _render_value(value).strip('"')
+            text = prefix if isinstance(prefix, str) else render_value(value).strip('"')
         fields[_JOURNAL_NAMES.get(key) or _journal_name(key)] = text
     return fields
 
@@ -89,14 +87,14 @@ def _journal_name(key: str) -> str:
     journal_name = _JOURNAL_FIELD_NAMES.get(name) or "WSTUNNEL_" + "".join(
         ch if ch.isalnum() else "_" for ch in name.upper()
     )
-    if len(_JOURNAL_NAMES) < _MAX_CACHED:
+    if len(_JOURNAL_NAMES) < MAX_CACHED:
         _JOURNAL_NAMES[key] = journal_name
     return journal_name
 
 
 def _journal_event(event: str) -> str:
     name = " ".join(event.split())
-    if len(_JOURNAL_EVENTS) < _MAX_CACHED:
+    if len(_JOURNAL_EVENTS) < MAX_CACHED:
         _JOURNAL_EVENTS[event] = name
     return name
 
