@@ -1,11 +1,14 @@
 """The modules that the build compiles to C with mypyc, and which of them run compiled here.
 
-Every request crosses these: the server front's HTTP reader and writer, the HTTP/1.1 grammar and
-field parsing, header handling, the WebSocket frame codec, and the v2 stream protocol (frames,
-heads and the connection's state). They are synchronous, sans-I/O code, so compiled they run the
-same logic with the interpreter's dispatch taken out. Paired runs (1 KiB GETs through srv and
-cli, nginx backend): srv's CPU per request at 32 connections 161-172 µs -> 146-149 µs, cli's
-141-152 -> 132-134, and 5,437-5,797 -> 6,254-6,380 req/s; at one connection +1-3 %.
+Every request crosses these: the server front's HTTP reader and writer, the client's backend
+request writer and response-head reader, the HTTP/1.1 grammar, field parsing and head writing,
+header handling, the WebSocket frame codec, the v2 stream protocol (frames, heads, streams and the
+connection's state) and the text of log lines. They are synchronous, sans-I/O code, so compiled
+they run the same logic with the interpreter's dispatch taken out. Paired runs (1 KiB GETs
+through srv and cli, nginx backend) when the first eight were compiled: srv's CPU per request at
+32 connections 161-172 µs -> 146-149 µs, cli's 141-152 -> 132-134, and 5,437-5,797 ->
+6,254-6,380 req/s; at one connection +1-3 %. The client's wire module and head writers later
+took cli from 120-127 to 114-120 µs per request at 32 connections.
 
 The coroutines on the request path stay interpreted: compiled as well, they gave +23 % at 32
 connections but -12 % at one, where every request resumes each await chain from the top; no
@@ -23,9 +26,11 @@ import importlib.machinery
 import sys
 
 COMPILED_MODULES: tuple[str, ...] = (
+    "wstunnel.client.wire",
     "wstunnel.headers",
     "wstunnel.http1._grammar",
     "wstunnel.http1._readers",
+    "wstunnel.http1._writers",
     "wstunnel.logtext",
     "wstunnel.server.fasthttp",
     "wstunnel.tunnel._wsframes",
