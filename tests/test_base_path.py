@@ -46,7 +46,8 @@ def test_everything_under_the_base_path(harness: Harness, transport: str) -> Non
         return server.get(f"{BASE}/_status", timeout=2).json()
 
     wait_until(lambda: status_under_base()["tunnels"], what="the client under the base path")
-    dialled = [line for line in harness.processes[-1].output().splitlines() if "WS   DIAL" in line]
+    output = harness.processes[-1].wait_output("WS   DIAL")
+    dialled = [line for line in output.splitlines() if "WS   DIAL" in line]
     wanted = f"{BASE}/_tunnel" if transport == "websocket" else f"{BASE}/_tunnel/poll"
     assert dialled and all(wanted in line for line in dialled), dialled
     assert status_under_base()["tunnels"][0]["clients"][0]["transport"] == transport

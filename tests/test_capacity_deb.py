@@ -116,8 +116,8 @@ def _journal(box: Box, cursor: str) -> list[str]:
 
 
 def _limits_line(lines: list[str]) -> dict[str, str]:
-    """The fields of the server's ``Limits`` line: what it runs with."""
-    line = next(line for line in lines if " Limits " in f" {line}" and "open_files=" in line)
+    """The fields of the server's ``Limits`` line: what it runs with (empty: not logged yet)."""
+    line = next((line for line in lines if " Limits " in f" {line}" and "open_files=" in line), "")
     return dict(re.findall(r"(\w+)=(\S+)", line))
 
 
@@ -140,7 +140,8 @@ def test_installed_server_holds_5000_tunnels_and_answers_throughout(site: Site) 
         # more than its own hard limit (the test runner's, here).
         allowed = int(box.c.sh("grep 'Max open files' /proc/1/limits").split()[4])
         expected = min(65536, allowed)
-        limits = _limits_line(box.c.messages(unit=SRV))
+        limits = wait_until(lambda: _limits_line(box.c.messages(unit=SRV)), timeout=30,
+                            what="the server's Limits line in the journal")
         assert limits["open_files"] == str(expected), limits
         assert int(limits["connections"]) > expected - capacity.reserve_for(expected) - 40, limits
         held = box.c.sh(f"grep 'Max open files' /proc/{unit['MainPID']}/limits").split()
@@ -201,7 +202,8 @@ def test_low_limit_drop_in_refuses_with_503_and_recovers(site: Site) -> None:
         wait_until(lambda: box.active(SRV), timeout=60, what=f"{SRV} with the drop-in")
         began = time.monotonic()
         wait_until(lambda: box.c.curl(f"{SERVER}/_health_check"), timeout=30, what="the restart")
-        limits = _limits_line(_journal(box, cursor))
+        limits = wait_until(lambda: _limits_line(_journal(box, cursor)), timeout=30,
+                            what="the restarted server's Limits line in the journal")
         room = int(limits["connections"])
         assert limits["open_files"] == str(LOW_LIMIT) and "raised_from" not in limits, limits
         # 300 less the reserve (32) less what the daemon holds anyway.

@@ -55,7 +55,7 @@ def test_cli_without_a_wrong_and_the_right_certificate(harness: Harness, tmp_pat
 
     [client] = server.clients(token)
     assert client["client_subject"].startswith("CN=alice,"), client
-    assert f'subject="{client["client_subject"]}"' in server.process.output()  # the WS NEW line
+    server.process.wait_output(f'subject="{client["client_subject"]}"')  # the WS NEW line
     assert connected(right) and not connected(bare) and not connected(wrong)
     srv_log = server.process.output()
     assert 'WS   REFUSE   pkg=WStunsrv addr=127.0.0.1 err="no client certificate"' in srv_log

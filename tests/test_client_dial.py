@@ -117,8 +117,9 @@ def _free_port_range(size: int) -> list[int]:
 
 def _connected_local_port(client: Client) -> int:
     """The local port the client reports for its (latest) tunnel connection."""
-    ports = re.findall(r"\bWS +CONNECTED .*\blocal=\S+:(\d+)", client.process.output())
-    assert ports, client.process.output()
+    ports = wait_until(lambda: re.findall(r"\bWS +CONNECTED .*\blocal=\S+:(\d+)",
+                                          client.process.output()),
+                       what="the client's WS CONNECTED line")
     return int(ports[-1])
 
 
@@ -148,8 +149,8 @@ def test_proxy_flag_tunnels_through_connect(harness: Harness,
     client = harness.client(server, token, "-proxy", proxy.url())
     _tunnel_works(server, token)
     assert proxy.connects_to(server.port) >= 1, proxy.log()
-    output = client.process.output()
-    assert f"{PROXY_USER}:***@127.0.0.1:{proxy.port}" in output  # the proxy is named, masked
+    # The proxy is named, masked.
+    output = client.process.wait_output(f"{PROXY_USER}:***@127.0.0.1:{proxy.port}")
     assert PROXY_PASSWORD not in output
 
 
@@ -194,7 +195,7 @@ def test_no_proxy_bypasses_the_environment_proxy(harness: Harness, variable: str
     token = harness.new_token("noproxy-")
     client = harness.client(server, token, env=environ(HTTPS_PROXY=dead_proxy, **{variable: "127.0.0.1"}))
     _tunnel_works(server, token)
-    dials = [line for line in client.process.output().splitlines() if _event(line, "DIAL")]
+    dials = [line for line in client.process.wait_output("DIAL").splitlines() if _event(line, "DIAL")]
     assert dials and not any("proxy=http" in line for line in dials), dials
 
 

@@ -175,8 +175,7 @@ def test_token_host_reaches_the_tunnel_without_x_token(harness: Harness) -> None
     assert curl(f"http://{TEST_DOMAIN}:{server.port}/echo", "-H", f"X-Token: {token}",
                 resolve=TEST_DOMAIN).status == 200
     assert curl(f"http://{TEST_DOMAIN}:{server.port}/echo", resolve=TEST_DOMAIN).status == 400
-    log = server.process.output()
-    assert f"token={token[:8]}..." in log
+    server.process.wait_output(f"token={token[:8]}...")
 
 
 def test_named_host_with_basic_credentials(harness: Harness, tmp_path: Path) -> None:
@@ -216,7 +215,7 @@ def test_named_host_with_basic_credentials(harness: Harness, tmp_path: Path) -> 
     server.process.signal(signal.SIGHUP)
     wait_until(lambda: routed(server, "docs", "/echo")[0] == 200, what="the reloaded names")
     assert routed(server, "app", "/echo")[0] == 200
-    assert "Reload" in server.process.output() and "host_names" in server.process.output()
+    server.process.wait_output("Reload", "host_names")
 
 
 def test_original_cli_behind_a_token_host(harness: Harness) -> None:

@@ -256,6 +256,8 @@ def test_requests_wait_while_the_client_reconnects_and_a_full_queue_is_refused(
     else:
         depth, flags = 20, ()  # the original's fixed queue depth (MAX_REQ)
     pairing = open_pairing(harness, binary, name, srv_flags=flags, backend=backend.url)
+    # Its first tunnel in its log before it dies: a killed client loses the lines it still held.
+    wait_until(lambda: pairing.connections_made() == 1, what="the client's first tunnel in its log")
     pairing.kill_clients()
     with ThreadPoolExecutor(depth) as pool:
         waiting = [pool.submit(pairing.get, f"/echo/queued/{i}") for i in range(depth)]
@@ -273,7 +275,7 @@ def test_requests_wait_while_the_client_reconnects_and_a_full_queue_is_refused(
         answered = [future.result(timeout=60) for future in waiting]
     assert [r.status_code for r in answered] == [200] * depth
     assert sorted(r.json()["path"] for r in answered) == sorted(f"/echo/queued/{i}" for i in range(depth))
-    assert pairing.connections_made() == 2
+    wait_until(lambda: pairing.connections_made() == 2, what="the client's second tunnel in its log")
 
 
 def test_requests_in_flight_when_the_original_client_dies(harness: Harness, binary: Path) -> None:

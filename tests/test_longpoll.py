@@ -105,7 +105,7 @@ def test_small_large_post_and_concurrent_requests(harness: Harness) -> None:
     token = harness.new_token("lpbasic-")
     client = harness.client(server, token)
     assert _transports(server, token) == ["longpoll"]
-    assert "transport=longpoll" in client.process.output()
+    client.process.wait_output("transport=longpoll")
     # The open agreed on a 2 MiB first window for request bodies, as a WebSocket handshake does.
     (polling,) = _tunnel(server, token)["clients"]
     assert polling["flow"]["request_window"] == 2 * 1024 * 1024
@@ -305,7 +305,7 @@ def test_a_client_closing_its_session_deletes_it(harness: Harness) -> None:
     assert httpx.delete(url, headers={SESSION: sid}, timeout=10).status_code == 204
     server.wait_clients(token, 0)
     assert httpx.post(url, headers={SESSION: sid}, content=b"", timeout=10).status_code == 404
-    assert "client closed the session" in server.process.output()
+    server.process.wait_output("client closed the session")
 
 
 def test_the_clients_requests_leave_nothing_for_the_cycle_collector(harness: Harness) -> None:
@@ -408,7 +408,7 @@ def test_auto_falls_back_behind_nginx_without_upgrade_and_returns_to_websocket(
                             "-reconnect-max-delay", "1", wait=False)
     server.wait_clients(token, 1)
     assert _transports(server, token) == ["longpoll"]
-    assert "HTTP 400; falling back to long-poll" in client.process.output()
+    client.process.wait_output("HTTP 400; falling back to long-poll")
     via_nginx = httpx.get(f"https://localhost:{tls_port}/through-nginx",
                           headers={"X-Token": token}, verify=certs.client_context(), timeout=30)
     assert via_nginx.status_code == 200 and "/through-nginx" in via_nginx.text

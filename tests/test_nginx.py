@@ -262,7 +262,7 @@ def test_cli_registers_through_nginx_and_curl_gets_answers(frontend: Frontend) -
     # The tunnel came through nginx: the server saw it from nginx's address.
     tunnel = next(t for t in frontend.server.status()["tunnels"] if t["token"] == frontend.token[:8] + "...")
     assert [c["address"] for c in tunnel["clients"]] == ["127.0.0.1"]
-    assert f"wss://localhost:{frontend.nginx.tls_port}" in frontend.client.process.output()
+    frontend.client.process.wait_output(f"wss://localhost:{frontend.nginx.tls_port}")
     # The client's offer of a first window for request bodies crossed nginx, and the server's
     # answer came back through it (the client logs what was agreed).
     assert [c["flow"]["request_window"] for c in tunnel["clients"]] == [2 * 1024 * 1024]
@@ -395,6 +395,12 @@ def _markers_seen(client: Client) -> set[str]:
     return set(re.findall(r"\bWS +RCV .*url=/echo/(t\d\d)/", client.process.output()))
 
 
+def _only_own_marker_seen(client: Client, marker: str) -> None:
+    """The client logged receiving requests marked ``marker``, and none marked otherwise."""
+    wait_until(lambda: _markers_seen(client) == {marker},
+               what=f"{marker}'s requests, and only those, in its client's log")
+
+
 @NEEDS_NGINX
 def test_cluster_spreads_tokens_and_survives_a_restart(harness: Harness, tmp_path: Path) -> None:
     started = time.monotonic()
@@ -422,7 +428,7 @@ def test_cluster_spreads_tokens_and_survives_a_restart(harness: Harness, tmp_pat
         assert answer.status_code == 200, answer.text
         # Every request reached its own tunnel, and only that one.
         for token, client in clients.items():
-            assert _markers_seen(client) == {markers[token]}, client.process.output()
+            _only_own_marker_seen(client, markers[token])
         asked = {token[:8] + "...": [(owners[token], 4 if token == a else 3)] for token in tokens}
         assert _completed(servers) == asked
 
@@ -440,7 +446,7 @@ def test_cluster_spreads_tokens_and_survives_a_restart(harness: Harness, tmp_pat
         for token in tokens:
             _ask_every_way(http, token, markers[token])
         for token, client in clients.items():
-            assert _markers_seen(client) == {markers[token]}, client.process.output()
+            _only_own_marker_seen(client, markers[token])
 
     # Stop the clients together (the harness would stop them one by one).
     for client in clients.values():

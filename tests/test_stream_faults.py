@@ -135,6 +135,16 @@ def tunnel_status(server: Server, token: str) -> dict:
     return next(t for t in server.status()["tunnels"] if t["token"] == token[:8] + "...")
 
 
+def wait_tunnel_lost_lines(server: Server, tags: set[str]) -> str:
+    """srv's output once it holds the lost tunnel's CLOSE line and an ABORT line for each stream
+    in ``tags`` (srv writes lines a few milliseconds after it logs them)."""
+    def logged() -> str:
+        output = server.process.output()
+        done = faultlog.events(output, "WS   CLOSE") and set(faultlog.aborts_by_tag(output)) >= tags
+        return output if done else ""
+    return wait_until(logged, what="the lost tunnel's CLOSE line and its streams' ABORT lines")
+
+
 # -- 1. the tunnel client killed --------------------------------------------------------------
 
 
@@ -158,12 +168,13 @@ def test_client_killed_mid_stream_aborts_every_stream_and_says_why(
     # The killed client's sockets closed with it: the backend saw every request go.
     wait_cancelled_at_backend(backend, [p.tag for p in probes.values()])
 
-    output = server.process.output()
+    tags = {p.tag for p in probes.values()}
+    output = wait_tunnel_lost_lines(server, tags)
     why = "client vanished" if transport == "websocket" else "long-poll session expired"
     closes = faultlog.events(output, "WS   CLOSE")
     assert len(closes) == 1 and why in closes[0]["reason"], closes
     aborts = faultlog.aborts_by_tag(output)
-    assert set(aborts) == {p.tag for p in probes.values()}, aborts
+    assert set(aborts) == tags, aborts
     for tag, line in aborts.items():
         assert line["cause"] == "tunnel_lost", line
         assert line["reason"] == f"tunnel connection lost: {closes[0]['reason']}", line
@@ -256,12 +267,13 @@ def test_silent_cut_mid_stream_is_detected_both_ends_and_every_stream_aborted(
     assert outcomes["upload"] in ABORTED_OR_REFUSED, outcomes
     assert probes_secs < WSTIMEOUT + 5
 
-    output = server.process.output()
+    tags = {p.tag for p in probes.values()}
+    output = wait_tunnel_lost_lines(server, tags)
     closes = faultlog.events(output, "WS   CLOSE")
     why = "silent too long"
     assert len(closes) == 1 and why in closes[0]["reason"], closes
     aborts = faultlog.aborts_by_tag(output)
-    assert set(aborts) == {p.tag for p in probes.values()}, aborts
+    assert set(aborts) == tags, aborts
     assert all(line["cause"] == "tunnel_lost" and why in line["reason"] for line in aborts.values())
     assert sum(faultlog.aborted_counts(server.url).values()) == 4
     # The client noticed on its own: no pong (or, over long-poll, a request that timed out).

@@ -99,6 +99,16 @@ class Process:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_output(self, *texts: str, timeout: float = 15.0) -> str:
+        """The output once it holds each of ``texts``. A daemon serving requests writes a line up
+        to ``wstunnel.daemon.WRITE_AFTER`` after it logs it: read at once after whatever made
+        it log one, its output may not hold the line yet."""
+        def holding() -> str:
+            output = self.output()
+            return output if all(text in output for text in texts) else ""
+        return wait_until(holding, timeout=timeout,
+                          what=f"{self.name} to log {', '.join(map(repr, texts))}")
+
     def signal(self, signum: int) -> None:
         if self.alive():
             self.popen.send_signal(signum)
