@@ -25,7 +25,7 @@ from wstunnel.logs import (
     own_event_handler,
     write_held_lines,
 )
-from wstunnel.logtext import MAX_CACHED, quoted, render_value
+from wstunnel.logtext import MAX_CACHED, as_value, render_value
 from wstunnel.tokens import Token
 
 SYSLOG_SOCKET = "/dev/log"
@@ -52,7 +52,7 @@ def _journal_fields(event: str | None, all_fields: Mapping[str, Any]) -> dict[st
     if event:
         fields["WSTUNNEL_EVENT"] = _JOURNAL_EVENTS.get(event) or _journal_event(event)
     for key, value in all_fields.items():
-        # The request lines' common types first, by exact type, as in format_fields.
+        # The request lines' common types first, by exact type, as in logtext.render_value.
         kind = type(value)
         if kind is int:
             text = str(value)
@@ -65,9 +65,7 @@ def _journal_fields(event: str | None, all_fields: Mapping[str, Any]) -> dict[st
                 text = ""
             else:
                 text = value if kind is str else value.decode("utf-8", "replace")
-                if not (text.isprintable() and " " not in text and "=" not in text
-                        and '"' not in text and "\\" not in text):
-                    text = quoted(text).strip('"')
+                text = as_value(text).strip('"')
         elif value is None or value == "":
             continue
         else:

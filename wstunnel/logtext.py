@@ -13,8 +13,8 @@ from typing import Any
 
 from wstunnel.tokens import Token
 
-__all__ = ["EVENT_WIDTH", "MAX_CACHED", "event_column", "format_event", "format_fields",
-           "key_prefix", "quoted", "render_value"]
+__all__ = ["EVENT_WIDTH", "MAX_CACHED", "as_value", "event_column", "format_event",
+           "format_fields", "key_prefix", "quoted", "render_value"]
 
 EVENT_WIDTH = 14
 
@@ -42,10 +42,15 @@ def render_value(value: Any) -> str:
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
         text = str(value)
-    # A value needs quotes when it holds a space, '=', '"', '\\' or an unprintable character.
+    return as_value(text)
+
+
+def as_value(text: str) -> str:
+    """``text`` as a field's value: itself, or quoted when it holds a space, '=', '"', '\\' or
+    an unprintable character (the empty string needs no quotes)."""
     # Four `in` tests beat one regex search on the short values of the request lines.
     if text.isprintable() and " " not in text and "=" not in text and '"' not in text and "\\" not in text:
-        return text  # the empty string too: printable, nothing to quote
+        return text
     return quoted(text)
 
 
@@ -78,26 +83,7 @@ def key_prefix(key: str) -> str:
 
 
 def format_fields(fields: Mapping[str, Any]) -> str:
-    # render_value inlined for the request lines' common types: a function call per field was
-    # a good part of the cost of a line. Anything else still goes through render_value.
-    parts: list[str] = []
-    for key, value in fields.items():
-        kind = type(value)
-        if kind is int:
-            text = str(value)
-        else:
-            if kind is str:
-                text = value
-            elif kind is bytes:
-                text = value.decode("utf-8", "replace")
-            else:  # a Token among others: render_value shows its redacted form only
-                parts.append((_KEY_PREFIXES.get(key) or key_prefix(key)) + render_value(value))
-                continue
-            if not (text.isprintable() and " " not in text and "=" not in text and '"' not in text
-                    and "\\" not in text):
-                text = quoted(text)
-        parts.append((_KEY_PREFIXES.get(key) or key_prefix(key)) + text)
-    return " ".join(parts)
+    return " ".join([key_prefix(key) + render_value(value) for key, value in fields.items()])
 
 
 def format_event(event: str, fields: Mapping[str, Any]) -> str:
