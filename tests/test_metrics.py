@@ -169,6 +169,7 @@ def test_aborted_streams_are_counted_by_direction_and_reason() -> None:
     # What the process holds, for leak hunting (Linux: /proc).
     assert value(families, "process_open_fds") > 0
     assert value(families, "process_resident_memory_bytes") > 1024 * 1024
+    assert value(families, "wstunnel_python_allocated_blocks") > 10_000
 
 
 def test_label_values_are_escaped() -> None:

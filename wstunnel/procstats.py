@@ -1,4 +1,5 @@
-"""What a daemon holds right now: open file descriptors, resident memory, trio tasks.
+"""What a daemon holds right now: open file descriptors, resident memory, Python's allocations,
+trio tasks.
 
 Read by ``/_metrics`` (the server) and by the ``STATS`` line either daemon logs on SIGUSR1 (the
 client has no HTTP endpoint), so that a leak shows as a figure that keeps growing. Linux only
@@ -8,11 +9,12 @@ client has no HTTP endpoint), so that a leak shows as a figure that keeps growin
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import trio
 
-__all__ = ["open_fds", "resident_bytes", "trio_tasks"]
+__all__ = ["open_fds", "python_blocks", "resident_bytes", "trio_tasks"]
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -31,6 +33,14 @@ def resident_bytes() -> int | None:
         return int(Path("/proc/self/statm").read_text().split()[1]) * _PAGE_SIZE
     except (OSError, ValueError, IndexError):
         return None
+
+
+def python_blocks() -> int:
+    """Memory blocks the interpreter has allocated and not freed: every live object and buffer,
+    whatever its size. Leaked objects keep it growing, while resident memory also holds the peaks
+    the C allocator kept after a burst (freed, not returned): at rest after a thousand aborted
+    streams, the server's RSS moved by up to 4 MiB between measurements, with no leak."""
+    return sys.getallocatedblocks()
 
 
 def trio_tasks() -> int | None:

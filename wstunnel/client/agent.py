@@ -385,7 +385,8 @@ class TunnelClient:
         rss = procstats.resident_bytes()
         self.log.info("STATS", token=self.token, tasks=procstats.trio_tasks(),
                       fds=procstats.open_fds(), rss_kib=rss // 1024 if rss is not None else None,
-                      sessions=self.sessions, connected=self._ws is not None, **flow,
+                      py_blocks=procstats.python_blocks(), sessions=self.sessions,
+                      connected=self._ws is not None, **flow,
                       aborted=sum(self.stream_aborts.values()),
                       **{f"aborted_{cause}": n for cause, n in sorted(self.stream_aborts.items())})
 

@@ -219,7 +219,8 @@ class TunnelServer:
         rss = procstats.resident_bytes()
         self.log.info("STATS", tasks=procstats.trio_tasks(), fds=procstats.open_fds(),
                       rss_kib=rss // 1024 if rss is not None else None,
-                      tunnels=len(self.registry), clients=len(connections),
+                      py_blocks=procstats.python_blocks(), tunnels=len(self.registry),
+                      clients=len(connections),
                       streams=sum(flow["streams"] for flow in flows),
                       requests=self._active_requests)
 

@@ -141,6 +141,9 @@ class Metrics:
             ("process_open_fds", "Number of open file descriptors.", procstats.open_fds()),
             ("process_resident_memory_bytes", "Resident memory size in bytes.",
              procstats.resident_bytes()),
+            ("wstunnel_python_allocated_blocks", "Memory blocks the Python interpreter holds: "
+             "grows with leaked objects, not with the allocator's kept peaks.",
+             procstats.python_blocks()),
         ):
             if value is not None:
                 _family(out, name, "gauge", help_text, [({}, value)])
