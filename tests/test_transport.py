@@ -6,7 +6,28 @@ import trio
 import trio.testing
 
 from wstunnel import v2
-from wstunnel.tunnel.outbox import BACKLOG_HIGH_WATER, EARLY_SEND_FRAMES, FrameOutbox
+from wstunnel.tunnel.outbox import (
+    BACKLOG_HIGH_WATER,
+    EARLY_SEND_FRAMES,
+    EARLY_SEND_IDLE,
+    FrameOutbox,
+)
+
+
+def busy() -> float:
+    """A clock that never moves: the tunnel never counts as idle (EARLY_SEND_IDLE), so what
+    these tests see of batching does not hang on how fast the machine runs them."""
+    return 0.0
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def frames(count: int, size: int = 10) -> list[bytes]:
@@ -14,14 +35,14 @@ def frames(count: int, size: int = 10) -> list[bytes]:
 
 
 async def test_plain_v2_sends_one_frame_a_message_in_order() -> None:
-    outbox = FrameOutbox(batched=False)
+    outbox = FrameOutbox(batched=False, clock=busy)
     for frame in frames(3):
         outbox.put(frame)
     assert [await outbox.next_message() for _ in range(3)] == frames(3)
 
 
 async def test_batched_sends_every_waiting_frame_in_one_message() -> None:
-    outbox = FrameOutbox(batched=True)
+    outbox = FrameOutbox(batched=True, clock=busy)
     for frame in frames(5):
         outbox.put(frame)
     message = await outbox.next_message()
@@ -33,7 +54,7 @@ async def test_batched_sends_every_waiting_frame_in_one_message() -> None:
 
 
 async def test_a_batch_stays_within_max_batch_size_and_keeps_the_order() -> None:
-    outbox = FrameOutbox(batched=True)
+    outbox = FrameOutbox(batched=True, clock=busy)
     sent = frames(40, size=v2.MAX_FRAME_PAYLOAD + v2.HEADER_SIZE)  # 2.5 MiB in all
     for frame in sent:
         outbox.put(frame)
@@ -46,7 +67,7 @@ async def test_a_batch_stays_within_max_batch_size_and_keeps_the_order() -> None
 
 
 async def test_the_writer_waits_for_a_frame_and_ends_after_close() -> None:
-    outbox = FrameOutbox(batched=False)
+    outbox = FrameOutbox(batched=False, clock=busy)
     got: list[bytes | None] = []
 
     async def writer() -> None:
@@ -93,7 +114,7 @@ class RecordingTransport:
 
 
 async def test_a_batchs_worth_is_sent_early_by_the_task_that_filled_it() -> None:
-    outbox = FrameOutbox(batched=True)
+    outbox = FrameOutbox(batched=True, clock=busy)
     transport = RecordingTransport()
     sent = frames(EARLY_SEND_FRAMES)
     for frame in sent[:-1]:
@@ -107,7 +128,7 @@ async def test_a_batchs_worth_is_sent_early_by_the_task_that_filled_it() -> None
 
 
 async def test_a_plain_v2_outbox_never_sends_early() -> None:
-    outbox = FrameOutbox(batched=False)
+    outbox = FrameOutbox(batched=False, clock=busy)
     transport = RecordingTransport()
     for frame in frames(EARLY_SEND_FRAMES * 2):
         outbox.put(frame)
@@ -116,7 +137,7 @@ async def test_a_plain_v2_outbox_never_sends_early() -> None:
 
 
 async def test_one_message_on_its_way_at_a_time_and_the_order_kept() -> None:
-    outbox = FrameOutbox(batched=True)
+    outbox = FrameOutbox(batched=True, clock=busy)
     transport = RecordingTransport()
     transport.release = trio.Event()  # the writer's first message stays on its way
     sent = frames(3 * EARLY_SEND_FRAMES + 1)
@@ -143,7 +164,7 @@ async def test_one_message_on_its_way_at_a_time_and_the_order_kept() -> None:
 
 
 async def test_an_early_send_finishes_even_if_its_caller_is_cancelled() -> None:
-    outbox = FrameOutbox(batched=True)
+    outbox = FrameOutbox(batched=True, clock=busy)
     transport = RecordingTransport()
     for frame in frames(EARLY_SEND_FRAMES):
         outbox.put(frame)
@@ -156,7 +177,7 @@ async def test_an_early_send_finishes_even_if_its_caller_is_cancelled() -> None:
 async def test_a_sender_waits_while_the_backlog_is_over_its_mark_and_goes_on_at_half() -> None:
     """Bytes beyond BACKLOG_HIGH_WATER wait in their sender, not here: what comes later (a small
     response's head) is never queued behind a whole window of a bulk transfer."""
-    outbox = FrameOutbox(batched=False)  # one frame a message: the backlog shrinks step by step
+    outbox = FrameOutbox(batched=False, clock=busy)  # one frame a message: the backlog shrinks step by step
     frame = b"d" * (16 * 1024)
     while outbox.backlog <= BACKLOG_HIGH_WATER:
         outbox.put(frame)
@@ -178,7 +199,7 @@ async def test_a_sender_waits_while_the_backlog_is_over_its_mark_and_goes_on_at_
 
 
 async def test_a_closed_outbox_lets_its_waiting_senders_go() -> None:
-    outbox = FrameOutbox(batched=False)
+    outbox = FrameOutbox(batched=False, clock=busy)
     outbox.put(b"x" * (BACKLOG_HIGH_WATER + 1))
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -188,7 +209,7 @@ async def test_a_closed_outbox_lets_its_waiting_senders_go() -> None:
 
 
 async def test_a_quiet_tunnels_frames_leave_from_the_task_that_put_them() -> None:
-    outbox = FrameOutbox(batched=True)
+    outbox = FrameOutbox(batched=True, clock=busy)
     transport = RecordingTransport()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -204,7 +225,7 @@ async def test_a_quiet_tunnels_frames_leave_from_the_task_that_put_them() -> Non
 
 
 async def test_held_frames_wait_for_their_task_and_others_frames_still_wake_the_writer() -> None:
-    outbox = FrameOutbox(batched=True)
+    outbox = FrameOutbox(batched=True, clock=busy)
     transport = RecordingTransport()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -234,7 +255,7 @@ async def test_held_frames_wait_for_their_task_and_others_frames_still_wake_the_
 
 
 async def test_a_quiet_send_waits_behind_a_message_on_its_way() -> None:
-    outbox = FrameOutbox(batched=True)
+    outbox = FrameOutbox(batched=True, clock=busy)
     transport = RecordingTransport()
     transport.release = trio.Event()
     with trio.fail_after(5):
@@ -258,7 +279,7 @@ async def test_an_early_send_outlives_its_tasks_cancellation_but_not_the_tunnels
     """A request's cancellation must not cut its message in half while the tunnel lives; once
     the tunnel is over (a link that fell silent: the send waits for room that never comes),
     ``abort`` ends the send, so the nursery of the session's handlers can close."""
-    outbox = FrameOutbox(batched=True)
+    outbox = FrameOutbox(batched=True, clock=busy)
     transport = RecordingTransport()
     transport.release = trio.Event()  # the link: silent
     done: list[str] = []
@@ -294,7 +315,7 @@ async def test_an_early_send_outlives_its_tasks_cancellation_but_not_the_tunnels
 async def test_after_abort_no_early_send_starts_and_the_writer_ends() -> None:
     """The handlers' last sends (in their finally clauses) may come after the session's abort:
     they must not start a shielded send to the dead link."""
-    outbox = FrameOutbox(batched=True)
+    outbox = FrameOutbox(batched=True, clock=busy)
     transport = RecordingTransport()
     transport.release = trio.Event()  # the link: silent
     outbox.put(b"a" * 6)
@@ -319,7 +340,7 @@ async def test_abort_lets_go_of_the_frames_nobody_will_send() -> None:
     """A tunnel that ends with its peer's windows' worth of DATA queued must not keep it until
     the last reference to the tunnel goes (found by tests/test_stream_leaks.py: 7.8 MiB of DATA
     frames alive after 300 aborted streams, once request bodies started with 2 MiB windows)."""
-    outbox = FrameOutbox(batched=False)
+    outbox = FrameOutbox(batched=False, clock=busy)
     for _ in range(8):
         outbox.put(bytes(64 * 1024))
     assert outbox.backlog == 8 * 64 * 1024
@@ -327,3 +348,37 @@ async def test_abort_lets_go_of_the_frames_nobody_will_send() -> None:
     assert outbox.backlog == 0
     assert await outbox.next_message() is None
     assert await outbox.next_message() is None
+
+
+async def test_an_idle_tunnels_frames_leave_at_once_and_a_busy_ones_wait_for_a_batch() -> None:
+    clock = Clock()
+    outbox = FrameOutbox(batched=True, clock=clock)
+    transport = RecordingTransport()
+    outbox.put(b"a" * 6)
+    clock.now = EARLY_SEND_IDLE / 2  # a message went (the opening's) just now: busy
+    await outbox.send_early(transport)  # type: ignore[arg-type]
+    assert transport.sent == []  # left for the writer, for others to join
+    outbox.put(b"b" * 6)
+    clock.now = EARLY_SEND_IDLE  # nothing sent for EARLY_SEND_IDLE: idle
+    await outbox.send_early(transport)  # type: ignore[arg-type]
+    assert transport.sent == [[b"a" * 6, b"b" * 6]]
+    assert transport.senders == [trio.lowlevel.current_task().name]
+    # That send made the tunnel busy again, until EARLY_SEND_IDLE later.
+    outbox.put(b"c" * 6)
+    clock.now += EARLY_SEND_IDLE * 0.9
+    await outbox.send_early(transport)  # type: ignore[arg-type]
+    assert len(transport.sent) == 1
+    outbox.put(b"d" * 6)
+    clock.now += EARLY_SEND_IDLE * 0.1
+    await outbox.send_early(transport)  # type: ignore[arg-type]
+    assert transport.sent[1:] == [[b"c" * 6, b"d" * 6]]
+
+
+async def test_an_idle_plain_v2_tunnel_still_leaves_its_frames_to_the_writer() -> None:
+    clock = Clock()
+    outbox = FrameOutbox(batched=False, clock=clock)
+    transport = RecordingTransport()
+    outbox.put(b"a" * 6)
+    clock.now = 10.0
+    await outbox.send_early(transport)  # type: ignore[arg-type]
+    assert transport.sent == []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 
 import trio
 
@@ -16,6 +18,16 @@ from wstunnel.tunnel.transport import ConnectionClosed, MessageTransport
 # meantime: the two worked in lockstep. Paired runs at -c32 (wrk, 1 KiB): 2 frames: no gain
 # (more, smaller messages); 8: +15 %; 16 and 32: +25-45 %, 32 with the least CPU per request.
 EARLY_SEND_FRAMES = 32
+# A tunnel that has sent nothing for this long is not busy: the frames a task puts then go at once
+# from that task (send_early) instead of waiting for others to join them. Batches pay on a busy
+# loop; on a quiet one they only delay, and across a long link they formed a convoy: at -c32 over
+# a 50 ms round trip (bench --link-delay 25, 3 rounds) the requests reached srv in bunches, left
+# in one message and came back as a bunch, each waiting for the bunch's work on both ends at
+# every round trip: 550 req/s, p50 57.5 ms, where the direct path made 590 and 53.8 (the
+# original: 594 and 53.1). With this: 586 req/s, p50 54.0. On loopback, where the loop is busy,
+# it changed nothing (-c32 5,961 -> 6,112 req/s, -c128 6,976 -> 6,946), while sending every
+# request's frames at once lost 8 % there (5,462 and 6,485).
+EARLY_SEND_IDLE = 0.0005
 # Body bytes waiting here beyond which a sender of DATA waits (``wait_room``) until the writer
 # has taken them down to half. The peer's windows may allow far more (tens of MiB on a long
 # link), but bytes queued here are only late: a small response's frames would wait behind them
@@ -37,8 +49,11 @@ class FrameOutbox:
     waiting for ``wait_room`` first; heads, WINDOW and RESET are small.
     """
 
-    def __init__(self, *, batched: bool) -> None:
+    def __init__(self, *, batched: bool, clock: Callable[[], float] = time.perf_counter) -> None:
         self.batched = batched
+        # A plain clock, not trio's: read at every send_early, and only differences matter.
+        self._clock = clock
+        self._last_sent = clock()  # when the last message started on its way
         self._frames: deque[bytes] = deque()
         self._closed = False
         self._sending = False  # a message is on its way (the writer's or an early one)
@@ -112,15 +127,19 @@ class FrameOutbox:
 
     async def send_early(self, transport: MessageTransport, *, quiet: bool = False) -> None:
         """Called by a task that has just put frames: if a batch's worth waits (or, on a
-        ``quiet`` tunnel, anything) and no message is on its way, send it from here, now, instead
-        of waking the writer for it; ends a ``hold``. Shielded: a send cut short would leave part
-        of a message on the wire and break the tunnel for everyone.
+        ``quiet`` tunnel or one that sent nothing for EARLY_SEND_IDLE, anything) and no message is
+        on its way, send it from here, now, instead of waking the writer for it; ends a ``hold``.
+        Shielded: a send cut short would leave part of a message on the wire and break the
+        tunnel for everyone.
 
         Quiet: the caller's is the only request in flight, so nothing would join its frames in
-        a batch if they waited for the writer; with many in flight they wait and go together."""
+        a batch if they waited for the writer; with many in flight they wait and go together,
+        unless the tunnel was idle."""
         frames = self._frames
         if frames and not self._sending and not self._aborted and (
-                quiet or (self.batched and len(frames) >= EARLY_SEND_FRAMES)):
+                quiet or (self.batched and (
+                    len(frames) >= EARLY_SEND_FRAMES
+                    or self._clock() - self._last_sent >= EARLY_SEND_IDLE))):
             self._holder = None  # what _send leaves behind wakes the writer
             with trio.CancelScope(shield=True) as self._early:
                 try:
@@ -142,6 +161,7 @@ class FrameOutbox:
     async def _send(self, transport: MessageTransport, message: bytes) -> bool:
         """Send ``message``; False if the transport has closed."""
         self._sending = True
+        self._last_sent = self._clock()
         try:
             await transport.send_message(message)
         except ConnectionClosed:
