@@ -266,6 +266,7 @@ class ClientSessionV2:
                 self.log.info("WS   SND", token=self.token, id=stream.id, status=response.status)
                 if bodyless:
                     stream.finished = True
+                    await self._send_last()
                     return
                 declared = get_header(response.headers, b"content-length") or b""
                 stream.declared = int(declared) if declared.isdigit() else None
@@ -283,6 +284,7 @@ class ClientSessionV2:
                         stream.sent += len(chunk)
                         if last:
                             stream.finished = True
+                            await self._send_last()
                             return
                 except BackendError as exc:
                     # Mid-body: the head is gone already, so the only honest answer is an abort.
@@ -301,6 +303,12 @@ class ClientSessionV2:
                 stream.cut = ("backend_failed", f"backend failed mid-upload: {refusal.text}")
             await self._send_whole(stream, refusal.response())
             stream.finished = True
+
+    async def _send_last(self) -> None:
+        """The response's last frame is put: alone on the tunnel (or after a quiet spell), it
+        goes now, before this handler gives its backend connection back and tidies up, which
+        the server's answer need not wait for (_handle's own send_early then finds nothing)."""
+        await self.endpoint.send_early(quiet=len(self.streams) <= 1)
 
     async def _pipe(self, stream: _Stream, response: Response) -> None:
         """The backend switched protocols: carry the raw bytes both ways until both ends close."""
