@@ -8,9 +8,12 @@ import trio.testing
 from wstunnel import v2
 from wstunnel.tunnel.outbox import (
     BACKLOG_HIGH_WATER,
+    BUSY_SHARE,
     EARLY_SEND_FRAMES,
     EARLY_SEND_IDLE,
+    LOAD_WINDOW,
     FrameOutbox,
+    ProcessLoad,
 )
 
 
@@ -352,7 +355,7 @@ async def test_abort_lets_go_of_the_frames_nobody_will_send() -> None:
 
 async def test_an_idle_tunnels_frames_leave_at_once_and_a_busy_ones_wait_for_a_batch() -> None:
     clock = Clock()
-    outbox = FrameOutbox(batched=True, clock=clock)
+    outbox = FrameOutbox(batched=True, clock=clock, load=lambda: 0.1)  # a process with time to spare
     transport = RecordingTransport()
     outbox.put(b"a" * 6)
     clock.now = EARLY_SEND_IDLE / 2  # a message went (the opening's) just now: busy
@@ -376,9 +379,33 @@ async def test_an_idle_tunnels_frames_leave_at_once_and_a_busy_ones_wait_for_a_b
 
 async def test_an_idle_plain_v2_tunnel_still_leaves_its_frames_to_the_writer() -> None:
     clock = Clock()
-    outbox = FrameOutbox(batched=False, clock=clock)
+    outbox = FrameOutbox(batched=False, clock=clock, load=lambda: 0.0)
     transport = RecordingTransport()
     outbox.put(b"a" * 6)
     clock.now = 10.0
     await outbox.send_early(transport)  # type: ignore[arg-type]
     assert transport.sent == []
+
+
+async def test_an_idle_tunnel_in_a_busy_process_still_waits_for_a_batch() -> None:
+    # The tunnel went quiet because its peer is working through a batch, say: this process has
+    # no time to spare for messages of one request each.
+    clock = Clock()
+    outbox = FrameOutbox(batched=True, clock=clock, load=lambda: BUSY_SHARE)
+    transport = RecordingTransport()
+    outbox.put(b"a" * 6)
+    clock.now = EARLY_SEND_IDLE * 10
+    await outbox.send_early(transport)  # type: ignore[arg-type]
+    assert transport.sent == []
+
+
+def test_process_load_is_cpu_time_over_wall_time_per_window() -> None:
+    wall, cpu = Clock(), Clock()
+    load = ProcessLoad(wall=wall, cpu=cpu)
+    assert load() == 0.0
+    wall.now, cpu.now = LOAD_WINDOW / 2, LOAD_WINDOW / 2
+    assert load() == 0.0  # within the first window: still the last whole window's share
+    wall.now, cpu.now = LOAD_WINDOW * 2, LOAD_WINDOW * 1.6
+    assert abs(load() - 0.8) < 1e-9
+    wall.now, cpu.now = LOAD_WINDOW * 4, LOAD_WINDOW * 2.0
+    assert abs(load() - 0.2) < 1e-9

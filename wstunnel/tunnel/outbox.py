@@ -28,6 +28,15 @@ EARLY_SEND_FRAMES = 32
 # it changed nothing (-c32 5,961 -> 6,112 req/s, -c128 6,976 -> 6,946), while sending every
 # request's frames at once lost 8 % there (5,462 and 6,485).
 EARLY_SEND_IDLE = 0.0005
+# ... but only in a process with time to spare. On loopback at -c32 the tunnel went quiet for
+# 0.5 ms at a time while its peer worked through a batch (the two take turns), and sending the
+# next requests' frames on their own then cost 6 % (6,649 -> 6,266 req/s, srv 115 -> 129 µs a
+# request). There the daemons use ~80 % of a core; across the long link ~14 %. A process busier
+# than this share of a core over the last LOAD_WINDOW keeps batching: on loopback -c32 then
+# 6,859 req/s, srv 113 µs (without the share: 5,966, 137 µs; with no idle rule at all: 5,985,
+# 128 µs; 3 rounds); across the link -c32 581 req/s, -c128 2,280 (without: 575, 2,268).
+BUSY_SHARE = 0.5
+LOAD_WINDOW = 0.05
 # Body bytes waiting here beyond which a sender of DATA waits (``wait_room``) until the writer
 # has taken them down to half. The peer's windows may allow far more (tens of MiB on a long
 # link), but bytes queued here are only late: a small response's frames would wait behind them
@@ -35,6 +44,32 @@ EARLY_SEND_IDLE = 0.0005
 # memory would grow with the window instead of staying with the socket. Two batched messages'
 # worth keeps the writer busy while senders refill.
 BACKLOG_HIGH_WATER = v2.MAX_BATCH_SIZE // 2
+
+
+class ProcessLoad:
+    """The share of a core the process used over its last LOAD_WINDOW (or longer, between calls
+    far apart): CPU time over wall time, read only when asked. One per process: its event loop
+    is what is busy or not."""
+
+    def __init__(self, wall: Callable[[], float] = time.perf_counter,
+                 cpu: Callable[[], float] = time.process_time) -> None:
+        self._wall = wall
+        self._cpu = cpu
+        self._at = wall()
+        self._used = cpu()
+        self.share = 0.0
+
+    def __call__(self) -> float:
+        now = self._wall()
+        elapsed = now - self._at
+        if elapsed >= LOAD_WINDOW:
+            used = self._cpu()
+            self.share = (used - self._used) / elapsed
+            self._at, self._used = now, used
+        return self.share
+
+
+PROCESS_LOAD = ProcessLoad()
 
 
 class FrameOutbox:
@@ -49,10 +84,12 @@ class FrameOutbox:
     waiting for ``wait_room`` first; heads, WINDOW and RESET are small.
     """
 
-    def __init__(self, *, batched: bool, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, *, batched: bool, clock: Callable[[], float] = time.perf_counter,
+                 load: Callable[[], float] = PROCESS_LOAD) -> None:
         self.batched = batched
         # A plain clock, not trio's: read at every send_early, and only differences matter.
         self._clock = clock
+        self._load = load
         self._last_sent = clock()  # when the last message started on its way
         self._frames: deque[bytes] = deque()
         self._closed = False
@@ -127,7 +164,8 @@ class FrameOutbox:
 
     async def send_early(self, transport: MessageTransport, *, quiet: bool = False) -> None:
         """Called by a task that has just put frames: if a batch's worth waits (or, on a
-        ``quiet`` tunnel or one that sent nothing for EARLY_SEND_IDLE, anything) and no message is
+        ``quiet`` tunnel, or one that sent nothing for EARLY_SEND_IDLE in a process under
+        BUSY_SHARE, anything) and no message is
         on its way, send it from here, now, instead of waking the writer for it; ends a ``hold``.
         Shielded: a send cut short would leave part of a message on the wire and break the
         tunnel for everyone.
@@ -139,7 +177,8 @@ class FrameOutbox:
         if frames and not self._sending and not self._aborted and (
                 quiet or (self.batched and (
                     len(frames) >= EARLY_SEND_FRAMES
-                    or self._clock() - self._last_sent >= EARLY_SEND_IDLE))):
+                    or (self._clock() - self._last_sent >= EARLY_SEND_IDLE
+                        and self._load() < BUSY_SHARE)))):
             self._holder = None  # what _send leaves behind wakes the writer
             with trio.CancelScope(shield=True) as self._early:
                 try:
