@@ -163,22 +163,17 @@ class FrameOutbox:
                 return  # the receive loop sees the close too, and ends the tunnel
 
     async def send_early(self, transport: MessageTransport, *, quiet: bool = False) -> None:
-        """Called by a task that has just put frames: if a batch's worth waits (or, on a
-        ``quiet`` tunnel, or one that sent nothing for EARLY_SEND_IDLE in a process under
-        BUSY_SHARE, anything) and no message is
-        on its way, send it from here, now, instead of waking the writer for it; ends a ``hold``.
-        Shielded: a send cut short would leave part of a message on the wire and break the
-        tunnel for everyone.
+        """Called by a task that has just put frames: if a batch's worth waits (or anything, on
+        a ``quiet`` tunnel or after a quiet spell: ``_idle``) and no message is on its way, send
+        it from here, now, instead of waking the writer for it; ends a ``hold``. Shielded: a send
+        cut short would leave part of a message on the wire and break the tunnel for everyone.
 
         Quiet: the caller's is the only request in flight, so nothing would join its frames in
         a batch if they waited for the writer; with many in flight they wait and go together,
         unless the tunnel was idle."""
         frames = self._frames
         if frames and not self._sending and not self._aborted and (
-                quiet or (self.batched and (
-                    len(frames) >= EARLY_SEND_FRAMES
-                    or (self._clock() - self._last_sent >= EARLY_SEND_IDLE
-                        and self._load() < BUSY_SHARE)))):
+                quiet or (self.batched and (len(frames) >= EARLY_SEND_FRAMES or self._idle()))):
             self._holder = None  # what _send leaves behind wakes the writer
             with trio.CancelScope(shield=True) as self._early:
                 try:
@@ -187,6 +182,10 @@ class FrameOutbox:
                     self._early = None
             return
         self.release()
+
+    def _idle(self) -> bool:
+        """Nothing sent for EARLY_SEND_IDLE, in a process with time to spare (BUSY_SHARE)."""
+        return self._clock() - self._last_sent >= EARLY_SEND_IDLE and self._load() < BUSY_SHARE
 
     async def next_message(self) -> bytes | None:
         """The next message to send, waiting for a frame; None once closed and drained."""
