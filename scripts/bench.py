@@ -21,7 +21,10 @@ Workloads (``--only`` takes these names, or the groups ``get``, ``download``, ``
 - ``get-c1``, ``get-c32``, ``get-c128``: 1 KiB GETs with ``wrk -t1 -c1``, ``-t2 -c32`` and
   ``-t2 -c128`` for ``--duration`` seconds: req/s, p50/p99 latency, responses >= 400 (wrk's
   "Non-2xx or 3xx"), socket errors (connect, read, write, timeout); a Lua ``done()`` hook prints
-  them as JSON.
+  them as JSON. With ``--segments`` (root, perf), each tunnel's ``get-c1`` run is followed by a
+  shorter one under ``perf record``: the time from a read to the write it leads to inside each
+  daemon, for a request and for its response (scripts/bench_segments.py), where one request at a
+  time shows whose work the wait is.
 - ``download-small``/``download-large`` (1 MiB, 100 MiB) and ``upload-small``/``upload-large``
   (PUT of the same sizes): curl, one keep-alive connection, transfers back to back for
   ``--duration`` seconds (at least one): MB/s (10^6 bytes) over the transfer times, failed
@@ -85,6 +88,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from bench_journal import JournalSink, rerun_in_private_mounts
+from bench_segments import SyscallTrace, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -108,6 +112,8 @@ BUSY_REQUESTS = 200  # small GETs timed on an idle path, then as many during a l
 SSE_EVENTS, SSE_GAP = 50, 0.02  # events per stream, seconds between them
 TOKENS_CONNECTIONS = 100
 WRK_TIMEOUT = "10s"
+# Seconds of the traced get-c1 run (--segments), at most --duration: thousands of requests.
+SEGMENTS_DURATION = 3
 
 # Printed by every wrk run: one JSON line (latencies in microseconds).
 REPORT_LUA = r"""
@@ -798,6 +804,7 @@ class Settings:
     reconnect_cap: float
     warmup: int
     restart_signal: signal.Signals = signal.SIGTERM
+    segments: bool = False  # trace get-c1's system calls (bench_segments)
 
 
 def idle_run(procs: Procs, target: Target, count: int, backend: str, work: Path, cfg: Settings,
@@ -919,7 +926,12 @@ METRICS: dict[str, list[tuple[str, str, str, str]]] = {
             ("srv_cpu_us", "srv CPU µs/req", "median", "{:,.0f}"),
             ("cli_cpu_us", "cli CPU µs/req", "median", "{:,.0f}"),
             ("non2xx", "non-2xx (sum)", "sum", "{:,}"),
-            ("socket_errors", "socket errors (sum)", "sum", "{:,}")],
+            ("socket_errors", "socket errors (sum)", "sum", "{:,}"),
+            # --segments (bench_segments): read -> write inside each daemon, µs
+            ("srv_request_us", "srv request read->write µs", "median", "{:,.0f}"),
+            ("cli_request_us", "cli request read->write µs", "median", "{:,.0f}"),
+            ("cli_response_us", "cli response read->write µs", "median", "{:,.0f}"),
+            ("srv_response_us", "srv response read->write µs", "median", "{:,.0f}")],
     "transfer": [("mb_s", "MB/s", "median", "{:,.1f}"),
                  ("srv_peak_mib", "srv peak RSS MiB", "median", "{:,.1f}"),
                  ("cli_peak_mib", "cli peak RSS MiB", "median", "{:,.1f}"),
@@ -995,7 +1007,11 @@ def render_table(summary: dict[str, Any], targets: list[str]) -> str:
         header += [name, f"{name}/direct"]
     rows = [header]
     for entry in summary.values():
-        for index, (key, label, how, fmt) in enumerate(METRICS[entry["kind"]]):
+        # Rows no target has (the --segments ones, without it) are left out.
+        metrics = [metric for metric in METRICS[entry["kind"]]
+                   if any(metric[0] in data["summary"] for data in entry["targets"].values())
+                   ] or METRICS[entry["kind"]]
+        for index, (key, label, how, fmt) in enumerate(metrics):
             row = [entry["label"] if index == 0 else "", label]
             for name in ["direct", *tunnels]:
                 value = entry["targets"].get(name, {}).get("summary", {}).get(key)
@@ -1046,6 +1062,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where our daemons log: stderr (default), or journald as under their "
                              "systemd units, to a journal socket of the run's own (root only; "
                              "scripts/bench_journal.py)")
+    parser.add_argument("--segments", action="store_true",
+                        help="after each tunnel's get-c1 run, a shorter one traced by perf (root): "
+                             "read-to-write times inside srv and cli (scripts/bench_segments.py)")
     parser.add_argument("--json", type=Path, help="write every result here")
     parser.add_argument("--logs", type=Path, help="copy every process's log to this directory")
     parser.add_argument("--deadline", type=float, default=None,
@@ -1071,6 +1090,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("rounds, duration, tokens and idle counts must be at least 1")
     if not 1 <= args.large_size <= 16 * 1024:
         parser.error("--large-size is in MiB, 1 to 16384")
+    if args.segments and (reason := unavailable()) is not None:
+        parser.error(reason)
     return args
 
 
@@ -1081,14 +1102,16 @@ def settings_of(args: argparse.Namespace) -> Settings:
                                "large.bin": 4 * MiB},
                         small="small.bin", large="large.bin", idle=[20], tokens=20,
                         reconnect_cap=1.0, warmup=1,
-                        restart_signal=signal.Signals["SIG" + args.restart_signal])
+                        restart_signal=signal.Signals["SIG" + args.restart_signal],
+                        segments=args.segments)
     transfer = args.transfer_duration if args.transfer_duration is not None else args.duration
     return Settings(rounds=args.rounds, duration=args.duration, transfer_duration=transfer,
                     sizes={"1k.bin": KiB, "64k.bin": 64 * KiB, "small.bin": MiB,
                            "large.bin": args.large_size * MiB},
                     small="small.bin", large="large.bin", idle=args.idle_counts, tokens=args.tokens,
                     reconnect_cap=args.reconnect_cap, warmup=2,
-                    restart_signal=signal.Signals["SIG" + args.restart_signal])
+                    restart_signal=signal.Signals["SIG" + args.restart_signal],
+                    segments=args.segments)
 
 
 def human(size: int) -> str:
@@ -1288,7 +1311,16 @@ def plan(workload: str, cfg: Settings, procs: Procs, backend: str, direct: str, 
             with PeakSampler(pids) as peak:
                 result = run_wrk(f"{url}/1k.bin", threads, connections, cfg.duration,
                                  target.headers(), report, clock)
-            return {**result, **peak.mib(), **peak.cpu_per_request(result["requests"])}
+            result = {**result, **peak.mib(), **peak.cpu_per_request(result["requests"])}
+            if cfg.segments and connections == 1 and pids:
+                # Apart from the run above: the trace slows every system call a little.
+                with SyscallTrace(pids) as trace:
+                    run_wrk(f"{url}/1k.bin", threads, connections,
+                            min(cfg.duration, SEGMENTS_DURATION),
+                            target.headers(), report, clock)
+                for name, found in trace.results.items():
+                    result.update({f"{name}_{key}": value for key, value in found.items()})
+            return result
 
         yield f"GET 1 KiB -t{threads} -c{connections}", workload, get, False
     elif workload in TRANSFER_WORKLOADS:

@@ -7,13 +7,16 @@ where nothing may fail, and that every process the benchmark started is gone aft
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -168,4 +171,77 @@ def test_journal_log_target_sends_every_daemon_line_to_a_journal_socket_of_its_o
     assert "our daemons logged to journald" in done.stdout
     # The tmpfs and its socket lived and died with the run's own mount namespace.
     assert "bench-journal" not in _mounts()
+    assert not [pid for pid in document["pids"] if _alive(pid)]
+
+
+def _bench_segments() -> ModuleType:
+    """scripts/bench_segments.py, which is a script's module, not a package's."""
+    spec = importlib.util.spec_from_file_location("bench_segments", ROOT / "scripts" / "bench_segments.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where its dataclasses look their annotations up
+    spec.loader.exec_module(module)
+    return module
+
+
+# What ``perf script -F pid,time,event,trace`` prints for a daemon serving two requests one at a
+# time (fd 12: the HTTP client, fd 11: the tunnel, fd 2: its log), and for a second process.
+_PERF_SCRIPT = """\
+  700 100.000000:       syscalls:sys_enter_read: fd: 0x0000000c, buf: 0x1, count: 0x00010000
+  700 100.000003:        syscalls:sys_exit_read: 0xfffffffffffffff5
+  700 100.000100:       syscalls:sys_enter_read: fd: 0x0000000c, buf: 0x1, count: 0x00010000
+  700 100.000102:        syscalls:sys_exit_read: 0x4f
+  800 100.000110:   syscalls:sys_enter_recvfrom: fd: 0x00000005, ubuf: 0x1, size: 0x00010000, flags: 0x0
+  700 100.000140:      syscalls:sys_enter_write: fd: 0x00000002, buf: 0x1, count: 0x00000050
+  800 100.000150:    syscalls:sys_exit_recvfrom: 0x90
+  700 100.000170:      syscalls:sys_enter_write: fd: 0x0000000b, buf: 0x1, count: 0x00000061
+  800 100.000190:     syscalls:sys_enter_sendto: fd: 0x00000006, buff: 0x1, len: 0x00000090, flags: 0x0
+  700 100.000500:       syscalls:sys_enter_read: fd: 0x0000000b, buf: 0x1, count: 0x00010000
+  700 100.000502:        syscalls:sys_exit_read: 0x4ec
+  700 100.000600:      syscalls:sys_enter_write: fd: 0x0000000c, buf: 0x1, count: 0x0000048a
+  700 100.001000:       syscalls:sys_enter_read: fd: 0x0000000c, buf: 0x1, count: 0x00010000
+  700 100.001002:        syscalls:sys_exit_read: 0x4f
+  700 100.001052:      syscalls:sys_enter_write: fd: 0x0000000b, buf: 0x1, count: 0x00000061
+  700 100.001500:       syscalls:sys_enter_read: fd: 0x0000000b, buf: 0x1, count: 0x00010000
+  700 100.001502:        syscalls:sys_exit_read: 0x4ec
+  700 100.001622:      syscalls:sys_enter_write: fd: 0x0000000c, buf: 0x1, count: 0x0000048a
+  700 100.002000:       syscalls:sys_enter_read: fd: 0x00000014, buf: 0x1, count: 0x00010000
+  700 100.002002:        syscalls:sys_exit_read: 0x20
+  700 100.002900:      syscalls:sys_enter_write: fd: 0x0000000b, buf: 0x1, count: 0x00000010
+"""
+
+
+def test_segments_pair_each_read_with_the_write_it_leads_to() -> None:
+    segments = _bench_segments()
+    calls = segments.parse(_PERF_SCRIPT)
+    # Reads that brought nothing (EAGAIN) are gone; sizes come from the exits, fds from entries.
+    assert [(c.write, c.fd, c.size) for c in calls[700][:3]] == [(False, 12, 79), (True, 2, 80),
+                                                                  (True, 11, 97)]
+    assert [(c.write, c.fd, c.size) for c in calls[800]] == [(False, 5, 144), (True, 6, 144)]
+    found = segments.segments(calls[700])
+    # Requests (79 bytes read): 68 and 50 µs, the log line in between not ending the span; a
+    # stray small read on fd 20 (900 µs) is not the requests' path. Responses: 98 and 120 µs.
+    assert found == {"request_us": 59.0, "response_us": 109.0}
+    assert segments.segments(calls[800]) == {"request_us": 40.0}
+    assert segments.segments([]) == {}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--segments needs root (perf's tracepoints)")
+def test_segments_run_reports_where_a_request_waits_in_each_daemon(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = [str(BENCH), "--smoke", "--skip-venv-setup", "--only", "get-c1", "--segments",
+            "--deadline", "100", "--json", str(out)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=130, check=False)
+    if done.returncode != 0 and not _tools_present():
+        pytest.skip(f"wrk/nginx could not be installed: {(done.stdout + done.stderr)[-800:]}")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    document = json.loads(out.read_text())
+    summary = _summary(document, "get-c1", "wstunnel")
+    keys = ["srv_request_us", "cli_request_us", "cli_response_us", "srv_response_us"]
+    # Each is some tens of µs of Python between a read and a write: never nothing, never the
+    # whole request (which wrk's p50 bounds).
+    for key in keys:
+        assert 1 < summary[key] < summary["p50_ms"] * 1000, (key, summary)
+    assert "srv response read->write µs" in done.stdout
+    assert not any(key in _summary(document, "get-c1", "direct") for key in keys)
     assert not [pid for pid in document["pids"] if _alive(pid)]
