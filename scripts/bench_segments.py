@@ -112,11 +112,18 @@ def segments(calls: list[Call]) -> dict[str, float]:
 
 
 def unavailable() -> str | None:
-    """Why this machine cannot trace (None if it can)."""
+    """Why this machine cannot trace (None if it can): asked before a run, not in its middle."""
     if os.geteuid() != 0:
         return "--segments needs root (perf's system-call tracepoints)"
     if shutil.which("perf") is None:
         return "--segments needs perf (apt install linux-perf)"
+    with tempfile.TemporaryDirectory(prefix="wstunnel-segments-") as tmp:
+        # A kernel without the tracepoints (or tracefs) fails here, naming what it lacks.
+        tried = subprocess.run(["perf", "record", "-q", "-o", str(Path(tmp) / "probe.data"),
+                                "-e", EVENTS[0], "--", "true"],
+                               capture_output=True, text=True, timeout=60, check=False)
+    if tried.returncode != 0:
+        return f"--segments: perf cannot trace system calls here: {tried.stderr.strip()[-300:]}"
     return None
 
 
