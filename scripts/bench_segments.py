@@ -28,7 +28,7 @@ import signal
 import statistics
 import subprocess
 import tempfile
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -74,7 +74,7 @@ def parse(script: str) -> dict[int, list[Call]]:
                 continue
             fd = reading.pop(pid, -1)
             result = int(fields.strip(), 16)
-            if fd > _STDIO and 0 < result < 1 << 62:  # an error comes back as a huge unsigned
+            if 0 < result < 1 << 62:  # an error comes back as a huge unsigned
                 calls[pid].append(Call(at_us, False, fd, result))
         elif edge == "enter" and name in ("write", "sendto"):
             size = _field(fields, "count" if name == "write" else "len")
@@ -97,17 +97,20 @@ def segments(calls: list[Call]) -> dict[str, float]:
     spans: dict[tuple[bool, int, int], list[float]] = defaultdict(list)
     last_read: Call | None = None
     for call in calls:
+        if call.fd <= _STDIO:
+            continue
         if not call.write:
             last_read = call
-        elif call.fd > _STDIO and last_read is not None and call.fd != last_read.fd:
+        elif last_read is not None and call.fd != last_read.fd:
             response = last_read.size > REQUEST_MAX_READ
             spans[(response, last_read.fd, call.fd)].append(call.at_us - last_read.at_us)
             last_read = None
     result: dict[str, float] = {}
     for response, key in ((False, "request_us"), (True, "response_us")):
-        pairs = Counter({pair: len(times) for pair, times in spans.items() if pair[0] == response})
+        pairs = [pair for pair in spans if pair[0] == response]
         if pairs:
-            result[key] = round(statistics.median(spans[pairs.most_common(1)[0][0]]), 1)
+            commonest = max(pairs, key=lambda pair: len(spans[pair]))
+            result[key] = round(statistics.median(spans[commonest]), 1)
     return result
 
 
