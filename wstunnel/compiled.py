@@ -13,7 +13,11 @@ took cli from 120-127 to 114-120 µs per request at 32 connections.
 The coroutines on the request path stay interpreted: compiled as well, they gave +23 % at 32
 connections but -12 % at one, where every request resumes each await chain from the top; no
 group of them (sockets and WebSocket, endpoint and outbox, front, tunnels and rendezvous) gained
-at one connection on top of the modules below.
+at one connection on top of the modules below. Measured again once writes skipped the scheduler
+(0328dae): compiling every module of srv's and cli's request path as well (front, forwarding,
+rendezvous, both tunnel ends, endpoint, outbox, WebSocket, sockets, body queues, the client's
+session and origin: 16 modules, coroutines and all) lost at both loads, 0.96x a request at one
+connection (paired, 14 rounds, ahead in 1) and 0.94x at 32 (8 rounds, ahead in 2).
 
 The same sources stay importable uncompiled: ``setup.py`` builds them unless
 ``WSTUNNEL_PURE_PYTHON=1``, and Python imports a module's compiled form first when it is there.
