@@ -16,7 +16,7 @@ group of them (sockets and WebSocket, endpoint and outbox, front, tunnels and re
 at one connection on top of the modules below. Measured again once writes skipped the scheduler
 (0328dae): compiling every module of srv's and cli's request path as well (front, forwarding,
 rendezvous, both tunnel ends, endpoint, outbox, WebSocket, sockets, body queues, the client's
-session and origin: 16 modules, coroutines and all) lost at both loads, 0.96x a request at one
+session and origin: 16 modules, coroutines and all) lost at both loads: 0.96x the req/s at one
 connection (paired, 14 rounds, ahead in 1) and 0.94x at 32 (8 rounds, ahead in 2).
 
 The same sources stay importable uncompiled: ``setup.py`` builds them unless
